@@ -1,0 +1,3 @@
+from callmesh.cli import main
+
+raise SystemExit(main())

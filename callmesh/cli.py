@@ -1,0 +1,274 @@
+"""The ``callmesh`` command: every process and tool of the cluster.
+
+callmesh up [--nodes 2] [--port 8080]   run a local cluster in the foreground
+callmesh router | node                   run one process
+callmesh call [--router URL]             an interactive text-mode caller
+callmesh status [--router URL] [--json]  nodes and their live calls
+callmesh effects-worker                  deliver side effects to the CRM
+callmesh replay CALL_ID --tenant T       rebuild and show what a call saw
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+from callmesh import config as cfg
+from callmesh.telemetry import setup_logging
+
+DEFAULT_ROUTER = os.environ.get("CALLMESH_ROUTER", "http://127.0.0.1:8080")
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", help="Redis URL (default: $REDIS_URL)")
+    p.add_argument("--nats", help="NATS URL (default: $NATS_URL)")
+
+
+def _env_with(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    if getattr(args, "redis", None):
+        env["REDIS_URL"] = args.redis
+    if getattr(args, "nats", None):
+        env["NATS_URL"] = args.nats
+    return env
+
+
+# ---------------------------------------------------------------------- processes
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from callmesh.runner import install_uvloop, serve
+    from router.app import Router
+
+    config = cfg.build(
+        cfg.RouterConfig,
+        _env_with(args),
+        host=args.host,
+        port=args.port,
+        balance_epsilon=args.epsilon,
+    )
+
+    async def main() -> None:
+        router = Router(config)
+        await router.start()
+        try:
+            await serve(router.app(), config.host, config.port)
+        finally:
+            await router.aclose()
+
+    install_uvloop()
+    asyncio.run(main())
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from callmesh.runner import install_uvloop, serve
+    from conversation_node.app import ConversationNode
+
+    config = cfg.build(
+        cfg.NodeConfig,
+        _env_with(args),
+        host=args.host,
+        port=args.port,
+        node_id=args.node_id,
+        advertise_url=args.advertise_url,
+        drain_timeout_s=args.drain_timeout,
+    )
+
+    async def main() -> None:
+        node = ConversationNode(config)
+        await node.start()
+        try:
+            await serve(node.app(), config.host, config.port, on_signal=node.drain)
+        finally:
+            await node.aclose()
+
+    install_uvloop()
+    asyncio.run(main())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from callmesh.localcluster import LocalCluster
+
+    stop = {"sig": 0}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("callmesh: starting Redis, NATS, a router and", args.nodes, "nodes ...", flush=True)
+    with LocalCluster(nodes=args.nodes, router_port=args.port) as cluster:
+        print(
+            f"\n  router     {cluster.router_url}"
+            f"   (WebSocket: {cluster.router_url.replace('http', 'ws')}/v1/calls/CALL_ID)\n"
+            f"  redis      {cluster.redis_url}\n"
+            f"  nats       {cluster.nats_url}\n"
+            f"  nodes      {', '.join(f'{n.name} {n.url}' for n in cluster.nodes)}\n"
+            f"  logs       {cluster.log_dir}\n\n"
+            f"Place a call:   .venv/bin/callmesh call --router {cluster.router_url}\n"
+            f"Cluster state:  .venv/bin/callmesh status --router {cluster.router_url}\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stop["sig"]:
+            for p in [cluster.router, *cluster.nodes]:
+                if p is not None and p.popen is not None and p.popen.poll() is not None:
+                    print(
+                        f"callmesh: {p.name} exited with {p.popen.returncode}; see {p.log_path}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    p.popen = None
+            time.sleep(0.2)
+        print("\ncallmesh: stopping ...", flush=True)
+    print("callmesh: stopped.", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- tools
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{args.router.rstrip('/')}/v1/status", timeout=3) as resp:
+            data = json.loads(resp.read())
+    except OSError as exc:
+        print(f"callmesh: cannot reach router at {args.router}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"router {data['router']}  live calls {data['calls']}  "
+        f"redis {'ok' if data['redis'] else 'DOWN'}"
+    )
+    print(f"{'node':<16}{'state':<10}{'alive':<7}{'calls':>6}  url")
+    for n in data["nodes"]:
+        alive = "yes" if n["alive"] and not n["suspect"] else ("suspect" if n["alive"] else "no")
+        print(f"{n['node']:<16}{n['state']:<10}{alive:<7}{n['calls']:>6}  {n['url']}")
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from callmesh.client import CallClient, CallError
+
+    async def main() -> int:
+        call_id = args.call_id or f"call-{uuid.uuid4().hex[:10]}"
+        async with CallClient(args.router, call_id) as client:
+            try:
+                ready = await client.start(args.tenant, args.caller)
+            except CallError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(
+                f"call {call_id} on {ready['node']} (epoch {ready['epoch']}). "
+                "Type a line and press Enter; an empty line or Ctrl-D hangs up."
+            )
+            loop = asyncio.get_running_loop()
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line.strip():
+                    break
+                try:
+                    reply = await client.say(line.strip())
+                except CallError as exc:
+                    print(f"  ! {exc}")
+                    continue
+                m = reply.metrics
+                print(f"agent> {reply.text}")
+                print(
+                    f"  turn {reply.turn} · {reply.latency_ms:.0f} ms to first audio · "
+                    f"llm {m.get('llm_first_token_ms', 0):.0f} ms · "
+                    f"tts {m.get('tts_first_chunk_ms', 0):.0f} ms · "
+                    f"overhead {m.get('overhead_ms', 0):.1f} ms · intent {m.get('intent')} · "
+                    f"node {m.get('node')}"
+                    + (f" · fallbacks {m['fallbacks']}" if m.get("fallbacks") else "")
+                )
+            await client.hangup()
+            print("call ended.")
+        return 0
+
+    return asyncio.run(main())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="callmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--log-level", default=os.environ.get("CALLMESH_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run a local cluster in the foreground")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--port", type=int, default=int(os.environ.get("CALLMESH_PORT", "8080")))
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("router", help="run a session router")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--epsilon", type=float, default=None, help="bounded-load factor ε")
+    _backend_flags(p)
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("node", help="run a conversation node")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--node-id", default=None)
+    p.add_argument("--advertise-url", default=None)
+    p.add_argument("--drain-timeout", type=float, default=None, help="seconds")
+    _backend_flags(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("call", help="interactive text-mode caller")
+    p.add_argument("--router", default=DEFAULT_ROUTER)
+    p.add_argument("--tenant", default="demo")
+    p.add_argument("--caller", default="cli-caller")
+    p.add_argument("--call-id", default=None)
+    p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("status", help="nodes and their live calls")
+    p.add_argument("--router", default=DEFAULT_ROUTER)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    try:
+        from events import cli as events_cli
+    except ImportError:
+        events_cli = None  # type: ignore[assignment]
+    if events_cli is not None:
+        events_cli.add_effects_worker_parser(sub)
+        events_cli.add_replay_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, json_logs=args.command in ("router", "node", "effects-worker"))
+    try:
+        result = args.func(args)
+        if asyncio.iscoroutine(result):
+            from callmesh.runner import install_uvloop
+
+            install_uvloop()
+            result = asyncio.run(result)
+        return int(result or 0)
+    except cfg.ConfigError as exc:
+        print(f"callmesh: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Configuration: frozen dataclasses validated at construction, built from env in one place.
+
+Every process reads its settings here (flags override environment variables, which override
+defaults). Durations are milliseconds unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
+
+from callmesh.protocol import DEFAULT_MAX_FRAME_BYTES
+
+
+class ConfigError(ValueError):
+    """A setting is missing or out of range."""
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Where the shared Redis-compatible server and NATS server are."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if not self.nats_url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"nats_url must be a nats:// URL, got {self.nats_url!r}")
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Heartbeats and failure detection (shared by nodes and routers)."""
+
+    heartbeat_ms: int = 100
+    # A node whose heartbeat has not advanced for this long is dead (issue: ≤ 500 ms).
+    dead_after_ms: int = 500
+    poll_ms: int = 100
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive(f.name, getattr(self, f.name))
+        if self.dead_after_ms < 2 * self.heartbeat_ms:
+            raise ConfigError("dead_after_ms must be at least two heartbeats")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    backends: Backends = field(default_factory=Backends)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:8]}")
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # Bounded-load consistent hashing: capacity per node is ceil((1 + ε) · calls / nodes).
+    balance_epsilon: float = 0.25
+    # How long a client waits for a node before the router gives up on the call.
+    connect_timeout_ms: int = 3000
+    # Frames not yet acknowledged by the node, kept for replay to a new owner.
+    max_unacked_frames: int = 4096
+
+    def __post_init__(self) -> None:
+        _positive("max_frame_bytes", self.max_frame_bytes)
+        _positive("balance_epsilon", self.balance_epsilon)
+        _positive("connect_timeout_ms", self.connect_timeout_ms)
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port out of range: {self.port}")
+
+
+@dataclass(frozen=True)
+class SimulatedLatency:
+    """Latency of the simulated providers, in ms (mean; jitter is a fraction of it)."""
+
+    stt_ms: float = 100.0
+    llm_first_token_ms: float = 200.0
+    llm_token_ms: float = 8.0
+    tts_first_chunk_ms: float = 80.0
+    jitter: float = 0.2
+
+    def scaled(self, factor: float) -> SimulatedLatency:
+        return replace(
+            self,
+            stt_ms=self.stt_ms * factor,
+            llm_first_token_ms=self.llm_first_token_ms * factor,
+            llm_token_ms=self.llm_token_ms * factor,
+            tts_first_chunk_ms=self.tts_first_chunk_ms * factor,
+        )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    backends: Backends = field(default_factory=Backends)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    host: str = "127.0.0.1"
+    port: int = 8090
+    node_id: str = field(default_factory=lambda: f"node-{uuid.uuid4().hex[:8]}")
+    # URL routers use to reach this node; defaults to ws://host:port.
+    advertise_url: str = ""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    working_memory_turns: int = 8
+    checkpoint_ttl_s: int = 24 * 3600
+    # SIGTERM: how long live calls get to reach a turn boundary and be handed off.
+    drain_timeout_s: float = 20.0
+    sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
+    tts_chunk_ms: int = 100
+
+    def __post_init__(self) -> None:
+        _positive("working_memory_turns", self.working_memory_turns)
+        _positive("checkpoint_ttl_s", self.checkpoint_ttl_s)
+        _positive("tts_chunk_ms", self.tts_chunk_ms)
+        if not self.advertise_url:
+            object.__setattr__(self, "advertise_url", f"http://{self.host}:{self.port}")
+
+
+T = TypeVar("T")
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "REDIS_URL" in env or "NATS_URL" in env:
+        out["backends"] = Backends(
+            redis_url=env.get("REDIS_URL", Backends.redis_url),
+            nats_url=env.get("NATS_URL", Backends.nats_url),
+        )
+    return out
+
+
+def membership_from_env(env: Mapping[str, str]) -> MembershipConfig:
+    return MembershipConfig(
+        heartbeat_ms=int(env.get("CALLMESH_HEARTBEAT_MS", MembershipConfig.heartbeat_ms)),
+        dead_after_ms=int(env.get("CALLMESH_DEAD_AFTER_MS", MembershipConfig.dead_after_ms)),
+        poll_ms=int(env.get("CALLMESH_MEMBERSHIP_POLL_MS", MembershipConfig.poll_ms)),
+    )
+
+
+def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
+    """Build a config: defaults, then environment, then explicit flags (None = not given)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = _env_overrides(env)
+    if cls in (RouterConfig, NodeConfig):
+        values["membership"] = membership_from_env(env)
+    if cls is NodeConfig and "CALLMESH_SIM_LATENCY_SCALE" in env:
+        scale = float(env["CALLMESH_SIM_LATENCY_SCALE"])
+        values["sim_latency"] = SimulatedLatency().scaled(scale)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def default_host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,227 @@
+"""A local cluster of real processes: Redis + NATS, one router, N conversation nodes.
+
+Used by ``callmesh up``, the cluster tests and the load/chaos benchmarks, so all three run
+exactly the same processes. Children are started in their own session (a Ctrl-C reaches
+only the supervisor, which stops them in order) and die with the supervisor (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from callmesh.servers import EmbeddedBackends, ServerError, die_with_parent, free_port
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else 0
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive() and self.popen is not None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def _get_json(url: str, timeout: float = 0.5) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+            return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class LocalCluster:
+    """``with LocalCluster(nodes=2) as c: c.router_url ...``"""
+
+    def __init__(
+        self,
+        nodes: int = 2,
+        *,
+        router_port: int | None = None,
+        env: dict[str, str] | None = None,
+        force_embedded: bool = False,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.n_nodes = nodes
+        self._router_port = router_port
+        self._extra_env = env or {}
+        self._force_embedded = force_embedded
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.log_dir = log_dir
+        self.backends: EmbeddedBackends | None = None
+        self.router: Proc | None = None
+        self.nodes: list[Proc] = []
+        self._env: dict[str, str] = {}
+
+    @property
+    def router_url(self) -> str:
+        if self.router is None:
+            raise RuntimeError("cluster not started")
+        return self.router.url
+
+    @property
+    def redis_url(self) -> str:
+        return self._env["REDIS_URL"]
+
+    @property
+    def nats_url(self) -> str:
+        return self._env["NATS_URL"]
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-logs-")
+            self.log_dir = Path(self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.backends = EmbeddedBackends(force_embedded=self._force_embedded).__enter__()
+        self._env = {
+            **os.environ,
+            **self._extra_env,
+            "REDIS_URL": self.backends.redis_url,
+            "NATS_URL": self.backends.nats_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+        port = self._router_port or free_port()
+        self.router = Proc(
+            "router",
+            [sys.executable, "-m", "callmesh", "router", "--port", str(port)],
+            port,
+            self.log_dir / "router.log",
+            self._env,
+        )
+        self.router.start()
+        for _ in range(self.n_nodes):
+            self.add_node(wait=False)
+        self.wait_ready()
+
+    def add_node(self, *, wait: bool = True) -> Proc:
+        index = len(self.nodes) + 1
+        port = free_port()
+        node = Proc(
+            f"node-{index}",
+            [
+                sys.executable,
+                "-m",
+                "callmesh",
+                "node",
+                "--port",
+                str(port),
+                "--node-id",
+                f"node-{index}",
+            ],
+            port,
+            self.log_dir / f"node-{index}.log" if self.log_dir else Path(os.devnull),
+            self._env,
+        )
+        node.start()
+        self.nodes.append(node)
+        if wait:
+            self.wait_ready()
+        return node
+
+    def status(self) -> dict[str, object] | None:
+        return _get_json(f"{self.router_url}/v1/status")
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the router answers and sees every live node of ours as alive."""
+        deadline = time.monotonic() + timeout_s
+        want = {n.name for n in self.nodes if n.alive()}
+        while time.monotonic() < deadline:
+            for p in [self.router, *self.nodes]:
+                if (
+                    p is not None
+                    and p.popen is not None
+                    and p.popen.poll() is not None
+                    and p.name in (want | {"router"})
+                ):
+                    tail = (
+                        p.log_path.read_text(errors="replace")[-3000:]
+                        if p.log_path.exists()
+                        else ""
+                    )
+                    raise ServerError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
+            st = self.status()
+            if st is not None:
+                nodes = st.get("nodes")
+                alive = {
+                    str(n["node"])
+                    for n in (nodes if isinstance(nodes, list) else [])
+                    if isinstance(n, dict) and n.get("alive") and n.get("state") == "active"
+                }
+                if want <= alive:
+                    return
+            time.sleep(0.05)
+        raise ServerError(f"cluster not ready after {timeout_s}s; logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        # Router first (no new calls), then nodes (they drain), then the servers.
+        if self.router is not None:
+            self.router.stop()
+        for node in self.nodes:
+            node.stop()
+        if self.backends is not None:
+            self.backends.__exit__(None, None, None)
+            self.backends = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None

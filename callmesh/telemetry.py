@@ -1,0 +1,103 @@
+"""Telemetry types shared by every process: per-turn metrics, counters, structured logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TurnMetrics:
+    """One turn's timings (ms). ``latency_ms`` is end of user speech → first agent audio;
+    ``provider_ms`` is the part of it spent inside providers, so ``overhead_ms`` is
+    callmesh's own share (routing excluded: measured by the caller)."""
+
+    call_id: str
+    turn: int
+    latency_ms: float = 0.0
+    stt_ms: float = 0.0
+    retrieval_ms: float = 0.0
+    llm_first_token_ms: float = 0.0
+    tts_first_chunk_ms: float = 0.0
+    provider_ms: float = 0.0
+    overhead_ms: float = 0.0
+    checkpoint_ms: float = 0.0
+    intent: str = ""
+    fallbacks: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    node: str = ""
+    epoch: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 3)
+        return d
+
+
+class Metrics:
+    """Process-wide counters and gauges, exposed in Prometheus text format at /metrics."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._counters: dict[str, float] = defaultdict(float)
+        self._gauges: dict[str, float] = {}
+
+    def inc(self, name: str, value: float = 1.0) -> None:
+        self._counters[name] += value
+
+    def set(self, name: str, value: float) -> None:
+        self._gauges[name] = value
+
+    def get(self, name: str) -> float:
+        return self._counters.get(name, self._gauges.get(name, 0.0))
+
+    def snapshot(self) -> dict[str, float]:
+        return {**self._counters, **self._gauges}
+
+    def render(self) -> str:
+        lines = []
+        for name, value in sorted(self._counters.items()):
+            lines += [f"# TYPE {self._prefix}_{name} counter", f"{self._prefix}_{name} {value:g}"]
+        for name, value in sorted(self._gauges.items()):
+            lines += [f"# TYPE {self._prefix}_{name} gauge", f"{self._prefix}_{name} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={"fields": {...}}`` adds structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "INFO", *, json_logs: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

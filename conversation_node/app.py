@@ -1,0 +1,270 @@
+"""The conversation node process: owns live calls and serves the router's call links.
+
+Routes:
+- ``GET /v1/node/calls/{call_id}`` (WebSocket): one call's frames from the router;
+- ``GET /healthz``: 200 while accepting calls, 503 while draining;
+- ``GET /v1/status``: JSON summary of the node and its calls;
+- ``GET /metrics``: Prometheus text.
+
+Shutdown (SIGTERM, what a Kubernetes scale-down sends): stop taking calls and say so in
+the membership record, hand every live call off at its next turn boundary within
+``drain_timeout_s``, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import nats
+from aiohttp import WSMsgType, web
+from nats.aio.client import Client as NATS
+
+from callmesh.config import NodeConfig
+from callmesh.protocol import (
+    CloseCode,
+    ErrorCode,
+    In,
+    ProtocolError,
+    error_frame,
+    parse_inbound,
+    valid_id,
+)
+from conversation_node.heartbeat import Heartbeat
+from conversation_node.node_services import NodeServices
+from conversation_node.pipeline import Budgets, TurnPipeline
+from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
+from conversation_node.session import CallDropped, CallSession, CallState
+from events.outbox import OutboxPublisher
+from events.streams import ensure_streams
+from state_store.client import connect as redis_connect
+from state_store.errors import StateStoreError
+from state_store.membership import MembershipStore, NodeState
+from state_store.store import StateStore
+
+log = logging.getLogger("callmesh.node")
+
+START_TIMEOUT_S = 10.0
+
+
+class ConversationNode:
+    """Holds the node's resources and live sessions; ``start()`` / idempotent ``aclose()``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.sessions: dict[tuple[str, str], CallSession] = {}
+        self.draining = False
+        self._services: NodeServices | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._nc: NATS | None = None
+        self._redis: Any = None
+        self._closed = False
+
+    @property
+    def services(self) -> NodeServices:
+        if self._services is None:
+            raise RuntimeError("node not started")
+        return self._services
+
+    def __repr__(self) -> str:
+        state = "draining" if self.draining else "active"
+        return f"<ConversationNode {self.config.node_id} [{state}, {len(self.sessions)} calls]>"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._redis = redis_connect(cfg.backends.redis_url)
+        self._nc = await nats.connect(
+            cfg.backends.nats_url,
+            name=cfg.node_id,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+        )
+        js = self._nc.jetstream()
+        await ensure_streams(js)
+        latency = cfg.sim_latency
+        pipeline = TurnPipeline(
+            SimulatedLLM(latency), SimulatedTTS(latency, cfg.tts_chunk_ms), None, Budgets()
+        )
+        self._services = NodeServices(
+            config=cfg,
+            store=StateStore(self._redis, ttl_s=cfg.checkpoint_ttl_s),
+            publisher=OutboxPublisher(js),
+            pipeline=pipeline,
+        )
+        self._heartbeat = Heartbeat(
+            MembershipStore(self._redis), cfg, lambda: len(self.sessions), self.services.metrics
+        )
+        await self._heartbeat.beat_once()
+        self._heartbeat.start()
+        log.info("node started", extra={"fields": {"node": cfg.node_id, "url": cfg.advertise_url}})
+
+    async def drain(self) -> None:
+        """Stop taking calls, hand live calls off at turn boundaries, bounded in time."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._heartbeat is not None:
+            await self._heartbeat.set_state(NodeState.DRAINING)
+        sessions = list(self.sessions.values())
+        log.info("draining", extra={"fields": {"calls": len(sessions)}})
+        if sessions:
+            waiters = [
+                asyncio.create_task(s.handoff(), name=f"handoff:{s.call_id}") for s in sessions
+            ]
+            _, pending = await asyncio.wait(waiters, timeout=self.config.drain_timeout_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            if pending:
+                log.warning(
+                    "drain bound reached", extra={"fields": {"not_handed_off": len(pending)}}
+                )
+        # Give the router a moment to move the links before we close them.
+        deadline = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
+            await asyncio.sleep(0.02)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._heartbeat is not None:
+            await self._heartbeat.aclose()
+        for s in list(self.sessions.values()):
+            await s.aclose()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._nc.drain())
+        if self._redis is not None:
+            await asyncio.shield(self._redis.aclose())
+
+    # ------------------------------------------------------------------ HTTP
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/node/calls/{call_id}", self.call_link)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "node": self.config.node_id,
+                "draining": self.draining,
+                "calls": len(self.sessions),
+                "sessions": [repr(s) for s in self.sessions.values()],
+                "metrics": self.services.metrics.snapshot(),
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        m = self.services.metrics
+        m.set("live_calls", len(self.sessions))
+        m.set("unsaved_calls", sum(1 for s in self.sessions.values() if s.unsaved))
+        return web.Response(text=m.render(), content_type="text/plain")
+
+    async def call_link(self, request: web.Request) -> web.StreamResponse:
+        call_id = request.match_info["call_id"]
+        if not valid_id(call_id):
+            raise web.HTTPBadRequest(text="invalid call id")
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
+        await ws.prepare(request)
+        if self.draining:
+            await ws.send_str(error_frame(ErrorCode.UNAVAILABLE, "node is draining"))
+            await ws.close(code=CloseCode.UNAVAILABLE, message=b"draining")
+            return ws
+        try:
+            await self._serve(ws, call_id)
+        finally:
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, call_id: str) -> None:
+        try:
+            first = await ws.receive(timeout=START_TIMEOUT_S)
+        except TimeoutError:
+            await ws.send_str(error_frame(ErrorCode.NOT_STARTED, "no start frame"))
+            return
+        if first.type is not WSMsgType.TEXT:
+            return
+        try:
+            start = parse_inbound(first.data, self.config.max_frame_bytes)
+        except ProtocolError as exc:
+            await ws.send_str(error_frame(exc.code, exc.message, seq=exc.seq))
+            return
+        if start.type is not In.START:
+            await ws.send_str(error_frame(ErrorCode.NOT_STARTED, "first frame must be start"))
+            return
+        tenant, caller = start.body["tenant"], start.body.get("caller", "anonymous")
+        session = CallSession(self.services, tenant, call_id, caller, ws.send_str)
+        key = (tenant, call_id)
+        previous = self.sessions.get(key)
+        self.sessions[key] = session
+        try:
+            if previous is not None:
+                await previous.aclose()  # superseded by this link; its epoch is stale anyway
+            await session.open(start)
+            await self._pump(ws, session)
+        except CallDropped as exc:
+            log.info("call dropped", extra={"fields": {"call_id": call_id, "reason": str(exc)}})
+        except StateStoreError as exc:
+            log.error(
+                "state store failed", extra={"fields": {"call_id": call_id, "error": str(exc)}}
+            )
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(error_frame(ErrorCode.UNAVAILABLE, "state store unavailable"))
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("router link lost", extra={"fields": {"call_id": call_id, "error": str(exc)}})
+        finally:
+            await session.aclose()
+            if self.sessions.get(key) is session:
+                del self.sessions[key]
+
+    async def _pump(self, ws: web.WebSocketResponse, session: CallSession) -> None:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                try:
+                    inbound = parse_inbound(msg.data, self.config.max_frame_bytes)
+                except ProtocolError as exc:
+                    await ws.send_str(
+                        error_frame(exc.code, exc.message, seq=exc.seq, turn=session.turn)
+                    )
+                    continue
+                try:
+                    await session.handle(inbound)
+                except CallDropped:
+                    raise
+                except (StateStoreError, ConnectionError):
+                    raise
+                except Exception:
+                    # A bug in one turn must not take the call (or the node) down with it.
+                    log.exception("turn failed", extra={"fields": {"call_id": session.call_id}})
+                    await ws.send_str(
+                        error_frame(
+                            ErrorCode.INTERNAL,
+                            "internal error in this turn",
+                            seq=inbound.seq,
+                            turn=session.turn,
+                        )
+                    )
+                    continue
+                if session.state in (CallState.ENDED, CallState.HANDED_OFF):
+                    return
+            elif msg.type is WSMsgType.BINARY:
+                await ws.send_str(
+                    error_frame(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
+                )
+            else:
+                return

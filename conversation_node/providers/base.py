@@ -1,0 +1,134 @@
+"""The small interfaces every speech and language provider implements.
+
+A turn streams through them: audio in → :class:`STTStream` events; a prompt in →
+:class:`LLM` deltas (text and tool calls); a sentence in → :class:`TTS` audio chunks.
+Simulated, Deepgram and OpenAI adapters implement the same Protocols, so the pipeline
+never knows which one it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class ProviderError(Exception):
+    """A provider failed. ``retryable`` says whether the same request may succeed again."""
+
+    def __init__(self, provider: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(f"{provider}: {message}")
+        self.provider = provider
+        self.retryable = retryable
+
+
+class ProviderTimeout(ProviderError):
+    def __init__(self, provider: str, message: str = "timed out") -> None:
+        super().__init__(provider, message, retryable=True)
+
+
+# ---------------------------------------------------------------- audio
+
+
+class Encoding(StrEnum):
+    MULAW = "mulaw"
+    PCM16 = "pcm16"  # signed 16-bit little-endian
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    data: bytes
+    encoding: Encoding = Encoding.MULAW
+    sample_rate: int = 8000
+
+    @property
+    def duration_ms(self) -> float:
+        width = 1 if self.encoding is Encoding.MULAW else 2
+        return 1000.0 * len(self.data) / (width * self.sample_rate)
+
+
+# ---------------------------------------------------------------- speech to text
+
+
+class STTEventKind(StrEnum):
+    SPEECH_STARTED = "speech_started"
+    INTERIM = "interim"  # a hypothesis that may still change
+    FINAL = "final"  # a finalized segment of the utterance
+    UTTERANCE_END = "utterance_end"  # the caller stopped speaking: end of the turn
+
+
+@dataclass(frozen=True, slots=True)
+class STTEvent:
+    kind: STTEventKind
+    text: str = ""
+    confidence: float = 1.0
+    # For UTTERANCE_END: the whole utterance, its confidence, and when speech ended
+    # (monotonic seconds), the moment turn latency is measured from.
+    speech_end_at: float | None = None
+
+
+class STTStream(Protocol):
+    """One utterance-spanning recognition session, fed with audio as it arrives."""
+
+    async def send_audio(self, chunk: AudioChunk) -> None: ...
+
+    async def finalize(self) -> None:
+        """Ask for the pending hypothesis to be finalized now (caller hung up, DTMF...)."""
+
+    def events(self) -> AsyncIterator[STTEvent]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class STT(Protocol):
+    name: str
+
+    async def open(self, encoding: Encoding, sample_rate: int) -> STTStream: ...
+
+
+# ---------------------------------------------------------------- language model
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequest:
+    """What the model sees. ``messages`` is the OpenAI chat shape; the structured fields
+    carry the same compressed state for providers (the simulated one) that reason on it."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    user_text: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+    snippets: list[str] = field(default_factory=list)
+    # Deterministic providers seed themselves from this so a re-answered turn is identical.
+    seed: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LLMDelta:
+    text: str = ""
+    tool_call: ToolCall | None = None
+
+
+class LLM(Protocol):
+    name: str
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[LLMDelta]: ...
+
+
+# ---------------------------------------------------------------- text to speech
+
+
+class TTS(Protocol):
+    name: str
+
+    def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
+        """Stream audio for one sentence; the first chunk should come as early as possible."""
+        ...

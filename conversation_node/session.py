@@ -1,0 +1,492 @@
+"""A live call on its owner node: ownership, restore, turns, checkpoints, outbox, hand-off.
+
+State changes are synchronous and guarded (:class:`CallState`); I/O happens around them.
+Every turn ends in one compare-and-set checkpoint that also records the turn's side
+effects and event-log records (the outbox); only after it succeeds is the router told
+(``ack``) and the outbox published. If Redis is unreachable the call goes on from memory
+and the checkpoint is retried; if a newer owner fenced us out, the call is dropped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame
+from callmesh.telemetry import TurnMetrics, now_ms
+from conversation_node.node_services import NodeServices
+from conversation_node.prompt import build_request
+from events import eventlog
+from events.errors import EventsError
+from events.eventlog import EventType
+from events.outbox import effect_entry
+from memory.extract import extract
+from memory.facts import SessionFacts
+from memory.working import Exchange, WorkingMemory
+from state_store.checkpoint import Checkpoint, OutboxEntry
+from state_store.errors import FencedOut, StoreUnavailable
+
+log = logging.getLogger("callmesh.node.session")
+
+Send = Callable[[str], Awaitable[None]]
+
+# Tool calls the model may make, and the effect kind each becomes.
+EFFECT_KINDS = {"create_booking": "booking_create"}
+
+
+class CallState(StrEnum):
+    NEW = "new"
+    ACTIVE = "active"
+    ENDED = "ended"  # caller hung up; final checkpoint written
+    FENCED = "fenced"  # a newer owner took the call; we dropped it
+    HANDED_OFF = "handed_off"  # drained to another node at a turn boundary
+    CLOSED = "closed"
+
+
+_ALLOWED: dict[CallState, frozenset[CallState]] = {
+    CallState.NEW: frozenset({CallState.ACTIVE, CallState.FENCED, CallState.CLOSED}),
+    CallState.ACTIVE: frozenset(
+        {CallState.ENDED, CallState.FENCED, CallState.HANDED_OFF, CallState.CLOSED}
+    ),
+    CallState.ENDED: frozenset({CallState.CLOSED}),
+    CallState.FENCED: frozenset({CallState.CLOSED}),
+    CallState.HANDED_OFF: frozenset({CallState.CLOSED}),
+    CallState.CLOSED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class CallDropped(Exception):
+    """The session can no longer serve the call (fenced out, ended); close its link."""
+
+
+@dataclass
+class ResumeInfo:
+    resumed: bool
+    reason: str
+
+
+class CallSession:
+    def __init__(
+        self, services: NodeServices, tenant: str, call_id: str, caller: str, send: Send
+    ) -> None:
+        self._svc = services
+        self.tenant = tenant
+        self.call_id = call_id
+        self.caller = caller
+        self._send = send
+        self.state = CallState.NEW
+        self.epoch = 0
+        self.turn = 0
+        self.last_seq = 0
+        self.event_cursor = 0
+        self.created_ms = now_ms()
+        self.working = WorkingMemory(services.config.working_memory_turns)
+        self.facts = SessionFacts()
+        self.outbox: list[OutboxEntry] = []
+        self._dirty = False
+        self._save_lock = asyncio.Lock()
+        self._turn_lock = asyncio.Lock()
+        self._retry_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallSession {self.tenant}/{self.call_id} [{self.state}] epoch={self.epoch} "
+            f"turn={self.turn} seq={self.last_seq} outbox={len(self.outbox)}"
+            f"{' unsaved' if self._dirty else ''}>"
+        )
+
+    def _to(self, new: CallState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"{self.call_id}: {self.state} → {new}")
+        self.state = new
+
+    @property
+    def unsaved(self) -> bool:
+        return self._dirty
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self, start: Inbound) -> None:
+        """Take ownership (epoch + 1), restore the last checkpoint, log the ownership."""
+        reason = str(start.body.get("resume") or "start")
+        epoch, ckpt = await self._svc.store.take_ownership(
+            self.tenant, self.call_id, self._svc.node_id
+        )
+        self.epoch = epoch
+        records: list[dict[str, Any]] = []
+        if ckpt is not None:
+            if ckpt.status == "ended":
+                await self._send(error_frame(ErrorCode.CALL_ENDED, "this call has ended"))
+                self._to(CallState.CLOSED)
+                raise CallDropped("call already ended")
+            self._restore(ckpt)
+            if reason == "start":
+                reason = "reconnect"
+        else:
+            self.last_seq = start.seq
+            records.append(
+                eventlog.record(
+                    EventType.CALL_STARTED,
+                    0,
+                    tenant=self.tenant,
+                    caller=self.caller,
+                    node=self._svc.node_id,
+                    epoch=epoch,
+                    resumed=False,
+                    working_memory_turns=self._svc.config.working_memory_turns,
+                )
+            )
+        records.append(
+            eventlog.record(
+                EventType.OWNERSHIP,
+                self.turn,
+                node=self._svc.node_id,
+                epoch=epoch,
+                reason=reason,
+            )
+        )
+        self._to(CallState.ACTIVE)
+        await self._commit(records)
+        await self._send(
+            encode(
+                {
+                    "type": Out.READY.value,
+                    "turn": self.turn,
+                    "call_id": self.call_id,
+                    "node": self._svc.node_id,
+                    "epoch": epoch,
+                    "resumed": ckpt is not None,
+                }
+            )
+        )
+        self._svc.metrics.inc("calls_resumed" if ckpt else "calls_started")
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.turn = ckpt.turn
+        self.last_seq = ckpt.last_seq
+        self.event_cursor = ckpt.event_cursor
+        self.created_ms = ckpt.created_ms
+        self.working = WorkingMemory.from_state(self._svc.config.working_memory_turns, ckpt.working)
+        self.facts = SessionFacts.from_state(ckpt.facts)
+        # Whatever the previous owner committed but JetStream never acknowledged.
+        self.outbox = list(ckpt.outbox)
+
+    async def handle(self, msg: Inbound) -> None:
+        """Apply one inbound frame. Frames at or below ``last_seq`` were applied before a
+        failover and are skipped: that is what makes a replay by the router safe."""
+        if self.state is not CallState.ACTIVE:
+            raise CallDropped(f"session is {self.state}")
+        if msg.seq <= self.last_seq:
+            return
+        async with self._turn_lock:
+            if msg.type is In.USER_TEXT:
+                await self._user_turn(msg, str(msg.body["text"]).strip(), confidence=1.0)
+            elif msg.type is In.HANGUP:
+                await self._hangup(msg)
+            elif msg.type is In.START:
+                await self._send(
+                    error_frame(
+                        ErrorCode.ALREADY_STARTED,
+                        "call already started",
+                        seq=msg.seq,
+                        turn=self.turn,
+                    )
+                )
+            else:
+                # Audio is accepted; it is applied by the audio pipeline and acknowledged
+                # with the next checkpoint.
+                self.last_seq = msg.seq
+
+    async def handoff(self) -> None:
+        """Drain: at a turn boundary, make sure the last turn is saved and tell the router
+        to move the call (it re-pins to another node, which restores the checkpoint)."""
+        async with self._turn_lock:
+            if self.state is not CallState.ACTIVE:
+                return
+            if self._dirty and not await self._persist():
+                return  # cannot hand off unsaved state; the drain bound decides what next
+            self._to(CallState.HANDED_OFF)
+            await self._send(encode({"type": Ctl.HANDOFF.value, "turn": self.turn}))
+            self._svc.metrics.inc("calls_handed_off")
+
+    async def aclose(self) -> None:
+        """Idempotent; stops the retry task. State already committed stays in Redis."""
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(asyncio.gather(self._retry_task, return_exceptions=True))
+            self._retry_task = None
+        if self.state is not CallState.CLOSED:
+            self._to(CallState.CLOSED)
+
+    # ------------------------------------------------------------------ turns
+
+    async def _emit(self, frame: dict[str, Any]) -> None:
+        frame["turn"] = self.turn
+        await self._send(encode(frame))
+
+    async def _user_turn(self, msg: Inbound, text: str, *, confidence: float) -> None:
+        started = time.monotonic()
+        self.turn += 1
+        turn = self.turn
+        said = extract(text)
+        facts_set = {k: v for k, v in said.slots.items() if self.facts.set(k, v, turn)}
+        request = build_request(
+            self.facts.values(),
+            self.working,
+            text,
+            seed=f"{self.call_id}:{turn}",
+            snippets=[],
+        )
+        output = await self._svc.pipeline.run(request, self._emit)
+        effects: list[OutboxEntry] = []
+        records: list[dict[str, Any]] = [
+            eventlog.record(
+                EventType.USER_TURN, turn, seq=msg.seq, text=text, confidence=confidence
+            ),
+            eventlog.record(
+                EventType.RETRIEVAL,
+                turn,
+                answered=[],
+                timed_out=[],
+                from_cache=[],
+                partial=False,
+                snippets=[],
+            ),
+            eventlog.record(
+                EventType.LLM,
+                turn,
+                prompt_digest=_digest(request.messages),
+                prompt_tokens=0,
+                state=request.facts,
+                output=output.text,
+                tool_calls=[{"name": c.name, "arguments": c.arguments} for c in output.tool_calls],
+            ),
+        ]
+        for call in output.tool_calls:
+            kind = EFFECT_KINDS.get(call.name)
+            if kind is None:
+                continue
+            entry = effect_entry(
+                self.tenant, self.call_id, turn, len(effects), kind, call.arguments
+            )
+            effects.append(entry)
+            records.append(
+                eventlog.record(
+                    EventType.EFFECT, turn, msg_id=entry.msg_id, kind=kind, payload=call.arguments
+                )
+            )
+            if call.name == "create_booking" and self.facts.set("booking", "confirmed", turn):
+                facts_set["booking"] = "confirmed"
+        records += [
+            eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in output.fallbacks
+        ]
+        exchange = Exchange(turn, text, output.text, False)
+        self.working.add(exchange)
+        self.last_seq = msg.seq
+        first_audio = output.first_audio_at or time.monotonic()
+        latency_ms = (first_audio - started) * 1000
+        provider_ms = output.first_sentence_s * 1000 + output.tts_first_chunk_ms
+        metrics = TurnMetrics(
+            call_id=self.call_id,
+            turn=turn,
+            latency_ms=latency_ms,
+            llm_first_token_ms=output.llm_first_token_ms,
+            tts_first_chunk_ms=output.tts_first_chunk_ms,
+            provider_ms=provider_ms,
+            overhead_ms=max(0.0, latency_ms - provider_ms),
+            intent=said.intent,
+            fallbacks=list(output.fallbacks),
+            node=self._svc.node_id,
+            epoch=self.epoch,
+        )
+        records += [
+            eventlog.record(
+                EventType.AGENT_REPLY, turn, text=output.text, heard=output.text, interrupted=False
+            ),
+            eventlog.record(
+                EventType.MEMORY,
+                turn,
+                facts_set=facts_set,
+                exchange=[turn, text, output.text, False],
+            ),
+        ]
+        self.outbox.extend(effects)
+        t0 = time.monotonic()
+        await self._commit(records, metrics)
+        metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
+        await self._send(
+            encode({"type": Out.TURN_METRICS.value, "turn": turn, **metrics.to_dict()})
+        )
+        self._svc.observe_turn(metrics)
+
+    async def _hangup(self, msg: Inbound) -> None:
+        self.last_seq = msg.seq
+        self._to(CallState.ENDED)
+        await self._commit([eventlog.record(EventType.CALL_ENDED, self.turn, reason="hangup")])
+        with contextlib.suppress(StoreUnavailable):
+            await self._svc.store.release(self.tenant, self.call_id, self.epoch)
+        await self._send(encode({"type": Out.CALL_ENDED.value, "turn": self.turn}))
+        self._svc.metrics.inc("calls_ended")
+
+    # ------------------------------------------------------------------ persistence
+
+    async def _commit(
+        self, records: list[dict[str, Any]], metrics: TurnMetrics | None = None
+    ) -> None:
+        """Record the turn's events in the outbox and write the checkpoint (CAS)."""
+        if metrics is not None:
+            records.append(
+                eventlog.record(EventType.TURN_METRICS, self.turn, metrics=metrics.to_dict())
+            )
+        self.outbox.extend(
+            eventlog.to_outbox(self.tenant, self.call_id, records, self.event_cursor)
+        )
+        self.event_cursor += len(records)
+        self._dirty = True
+        if await self._persist():
+            await self._after_save()
+
+    def _snapshot(self) -> Checkpoint:
+        return Checkpoint(
+            tenant=self.tenant,
+            call_id=self.call_id,
+            caller=self.caller,
+            epoch=self.epoch,
+            node=self._svc.node_id,
+            last_seq=self.last_seq,
+            turn=self.turn,
+            status="ended" if self.state is CallState.ENDED else "active",
+            working=self.working.to_state(),
+            facts=self.facts.to_state(),
+            outbox=list(self.outbox),
+            event_cursor=self.event_cursor,
+            created_ms=self.created_ms,
+            updated_ms=now_ms(),
+        )
+
+    async def _persist(self) -> bool:
+        async with self._save_lock:
+            try:
+                await self._svc.store.save(self._snapshot())
+            except StoreUnavailable as exc:
+                self._svc.metrics.inc("checkpoint_failures")
+                log.warning(
+                    "checkpoint deferred: redis unavailable",
+                    extra={
+                        "fields": {"call_id": self.call_id, "turn": self.turn, "error": str(exc)}
+                    },
+                )
+                self._schedule_retry()
+                return False
+            except FencedOut as exc:
+                self._fence(exc)
+                raise CallDropped(str(exc)) from exc
+            self._dirty = False
+            self._svc.metrics.inc("checkpoints")
+            return True
+
+    def _fence(self, exc: FencedOut) -> None:
+        if self.state is not CallState.FENCED:
+            self._to(CallState.FENCED)
+        self._svc.metrics.inc("fenced_out")
+        log.warning(
+            "fenced out: dropping call",
+            extra={
+                "fields": {
+                    "tenant": self.tenant,
+                    "call_id": self.call_id,
+                    "epoch": exc.mine,
+                    "current_epoch": exc.current,
+                }
+            },
+        )
+
+    async def _after_save(self) -> None:
+        await self._send(encode({"type": Ctl.ACK.value, "seq": self.last_seq, "turn": self.turn}))
+        await self._flush_outbox()
+
+    async def _flush_outbox(self) -> None:
+        publisher = self._svc.publisher
+        if not self.outbox or publisher is None:
+            return
+        pending = list(self.outbox)
+        try:
+            acked = set(await publisher.publish(pending))
+        except EventsError as exc:
+            self._svc.metrics.inc("outbox_publish_failures")
+            log.warning(
+                "outbox publish deferred",
+                extra={
+                    "fields": {"call_id": self.call_id, "pending": len(pending), "error": str(exc)}
+                },
+            )
+            self._schedule_retry()
+            return
+        # The removal is persisted with the next checkpoint; until then a takeover would
+        # republish these, which JetStream de-duplicates by msg id.
+        self.outbox = [e for e in self.outbox if e.msg_id not in acked]
+        self._svc.metrics.inc("outbox_published", len(acked))
+        if self.outbox:
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(
+                self._retry_loop(), name=f"checkpoint-retry:{self.call_id}"
+            )
+
+    async def _retry_loop(self) -> None:
+        delay = 0.1
+        while self.state in (CallState.ACTIVE, CallState.ENDED) and (self._dirty or self.outbox):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                # Under the turn lock: a checkpoint must never capture a half-applied turn.
+                async with self._turn_lock:
+                    if self._dirty:
+                        if not await self._persist_quiet():
+                            continue
+                        await self._after_save()
+                    elif self.outbox:
+                        await self._flush_outbox()
+            except CallDropped:
+                return
+            except (ConnectionError, RuntimeError):
+                return  # the link to the router is gone; the next owner republishes
+
+    async def _persist_quiet(self) -> bool:
+        async with self._save_lock:
+            try:
+                await self._svc.store.save(self._snapshot())
+            except StoreUnavailable:
+                return False
+            except FencedOut as exc:
+                self._fence(exc)
+                raise CallDropped(str(exc)) from exc
+            self._dirty = False
+            self._svc.metrics.inc("checkpoints_caught_up")
+            log.info(
+                "checkpoint caught up",
+                extra={"fields": {"call_id": self.call_id, "turn": self.turn}},
+            )
+            return True
+
+
+def _digest(messages: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for m in messages:
+        h.update(str(m.get("role")).encode())
+        h.update(str(m.get("content")).encode())
+    return h.hexdigest()[:16]

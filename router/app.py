@@ -1,0 +1,241 @@
+"""The session router process: accepts client calls and keeps each on its owner node.
+
+Routes:
+- ``GET /v1/calls/{call_id}`` (WebSocket): the native call protocol (docs/protocol.md);
+- ``GET /healthz``, ``GET /v1/status`` (nodes and live calls, JSON), ``GET /metrics``.
+Any other path answers 404 with a JSON error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from callmesh.config import RouterConfig
+from callmesh.protocol import CloseCode, valid_id
+from callmesh.telemetry import Metrics
+from router.membership import MembershipView
+from router.proxy import ProxySession
+from router.ring import BoundedLoadRing, NoNodeAvailable
+from state_store.client import connect as redis_connect
+from state_store.errors import StateStoreError
+from state_store.membership import MembershipStore
+from state_store.pins import PinStore
+
+log = logging.getLogger("callmesh.router")
+
+CONFIRM_TIMEOUT_S = 0.25
+
+
+class Router:
+    """Owns the membership view, pins, the node-link HTTP session and live proxy sessions."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = Metrics("callmesh_router")
+        self.ring = BoundedLoadRing(config.balance_epsilon)
+        self._redis: Any = None
+        self._http: aiohttp.ClientSession | None = None
+        self._membership: MembershipView | None = None
+        self._pins: PinStore | None = None
+        self.calls: dict[tuple[str, str], ProxySession] = {}
+        self._by_node: dict[str, set[ProxySession]] = defaultdict(set)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Router {self.config.router_id} [{len(self.calls)} calls]>"
+
+    @property
+    def membership(self) -> MembershipView:
+        if self._membership is None:
+            raise RuntimeError("router not started")
+        return self._membership
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("router not started")
+        return self._http
+
+    async def start(self) -> None:
+        self._redis = redis_connect(self.config.backends.redis_url)
+        self._pins = PinStore(self._redis)
+        self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
+        self._membership.on_dead(self._node_dead)
+        # One pool for every node link; no total limit (one socket per live call).
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        with contextlib.suppress(StateStoreError):
+            await self._membership.refresh()
+        self._membership.start()
+        log.info("router started", extra={"fields": {"router": self.config.router_id}})
+
+    async def aclose(self) -> None:
+        sessions = list(self.calls.values())
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await s.client.close(code=CloseCode.GOING_AWAY, message=b"router shutting down")
+        if self._membership is not None:
+            await self._membership.aclose()
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._http is not None:
+            await asyncio.shield(self._http.close())
+            self._http = None
+        if self._redis is not None:
+            await asyncio.shield(self._redis.aclose())
+            self._redis = None
+
+    # ------------------------------------------------------------------ placement
+
+    def _loads(self) -> dict[str, int]:
+        # A node's own count lags by a heartbeat; our own placements since are added.
+        reported = self.membership.loads()
+        return {n: max(c, len(self._by_node.get(n, ()))) for n, c in reported.items()}
+
+    async def place(
+        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None = None
+    ) -> str:
+        """The node for a call: its live pin if that node is alive, else a new choice."""
+        pins = self._pins
+        if pins is None:
+            raise RuntimeError("router not started")
+        if prefer_pin:
+            pinned = await pins.get(tenant, call_id)
+            if pinned and pinned != exclude and pinned in self.membership.routable():
+                return pinned
+        candidates = [n for n in self.membership.routable() if n != exclude]
+        node = self.ring.choose(f"{tenant}/{call_id}", candidates, self._loads())
+        await pins.set(tenant, call_id, node)
+        return node
+
+    async def forget_pin(self, tenant: str, call_id: str, node: str) -> None:
+        if self._pins is not None:
+            with contextlib.suppress(StateStoreError):
+                await self._pins.clear(tenant, call_id, node)
+
+    async def confirm_alive(self, node: str) -> bool:
+        """Confirm a suspicion: a dead process refuses connections at once; a draining
+        node answers 503; a paused one does not answer within the timeout."""
+        url = self.membership.url(node)
+        if url is None:
+            return False
+        try:
+            async with self.http.get(
+                f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=CONFIRM_TIMEOUT_S)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def track(self, session: ProxySession, node: str) -> None:
+        self._by_node[node].add(session)
+
+    def untrack(self, session: ProxySession, node: str) -> None:
+        calls = self._by_node.get(node)
+        if calls is not None:
+            calls.discard(session)
+            if not calls:
+                del self._by_node[node]
+
+    def _node_dead(self, node: str) -> None:
+        for session in list(self._by_node.get(node, ())):
+            session.node_died()
+
+    def observe_failover(self, gap_s: float) -> None:
+        self.metrics.inc("failovers")
+        self.metrics.inc("failover_gap_ms_sum", gap_s * 1000)
+
+    def close_in_background(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        task = asyncio.get_running_loop().create_task(ws.close(), name="close-node-link")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors])
+        app.router.add_get("/v1/calls/{call_id}", self.call)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        return app
+
+    async def call(self, request: web.Request) -> web.StreamResponse:
+        call_id = request.match_info["call_id"]
+        if not valid_id(call_id):
+            raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
+        # The hard cap closes with 1009; frames between the limit and the cap get an error
+        # frame and the call goes on.
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
+        await ws.prepare(request)
+        session = ProxySession(self, call_id, ws)
+        self.metrics.inc("calls_accepted")
+        key: tuple[str, str] | None = None
+        try:
+            if not await session.wait_start():
+                return ws
+            key = (session.tenant, call_id)
+            old = self.calls.get(key)
+            if old is not None:
+                # The caller reconnected: the newest connection wins.
+                await old.client.close(code=CloseCode.GOING_AWAY, message=b"replaced")
+            self.calls[key] = session
+            await session.run()
+        finally:
+            if key is not None and self.calls.get(key) is session:
+                del self.calls[key]
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok = self.membership.redis_ok
+        return web.json_response({"status": "ok" if ok else "degraded", "redis": ok})
+
+    async def status(self, request: web.Request) -> web.Response:
+        nodes = [
+            {
+                "node": n,
+                "url": v.record.url,
+                "state": v.record.state,
+                "alive": v.alive,
+                "suspect": v.suspect_since is not None,
+                "calls": v.record.calls,
+            }
+            for n, v in sorted(self.membership.nodes.items())
+        ]
+        return web.json_response(
+            {
+                "router": self.config.router_id,
+                "redis": self.membership.redis_ok,
+                "calls": len(self.calls),
+                "nodes": nodes,
+            }
+        )
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.metrics.set("live_calls", len(self.calls))
+        return web.Response(text=self.metrics.render(), content_type="text/plain")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {"type": "error", "code": "http_" + str(exc.status), "message": exc.reason},
+            status=exc.status,
+        )
+
+
+__all__ = ["NoNodeAvailable", "Router"]
