@@ -335,6 +335,9 @@ class CallSession:
         self.last_seq = msg.seq
         self._to(CallState.ENDED)
         await self._commit([eventlog.record(EventType.CALL_ENDED, self.turn, reason="hangup")])
+        if not self._dirty:
+            # The final checkpoint should show an empty outbox: nothing left to republish.
+            await self._persist()
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(self.tenant, self.call_id, self.epoch)
         await self._send(encode({"type": Out.CALL_ENDED.value, "turn": self.turn}))

@@ -1,0 +1,67 @@
+"""Simulated callers: scripted conversations over the native protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from callmesh.client import CallClient, CallError, Reply
+
+NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Gus", "Hana", "Ivan", "June"]
+BOOKING = [
+    "Hi, my name is {name}",
+    "I'd like a cleaning",
+    "Tuesday works",
+    "How about 3pm",
+    "Yes, book it",
+]
+SMALL_TALK = ["Thanks, that's great", "What time do you open?", "Perfect, thank you"]
+
+
+def script(turns: int) -> list[str]:
+    lines = list(BOOKING[:turns])
+    while len(lines) < turns:
+        lines.append(SMALL_TALK[len(lines) % len(SMALL_TALK)])
+    return lines
+
+
+@dataclass
+class CallResult:
+    call_id: str
+    name: str
+    replies: list[Reply] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    completed: bool = False
+
+
+async def scripted_call(
+    router_url: str,
+    call_id: str,
+    turns: int,
+    *,
+    tenant: str = "demo",
+    seed: int = 0,
+    think_s: float = 0.0,
+    on_turn: Callable[[], None] | None = None,
+) -> CallResult:
+    rng = random.Random(f"{seed}:{call_id}")
+    name = rng.choice(NAMES)
+    result = CallResult(call_id, name)
+    try:
+        async with CallClient(router_url, call_id, timeout_s=60) as client:
+            await client.start(tenant, f"caller-{call_id}")
+            for line in script(turns):
+                result.replies.append(await client.say(line.format(name=name)))
+                if on_turn is not None:
+                    on_turn()
+                if think_s:
+                    await asyncio.sleep(rng.uniform(0.5, 1.5) * think_s)
+            await client.hangup()
+            result.duplicates = client.duplicates
+            result.completed = client.ended
+    except (CallError, OSError, TimeoutError) as exc:
+        result.errors.append(f"{type(exc).__name__}: {exc}")
+    return result

@@ -1,0 +1,53 @@
+"""The native wire protocol's validation: every bad frame gets a precise error code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from callmesh.protocol import ErrorCode, In, ProtocolError, parse_inbound, valid_id
+
+
+def _err(raw: str | bytes, max_bytes: int = 1024) -> ErrorCode:
+    with pytest.raises(ProtocolError) as info:
+        parse_inbound(raw, max_bytes)
+    return info.value.code
+
+
+def test_valid_frames_parse() -> None:
+    start = parse_inbound(json.dumps({"type": "start", "seq": 1, "tenant": "acme", "caller": "c1"}))
+    assert start.type is In.START and start.seq == 1 and start.body["tenant"] == "acme"
+    text = parse_inbound(json.dumps({"type": "user_text", "seq": 2, "text": "hi"}))
+    assert text.type is In.USER_TEXT and text.raw.startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("{not json", ErrorCode.BAD_JSON),
+        (b"\xff\xfe", ErrorCode.BAD_JSON),
+        ("[1, 2]", ErrorCode.BAD_MESSAGE),
+        ('{"type": "user_text", "text": "x"}', ErrorCode.BAD_SEQ),
+        ('{"type": "user_text", "seq": 0, "text": "x"}', ErrorCode.BAD_SEQ),
+        ('{"type": "user_text", "seq": true, "text": "x"}', ErrorCode.BAD_SEQ),
+        ('{"type": "dance", "seq": 3}', ErrorCode.UNKNOWN_TYPE),
+        ('{"type": "user_text", "seq": 3, "text": "   "}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "start", "seq": 1, "tenant": "a.b"}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "start", "seq": 1, "tenant": "a", "caller": "x y"}', ErrorCode.BAD_MESSAGE),
+        ('{"type": "audio", "seq": 4, "data": 5}', ErrorCode.BAD_MESSAGE),
+    ],
+)
+def test_bad_frames_are_named(raw: str, code: ErrorCode) -> None:
+    assert _err(raw) is code
+
+
+def test_oversized_frame() -> None:
+    big = json.dumps({"type": "user_text", "seq": 1, "text": "x" * 2000})
+    assert _err(big, max_bytes=1024) is ErrorCode.FRAME_TOO_LARGE
+
+
+def test_ids_are_safe_for_keys_and_subjects() -> None:
+    assert valid_id("call-123_X")
+    for bad in ("", "a.b", "a*", "a>", "{x}", "a b", "x" * 65, None, 5):
+        assert not valid_id(bad)

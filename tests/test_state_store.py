@@ -1,0 +1,89 @@
+"""Fenced ownership and checkpoints against a real Redis-compatible server."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from state_store import keys
+from state_store.checkpoint import Checkpoint, OutboxEntry
+from state_store.errors import CorruptState, FencedOut
+from state_store.pins import PinStore
+from state_store.store import StateStore
+
+
+def _ckpt(epoch: int, turn: int, node: str = "n1") -> Checkpoint:
+    return Checkpoint(
+        tenant="acme",
+        call_id="c1",
+        caller="bob",
+        epoch=epoch,
+        node=node,
+        turn=turn,
+        last_seq=turn + 1,
+        facts={"name": ["Bob", 1, None]},
+        outbox=[OutboxEntry("effects.acme.booking_create", "c1:1:0", b"{}", 1)],
+    )
+
+
+async def test_take_ownership_increments_epoch_and_restores(redis: Redis) -> None:
+    store = StateStore(redis)
+    epoch, ckpt = await store.take_ownership("acme", "c1", "n1")
+    assert (epoch, ckpt) == (1, None)
+    await store.save(_ckpt(epoch, 3))
+    epoch2, restored = await store.take_ownership("acme", "c1", "n2")
+    assert epoch2 == 2
+    assert restored is not None and restored.turn == 3 and restored.facts["name"][0] == "Bob"
+    assert restored.outbox[0].msg_id == "c1:1:0"
+    assert await store.owner("acme", "c1") == ("n2", 2)
+
+
+async def test_stale_owner_is_fenced_out_and_cannot_overwrite(redis: Redis) -> None:
+    store = StateStore(redis)
+    old, _ = await store.take_ownership("acme", "c1", "n1")
+    await store.save(_ckpt(old, 1))
+    new, _ = await store.take_ownership("acme", "c1", "n2")
+    await store.save(_ckpt(new, 2, node="n2"))
+    with pytest.raises(FencedOut) as info:
+        await store.save(_ckpt(old, 5))
+    assert (info.value.mine, info.value.current) == (old, new)
+    saved = await store.load("acme", "c1")
+    assert saved is not None and saved.turn == 2 and saved.node == "n2"
+
+
+async def test_release_only_by_current_owner(redis: Redis) -> None:
+    store = StateStore(redis)
+    e1, _ = await store.take_ownership("acme", "c1", "n1")
+    e2, _ = await store.take_ownership("acme", "c1", "n2")
+    assert not await store.release("acme", "c1", e1)
+    assert await store.release("acme", "c1", e2)
+    assert (await store.owner("acme", "c1"))[0] is None
+
+
+async def test_keys_share_the_call_hash_tag_and_are_tenant_scoped() -> None:
+    names = [keys.lease("t1", "c9"), keys.checkpoint("t1", "c9"), keys.pin("t1", "c9")]
+    assert all("{c9}" in k and k.startswith("cm:t1:") for k in names)
+    assert keys.checkpoint("t1", "c9") != keys.checkpoint("t2", "c9")
+
+
+async def test_tenants_do_not_see_each_others_calls(redis: Redis) -> None:
+    store = StateStore(redis)
+    epoch, _ = await store.take_ownership("acme", "c1", "n1")
+    await store.save(_ckpt(epoch, 1))
+    assert await store.load("other", "c1") is None
+
+
+async def test_corrupt_checkpoint_is_reported(redis: Redis) -> None:
+    await redis.set(keys.checkpoint("acme", "c1"), b"\xc1 not msgpack")
+    with pytest.raises(CorruptState):
+        await StateStore(redis).load("acme", "c1")
+
+
+async def test_pins_clear_only_if_unchanged(redis: Redis) -> None:
+    pins = PinStore(redis)
+    await pins.set("acme", "c1", "n1")
+    await pins.set("acme", "c1", "n2")
+    await pins.clear("acme", "c1", "n1")
+    assert await pins.get("acme", "c1") == "n2"
+    await pins.clear("acme", "c1", "n2")
+    assert await pins.get("acme", "c1") is None
