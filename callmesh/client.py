@@ -170,6 +170,8 @@ class CallClient:
         now = time.monotonic()
         if kind == Out.READY.value:
             self.ready = frame
+            # Resuming a live call from a new connection: continue after what was applied.
+            self.seq = max(self.seq, int(frame.get("last_seq", 0)))
             self._ready_evt.set()
         elif kind == Out.AGENT_TEXT.value:
             t = self._turns.setdefault(int(frame["turn"]), _Turn())

@@ -100,6 +100,7 @@ class LocalCluster:
         self.backends: EmbeddedBackends | None = None
         self.router: Proc | None = None
         self.nodes: list[Proc] = []
+        self.routers: list[Proc] = []  # extra router instances
         self._env: dict[str, str] = {}
 
     @property
@@ -178,6 +179,26 @@ class LocalCluster:
             self.wait_ready()
         return node
 
+    def add_router(self) -> Proc:
+        """Another router instance on the same backends (routers share pins in Redis)."""
+        port = free_port()
+        index = len(self.routers) + 2
+        proc = Proc(
+            f"router-{index}",
+            [sys.executable, "-m", "callmesh", "router", "--port", str(port)],
+            port,
+            (self.log_dir or Path(os.devnull)) / f"router-{index}.log",
+            self._env,
+        )
+        proc.start()
+        self.routers.append(proc)
+        deadline = time.monotonic() + 20
+        while _get_json(f"{proc.url}/healthz") is None:
+            if time.monotonic() > deadline or not proc.alive():
+                raise ServerError(f"{proc.name} did not start")
+            time.sleep(0.05)
+        return proc
+
     def status(self) -> dict[str, object] | None:
         return _get_json(f"{self.router_url}/v1/status")
 
@@ -214,8 +235,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         # Router first (no new calls), then nodes (they drain), then the servers.
-        if self.router is not None:
-            self.router.stop()
+        for proc in [self.router, *self.routers]:
+            if proc is not None:
+                proc.stop()
         for node in self.nodes:
             node.stop()
         if self.backends is not None:

@@ -101,6 +101,18 @@ class TurnPipeline:
             await asyncio.gather(producer, return_exceptions=True)
         return out
 
+    async def speak(self, text: str, emit: Emit) -> TurnOutput:
+        """Say an already-decided reply again, frame for frame as the first time (same
+        sentences, same ``n``), so the router can drop what the caller already heard."""
+        out = TurnOutput(text=text)
+        splitter = SentenceSplitter()
+        sentences = splitter.feed(text)
+        rest = splitter.flush()
+        n = 0
+        for sentence in [*sentences, *([rest] if rest else [])]:
+            n = await self._speak(sentence, n, emit, out)
+        return out
+
     async def _produce(
         self,
         request: LLMRequest,

@@ -98,6 +98,7 @@ class CallSession:
         self._save_lock = asyncio.Lock()
         self._turn_lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
+        self._link_lost = False
 
     def __repr__(self) -> str:
         return (
@@ -115,6 +116,17 @@ class CallSession:
     def unsaved(self) -> bool:
         return self._dirty
 
+    async def _out(self, frame: str) -> None:
+        """Send to the router. A lost link does not abort the turn: the turn still tries
+        to commit, so a stale owner always meets the fence, and a legitimate one keeps its
+        work (the next owner re-speaks a committed reply the caller did not get)."""
+        if self._link_lost:
+            return
+        try:
+            await self._send(frame)
+        except (ConnectionError, RuntimeError):
+            self._link_lost = True
+
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self, start: Inbound) -> None:
@@ -127,7 +139,7 @@ class CallSession:
         records: list[dict[str, Any]] = []
         if ckpt is not None:
             if ckpt.status == "ended":
-                await self._send(error_frame(ErrorCode.CALL_ENDED, "this call has ended"))
+                await self._out(error_frame(ErrorCode.CALL_ENDED, "this call has ended"))
                 self._to(CallState.CLOSED)
                 raise CallDropped("call already ended")
             self._restore(ckpt)
@@ -158,7 +170,7 @@ class CallSession:
         )
         self._to(CallState.ACTIVE)
         await self._commit(records)
-        await self._send(
+        await self._out(
             encode(
                 {
                     "type": Out.READY.value,
@@ -167,10 +179,36 @@ class CallSession:
                     "node": self._svc.node_id,
                     "epoch": epoch,
                     "resumed": ckpt is not None,
+                    # A reconnecting client continues its numbering after this.
+                    "last_seq": self.last_seq,
                 }
             )
         )
         self._svc.metrics.inc("calls_resumed" if ckpt else "calls_started")
+        delivered = start.body.get("delivered_turn")
+        if ckpt is not None and isinstance(delivered, int) and delivered < self.turn:
+            await self._respeak_last_turn()
+
+    async def _respeak_last_turn(self) -> None:
+        """The previous owner committed this turn but the caller never got all of it (it
+        died between its checkpoint and the end of the reply): say it again. The router
+        drops the frames the caller already heard, by ``(turn, n)``."""
+        last = self.working.last()
+        if last is None or last.turn != self.turn:
+            return
+        async with self._turn_lock:
+            output = await self._svc.pipeline.speak(last.agent, self._emit)
+            metrics = TurnMetrics(
+                call_id=self.call_id,
+                turn=self.turn,
+                tts_first_chunk_ms=output.tts_first_chunk_ms,
+                intent="replayed",
+                fallbacks=output.fallbacks,
+                node=self._svc.node_id,
+                epoch=self.epoch,
+            )
+            await self._out(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
+        self._svc.metrics.inc("turns_respoken")
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.turn = ckpt.turn
@@ -190,23 +228,28 @@ class CallSession:
         if msg.seq <= self.last_seq:
             return
         async with self._turn_lock:
-            if msg.type is In.USER_TEXT:
-                await self._user_turn(msg, str(msg.body["text"]).strip(), confidence=1.0)
-            elif msg.type is In.HANGUP:
-                await self._hangup(msg)
-            elif msg.type is In.START:
-                await self._send(
-                    error_frame(
-                        ErrorCode.ALREADY_STARTED,
-                        "call already started",
-                        seq=msg.seq,
-                        turn=self.turn,
-                    )
+            await self._apply(msg)
+        if self._link_lost:
+            raise CallDropped("router link lost")
+
+    async def _apply(self, msg: Inbound) -> None:
+        if msg.type is In.USER_TEXT:
+            await self._user_turn(msg, str(msg.body["text"]).strip(), confidence=1.0)
+        elif msg.type is In.HANGUP:
+            await self._hangup(msg)
+        elif msg.type is In.START:
+            await self._out(
+                error_frame(
+                    ErrorCode.ALREADY_STARTED,
+                    "call already started",
+                    seq=msg.seq,
+                    turn=self.turn,
                 )
-            else:
-                # Audio is accepted; it is applied by the audio pipeline and acknowledged
-                # with the next checkpoint.
-                self.last_seq = msg.seq
+            )
+        else:
+            # Audio is accepted; it is applied by the audio pipeline and acknowledged
+            # with the next checkpoint.
+            self.last_seq = msg.seq
 
     async def handoff(self) -> None:
         """Drain: at a turn boundary, make sure the last turn is saved and tell the router
@@ -217,7 +260,7 @@ class CallSession:
             if self._dirty and not await self._persist():
                 return  # cannot hand off unsaved state; the drain bound decides what next
             self._to(CallState.HANDED_OFF)
-            await self._send(encode({"type": Ctl.HANDOFF.value, "turn": self.turn}))
+            await self._out(encode({"type": Ctl.HANDOFF.value, "turn": self.turn}))
             self._svc.metrics.inc("calls_handed_off")
 
     async def aclose(self) -> None:
@@ -234,7 +277,7 @@ class CallSession:
 
     async def _emit(self, frame: dict[str, Any]) -> None:
         frame["turn"] = self.turn
-        await self._send(encode(frame))
+        await self._out(encode(frame))
 
     async def _user_turn(self, msg: Inbound, text: str, *, confidence: float) -> None:
         started = time.monotonic()
@@ -326,9 +369,7 @@ class CallSession:
         t0 = time.monotonic()
         await self._commit(records, metrics)
         metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
-        await self._send(
-            encode({"type": Out.TURN_METRICS.value, "turn": turn, **metrics.to_dict()})
-        )
+        await self._out(encode({"type": Out.TURN_METRICS.value, "turn": turn, **metrics.to_dict()}))
         self._svc.observe_turn(metrics)
 
     async def _hangup(self, msg: Inbound) -> None:
@@ -340,7 +381,7 @@ class CallSession:
             await self._persist()
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(self.tenant, self.call_id, self.epoch)
-        await self._send(encode({"type": Out.CALL_ENDED.value, "turn": self.turn}))
+        await self._out(encode({"type": Out.CALL_ENDED.value, "turn": self.turn}))
         self._svc.metrics.inc("calls_ended")
 
     # ------------------------------------------------------------------ persistence
@@ -417,7 +458,7 @@ class CallSession:
         )
 
     async def _after_save(self) -> None:
-        await self._send(encode({"type": Ctl.ACK.value, "seq": self.last_seq, "turn": self.turn}))
+        await self._out(encode({"type": Ctl.ACK.value, "seq": self.last_seq, "turn": self.turn}))
         await self._flush_outbox()
 
     async def _flush_outbox(self) -> None:

@@ -64,10 +64,10 @@ class ProxySession:
         self.upstream: aiohttp.ClientWebSocketResponse | None = None
         self.unacked: deque[Inbound] = deque()
         self.last_client_seq = 0
-        self.committed_turn = 0
+        # Highest turn whose ``turn_metrics`` the client received: that reply is complete.
+        self.completed_turn = 0
         self.delivered: dict[tuple[int, int], int] = {}
         self._held: list[str] = []  # duplicate frames of the in-flight turn, held back
-        self._cleared: set[int] = set()
         self._ready_sent = False
         self._ended = False
         self._client_gone = asyncio.Event()
@@ -77,7 +77,7 @@ class ProxySession:
     def __repr__(self) -> str:
         return (
             f"<ProxySession {self.tenant}/{self.call_id} node={self.node_id} "
-            f"unacked={len(self.unacked)} turn={self.committed_turn} failovers={self.failovers}>"
+            f"unacked={len(self.unacked)} turn={self.completed_turn} failovers={self.failovers}>"
         )
 
     # ------------------------------------------------------------------ client side
@@ -194,7 +194,13 @@ class ProxySession:
         self.node_id = node_id
         self._node_dead.clear()
         self.upstream = ws
-        start = self.start.body if reason == "start" else {**self.start.body, "resume": reason}
+        # A new owner learns what the caller already has: a turn it restores as committed
+        # but whose reply the caller never fully received is spoken again (de-duplicated).
+        # (A new client connection is not a relink: nothing is known of what it heard.)
+        start = (
+            self.start.body if reason == "start"
+            else {**self.start.body, "resume": reason, "delivered_turn": self.completed_turn}
+        )
         try:
             await ws.send_str(self.start.raw if reason == "start" else encode(start))
             # Copy: the client reader may append while we replay; appended frames are
@@ -220,7 +226,7 @@ class ProxySession:
                 continue
             kind = frame.get("type")
             if kind == Ctl.ACK:
-                self._on_ack(int(frame.get("seq", 0)), int(frame.get("turn", 0)))
+                self._on_ack(int(frame.get("seq", 0)))
             elif kind == Ctl.HANDOFF:
                 return Outcome.HANDOFF
             elif kind == Out.READY:
@@ -229,6 +235,11 @@ class ProxySession:
                     await self.send_client(msg.data)
             elif kind in REPLY_TYPES:
                 await self._forward_reply(frame, msg.data)
+            elif kind == Out.TURN_METRICS:
+                turn = int(frame.get("turn", 0))
+                if turn > self.completed_turn:
+                    self._complete(turn)
+                    await self.send_client(msg.data)
             elif kind == Out.CALL_ENDED:
                 self._ended = True
                 await self.send_client(msg.data)
@@ -243,19 +254,19 @@ class ProxySession:
             return Outcome.CLIENT_GONE
         return Outcome.LOST
 
-    def _on_ack(self, seq: int, turn: int) -> None:
+    def _on_ack(self, seq: int) -> None:
         while self.unacked and self.unacked[0].seq <= seq:
             self.unacked.popleft()
-        if turn > self.committed_turn:
-            self.committed_turn = turn
-            self.delivered = {k: v for k, v in self.delivered.items() if k[0] > turn}
-            self._cleared = {t for t in self._cleared if t > turn}
-            self._held.clear()
+
+    def _complete(self, turn: int) -> None:
+        self.completed_turn = turn
+        self.delivered = {k: v for k, v in self.delivered.items() if k[0] > turn}
+        self._held.clear()
 
     async def _forward_reply(self, frame: dict[str, Any], raw: str) -> None:
         turn, n = int(frame.get("turn", 0)), int(frame.get("n", 0))
-        if turn <= self.committed_turn and self.committed_turn:
-            return  # a turn already committed and delivered: a stale re-send
+        if turn <= self.completed_turn:
+            return  # the caller has this turn's whole reply already
         digest = hash(frame.get("text") or frame.get("data") or "")
         key = (turn, n)
         seen = self.delivered.get(key)
