@@ -39,6 +39,8 @@ class Reply:
     done_at: float
     audio_bytes: int = 0
     cleared: bool = False
+    # Arrival time (monotonic) of every reply frame of the turn, in order.
+    frame_times: list[float] = field(default_factory=list)
 
     @property
     def latency_ms(self) -> float:
@@ -54,6 +56,7 @@ class _Turn:
     first_audio_at: float | None = None
     audio_bytes: int = 0
     cleared: bool = False
+    frame_times: list[float] = field(default_factory=list)
 
 
 class CallClient:
@@ -71,9 +74,12 @@ class CallClient:
         self._turns: dict[int, _Turn] = {}
         self._done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._ready_evt = asyncio.Event()
+        self._greeted = asyncio.Event()
         self._ended_evt = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._last_done_turn = 0
+        # Turn 0 is the agent's greeting, spoken before the caller says anything.
+        self.greeting = ""
 
     async def __aenter__(self) -> CallClient:
         ws_url = self.router_url.replace("http://", "ws://").replace("https://", "wss://")
@@ -120,6 +126,11 @@ class CallClient:
             raise CallError(self.errors[-1] if self.errors else {"code": "closed"})
         return self.ready
 
+    async def wait_greeting(self) -> str:
+        """The turn-0 greeting (nodes that greet send it right after ``ready``)."""
+        await asyncio.wait_for(self._greeted.wait(), self.timeout_s)
+        return self.greeting
+
     async def say(self, text: str) -> Reply:
         """Send one finished utterance and wait for the whole reply of its turn."""
         sent_at = time.monotonic()
@@ -142,6 +153,7 @@ class CallClient:
                 done_at=time.monotonic(),
                 audio_bytes=t.audio_bytes,
                 cleared=t.cleared,
+                frame_times=t.frame_times,
             )
 
     async def hangup(self) -> None:
@@ -180,16 +192,22 @@ class CallClient:
                 self.duplicates += 1
             t.texts[n] = str(frame["text"])
             t.first_text_at = t.first_text_at or now
+            t.frame_times.append(now)
         elif kind == Out.AGENT_AUDIO.value:
             t = self._turns.setdefault(int(frame["turn"]), _Turn())
             t.first_audio_at = t.first_audio_at or now
+            t.frame_times.append(now)
             t.audio_bytes += len(frame.get("data", "")) * 3 // 4
         elif kind == Out.CLEAR.value:
             turn = int(frame["turn"])
             self._turns[turn] = _Turn(cleared=True)
         elif kind == Out.TURN_METRICS.value:
             turn = int(frame["turn"])
-            if turn > self._last_done_turn:
+            if turn == 0:
+                t = self._turns.pop(0, _Turn())
+                self.greeting = " ".join(t.texts[k] for k in sorted(t.texts))
+                self._greeted.set()
+            elif turn > self._last_done_turn:
                 self._last_done_turn = turn
                 self._done.put_nowait(frame)
         elif kind == Out.ERROR.value:

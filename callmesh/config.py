@@ -150,6 +150,8 @@ def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T
     values: dict[str, Any] = _env_overrides(env)
     if cls in (RouterConfig, NodeConfig):
         values["membership"] = membership_from_env(env)
+    if cls is NodeConfig and "CALLMESH_TTS_CHUNK_MS" in env:
+        values["tts_chunk_ms"] = int(env["CALLMESH_TTS_CHUNK_MS"])
     if cls is NodeConfig and "CALLMESH_SIM_LATENCY_SCALE" in env:
         scale = float(env["CALLMESH_SIM_LATENCY_SCALE"])
         values["sim_latency"] = SimulatedLatency().scaled(scale)

@@ -65,7 +65,8 @@ class ProxySession:
         self.unacked: deque[Inbound] = deque()
         self.last_client_seq = 0
         # Highest turn whose ``turn_metrics`` the client received: that reply is complete.
-        self.completed_turn = 0
+        # -1: not even turn 0 (the greeting) is complete yet.
+        self.completed_turn = -1
         self.delivered: dict[tuple[int, int], int] = {}
         self._held: list[str] = []  # duplicate frames of the in-flight turn, held back
         self._ready_sent = False
@@ -198,7 +199,8 @@ class ProxySession:
         # but whose reply the caller never fully received is spoken again (de-duplicated).
         # (A new client connection is not a relink: nothing is known of what it heard.)
         start = (
-            self.start.body if reason == "start"
+            self.start.body
+            if reason == "start"
             else {**self.start.body, "resume": reason, "delivered_turn": self.completed_turn}
         )
         try:

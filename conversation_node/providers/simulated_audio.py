@@ -1,0 +1,367 @@
+"""Simulated speech: text carried *in* audio, and a speech-to-text that reads it back.
+
+This is not speech recognition. It lets the whole audio path (router, node, VAD,
+endpointing, barge-in, load tests) run offline and deterministically on real 8 kHz
+mu-law audio whose content can be checked end to end.
+
+The signal is multi-frequency shift keying, audible as a warble of beeps:
+
+* every symbol is a 30 ms cosine burst whose frequency is a multiple of 100 Hz, so each
+  holds a whole number of cycles: symbols are orthogonal over their window and the
+  phase is continuous (no clicks), and every symbol starts at full amplitude;
+* a transmission is ``SYNC`` (400 Hz), then each UTF-8 byte as two nibbles (600 to 2100 Hz),
+  then ``END`` (2300 Hz): 60 ms per character, about the pace of speech;
+* at -12 dBFS it is far above any VAD threshold and nothing like silence (0xFF).
+
+:class:`SpeechDecoder` needs no framing from the transport: it finds the onset of a
+transmission in the sample stream, aligns on the SYNC symbol (searching a few samples
+around the onset, so filtered/resampled audio decodes too), and classifies each symbol
+with a 19-bin DFT. :class:`SimulatedSTT` wraps it with the energy VAD to produce the same
+event sequence a streaming recognizer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+from collections.abc import AsyncGenerator
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+
+from conversation_node.audio.codec import mulaw_decode_array, mulaw_encode_array, pcm16_to_array
+from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
+from conversation_node.providers.base import AudioChunk, Encoding, ProviderError, STTEvent
+from conversation_node.providers.base import STTEventKind as Kind
+
+__all__ = [
+    "LOW_CONFIDENCE",
+    "LOW_CONFIDENCE_MARKER",
+    "SimulatedSTT",
+    "SimulatedSTTStream",
+    "SpeechDecoder",
+    "decode_speech",
+    "silence",
+    "speech_from_text",
+    "tones_for_text",
+]
+
+SAMPLE_RATE = 8000
+SYMBOL_MS = 30
+AMPLITUDE = 8192  # -12 dBFS
+_SYNC_HZ, _END_HZ = 400, 2300
+_DATA_HZ = tuple(600 + 100 * k for k in range(16))
+_TONES_HZ = (*_DATA_HZ, _SYNC_HZ, _END_HZ)
+_SYNC, _END = 16, 17  # symbol ids: 0-15 are nibbles
+
+LOW_CONFIDENCE_MARKER = "[mumble]"
+"""Text that starts with this is 'heard' with :data:`LOW_CONFIDENCE` (the marker is
+not part of the transcript): how tests drive the node's ask-to-repeat fallback."""
+LOW_CONFIDENCE = 0.3
+
+
+def tones_for_text(text: str, sample_rate: int = SAMPLE_RATE) -> npt.NDArray[np.int16]:
+    """The simulated speech signal of ``text`` as int16 samples at ``sample_rate``."""
+    n = sample_rate * SYMBOL_MS // 1000
+    symbols = [_SYNC]
+    for byte in text.encode("utf-8"):
+        symbols += [byte >> 4, byte & 0x0F]
+    symbols.append(_END)
+    t = np.arange(n) / sample_rate
+    bursts = {s: np.rint(AMPLITUDE * np.cos(2 * np.pi * _TONES_HZ[s] * t)) for s in set(symbols)}
+    return np.concatenate([bursts[s] for s in symbols]).astype(np.int16)
+
+
+def speech_from_text(text: str) -> bytes:
+    """8 kHz mu-law audio that says ``text`` to :class:`SimulatedSTT` (60 ms a character)."""
+    return mulaw_encode_array(tones_for_text(text))
+
+
+def silence(ms: int) -> bytes:
+    """``ms`` of 8 kHz mu-law silence."""
+    return b"\xff" * (SAMPLE_RATE * ms // 1000)
+
+
+class _State(Enum):
+    IDLE = "idle"  # waiting for an onset
+    ALIGNING = "aligning"  # onset seen, collecting enough to find the SYNC boundary
+    RECEIVING = "receiving"
+    SKIPPING = "skipping"  # sound that is not a transmission: wait for a silence gap
+
+
+class SpeechDecoder:
+    """Streaming decoder of :func:`speech_from_text` audio (8 kHz), any chunking.
+
+    ``text`` is everything decoded since the last :meth:`take` (finished transmissions
+    joined by spaces, plus the prefix of one in progress), so it doubles as an interim
+    transcript.
+    """
+
+    _ONSET = 1024  # |sample| that counts as the start of a transmission
+    _QUIET = 64
+    _GAP = 40  # quiet samples (5 ms) that end a stretch of non-speech sound
+    _SLACK = 8  # samples searched either side of the onset for the SYNC boundary
+    _MIN_PURITY = 0.5
+
+    def __init__(self) -> None:
+        self._n = SAMPLE_RATE * SYMBOL_MS // 1000
+        t = np.arange(self._n) / SAMPLE_RATE
+        self._basis = np.exp(-2j * np.pi * np.outer(_TONES_HZ, t))
+        self._buf = np.zeros(0, dtype=np.float64)
+        self._state = _State.IDLE
+        self._done: list[str] = []
+        self._current = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._high: int | None = None
+        self._purities: list[float] = []
+
+    @property
+    def text(self) -> str:
+        return " ".join([*self._done, self._current] if self._current else self._done)
+
+    @property
+    def receiving(self) -> bool:
+        """True while in the middle of a transmission."""
+        return self._state in (_State.ALIGNING, _State.RECEIVING)
+
+    @property
+    def confidence(self) -> float:
+        """Mean spectral purity of the symbols decoded since the last take (0 if none)."""
+        if not self._purities:
+            return 0.0
+        return round(min(1.0, float(np.mean(self._purities))), 3)
+
+    def take(self) -> tuple[str, float]:
+        """Return ``(text, confidence)`` decoded so far and start afresh; a transmission
+        in progress is cut at what arrived (the VAD has decided the utterance ended)."""
+        if self._state is _State.RECEIVING:
+            self._finish()
+        text, confidence = self.text, self.confidence
+        self._done, self._current, self._purities = [], "", []
+        if self._state is _State.ALIGNING:
+            self._state = _State.IDLE
+        return text, confidence
+
+    def push(self, mulaw: bytes) -> None:
+        self.push_samples(mulaw_decode_array(mulaw))
+
+    def push_samples(self, samples: npt.NDArray[np.integer]) -> None:
+        self._buf = np.concatenate([self._buf, np.asarray(samples, dtype=np.float64)])
+        while self._advance():
+            pass
+
+    def _advance(self) -> bool:
+        """Make one step of progress on the buffer; False when it needs more samples."""
+        buf, n, slack = self._buf, self._n, self._SLACK
+        if self._state is _State.IDLE:
+            loud = np.flatnonzero(np.abs(buf) >= self._ONSET)
+            if not len(loud):
+                self._buf = buf[-slack:]
+                return False
+            self._buf = buf[max(0, int(loud[0]) - slack) :]
+            self._state = _State.ALIGNING
+            return True
+        if self._state is _State.ALIGNING:
+            if len(buf) < n + 2 * slack:
+                return False
+            scores = [self._classify(buf[d : d + n]) for d in range(2 * slack + 1)]
+            sync_purity = [purity if symbol == _SYNC else -1.0 for symbol, purity in scores]
+            best = int(np.argmax(sync_purity))
+            symbol, purity = scores[best]
+            if symbol != _SYNC or purity < self._MIN_PURITY:
+                self._state = _State.SKIPPING
+                return True
+            self._buf = buf[best + n :]
+            self._purities.append(purity)
+            self._state = _State.RECEIVING
+            return True
+        if self._state is _State.RECEIVING:
+            if len(buf) < n:
+                return False
+            window, self._buf = buf[:n], buf[n:]
+            if np.mean(window * window) < self._QUIET**2:  # audio stopped mid-transmission
+                self._finish()
+                return True
+            symbol, purity = self._classify(window)
+            self._purities.append(purity)
+            if symbol == _END:
+                self._finish()
+            elif symbol < 16:
+                self._nibble(symbol)
+            return True
+        quiet = (np.abs(buf) < self._QUIET).astype(np.int32)
+        run_lengths = np.convolve(quiet, np.ones(self._GAP, dtype=np.int32), "valid")
+        runs = np.flatnonzero(run_lengths >= self._GAP)
+        if not len(runs):
+            self._buf = buf[-(self._GAP - 1) :]
+            return False
+        self._buf = buf[int(runs[0]) + self._GAP :]
+        self._state = _State.IDLE
+        return True
+
+    def _classify(self, window: npt.NDArray[np.float64]) -> tuple[int, float]:
+        magnitudes = np.abs(self._basis @ window) ** 2
+        symbol = int(np.argmax(magnitudes))
+        energy = float(np.dot(window, window))
+        # Parseval: a pure on-bin tone puts all the window's energy in one bin, |X|² = N/2·Σx².
+        purity = float(magnitudes[symbol]) / (self._n / 2 * energy) if energy else 0.0
+        return symbol, purity
+
+    def _nibble(self, value: int) -> None:
+        if self._high is None:
+            self._high = value
+            return
+        byte, self._high = (self._high << 4) | value, None
+        self._current += self._utf8.decode(bytes([byte]))
+
+    def _finish(self) -> None:
+        self._current += self._utf8.decode(b"", final=True)
+        if self._current:
+            self._done.append(self._current)
+        self._current, self._high = "", None
+        self._utf8.reset()
+        self._state = _State.IDLE
+
+
+def decode_speech(mulaw: bytes) -> str:
+    """Decode a whole buffer of simulated speech (tests, fakes, load-test callers)."""
+    decoder = SpeechDecoder()
+    decoder.push(mulaw)
+    return decoder.take()[0]
+
+
+def _heard(text: str, confidence: float) -> tuple[str, float]:
+    if text.startswith(LOW_CONFIDENCE_MARKER):
+        return text[len(LOW_CONFIDENCE_MARKER) :].lstrip(), min(confidence, LOW_CONFIDENCE)
+    if LOW_CONFIDENCE_MARKER.startswith(text):  # the marker is still arriving
+        return "", min(confidence, LOW_CONFIDENCE)
+    return text, confidence
+
+
+class SimulatedSTT:
+    """A deterministic stand-in for a streaming recognizer, over 8 kHz audio.
+
+    ``latency_ms`` delays FINAL and UTTERANCE_END after the endpoint (a real recognizer's
+    processing time); SPEECH_STARTED and INTERIM are not delayed.
+    """
+
+    name = "simulated-stt"
+
+    def __init__(
+        self,
+        *,
+        latency_ms: float = 0.0,
+        vad: VadConfig | None = None,
+        interim_interval_ms: int = 200,
+    ) -> None:
+        if latency_ms < 0 or interim_interval_ms <= 0:
+            raise ValueError("latency_ms must be >= 0 and interim_interval_ms > 0")
+        self.latency_ms = latency_ms
+        self.vad_config = vad or VadConfig()
+        self.interim_interval_ms = interim_interval_ms
+
+    async def open(self, encoding: Encoding, sample_rate: int) -> SimulatedSTTStream:
+        if sample_rate != SAMPLE_RATE:
+            raise ProviderError(self.name, f"only {SAMPLE_RATE} Hz audio, got {sample_rate}")
+        return SimulatedSTTStream(self, encoding)
+
+
+class SimulatedSTTStream:
+    """One recognition session of :class:`SimulatedSTT`. Implements ``STTStream``."""
+
+    def __init__(self, stt: SimulatedSTT, encoding: Encoding) -> None:
+        self._stt = stt
+        self._encoding = encoding
+        self._vad = EnergyVAD(stt.vad_config, sample_rate=SAMPLE_RATE)
+        self._decoder = SpeechDecoder()
+        self._frame = SAMPLE_RATE * stt.vad_config.frame_ms // 1000
+        self._pending = np.zeros(0, dtype=np.int16)  # part of a frame
+        self._odd = b""  # an odd PCM16 byte
+        # Events with the monotonic time before which they must not be delivered.
+        self._queue: asyncio.Queue[tuple[float, STTEvent | None]] = asyncio.Queue()
+        self._last_voice_at: float | None = None
+        self._last_interim = ("", -1e9)  # (text, audio ms)
+        self._closed = False
+
+    async def send_audio(self, chunk: AudioChunk) -> None:
+        if self._closed:
+            raise ProviderError(self._stt.name, "stream is closed")
+        if chunk.sample_rate != SAMPLE_RATE:
+            raise ProviderError(self._stt.name, f"unexpected sample rate {chunk.sample_rate}")
+        if chunk.encoding is Encoding.MULAW:
+            samples = mulaw_decode_array(chunk.data)
+        else:
+            data = self._odd + chunk.data
+            cut = len(data) - len(data) % 2
+            self._odd, samples = data[cut:], pcm16_to_array(data[:cut])
+        # Decoder and VAD advance frame by frame together, so a burst holding several
+        # utterances is split at the right places.
+        buf = np.concatenate([self._pending, samples])
+        whole = len(buf) - len(buf) % self._frame
+        self._pending = buf[whole:]
+        for start in range(0, whole, self._frame):
+            self._process_frame(buf[start : start + self._frame])
+
+    def _process_frame(self, frame: npt.NDArray[np.int16]) -> None:
+        self._decoder.push_samples(frame)
+        for event in self._vad.push_samples(frame):
+            if event.kind is VadEventKind.SPEECH_START:
+                self._emit(STTEvent(Kind.SPEECH_STARTED))
+            else:
+                self._end_utterance()
+        if self._vad.last_voiced_end_ms == self._vad.position_ms:
+            self._last_voice_at = time.monotonic()
+        if self._vad.in_speech:
+            self._maybe_interim()
+
+    def _maybe_interim(self) -> None:
+        text, confidence = _heard(self._decoder.text, self._decoder.confidence)
+        last_text, last_ms = self._last_interim
+        now_ms = self._vad.position_ms
+        if text and text != last_text and now_ms - last_ms >= self._stt.interim_interval_ms:
+            self._last_interim = (text, now_ms)
+            self._emit(STTEvent(Kind.INTERIM, text, confidence))
+
+    def _end_utterance(self) -> None:
+        text, confidence = _heard(*self._decoder.take())
+        speech_end_at = self._last_voice_at or time.monotonic()
+        not_before = time.monotonic() + self._stt.latency_ms / 1000
+        if text:
+            self._emit(STTEvent(Kind.FINAL, text, confidence), not_before)
+        # An utterance that decodes to nothing was noise: reported with confidence 0 so
+        # the node can tell it from words.
+        end = STTEvent(Kind.UTTERANCE_END, text, confidence if text else 0.0, speech_end_at)
+        self._emit(end, not_before)
+        self._last_interim = ("", -1e9)
+
+    def _emit(self, event: STTEvent, not_before: float = 0.0) -> None:
+        self._queue.put_nowait((not_before, event))
+
+    async def finalize(self) -> None:
+        """End the utterance in progress now (caller hung up, DTMF...)."""
+        if self._closed:
+            return
+        if self._vad.in_speech or self._decoder.text or self._decoder.receiving:
+            self._vad.flush()
+            self._end_utterance()
+
+    async def events(self) -> AsyncGenerator[STTEvent, None]:
+        while True:
+            not_before, event = await self._queue.get()
+            if event is None:
+                return
+            delay = not_before - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield event
+
+    async def aclose(self) -> None:
+        """Stop the stream; ``events()`` ends after the events already queued."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait((0.0, None))
+
+    def __repr__(self) -> str:
+        return f"<SimulatedSTTStream [{self._vad!r}, closed={self._closed}]>"

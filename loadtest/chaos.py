@@ -1,0 +1,237 @@
+"""``python -m loadtest chaos``: kill (or drain) a node in the middle of live calls.
+
+Starts a local cluster, holds ``--calls`` concurrent multi-turn calls, and when 40% of all
+turns are done sends SIGKILL (``--kill``) or SIGTERM (``--drain``) to the node holding the
+most calls. Every caller keeps talking; the report scores what the callers experienced:
+
+- ``affected_calls``: calls whose owner was the victim at that moment and had not ended;
+- ``failover_gap_ms``: per affected call, from the later of the kill and the caller's next
+  utterance to the first reply frame produced by the new owner (so a caller who was silent
+  when the node died is not charged for their own silence);
+- ``lost_turns``: utterances never answered; ``duplicate_replies``: reply frames received
+  twice; ``duplicate_effects``: bookings applied twice at JetStream (per call);
+- ``context_lost``: affected calls whose first reply after failover lacks the caller's name,
+  which they gave before the failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from tqdm import tqdm
+
+from callmesh.client import CallClient, CallError, Reply
+from callmesh.localcluster import LocalCluster, Proc
+from events import subjects
+from loadtest.callers import NAMES, script
+from loadtest.stats import percentiles, write_report
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("chaos", help="kill or drain a node mid-conversation; failover report")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--turns", type=int, default=8)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--kill", type=int, default=0, help="SIGKILL this many nodes")
+    group.add_argument("--drain", type=int, default=0, help="SIGTERM (drain) this many nodes")
+    p.add_argument("--think", type=float, default=1.0, help="mean pause between turns, s")
+    p.add_argument("--latency-scale", type=float, default=1.0)
+    p.add_argument("--tts-chunk-ms", type=int, default=500)
+    p.add_argument("--json", dest="json_path")
+    p.set_defaults(func=main)
+
+
+@dataclass
+class ChaosCall:
+    call_id: str
+    name: str
+    ready_node: str = ""
+    replies: list[Reply] = field(default_factory=list)
+    sent: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+    ended_at: float | None = None
+
+
+class Chaos:
+    def __init__(self, args: argparse.Namespace, cluster: LocalCluster) -> None:
+        self.args = args
+        self.cluster = cluster
+        self.total_turns = args.calls * args.turns
+        self.done_turns = 0
+        self.trigger = asyncio.Event()
+        self.kill_at: float | None = None
+        self.victims: list[Proc] = []
+        self.bar = tqdm(total=self.total_turns, desc="turns", unit="turn", leave=False)
+
+    async def caller(self, call_id: str, seed: int) -> ChaosCall:
+        rng = random.Random(seed)
+        call = ChaosCall(call_id, rng.choice(NAMES))
+        try:
+            async with CallClient(self.cluster.router_url, call_id, timeout_s=60) as client:
+                call.ready_node = (await client.start("demo", f"caller-{call_id}"))["node"]
+                await asyncio.sleep(rng.uniform(0, self.args.think))
+                for line in script(self.args.turns):
+                    call.sent += 1
+                    call.replies.append(await client.say(line.format(name=call.name)))
+                    self.done_turns += 1
+                    self.bar.update(1)
+                    if self.done_turns >= 0.4 * self.total_turns:
+                        self.trigger.set()
+                    await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
+                await client.hangup()
+                call.ended_at = time.monotonic()
+                call.duplicates = client.duplicates
+        except (CallError, OSError, TimeoutError) as exc:
+            call.errors.append(f"{type(exc).__name__}: {exc}")
+        return call
+
+    async def strike(self) -> None:
+        await self.trigger.wait()
+        status = self.cluster.status() or {}
+        nodes = status.get("nodes")
+        by_calls = sorted(
+            (n for n in nodes if isinstance(n, dict)) if isinstance(nodes, list) else [],
+            key=lambda n: -int(n.get("calls", 0)),
+        )
+        count = self.args.kill or self.args.drain
+        names = [str(n["node"]) for n in by_calls[:count]]
+        self.victims = [p for p in self.cluster.nodes if p.name in names]
+        sig = signal.SIGKILL if self.args.kill else signal.SIGTERM
+        self.kill_at = time.monotonic()
+        for victim in self.victims:
+            victim.signal(sig)
+
+    async def run(self) -> list[ChaosCall]:
+        prefix = uuid.uuid4().hex[:6]
+        striker = asyncio.create_task(self.strike(), name="chaos-strike")
+        try:
+            calls = await asyncio.gather(
+                *(self.caller(f"chaos-{prefix}-{i}", i) for i in range(self.args.calls))
+            )
+        finally:
+            self.bar.close()
+            if not striker.done():
+                striker.cancel()
+            await asyncio.gather(striker, return_exceptions=True)
+        return list(calls)
+
+
+def _owner_at(call: ChaosCall, t: float) -> str:
+    owner = call.ready_node
+    for r in call.replies:
+        if r.done_at <= t:
+            owner = str(r.metrics.get("node", owner))
+    return owner
+
+
+def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> dict[str, Any]:
+    gaps: list[float] = []
+    affected = context_lost = 0
+    for call in calls:
+        if kill_at is None or _owner_at(call, kill_at) not in victims:
+            continue
+        if call.ended_at is not None and call.ended_at <= kill_at:
+            continue
+        if not any(r.done_at > kill_at for r in call.replies) and not call.errors:
+            continue  # its last turn finished before the kill and it only hung up after
+        affected += 1
+        after = [
+            r for r in call.replies if r.done_at > kill_at and r.metrics.get("node") not in victims
+        ]
+        if not after:
+            continue
+        first = after[0]
+        frames = [t for t in first.frame_times if t > kill_at] or [first.done_at]
+        gaps.append((frames[0] - max(kill_at, first.sent_at)) * 1000)
+        knew_name = any(r.done_at <= kill_at for r in call.replies)
+        if knew_name and call.name not in first.text:
+            context_lost += 1
+    return {
+        "affected_calls": affected,
+        "failover_gap_ms": percentiles(gaps, (50, 99)),
+        "lost_turns": sum(c.sent - len(c.replies) for c in calls),
+        "duplicate_replies": sum(c.duplicates for c in calls),
+        "context_lost": context_lost,
+    }
+
+
+async def count_effects(nats_url: str) -> tuple[int, int]:
+    """(bookings stored, bookings beyond one per call) in the effects stream."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.EFFECTS_STREAM)
+        per_call: Counter[str] = Counter()
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(subjects.EFFECTS_STREAM, seq)
+            if msg.data:
+                per_call[json.loads(msg.data)["call_id"]] += 1
+        stored = sum(per_call.values())
+        return stored, sum(max(0, n - 1) for n in per_call.values())
+    finally:
+        await nc.drain()
+
+
+def main(args: argparse.Namespace) -> int:
+    if not (args.kill or args.drain):
+        args.kill = 1
+    env = {
+        "CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale),
+        "CALLMESH_TTS_CHUNK_MS": str(args.tts_chunk_ms),
+        "CALLMESH_LOG_LEVEL": "WARNING",
+    }
+    with LocalCluster(nodes=args.nodes, env=env) as cluster:
+
+        async def go() -> dict[str, Any]:
+            chaos = Chaos(args, cluster)
+            t0 = time.monotonic()
+            calls = await chaos.run()
+            elapsed = time.monotonic() - t0
+            victims = {v.name for v in chaos.victims}
+            rep: dict[str, Any] = {
+                "scenario": "chaos",
+                "mode": "kill" if args.kill else "drain",
+                "calls": len(calls),
+                "nodes": args.nodes,
+                "victims": sorted(victims),
+                "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
+                "turns": sum(len(c.replies) for c in calls),
+            }
+            rep.update(score(calls, victims, chaos.kill_at))
+            stored, duplicated = await count_effects(cluster.nats_url)
+            rep["effects_stored"] = stored
+            rep["duplicate_effects"] = duplicated
+            rep["errors"] = sum(len(c.errors) for c in calls)
+            rep["error_samples"] = [e for c in calls for e in c.errors][:5]
+            rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])
+            if args.drain:
+                codes = []
+                for v in chaos.victims:
+                    codes.append(v.popen.wait(30) if v.popen else None)
+                rep["drained_exit_codes"] = codes
+            rep["elapsed_s"] = round(elapsed, 2)
+            rep["failover_gap_definition"] = (
+                "per affected call: from max(kill, caller's next utterance) to the first reply "
+                "frame from the new owner"
+            )
+            return rep
+
+        report = asyncio.run(go())
+    write_report(report, args.json_path)
+    ok = all(
+        report[k] == 0
+        for k in ("lost_turns", "duplicate_replies", "duplicate_effects", "context_lost")
+    )
+    return 0 if ok else 1
