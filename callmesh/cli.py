@@ -242,13 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    try:
-        from events import cli as events_cli
-    except ImportError:
-        events_cli = None  # type: ignore[assignment]
-    if events_cli is not None:
-        events_cli.add_effects_worker_parser(sub)
-        events_cli.add_replay_parser(sub)
+    from events import cli as events_cli
+
+    events_cli.add_effects_worker_parser(sub)
+    events_cli.add_replay_parser(sub)
     return parser
 
 

@@ -1,0 +1,275 @@
+"""The ``callmesh effects-worker`` and ``callmesh replay`` subcommands.
+
+``callmesh/cli.py`` registers them with :func:`add_effects_worker_parser` and
+:func:`add_replay_parser`; each sets ``func`` to a coroutine function taking the parsed
+arguments and returning the exit status. Flags override environment variables
+(``NATS_URL``, ``REDIS_URL``, ``CALLMESH_WEBHOOK_URL``...), which override defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from aiohttp import web
+
+from events import subjects
+from events.errors import EventsError
+from events.replay import build_report, format_text, list_calls, read_records
+from events.sinks import LogSink, Sink, WebhookSink
+from events.worker import DEFAULT_DURABLE, EffectsWorker, WorkerConfig, WorkerState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+EVENTS_MAX_AGE_ENV = "CALLMESH_EVENTS_MAX_AGE_S"
+
+# Exit statuses of ``callmesh replay``.
+EXIT_OK, EXIT_DIVERGED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def add_effects_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``effects-worker`` on an argparse subparsers object."""
+    d = WorkerConfig()
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "effects-worker",
+        help="deliver side effects (CRM writes) from JetStream to a webhook",
+        description="Run one effects worker. Run several with the same --durable to share "
+        "the work. Without a webhook URL effects are only logged. SIGTERM drains.",
+    )
+    p.add_argument("--nats", help=f"NATS URL (default: $NATS_URL or {DEFAULT_NATS})")
+    p.add_argument(
+        "--webhook-url",
+        default=os.environ.get("CALLMESH_WEBHOOK_URL"),
+        help="CRM endpoint; may contain {tenant} and {kind} "
+        "(default: $CALLMESH_WEBHOOK_URL; none = log effects only)",
+    )
+    p.add_argument(
+        "--webhook-header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra header for every request, e.g. 'Authorization: Bearer ...'",
+    )
+    p.add_argument("--webhook-timeout-s", type=float, default=10.0)
+    p.add_argument("--durable", default=os.environ.get("CALLMESH_EFFECTS_DURABLE", DEFAULT_DURABLE))
+    p.add_argument("--tenant", help="deliver only this tenant's effects (effects.TENANT.>)")
+    p.add_argument("--name", default=f"effects-worker-{os.getpid()}")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--max-deliveries", type=int, default=d.max_deliveries)
+    p.add_argument("--ack-wait-s", type=float, default=d.ack_wait_s)
+    p.add_argument("--backoff-base-s", type=float, default=d.backoff_base_s)
+    p.add_argument("--backoff-max-s", type=float, default=d.backoff_max_s)
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=d.deadline_s,
+        help="dead-letter an effect this long after it was first published",
+    )
+    p.add_argument("--max-ack-pending", type=int, default=d.max_ack_pending)
+    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    p.add_argument(
+        "--events-max-age-s",
+        type=float,
+        # A string default goes through type=, so a bad value is an argparse error of this
+        # subcommand only, not a crash while building every subcommand's parser.
+        default=os.environ.get(EVENTS_MAX_AGE_ENV, str(7 * 24 * 3600)),
+        help=f"event log retention if this creates the streams (${EVENTS_MAX_AGE_ENV})",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="bind address of /metrics and /healthz")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("CALLMESH_WORKER_PORT", "0"),
+        help="port of /metrics and /healthz (0 = any free port)",
+    )
+    p.set_defaults(func=run_effects_worker)
+    return p
+
+
+def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``replay`` on an argparse subparsers object."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "replay",
+        help="rebuild and show what a call saw, turn by turn",
+        description="Rebuild a call from its event log, print its timeline and verify the "
+        "rebuilt state against the last checkpoint. Exit status: 0 ok, 1 diverged, "
+        "2 no such call for this tenant, 3 NATS unavailable.",
+    )
+    p.add_argument("call_id", nargs="?", metavar="CALL_ID")
+    p.add_argument("--tenant", required=True, help="the tenant the call belongs to")
+    p.add_argument("--at", type=int, metavar="TURN", help="show the state as of this turn")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
+    p.add_argument("--list", action="store_true", help="list the tenant's calls with logs")
+    p.add_argument("--redis", help=f"Redis URL (default: $REDIS_URL or {DEFAULT_REDIS})")
+    p.add_argument("--nats", help=f"NATS URL (default: $NATS_URL or {DEFAULT_NATS})")
+    p.set_defaults(func=run_replay)
+    return p
+
+
+def _nats_url(args: argparse.Namespace) -> str:
+    return str(args.nats or os.environ.get("NATS_URL") or DEFAULT_NATS)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The WorkerConfig the flags describe (raises ValueError when one is out of range)."""
+    return WorkerConfig(
+        durable=args.durable,
+        filter_subject=f"effects.{args.tenant}.>" if args.tenant else subjects.EFFECTS_SUBJECTS,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        max_deliveries=args.max_deliveries,
+        ack_wait_s=args.ack_wait_s,
+        backoff_base_s=args.backoff_base_s,
+        backoff_max_s=args.backoff_max_s,
+        deadline_s=args.deadline_s,
+        max_ack_pending=args.max_ack_pending,
+        drain_timeout_s=args.drain_timeout_s,
+    )
+
+
+def make_sink(args: argparse.Namespace) -> Sink:
+    if not args.webhook_url:
+        log.warning("no webhook URL configured: effects are logged, not delivered")
+        return LogSink()
+    headers = {}
+    for item in args.webhook_header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"--webhook-header must be 'NAME: VALUE', got {item!r}")
+        headers[name.strip()] = value.strip()
+    return WebhookSink(args.webhook_url, timeout_s=args.webhook_timeout_s, headers=headers)
+
+
+def metrics_text(worker: EffectsWorker) -> str:
+    """Prometheus text exposition of the worker's counters."""
+    lines = []
+    for name, value in worker.snapshot().items():
+        kind, metric = ("gauge", name) if name == "in_flight" else ("counter", f"{name}_total")
+        lines += [f"# TYPE callmesh_effects_{metric} {kind}", f"callmesh_effects_{metric} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_app(worker: EffectsWorker, is_connected: Callable[[], bool]) -> web.Application:
+    """``/metrics`` and ``/healthz`` (200 while running and connected to NATS, else 503)."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=metrics_text(worker), content_type="text/plain")
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = worker.state is WorkerState.RUNNING and is_connected()
+        body = {"state": worker.state.value, "nats": is_connected(), **worker.snapshot()}
+        return web.json_response(body, status=200 if ok else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def run_effects_worker(args: argparse.Namespace) -> int:
+    """Run one worker until SIGTERM/SIGINT, then drain (bounded by --drain-timeout-s)."""
+    from callmesh.runner import serve
+    from events.streams import ensure_streams
+
+    try:
+        config, sink = worker_config(args), make_sink(args)
+    except ValueError as exc:
+        print(f"callmesh effects-worker: {exc}", file=sys.stderr)
+        return 2
+    nc = await nats.connect(_nats_url(args), name=args.name, max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, args.events_max_age_s)
+        worker = EffectsWorker(js, sink, config, name=args.name)
+        await worker.start()
+        log.info(
+            "effects worker %s consuming %s as %s into %r",
+            args.name,
+            config.filter_subject,
+            config.durable,
+            sink,
+        )
+        try:
+            await serve(
+                metrics_app(worker, lambda: nc.is_connected),
+                args.host,
+                args.port,
+                on_signal=worker.aclose,
+                ready=lambda port: log.info("metrics on :%d/metrics", port),
+            )
+        finally:
+            await worker.aclose()
+    finally:
+        await sink.aclose()
+        await nc.drain()
+    return 0
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    """Print a call's timeline (text or JSON), optionally write HTML; see the exit codes."""
+    from callmesh.protocol import valid_id
+    from events.replay_html import render_html
+    from state_store.client import connect
+    from state_store.errors import StateStoreError
+    from state_store.store import StateStore
+
+    if not valid_id(args.tenant) or (args.call_id and not valid_id(args.call_id)):
+        print("callmesh replay: tenant and CALL_ID must match [A-Za-z0-9_-]{1,64}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    try:
+        nc = await nats.connect(_nats_url(args), max_reconnect_attempts=2, connect_timeout=3)
+    except Exception as exc:
+        print(f"callmesh replay: NATS unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        js = nc.jetstream()
+        if args.list or not args.call_id:
+            calls = await list_calls(js, args.tenant)
+            print(
+                json.dumps(calls, indent=2)
+                if args.json
+                else "\n".join(f"{c}\t{n} records" for c, n in calls.items()) or "no calls"
+            )
+            return EXIT_OK
+        records = await read_records(js, args.tenant, args.call_id)
+    except EventsError as exc:
+        print(f"callmesh replay: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        await nc.close()
+    redis = connect(args.redis or os.environ.get("REDIS_URL") or DEFAULT_REDIS, timeout_s=3.0)
+    ckpt_error = ""
+    try:
+        ckpt = await StateStore(redis).load(args.tenant, args.call_id)
+    except StateStoreError as exc:
+        ckpt, ckpt_error = None, f"checkpoint could not be read: {exc}"
+    finally:
+        await redis.aclose()
+    report = build_report(args.tenant, args.call_id, records, ckpt, at=args.at)
+    if ckpt_error:
+        report.warnings.insert(0, ckpt_error)
+    if not report.found:
+        print(f"callmesh replay: no call {args.call_id} for tenant {args.tenant}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(
+        json.dumps(report.to_dict(), indent=2, ensure_ascii=False, default=str)
+        if args.json
+        else format_text(report)
+    )
+    if args.html:
+        page = render_html(report)
+        await asyncio.to_thread(Path(args.html).write_text, page, encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    return EXIT_DIVERGED if report.verified is False else EXIT_OK
