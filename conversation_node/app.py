@@ -34,12 +34,13 @@ from callmesh.protocol import (
     valid_id,
 )
 from conversation_node.heartbeat import Heartbeat
-from conversation_node.node_services import NodeServices
+from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.session import CallDropped, CallSession, CallState
 from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
+from memory.history import RedisHistoryStore
 from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore, NodeState
@@ -89,11 +90,17 @@ class ConversationNode:
         pipeline = TurnPipeline(
             SimulatedLLM(latency), SimulatedTTS(latency, cfg.tts_chunk_ms), None, Budgets()
         )
+        # The knowledge base is indexed once, here; its caches are shared by the calls.
+        memory = MemoryServices.build(
+            RedisHistoryStore(self._redis, max_calls=HISTORY_MAX_CALLS),
+            working_turns=cfg.working_memory_turns,
+        )
         self._services = NodeServices(
             config=cfg,
             store=StateStore(self._redis, ttl_s=cfg.checkpoint_ttl_s),
             publisher=OutboxPublisher(js),
             pipeline=pipeline,
+            memory=memory,
         )
         self._heartbeat = Heartbeat(
             MembershipStore(self._redis), cfg, lambda: len(self.sessions), self.services.metrics
@@ -136,6 +143,8 @@ class ConversationNode:
             await self._heartbeat.aclose()
         for s in list(self.sessions.values()):
             await s.aclose()
+        if self._services is not None:
+            await self._services.memory.aclose()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._nc.drain())

@@ -1,14 +1,75 @@
-"""What every call on a node shares: config, stores, publisher, pipeline, metrics."""
+"""What every call on a node shares: config, stores, publisher, pipeline, memory, metrics."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from callmesh.config import NodeConfig
 from callmesh.telemetry import Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
+from conversation_node.prompt import INSTRUCTIONS
 from events.outbox import OutboxPublisher
+from memory.history import HistoryStore
+from memory.knowledge import DEMO_KB_DIR, KnowledgeBase
+from memory.prompt import PromptBuilder
+from memory.retrieval import RetrievalOrchestrator, SourcePolicy
+from memory.session import MemoryConfig
+from memory.sources import CustomerHistorySource, KnowledgeBaseSource, SimulatedBookingSlots
 from state_store.store import StateStore
+
+# Earlier calls per caller kept in the customer history.
+HISTORY_MAX_CALLS = 5
+
+
+@dataclass
+class MemoryServices:
+    """The node's long-term memory, shared by its calls: the knowledge base (indexed once,
+    at start), the customer history store, the retrieval orchestrator (its caches warmed
+    by one call serve the next) and the prompt builder. Per-call memory lives in
+    :class:`memory.session.SessionMemory`."""
+
+    config: MemoryConfig
+    knowledge: KnowledgeBase
+    history: HistoryStore
+    retrieval: RetrievalOrchestrator
+    prompts: PromptBuilder
+
+    @classmethod
+    def build(
+        cls, history: HistoryStore, *, working_turns: int, kb_dir: Path = DEMO_KB_DIR
+    ) -> MemoryServices:
+        """Index the knowledge base and wire the sources (the demo's: knowledge base,
+        customer history, a simulated booking system), each with its timeout and cache."""
+        kb = KnowledgeBase.from_directory(kb_dir)
+        retrieval = RetrievalOrchestrator(
+            [
+                (KnowledgeBaseSource(default=kb), SourcePolicy(timeout_ms=30)),
+                (
+                    CustomerHistorySource(history),
+                    SourcePolicy(timeout_ms=30, fresh_ms=5_000, stale_ms=60_000),
+                ),
+                (
+                    SimulatedBookingSlots(),
+                    SourcePolicy(timeout_ms=40, fresh_ms=2_000, stale_ms=10_000),
+                ),
+            ]
+        )
+        return cls(
+            MemoryConfig(working_turns=working_turns),
+            kb,
+            history,
+            retrieval,
+            PromptBuilder(INSTRUCTIONS),
+        )
+
+    async def aclose(self) -> None:
+        """Stop background retrieval fetches. Idempotent."""
+        await asyncio.shield(self.retrieval.aclose())
+
+    def __repr__(self) -> str:
+        return f"<MemoryServices {self.knowledge!r} {self.retrieval!r} {self.history!r}>"
 
 
 @dataclass
@@ -17,6 +78,7 @@ class NodeServices:
     store: StateStore
     publisher: OutboxPublisher | None
     pipeline: TurnPipeline
+    memory: MemoryServices
     metrics: Metrics = field(default_factory=lambda: Metrics("callmesh_node"))
 
     @property
@@ -27,5 +89,6 @@ class NodeServices:
         self.metrics.inc("turns")
         self.metrics.inc("turn_latency_ms_sum", m.latency_ms)
         self.metrics.inc("turn_overhead_ms_sum", m.overhead_ms)
+        self.metrics.inc("turn_retrieval_ms_sum", m.retrieval_ms)
         for f in m.fallbacks:
             self.metrics.inc(f"fallback_{f}")

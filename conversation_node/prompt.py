@@ -1,22 +1,30 @@
-"""Building the model request from the call's compressed state (facts + working memory).
+"""The node's side of the prompt: the model request around a :class:`memory.prompt.Prompt`,
+the tools the model may call, and the turn-0 greeting.
 
-The prompt's shape is the same at turn 3 and turn 3,000: instructions, the session facts,
-the working-memory window and retrieved snippets — never the whole transcript.
+The prompt itself (sections, token budget, one shape at turn 3 and turn 3,000) is built by
+:class:`memory.prompt.PromptBuilder`; this module only wraps it for the providers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from conversation_node.providers.base import LLMRequest
-from memory.working import WorkingMemory
+from memory.history import CallRecord
+from memory.prompt import DEFAULT_INSTRUCTIONS, Prompt
+
+CLINIC = "Brightsmile Dental"
 
 INSTRUCTIONS = (
-    "You are the phone receptionist of Bright Smile Dental. Be brief: one or two short "
-    "sentences. Collect name, service, date and time, confirm them, and only call "
-    "create_booking after the caller explicitly says yes. Never invent prices or policies: "
-    "use the provided snippets or say you will check."
+    f"{DEFAULT_INSTRUCTIONS} Call create_booking only after the caller said yes to the "
+    "details you read back."
 )
+
+# A session fact the node sets when the model's create_booking call became an effect:
+# what was booked, so the model (and the caller's next call) knows it is done.
+BOOKED_FACT = "booked"
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -38,30 +46,63 @@ TOOLS: list[dict[str, Any]] = [
     }
 ]
 
+STANDARD_GREETING = f"Thank you for calling {CLINIC}. How can I help you today?"
 
-def build_request(
-    facts: dict[str, str],
-    working: WorkingMemory,
-    user_text: str,
-    *,
-    seed: str,
-    snippets: list[str],
-) -> LLMRequest:
-    system = INSTRUCTIONS
-    if facts:
-        system += "\nKnown facts: " + "; ".join(f"{k}={v}" for k, v in sorted(facts.items()))
-    if snippets:
-        system += "\nReference:\n" + "\n".join(f"- {s}" for s in snippets)
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
-    for ex in working:
-        messages.append({"role": "user", "content": ex.user})
-        messages.append({"role": "assistant", "content": ex.agent})
-    messages.append({"role": "user", "content": user_text})
+
+def build_request(prompt: Prompt, user_text: str, *, seed: str) -> LLMRequest:
+    """The model request of a turn: the prompt's chat messages, plus the structured state
+    (facts, visible snippets) that the simulated model reasons on."""
     return LLMRequest(
-        messages=messages,
+        messages=[dict(m) for m in prompt.messages],
         tools=TOOLS,
         user_text=user_text,
-        facts=dict(facts),
-        snippets=list(snippets),
+        facts=dict(prompt.facts),
+        snippets=list(prompt.snippets),
         seed=seed,
+    )
+
+
+def describe_booking(details: Mapping[str, Any]) -> str | None:
+    """``"cleaning for Tuesday at 3:00 pm"``: the value of the ``booked`` fact, from a
+    create_booking call's arguments or from the session facts (None if incomplete)."""
+    service, date, time = (details.get(k) for k in ("service", "date", "time"))
+    if not (service and date and time):
+        return None
+    return f"{service} for {date} at {time}"
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    """What the agent says at turn 0, and the facts it carries over from earlier calls."""
+
+    text: str
+    facts: dict[str, str] = field(default_factory=dict)
+    # The earlier calls it is based on (newest first), for the event log.
+    from_calls: tuple[str, ...] = ()
+
+    @property
+    def returning(self) -> bool:
+        return bool(self.from_calls)
+
+
+def greeting_for(history: Sequence[CallRecord]) -> Greeting:
+    """The greeting of a new call given the caller's earlier calls (newest first): a
+    returning caller is welcomed back with what the last call established; only the name
+    is carried into the new session (dates and times of an old booking are not this
+    call's facts)."""
+    if not history:
+        return Greeting(STANDARD_GREETING)
+    last = history[0].facts
+    name = next((r.facts["name"] for r in history if r.facts.get("name")), None)
+    parts = [f"Welcome back, {name}!" if name else "Welcome back!"]
+    if booked := last.get(BOOKED_FACT):
+        parts.append(f"Last time we booked a {booked}.")
+    elif last.get("service"):
+        on = f" on {last['date']}" if last.get("date") else ""
+        parts.append(f"Last time we talked about a {last['service']}{on}.")
+    parts.append("How can I help today?")
+    return Greeting(
+        " ".join(parts),
+        {"name": name} if name else {},
+        tuple(r.call_id for r in history),
     )

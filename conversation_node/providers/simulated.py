@@ -13,9 +13,12 @@ import asyncio
 import hashlib
 import math
 import random
+import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 from callmesh.config import SimulatedLatency
+from conversation_node.prompt import BOOKED_FACT, describe_booking
 from conversation_node.providers.base import (
     AudioChunk,
     Encoding,
@@ -27,6 +30,11 @@ from conversation_node.providers.base import (
 from memory.extract import extract
 
 BOOKING_SLOTS = ("name", "service", "date", "time")
+KNOWLEDGE_SOURCE = "knowledge_base"
+
+_SNIPPET = re.compile(r"^\[(?P<source>[^\]]+)\]\s*(?P<text>.*)$", re.S)
+# What the caller heard last, from the prompt's "Recent conversation" section.
+_AGENT_LINE = re.compile(r"^Agent(?P<cut> \(cut off[^)]*\))?: (?P<text>.*)$", re.M)
 
 
 def _rng(seed: str) -> random.Random:
@@ -39,40 +47,99 @@ def _jittered(rng: random.Random, mean_ms: float, jitter: float) -> float:
     return max(0.0, rng.gauss(mean_ms, mean_ms * jitter)) / 1000.0
 
 
+def _read_back(facts: dict[str, Any]) -> str:
+    return f"So that's a {facts['service']} on {facts['date']} at {facts['time']}"
+
+
+def _heard_last(messages: list[dict[str, Any]]) -> str | None:
+    """The agent's last reply as the caller heard it in full; None if it was cut off."""
+    system = next((str(m.get("content", "")) for m in messages if m.get("role") == "system"), "")
+    recent = system.rpartition("## Recent conversation\n")[2]
+    lines = list(_AGENT_LINE.finditer(recent))
+    if not lines or lines[-1].group("cut"):
+        return None
+    return lines[-1].group("text")
+
+
+def _knowledge(snippets: list[str]) -> list[tuple[str, str]]:
+    """(title, text) of the knowledge-base snippets, best first."""
+    out = []
+    for snippet in snippets:
+        m = _SNIPPET.match(snippet.strip())
+        if m is None or m.group("source") != KNOWLEDGE_SOURCE:
+            continue
+        title, _, text = m.group("text").partition(": ")
+        out.append((title, text) if text else ("", title))
+    return out
+
+
+def _fields(text: str) -> dict[str, str]:
+    """``service: cleaning; price: $120`` (a YAML entry passage) as a mapping."""
+    pairs = (part.partition(": ") for part in text.split("; "))
+    return {k.strip().lower(): v.strip() for k, sep, v in pairs if sep}
+
+
+def _answer_from(snippets: list[str], intent: str, service: str | None) -> str | None:
+    """Say what the knowledge base says: the price of the service asked about when a
+    snippet has it, else the best snippet. Never a number that is not in a snippet."""
+    found = _knowledge(snippets)
+    if not found:
+        return None
+    if intent == "pricing":
+        for _, text in found:
+            f = _fields(text)
+            if f.get("service") == service and "price" in f:
+                took = f" and takes {f['duration']}" if f.get("duration") else ""
+                return f"A {service} is {f['price']}{took}."
+    title, text = found[0]
+    f = _fields(text)
+    if "service" in f and "price" in f:
+        return f"A {f['service']} is {f['price']}."
+    said = text if len(text) <= 220 else text[:219].rsplit(" ", 1)[0] + "…"
+    said = said.replace("; ", ", ").rstrip()
+    if not said.endswith((".", "!", "?", "…")):
+        said += "."
+    return f"{title}: {said}" if title else said
+
+
 def compose_reply(request: LLMRequest) -> tuple[str, list[ToolCall]]:
-    """The simulated model's decision: a reply and, when the caller confirms a complete
-    booking, a ``create_booking`` tool call."""
+    """The simulated model's decision: a reply and, when the caller says yes to the booking
+    details they were just read back, a ``create_booking`` tool call.
+
+    It reasons on the session facts (later values win; ``booked`` is what a create_booking
+    of this call booked), the caller's utterance, the retrieved snippets and what the
+    caller heard last (from the prompt's recent conversation)."""
     facts = request.facts
     said = extract(request.user_text)
     name = facts.get("name")
     who = f", {name}" if name else ""
-    if facts.get("booking") == "confirmed" and said.intent not in ("pricing", "hours"):
+    missing = [s for s in BOOKING_SLOTS if not facts.get(s)]
+    booked = facts.get(BOOKED_FACT)
+    if said.intent in ("pricing", "hours"):
+        service = said.slots.get("service") or facts.get("service")
+        answer = _answer_from(request.snippets, said.intent, service)
+        if answer is not None:
+            return f"{answer} Anything else{who}?", []
+        return f"I can't see that information right now{who}. Anything else?", []
+    if booked is not None and booked == describe_booking(facts):
         return (
             f"Your {facts.get('service')} on {facts.get('date')} at {facts.get('time')} is "
             f"booked{who}. Is there anything else I can help with?",
             [],
         )
-    if said.intent in ("pricing", "hours"):
-        if request.snippets:
-            return f"{request.snippets[0].strip()} Anything else{who}?", []
-        return f"I don't have that information at hand right now{who}. Anything else?", []
-    missing = [s for s in BOOKING_SLOTS if not facts.get(s)]
-    if not missing and said.confirmed:
-        args = {s: facts[s] for s in BOOKING_SLOTS}
-        call = ToolCall(id=f"call_{request.seed}", name="create_booking", arguments=args)
-        return (
-            f"Done{who}: your {args['service']} is booked for {args['date']} at {args['time']}. "
-            "You'll get a confirmation by text.",
-            [call],
-        )
     if not missing:
-        return (
-            f"So that's a {facts['service']} on {facts['date']} at {facts['time']} for "
-            f"{name}. Shall I book it?",
-            [],
-        )
+        heard = _heard_last(request.messages) or ""
+        if said.confirmed and heard.startswith(_read_back(facts)):
+            args = {s: facts[s] for s in BOOKING_SLOTS}
+            call = ToolCall(id=f"call_{request.seed}", name="create_booking", arguments=args)
+            return (
+                f"Done{who}: your {args['service']} is booked for {args['date']} at "
+                f"{args['time']}. You'll get a confirmation by text.",
+                [call],
+            )
+        return f"{_read_back(facts)} for {name}. Shall I book it?", []
     prompts = {
-        "name": "Thanks for calling Bright Smile Dental. May I have your name?",
+        "name": "Thanks for calling Brightsmile Dental. May I have your name?",
         "service": f"Nice to meet you{who}. What would you like to come in for?",
         "date": f"Sure{who}. What day works best for your {facts.get('service', 'visit')}?",
         "time": f"Got it{who}, {facts.get('date')}. What time would you like?",
