@@ -175,6 +175,10 @@ def cmd_call(args: argparse.Namespace) -> int:
                 f"call {call_id} on {ready['node']} (epoch {ready['epoch']}). "
                 "Type a line and press Enter; an empty line or Ctrl-D hangs up."
             )
+            try:
+                print(f"agent> {await asyncio.wait_for(client.wait_greeting(), 5)}")
+            except TimeoutError:
+                pass  # a node that does not greet: the caller speaks first
             loop = asyncio.get_running_loop()
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)

@@ -197,6 +197,10 @@ class CallState:
             )
             self._settle(msg_id)
         elif kind == EventType.MEMORY:
+            # Clears first: within a turn a slot is only cleared before it is set again
+            # (a withdrawn confirmation), so this order reproduces the node's facts exactly.
+            for slot in rec.get("facts_cleared") or []:
+                self.facts.clear(str(slot))
             for slot, value in (rec.get("facts_set") or {}).items():
                 self.facts.set(slot, value, turn)
             if rec.get("exchange"):

@@ -383,3 +383,22 @@ async def test_undecodable_records_are_kept_and_flagged(
     assert report.records[-1]["type"] == "undecodable"
     assert any("could not be decoded" in w for w in report.warnings)
     assert report.verified is True
+
+
+def test_withdrawn_fact_is_cleared_on_rebuild() -> None:
+    from events.eventlog import EventType, record
+    from events.replay import rebuild
+
+    records = [
+        record(EventType.MEMORY, 1, facts_set={"confirmed": "booking: cleaning"}, exchange=None),
+        record(
+            EventType.MEMORY,
+            2,
+            facts_set={"date": "Wednesday"},
+            facts_cleared=["confirmed"],
+            exchange=None,
+        ),
+    ]
+    state = rebuild("demo", "c1", records)
+    assert state.facts.get("confirmed") is None
+    assert state.facts.get("date") == "Wednesday"
