@@ -621,11 +621,16 @@ class CallSession:
             updated_ms=now_ms(),
         )
 
-    async def _persist(self) -> bool:
+    async def _persist(self, *, retrying: bool = False) -> bool:
+        """One CAS checkpoint write. A failure while Redis is away defers the write to the
+        retry loop (which calls back with ``retrying=True`` and stays quiet until it
+        succeeds); a fenced-out epoch drops the call."""
         async with self._save_lock:
             try:
                 await self._svc.store.save(self._snapshot())
             except StoreUnavailable as exc:
+                if retrying:
+                    return False
                 self._svc.metrics.inc("checkpoint_failures")
                 log.warning(
                     "checkpoint deferred: redis unavailable",
@@ -639,7 +644,14 @@ class CallSession:
                 self._fence(exc)
                 raise CallDropped(str(exc)) from exc
             self._dirty = False
-            self._svc.metrics.inc("checkpoints")
+            if retrying:
+                self._svc.metrics.inc("checkpoints_caught_up")
+                log.info(
+                    "checkpoint caught up",
+                    extra={"fields": {"call_id": self.call_id, "turn": self.turn}},
+                )
+            else:
+                self._svc.metrics.inc("checkpoints")
             return True
 
     def _fence(self, exc: FencedOut) -> None:
@@ -701,7 +713,7 @@ class CallSession:
                 # Under the turn lock: a checkpoint must never capture a half-applied turn.
                 async with self._turn_lock:
                     if self._dirty:
-                        if not await self._persist_quiet():
+                        if not await self._persist(retrying=True):
                             continue
                         await self._after_save()
                     elif self.outbox:
@@ -710,23 +722,6 @@ class CallSession:
                 return
             except (ConnectionError, RuntimeError):
                 return  # the link to the router is gone; the next owner republishes
-
-    async def _persist_quiet(self) -> bool:
-        async with self._save_lock:
-            try:
-                await self._svc.store.save(self._snapshot())
-            except StoreUnavailable:
-                return False
-            except FencedOut as exc:
-                self._fence(exc)
-                raise CallDropped(str(exc)) from exc
-            self._dirty = False
-            self._svc.metrics.inc("checkpoints_caught_up")
-            log.info(
-                "checkpoint caught up",
-                extra={"fields": {"call_id": self.call_id, "turn": self.turn}},
-            )
-            return True
 
 
 def _digest(messages: list[dict[str, Any]]) -> str:
