@@ -21,11 +21,12 @@ from typing import Any
 import nats
 from aiohttp import web
 
-from events import subjects
 from events.errors import EventsError
-from events.replay import build_report, format_text, list_calls, read_records
+from events.replay import build_report, list_calls, read_records
+from events.replay_text import format_text
 from events.sinks import LogSink, Sink, WebhookSink
-from events.worker import DEFAULT_DURABLE, EffectsWorker, WorkerConfig, WorkerState
+from events.worker import EffectsWorker, WorkerState
+from events.worker_config import add_worker_flags, worker_config
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ EXIT_OK, EXIT_DIVERGED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 def add_effects_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``effects-worker`` on an argparse subparsers object."""
-    d = WorkerConfig()
     p: argparse.ArgumentParser = subparsers.add_parser(
         "effects-worker",
         help="deliver side effects (CRM writes) from JetStream to a webhook",
@@ -61,23 +61,8 @@ def add_effects_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="extra header for every request, e.g. 'Authorization: Bearer ...'",
     )
     p.add_argument("--webhook-timeout-s", type=float, default=10.0)
-    p.add_argument("--durable", default=os.environ.get("CALLMESH_EFFECTS_DURABLE", DEFAULT_DURABLE))
-    p.add_argument("--tenant", help="deliver only this tenant's effects (effects.TENANT.>)")
     p.add_argument("--name", default=f"effects-worker-{os.getpid()}")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--max-deliveries", type=int, default=d.max_deliveries)
-    p.add_argument("--ack-wait-s", type=float, default=d.ack_wait_s)
-    p.add_argument("--backoff-base-s", type=float, default=d.backoff_base_s)
-    p.add_argument("--backoff-max-s", type=float, default=d.backoff_max_s)
-    p.add_argument(
-        "--deadline-s",
-        type=float,
-        default=d.deadline_s,
-        help="dead-letter an effect this long after it was first published",
-    )
-    p.add_argument("--max-ack-pending", type=int, default=d.max_ack_pending)
-    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    add_worker_flags(p)
     p.add_argument(
         "--events-max-age-s",
         type=float,
@@ -120,23 +105,6 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _nats_url(args: argparse.Namespace) -> str:
     return str(args.nats or os.environ.get("NATS_URL") or DEFAULT_NATS)
-
-
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    """The WorkerConfig the flags describe (raises ValueError when one is out of range)."""
-    return WorkerConfig(
-        durable=args.durable,
-        filter_subject=f"effects.{args.tenant}.>" if args.tenant else subjects.EFFECTS_SUBJECTS,
-        batch=args.batch,
-        concurrency=args.concurrency,
-        max_deliveries=args.max_deliveries,
-        ack_wait_s=args.ack_wait_s,
-        backoff_base_s=args.backoff_base_s,
-        backoff_max_s=args.backoff_max_s,
-        deadline_s=args.deadline_s,
-        max_ack_pending=args.max_ack_pending,
-        drain_timeout_s=args.drain_timeout_s,
-    )
 
 
 def make_sink(args: argparse.Namespace) -> Sink:

@@ -27,6 +27,7 @@ class EventType(StrEnum):
     EFFECT = "effect"  # an effect recorded in the outbox
     EFFECT_DELIVERY = "effect_delivery"  # written by the effects worker
     AGENT_REPLY = "agent_reply"  # what the caller heard; interrupted?
+    BARGE_IN = "barge_in"  # the caller interrupted a reply already committed: what they heard
     MEMORY = "memory"  # facts set this turn (with provenance) — replay rebuilds from these
     TURN_METRICS = "turn_metrics"
     CALL_ENDED = "call_ended"

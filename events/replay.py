@@ -5,16 +5,15 @@ in JetStream, not on the node, so replay works after the call ended and after it
 died. Records the node committed but had not published yet (still in the checkpoint's
 outbox) are added from the checkpoint, marked ``pending``.
 
-Working memory and facts are rebuilt with the memory package's own classes, from the
-MEMORY records alone, and compared with the last checkpoint: any divergence means the log
-does not explain the state the call continued from, which is itself an incident.
-Everything is scoped by tenant: a tenant's replay reads only that tenant's subject and key.
+This module reads the log and assembles the :class:`ReplayReport`; the state is rebuilt
+by :mod:`events.replay_state`, checked by :mod:`events.replay_verify` and shown by
+:mod:`events.replay_text` and :mod:`events.replay_html`. Everything is scoped by tenant:
+a tenant's replay reads only that tenant's subject and key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +27,9 @@ from callmesh.protocol import valid_id
 from events import subjects
 from events.errors import translate
 from events.eventlog import EventType, decode
-from memory.facts import SessionFacts
-from memory.working import Exchange, WorkingMemory
+from events.replay_state import CallState, rebuild
+from events.replay_verify import Divergence, compare
 from state_store.checkpoint import Checkpoint
-
-DEFAULT_WORKING_TURNS = 8
-# Fields of the checkpoint the log must explain exactly.
-VERIFIED_FIELDS = ("turn", "last_seq", "status", "working", "facts")
 
 
 async def read_records(
@@ -126,156 +121,6 @@ def pending_records(ckpt: Checkpoint, known_ids: set[str]) -> list[dict[str, Any
             rec = decode(entry.data)
             rec.update(_seq=0, _msg_id=entry.msg_id, _pending=True)
             out.append(rec)
-    return out
-
-
-@dataclass
-class EffectView:
-    msg_id: str
-    kind: str
-    turn: int
-    payload: dict[str, Any]
-    outcome: str = "pending"  # pending | delivered | dead_lettered
-    attempts: int = 0
-    status: int = 0
-    lag_ms: int | None = None
-
-
-@dataclass
-class CallState:
-    """A call's state as rebuilt from its log."""
-
-    tenant: str
-    call_id: str
-    caller: str = ""
-    node: str = ""
-    epoch: int = 0
-    turn: int = 0
-    last_seq: int = 0
-    status: str = "active"
-    ended_reason: str = ""
-    working_turns: int = DEFAULT_WORKING_TURNS
-    working: WorkingMemory = field(default_factory=lambda: WorkingMemory(DEFAULT_WORKING_TURNS))
-    facts: SessionFacts = field(default_factory=SessionFacts)
-    effects: dict[str, EffectView] = field(default_factory=dict)
-    ownership: list[dict[str, Any]] = field(default_factory=list)
-    _deliveries: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
-
-    def _settle(self, msg_id: str) -> None:
-        view, rec = self.effects.get(msg_id), self._deliveries.get(msg_id)
-        if view is not None and rec is not None:
-            view.outcome, view.attempts = rec.get("outcome", "?"), int(rec.get("attempts", 0))
-            view.status, view.lag_ms = int(rec.get("status", 0)), rec.get("lag_ms")
-
-    def apply(self, rec: dict[str, Any]) -> None:
-        """Fold one record into the state."""
-        kind, turn = rec.get("type"), int(rec.get("turn", 0))
-        if kind == EventType.EFFECT_DELIVERY:
-            # Written by the effects worker; it settles an effect, not a turn. It can land
-            # before the EFFECT record (the effect is published first), so keep it.
-            self._deliveries[rec.get("msg_id", "")] = rec
-            self._settle(rec.get("msg_id", ""))
-            return
-        self.turn = max(self.turn, turn)
-        if "seq" in rec:
-            # Any record that applied an inbound frame says so (user turns, hang-up).
-            self.last_seq = max(self.last_seq, int(rec["seq"]))
-        if kind == EventType.CALL_STARTED:
-            self.caller = rec.get("caller", self.caller)
-            size = int(rec.get("working_memory_turns") or DEFAULT_WORKING_TURNS)
-            if size != self.working_turns:
-                # The node's window size; a resumed call keeps what it has, re-windowed.
-                self.working = WorkingMemory.from_state(size, self.working.to_state()[-size:])
-                self.working_turns = size
-        elif kind == EventType.OWNERSHIP:
-            self.node, self.epoch = rec.get("node", ""), int(rec.get("epoch", 0))
-            self.ownership.append({k: rec.get(k) for k in ("turn", "node", "epoch", "reason")})
-        elif kind == EventType.EFFECT:
-            msg_id = rec.get("msg_id", "")
-            self.effects[msg_id] = EffectView(
-                msg_id, rec.get("kind", ""), turn, rec.get("payload") or {}
-            )
-            self._settle(msg_id)
-        elif kind == EventType.MEMORY:
-            # Clears first: within a turn a slot is only cleared before it is set again
-            # (a withdrawn confirmation), so this order reproduces the node's facts exactly.
-            for slot in rec.get("facts_cleared") or []:
-                self.facts.clear(str(slot))
-            for slot, value in (rec.get("facts_set") or {}).items():
-                self.facts.set(slot, value, turn)
-            if rec.get("exchange"):
-                t, user, agent, interrupted = rec["exchange"]
-                self.working.add(Exchange(int(t), str(user), str(agent), bool(interrupted)))
-        elif kind == EventType.CALL_ENDED:
-            self.status, self.ended_reason = "ended", rec.get("reason", "")
-
-    def verified_fields(self) -> dict[str, Any]:
-        return {
-            "turn": self.turn,
-            "last_seq": self.last_seq,
-            "status": self.status,
-            "working": self.working.to_state(),
-            "facts": self.facts.to_state(),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.verified_fields(),
-            "caller": self.caller,
-            "node": self.node,
-            "epoch": self.epoch,
-            "ended_reason": self.ended_reason,
-            "ownership": self.ownership,
-            "effects": [vars(e) for e in self.effects.values()],
-        }
-
-
-def rebuild(
-    tenant: str, call_id: str, records: list[dict[str, Any]], at: int | None = None
-) -> CallState:
-    """The state after every record (or every record of turns ``<= at``), in log order."""
-    state = CallState(tenant, call_id)
-    for rec in records:
-        if at is None or int(rec.get("turn", 0)) <= at:
-            state.apply(rec)
-    return state
-
-
-@dataclass(frozen=True)
-class Divergence:
-    field: str
-    rebuilt: Any
-    checkpoint: Any
-
-
-def _plain(value: Any) -> Any:
-    # msgpack gives lists where to_state() gives lists too, but None/tuples/ints vs floats
-    # must compare by value, not by Python type.
-    return json.loads(json.dumps(value, default=str))
-
-
-def compare(state: CallState, ckpt: Checkpoint) -> list[Divergence]:
-    """Every field of the checkpoint the rebuilt state does not reproduce; facts are
-    compared slot by slot so a wrong correction names its slot."""
-    rebuilt = _plain(state.verified_fields())
-    stored = _plain(
-        {
-            "turn": ckpt.turn,
-            "last_seq": ckpt.last_seq,
-            "status": ckpt.status,
-            "working": ckpt.working,
-            "facts": ckpt.facts,
-        }
-    )
-    out = []
-    for name in VERIFIED_FIELDS:
-        if name == "facts":
-            for slot in sorted(set(rebuilt["facts"]) | set(stored["facts"])):
-                mine, theirs = rebuilt["facts"].get(slot), stored["facts"].get(slot)
-                if mine != theirs:
-                    out.append(Divergence(f"facts.{slot}", mine, theirs))
-        elif rebuilt[name] != stored[name]:
-            out.append(Divergence(name, rebuilt[name], stored[name]))
     return out
 
 
@@ -383,106 +228,3 @@ def build_report(
     }
     report.divergences = compare(final, ckpt)
     return report
-
-
-def _q(text: Any, limit: int = 120) -> str:
-    s = str(text or "")
-    return json.dumps(s if len(s) <= limit else s[: limit - 1] + "…", ensure_ascii=False)
-
-
-def describe(rec: dict[str, Any]) -> str:
-    """One readable line for a record (shared by the text and HTML timelines)."""
-    k = rec.get("type")
-    g = rec.get
-    if k == EventType.CALL_STARTED:
-        resumed = " (resumed)" if g("resumed") else ""
-        return f"call started{resumed} on {g('node')} epoch {g('epoch')}, caller {g('caller')}"
-    if k == EventType.OWNERSHIP:
-        return f"owner {g('node')} epoch {g('epoch')} ({g('reason')})"
-    if k == EventType.USER_TURN:
-        return f"user {_q(g('text'))} (seq {g('seq')}, confidence {g('confidence')})"
-    if k == EventType.RETRIEVAL:
-        flags = [f.replace("_", " ") for f in ("timed_out", "from_cache", "partial") if g(f)]
-        answered = ", ".join(map(str, g("answered") or [])) or "nothing"
-        extra = f" · {', '.join(flags)}" if flags else ""
-        return f"retrieval answered by {answered}{extra} · {len(g('snippets') or [])} snippet(s)"
-    if k == EventType.LLM:
-        tools = ", ".join(
-            f"{t.get('name')}({json.dumps(t.get('arguments'))})" for t in g("tool_calls") or []
-        )
-        return (
-            f"llm {g('prompt_tokens')} tokens digest {str(g('prompt_digest'))[:12]} → "
-            f"{_q(g('output'))}" + (f" tools: {tools}" if tools else "")
-        )
-    if k == EventType.EFFECT:
-        return f"effect {g('msg_id')} {g('kind')} {json.dumps(g('payload'), ensure_ascii=False)}"
-    if k == EventType.EFFECT_DELIVERY:
-        lag = f", lag {g('lag_ms')} ms" if g("lag_ms") is not None else ""
-        why = f" ({g('reason')})" if g("reason") else ""
-        return (
-            f"effect {g('msg_id')} {g('outcome')}{why} after {g('attempts')} attempt(s), "
-            f"status {g('status')}{lag}"
-        )
-    if k == EventType.FALLBACK:
-        return f"fallback {g('kind')}: {g('detail')}"
-    if k == EventType.AGENT_REPLY:
-        heard = " (interrupted, heard " + _q(g("heard")) + ")" if g("interrupted") else ""
-        return f"agent {_q(g('text'))}{heard}"
-    if k == EventType.MEMORY:
-        facts = ", ".join(f"{s} = {v}" for s, v in (g("facts_set") or {}).items())
-        return f"memory {facts or 'no new facts'}"
-    if k == EventType.TURN_METRICS:
-        m = g("metrics") or {}
-        parts = [f"{n.split('_')[0]} {float(m[n]):.0f}" for n in LATENCY_PARTS if m.get(n)]
-        total = float(m.get("latency_ms") or 0)
-        return f"latency {total:.0f} ms ({' · '.join(parts)}) intent {m.get('intent') or '-'}"
-    if k == EventType.CALL_ENDED:
-        return f"call ended ({g('reason')})"
-    return f"{k} {json.dumps({x: y for x, y in rec.items() if not x.startswith('_')})}"
-
-
-# Stages of a turn's latency, in pipeline order (the chart stacks them in this order).
-LATENCY_PARTS = ("stt_ms", "retrieval_ms", "llm_first_token_ms", "tts_first_chunk_ms")
-
-
-def format_text(report: ReplayReport) -> str:
-    """The readable timeline: records by turn, then the state, then the verification."""
-    if not report.found:
-        return f"no call {report.call_id} for tenant {report.tenant}"
-    st, lines = report.state, []
-    head = f"call {report.call_id} · tenant {report.tenant} · caller {st.caller or '?'}"
-    lines.append(f"{head} · {len(report.records)} records · status {report.final.status}")
-    t0 = next((int(r["ts_ms"]) for r in report.records if r.get("ts_ms")), 0)
-    for turn, recs in report.turns():
-        lines.append(f"── turn {turn}")
-        for rec in recs:
-            off = (int(rec.get("ts_ms") or t0) - t0) / 1000
-            mark = " [pending]" if rec.get("_pending") else ""
-            lines.append(f"  {f'+{off:.3f}s':>10}  {describe(rec)}{mark}")
-    label = "final state" if report.at is None else f"state as of turn {report.at}"
-    lines.append(
-        f"── {label}: turn {st.turn} · last seq {st.last_seq} · {st.status}"
-        f" · owner {st.node or '?'} epoch {st.epoch}"
-    )
-    for slot, fact in st.facts:
-        was = f", was {fact.replaced}" if fact.replaced is not None else ""
-        lines.append(f"  fact {slot} = {fact.value} (turn {fact.turn}{was})")
-    for ex in st.working:
-        cut = " [interrupted]" if ex.interrupted else ""
-        lines.append(f"  turn {ex.turn}: user {_q(ex.user, 60)} / agent {_q(ex.agent, 60)}{cut}")
-    for e in st.effects.values():
-        lines.append(f"  effect {e.msg_id} {e.kind}: {e.outcome} ({e.attempts} attempt(s))")
-    if report.verified is None:
-        lines.append("── not verified: no checkpoint")
-    elif report.verified:
-        lines.append(
-            f"── verified: the log reproduces the checkpoint ({', '.join(VERIFIED_FIELDS)})"
-        )
-    else:
-        lines.append(f"── DIVERGED from the checkpoint in {len(report.divergences)} field(s):")
-        for d in report.divergences:
-            lines.append(
-                f"  {d.field}: log {json.dumps(d.rebuilt)} · checkpoint {json.dumps(d.checkpoint)}"
-            )
-    lines.extend(f"warning: {w}" for w in report.warnings)
-    return "\n".join(lines)

@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from events.eventlog import EventType
-from events.replay import LATENCY_PARTS, ReplayReport, describe
+from events.replay import ReplayReport
+from events.replay_text import LATENCY_PARTS, describe
 
 # Colours per latency stage, then "other" (network, orchestration: the rest of latency_ms).
 _COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#bab0ac")

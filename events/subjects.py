@@ -17,6 +17,10 @@ EVENTS_STREAM = "CALLMESH_EVENTS"
 EVENTS_SUBJECTS = "calls.>"
 
 
+def is_effect(subject: str) -> bool:
+    return subject.startswith(EFFECTS_SUBJECTS[:-1])
+
+
 def effect(tenant: str, kind: str) -> str:
     """Subject of one effect, e.g. ``effects.acme.booking_create``."""
     return f"effects.{tenant}.{kind}"

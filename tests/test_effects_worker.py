@@ -14,17 +14,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fakes_crm import CRMMode, FakeCRM
 from nats.js import JetStreamContext
 
 from callmesh.servers import free_port
 from events import subjects
-from events.cli import add_effects_worker_parser, make_sink, worker_config
+from events.cli import add_effects_worker_parser, make_sink
+from events.delivery import backoff_delay
 from events.outbox import OutboxPublisher, effect_entry
 from events.replay import read_records
 from events.sinks import Effect, LogSink, SinkRejected, SinkRetryable, WebhookSink
 from events.streams import ensure_streams
-from events.worker import EffectsWorker, WorkerConfig, WorkerState, backoff_delay
+from events.worker import EffectsWorker, WorkerState
+from events.worker_config import WorkerConfig, worker_config
+from loadtest.fake_crm import CRMMode, FakeCRM
 from state_store.checkpoint import OutboxEntry
 
 TENANT = "acme"

@@ -16,8 +16,9 @@ from events import eventlog, subjects
 from events.cli import EXIT_DIVERGED, EXIT_NOT_FOUND, EXIT_OK, add_replay_parser
 from events.eventlog import EventType
 from events.outbox import OutboxPublisher
-from events.replay import build_report, format_text, list_calls, read_records
+from events.replay import build_report, list_calls, read_records
 from events.replay_html import render_html
+from events.replay_text import format_text
 from events.streams import ensure_streams
 from state_store.checkpoint import Checkpoint
 from state_store.store import StateStore
@@ -387,7 +388,7 @@ async def test_undecodable_records_are_kept_and_flagged(
 
 def test_withdrawn_fact_is_cleared_on_rebuild() -> None:
     from events.eventlog import EventType, record
-    from events.replay import rebuild
+    from events.replay_state import rebuild
 
     records = [
         record(EventType.MEMORY, 1, facts_set={"confirmed": "booking: cleaning"}, exchange=None),

@@ -1,5 +1,8 @@
 """A fake CRM: a real local HTTP server that effects are delivered to.
 
+It is a fake, honestly named: the effects tests and ``python -m loadtest effects`` point
+the effects worker at it because no real CRM is reachable from a test or a laptop.
+
 It speaks what :class:`events.sinks.WebhookSink` expects of a CRM's API: ``POST`` a JSON
 effect with an ``Idempotency-Key``; 201 when applied, 409 when that key was applied
 before. It can be switched down on demand (503, dropped connections, or a closed port so
@@ -8,16 +11,17 @@ and every *application* per key, so tests and benchmarks can tell a harmless ret
 409) from a duplicate (one key applied twice).
 
 In-process: ``async with FakeCRM() as crm: ...; await crm.go_down("refuse")``.
-Standalone (for benchmarks in another process): ``python -m tests.fakes_crm --port 8099``;
-``POST /_control/mode {"mode": "503"}`` switches it and ``GET /_stats`` reads the counts
-("refuse" cannot be undone from outside, since the port is closed: use "abort").
+Standalone (for benchmarks in another process): ``python -m loadtest.fake_crm --port 8099``;
+``POST /_control/mode {"mode": "503"}`` switches it, ``GET /_stats`` reads the counts and
+``GET /_applied`` every applied key with its count and first application time ("refuse"
+cannot be undone from outside, since the port is closed: use "abort").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -79,12 +83,14 @@ class FakeCRM:
         app.router.add_post(EFFECTS_PATH + "/{tail:.*}", self._handle)
         app.router.add_post("/_control/mode", self._control)
         app.router.add_get("/_stats", self._stats)
+        app.router.add_get("/_applied", self._applied)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         await self._listen()
 
     async def _listen(self) -> None:
-        assert self._runner is not None
+        if self._runner is None:
+            raise RuntimeError("FakeCRM is not started")
         self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await self._site.start()
 
@@ -126,6 +132,13 @@ class FakeCRM:
         """Keys applied more than once, with their application counts."""
         return {k: n for k, n in self.applied.items() if n > 1}
 
+    def applications(self) -> dict[str, dict[str, float]]:
+        """Every applied key: how often it was applied and when first (``time.time()``)."""
+        return {
+            key: {"applied": n, "first_applied_at": self.first_applied_at[key]}
+            for key, n in self.applied.items()
+        }
+
     def stats(self) -> dict[str, Any]:
         statuses = Counter(r.status for r in self.received)
         return {
@@ -153,7 +166,8 @@ class FakeCRM:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:  # aiohttp always runs handlers in a task; nothing to track otherwise
+            return await self._apply(request)
         self._handlers.add(task)
         try:
             return await self._apply(request)
@@ -201,6 +215,9 @@ class FakeCRM:
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
+    async def _applied(self, request: web.Request) -> web.Response:
+        return web.json_response(self.applications())
+
     def __repr__(self) -> str:
         return (
             f"<FakeCRM {self.mode.value} [requests: {self.requests}, "
@@ -209,10 +226,14 @@ class FakeCRM:
 
 
 async def _serve(port: int, dedupe: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGTERM is how the benchmark ends it: close the listener cleanly and exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     async with FakeCRM(port=port, dedupe=dedupe) as crm:
-        print(f"fake CRM listening on {crm.url}", flush=True)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()
+        print(f"fake CRM listening on {crm.url} (dedupe={dedupe})", flush=True)
+        await stop.wait()
 
 
 def main() -> None:
@@ -220,8 +241,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-dedupe", action="store_true", help="apply repeated keys again")
     args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.port, not args.no_dedupe))
+    asyncio.run(_serve(args.port, not args.no_dedupe))
 
 
 if __name__ == "__main__":
