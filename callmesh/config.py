@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from callmesh.protocol import DEFAULT_MAX_FRAME_BYTES
+from callmesh.protocol import DEFAULT_MAX_FRAME_BYTES, valid_id
 
 
 class ConfigError(ValueError):
@@ -69,13 +69,28 @@ class RouterConfig:
     connect_timeout_ms: int = 3000
     # Frames not yet acknowledged by the node, kept for replay to a new owner.
     max_unacked_frames: int = 4096
+    # Unacknowledged caller audio kept for replay; beyond it the oldest audio is dropped
+    # (live audio is never refused).
+    max_unacked_audio_ms: int = 30000
+    # Public base URL of this router (https://voice.example.com), for the Twilio stream
+    # URL and signature checks; empty: derived from each request (Host, X-Forwarded-Proto).
+    public_url: str = ""
+    # Twilio: the auth token that signs webhooks (empty: signatures are not checked) and
+    # the tenant of calls whose webhook URL names none.
+    twilio_auth_token: str = field(default="", repr=False)
+    twilio_default_tenant: str = ""
 
     def __post_init__(self) -> None:
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("balance_epsilon", self.balance_epsilon)
         _positive("connect_timeout_ms", self.connect_timeout_ms)
+        _positive("max_unacked_audio_ms", self.max_unacked_audio_ms)
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port out of range: {self.port}")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must be an http(s):// URL, got {self.public_url!r}")
+        if self.twilio_default_tenant and not valid_id(self.twilio_default_tenant):
+            raise ConfigError("twilio_default_tenant must match [A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +129,19 @@ class NodeConfig:
     drain_timeout_s: float = 20.0
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
     tts_chunk_ms: int = 100
+    # Below this STT confidence the caller is asked to repeat instead of being guessed at.
+    stt_min_confidence: float = 0.5
+    # Per-stage budgets (ms): a breach triggers the stage's fallback.
+    llm_first_token_budget_ms: float = 1500.0
+    llm_total_budget_ms: float = 8000.0
+    tts_first_chunk_budget_ms: float = 1000.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.stt_min_confidence <= 1.0:
+            raise ConfigError("stt_min_confidence must be within [0, 1]")
+        _positive("llm_first_token_budget_ms", self.llm_first_token_budget_ms)
+        _positive("llm_total_budget_ms", self.llm_total_budget_ms)
+        _positive("tts_first_chunk_budget_ms", self.tts_first_chunk_budget_ms)
         _positive("working_memory_turns", self.working_memory_turns)
         _positive("checkpoint_ttl_s", self.checkpoint_ttl_s)
         _positive("tts_chunk_ms", self.tts_chunk_ms)
@@ -144,12 +170,28 @@ def membership_from_env(env: Mapping[str, str]) -> MembershipConfig:
     )
 
 
+def _router_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "CALLMESH_MAX_UNACKED_AUDIO_MS" in env:
+        out["max_unacked_audio_ms"] = int(env["CALLMESH_MAX_UNACKED_AUDIO_MS"])
+    for name, var in (
+        ("public_url", "CALLMESH_PUBLIC_URL"),
+        ("twilio_auth_token", "TWILIO_AUTH_TOKEN"),
+        ("twilio_default_tenant", "CALLMESH_TWILIO_TENANT"),
+    ):
+        if env.get(var):
+            out[name] = env[var]
+    return out
+
+
 def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
     """Build a config: defaults, then environment, then explicit flags (None = not given)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = _env_overrides(env)
     if cls in (RouterConfig, NodeConfig):
         values["membership"] = membership_from_env(env)
+    if cls is RouterConfig:
+        values.update(_router_env(env))
     if cls is NodeConfig and "CALLMESH_TTS_CHUNK_MS" in env:
         values["tts_chunk_ms"] = int(env["CALLMESH_TTS_CHUNK_MS"])
     if cls is NodeConfig and "CALLMESH_SIM_LATENCY_SCALE" in env:

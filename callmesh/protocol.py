@@ -41,6 +41,9 @@ class In(StrEnum):
     START = "start"
     USER_TEXT = "user_text"
     AUDIO = "audio"
+    # The client played every reply frame up to this mark (echoed ``mark`` name).
+    MARK = "mark"
+    DTMF = "dtmf"
     HANGUP = "hangup"
 
 
@@ -50,6 +53,8 @@ class Out(StrEnum):
     READY = "ready"
     AGENT_TEXT = "agent_text"
     AGENT_AUDIO = "agent_audio"
+    # After a sentence's audio: echo it back (``mark`` inbound) once it has been played.
+    MARK = "mark"
     TURN_METRICS = "turn_metrics"
     CLEAR = "clear"
     ERROR = "error"
@@ -66,8 +71,20 @@ class Ctl(StrEnum):
 
 
 # Reply frames take part in the router's de-duplication of a re-answered turn.
-REPLY_TYPES = frozenset({Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value})
+REPLY_TYPES = frozenset({Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value})
 INBOUND_TYPES = frozenset(t.value for t in In)
+
+
+class AudioEncoding(StrEnum):
+    MULAW = "mulaw"  # G.711 mu-law, 8 kHz: telephony (Twilio)
+    PCM16 = "pcm16"  # signed 16-bit little-endian
+
+
+# Sample rates a call may declare in ``start.audio``; the same format is used both ways.
+AUDIO_SAMPLE_RATES = frozenset({8000, 16000, 24000})
+DEFAULT_AUDIO = {"encoding": AudioEncoding.MULAW.value, "sample_rate": 8000}
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+MAX_MARK_NAME = 64
 
 
 class ErrorCode(StrEnum):
@@ -149,12 +166,55 @@ def _check_fields(kind: In, body: dict[str, Any], seq: int) -> None:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, "'caller' must match [A-Za-z0-9_-]{1,64}", seq
             )
+        audio = body.get("audio")
+        if audio is not None:
+            _check_audio_format(audio, seq)
     elif kind is In.USER_TEXT:
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'text' must be a non-empty string", seq)
-    elif kind is In.AUDIO and not isinstance(body.get("data"), str):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be base64 text", seq)
+    elif kind is In.AUDIO:
+        if not isinstance(body.get("data"), str):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be base64 text", seq)
+        ts = body.get("ts")
+        if ts is not None and (type(ts) is not int or ts < 0):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'ts' must be a non-negative integer", seq)
+    elif kind is In.MARK:
+        name = body.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_MARK_NAME:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"'name' must be a string of 1-{MAX_MARK_NAME} chars", seq
+            )
+    elif kind is In.DTMF and body.get("digit") not in DTMF_DIGITS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'digit' must be one of 0-9 * # A-D", seq)
+
+
+def _check_audio_format(audio: object, seq: int) -> None:
+    if not isinstance(audio, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'audio' must be an object", seq)
+    if audio.get("encoding") not in {e.value for e in AudioEncoding}:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'audio.encoding' must be mulaw or pcm16", seq)
+    rate = audio.get("sample_rate")
+    if rate not in AUDIO_SAMPLE_RATES or type(rate) is not int:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"'audio.sample_rate' must be one of {sorted(AUDIO_SAMPLE_RATES)}",
+            seq,
+        )
+    if audio["encoding"] == AudioEncoding.MULAW and rate != 8000:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "mulaw audio is 8000 Hz", seq)
+
+
+def mark_name(turn: int, n: int) -> str:
+    """The name of the mark after reply frame ``n`` of ``turn``."""
+    return f"{turn}.{n}"
+
+
+def parse_mark_name(name: str) -> tuple[int, int] | None:
+    turn, _, n = name.partition(".")
+    if not (turn.isdigit() and n.isdigit()):
+        return None
+    return int(turn), int(n)
 
 
 def encode(msg: dict[str, Any]) -> str:

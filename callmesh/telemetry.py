@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import sys
@@ -41,13 +42,58 @@ class TurnMetrics:
         return d
 
 
+# Milliseconds: fine where real-time audio lives (a 20 ms frame), coarse beyond.
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics). Benchmarks read ``counts``
+    before and after a load step and take quantiles of the difference."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.total}
+
+
+def histogram_quantile(buckets: list[float], counts: list[int], q: float) -> float:
+    """The ``q`` quantile of bucket counts (not cumulative), interpolated within a bucket
+    like Prometheus' ``histogram_quantile``; the +Inf bucket reports its lower bound."""
+    n = sum(counts)
+    if n == 0:
+        return 0.0
+    rank, seen = q * n, 0
+    for i, c in enumerate(counts):
+        if seen + c >= rank and c:
+            lo = buckets[i - 1] if i > 0 else 0.0
+            if i >= len(buckets):
+                return float(lo)
+            return float(lo + (buckets[i] - lo) * (rank - seen) / c)
+        seen += c
+    return float(buckets[-1])
+
+
 class Metrics:
-    """Process-wide counters and gauges, exposed in Prometheus text format at /metrics."""
+    """Process-wide counters, gauges and histograms, in Prometheus text format at /metrics."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._counters: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
+        self.histograms: dict[str, Histogram] = {}
+
+    def observe(self, name: str, value: float) -> None:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = Histogram()
+        h.observe(value)
 
     def inc(self, name: str, value: float = 1.0) -> None:
         self._counters[name] += value
@@ -67,6 +113,14 @@ class Metrics:
             lines += [f"# TYPE {self._prefix}_{name} counter", f"{self._prefix}_{name} {value:g}"]
         for name, value in sorted(self._gauges.items()):
             lines += [f"# TYPE {self._prefix}_{name} gauge", f"{self._prefix}_{name} {value:g}"]
+        for name, h in sorted(self.histograms.items()):
+            full = f"{self._prefix}_{name}"
+            lines.append(f"# TYPE {full} histogram")
+            cumulative = 0
+            for bound, count in zip([*h.buckets, "+Inf"], h.counts, strict=True):
+                cumulative += count
+                lines.append(f'{full}_bucket{{le="{bound}"}} {cumulative}')
+            lines += [f"{full}_sum {h.total:g}", f"{full}_count {cumulative}"]
         return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -36,7 +37,7 @@ from callmesh.protocol import (
 from conversation_node.heartbeat import Heartbeat
 from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
-from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
+from conversation_node.providers.registry import Providers, ProviderSettings, build_providers
 from conversation_node.session import CallDropped, CallSession, CallState
 from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
@@ -54,8 +55,16 @@ START_TIMEOUT_S = 10.0
 class ConversationNode:
     """Holds the node's resources and live sessions; ``start()`` / idempotent ``aclose()``."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        providers: Providers | None = None,
+        memory: MemoryServices | None = None,
+    ) -> None:
         self.config = config
+        # Injected by tests (failure injection); built from the environment otherwise.
+        self._providers = providers
+        self._memory = memory
         self.sessions: dict[tuple[str, str], CallSession] = {}
         self.draining = False
         self._services: NodeServices | None = None
@@ -86,12 +95,25 @@ class ConversationNode:
         )
         js = self._nc.jetstream()
         await ensure_streams(js)
-        latency = cfg.sim_latency
-        pipeline = TurnPipeline(
-            SimulatedLLM(latency), SimulatedTTS(latency, cfg.tts_chunk_ms), None, Budgets()
+        if self._providers is None:
+            # Real providers where keys are set (registry); the node's own latency flags
+            # drive the simulated ones.
+            settings = dataclasses.replace(
+                ProviderSettings.from_env(),
+                sim_latency=cfg.sim_latency,
+                tts_chunk_ms=cfg.tts_chunk_ms,
+            )
+            self._providers = build_providers(settings)
+        providers = self._providers
+        budgets = Budgets(
+            llm_first_token_ms=cfg.llm_first_token_budget_ms,
+            llm_total_ms=cfg.llm_total_budget_ms,
+            tts_first_chunk_ms=cfg.tts_first_chunk_budget_ms,
         )
+        pipeline = TurnPipeline(providers.llm, providers.tts, providers.backup_tts, budgets)
+        log.info("providers", extra={"fields": providers.names()})
         # The knowledge base is indexed once, here; its caches are shared by the calls.
-        memory = MemoryServices.build(
+        memory = self._memory or MemoryServices.build(
             RedisHistoryStore(self._redis, max_calls=HISTORY_MAX_CALLS),
             working_turns=cfg.working_memory_turns,
         )
@@ -101,6 +123,7 @@ class ConversationNode:
             publisher=OutboxPublisher(js),
             pipeline=pipeline,
             memory=memory,
+            stt=providers.stt,
         )
         self._heartbeat = Heartbeat(
             MembershipStore(self._redis), cfg, lambda: len(self.sessions), self.services.metrics
@@ -145,9 +168,17 @@ class ConversationNode:
             await s.aclose()
         if self._services is not None:
             await self._services.memory.aclose()
-        if self._nc is not None:
+        if self._providers is not None:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._nc.drain())
+                await self._providers.aclose()
+        if self._nc is not None:
+            # A connection that is reconnecting (NATS down) cannot drain: close it.
+            if self._nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._nc.drain())
+            if not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._nc.close())
         if self._redis is not None:
             await asyncio.shield(self._redis.aclose())
 
@@ -174,6 +205,10 @@ class ConversationNode:
                 "calls": len(self.sessions),
                 "sessions": [repr(s) for s in self.sessions.values()],
                 "metrics": self.services.metrics.snapshot(),
+                "histograms": {
+                    name: h.to_dict() for name, h in self.services.metrics.histograms.items()
+                },
+                "providers": self._providers.names() if self._providers else {},
             }
         )
 

@@ -10,6 +10,7 @@ from callmesh.config import NodeConfig
 from callmesh.telemetry import Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
 from conversation_node.prompt import INSTRUCTIONS
+from conversation_node.providers.base import STT
 from events.outbox import OutboxPublisher
 from memory.history import HistoryStore
 from memory.knowledge import DEMO_KB_DIR, KnowledgeBase
@@ -79,6 +80,8 @@ class NodeServices:
     publisher: OutboxPublisher | None
     pipeline: TurnPipeline
     memory: MemoryServices
+    # The recognizer for calls that send audio; None: audio is accepted but not heard.
+    stt: STT | None = None
     metrics: Metrics = field(default_factory=lambda: Metrics("callmesh_node"))
 
     @property
@@ -90,5 +93,10 @@ class NodeServices:
         self.metrics.inc("turn_latency_ms_sum", m.latency_ms)
         self.metrics.inc("turn_overhead_ms_sum", m.overhead_ms)
         self.metrics.inc("turn_retrieval_ms_sum", m.retrieval_ms)
+        self.metrics.observe("turn_overhead_ms", m.overhead_ms)
         for f in m.fallbacks:
             self.metrics.inc(f"fallback_{f}")
+
+    def observe_frame_lag(self, lag_ms: float) -> None:
+        """How far behind the caller's clock an audio frame was processed."""
+        self.metrics.observe("inbound_frame_lag_ms", lag_ms)

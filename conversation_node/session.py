@@ -1,36 +1,39 @@
-"""A live call on its owner node: ownership, restore, greeting, turns, memory, checkpoints,
-outbox, hand-off.
+"""A live call on its owner node: ownership, restore, greeting, turns, memory, hand-off.
 
 State changes are synchronous and guarded (:class:`CallState`); I/O happens around them.
 Every turn ends in one compare-and-set checkpoint that also records the turn's side
-effects and event-log records (the outbox); only after it succeeds is the router told
-(``ack``) and the outbox published. If Redis is unreachable the call goes on from memory
-and the checkpoint is retried; if a newer owner fenced us out, the call is dropped here.
+effects and event-log records (:mod:`conversation_node.checkpointing`); only after it
+succeeds is the router told (``ack``). If a newer owner fenced us out, the call is dropped.
 
-Memory: a :class:`memory.session.SessionMemory` per call (working memory, facts, notes),
-restored from the checkpoint and written back into it every turn; retrieval through the
-node's orchestrator; the prompt from the node's :class:`memory.prompt.PromptBuilder`.
-Every turn's ``memory`` event-log record says exactly what the turn changed in it, so
-replay can rebuild the checkpointed memory from the log (see :meth:`_memory_record`).
-A new call is greeted (turn 0) with what the caller's earlier calls established; at
-hang-up the call's facts and summary go to the customer history for the next one.
+A turn starts from a ``user_text`` frame (text mode) or from the end of an utterance in the
+call's audio (:mod:`conversation_node.voice`, :mod:`conversation_node.voice_turns`).
+
+Memory: a :class:`memory.session.SessionMemory` per call, restored from the checkpoint and
+written back into it every turn; every turn's ``memory`` event-log record says exactly
+what the turn changed in it (:func:`conversation_node.turn_records.memory_record`), so
+replay can rebuild the checkpointed memory from the log. A new call is greeted (turn 0)
+with what the caller's earlier calls established; at hang-up the call's facts and summary
+go to the customer history for the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame
+from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame, mark_name
 from callmesh.telemetry import TurnMetrics, now_ms
+from conversation_node.audio.convert import Transcoder
+from conversation_node.checkpointing import Checkpointer, Fenced
+from conversation_node.errors import CallDropped
+from conversation_node.greeting import load_history, save_history
 from conversation_node.node_services import NodeServices
+from conversation_node.pipeline import TEXT_MODE, Voice
 from conversation_node.prompt import (
     BOOKED_FACT,
     Greeting,
@@ -38,16 +41,22 @@ from conversation_node.prompt import (
     describe_booking,
     greeting_for,
 )
+from conversation_node.turn_records import (
+    FactOp,
+    memory_record,
+    prompt_digest,
+    retrieval_fallbacks,
+    retrieval_record,
+)
+from conversation_node.voice import AudioFormat
+from conversation_node.voice_turns import VoiceTurns
 from events import eventlog
-from events.errors import EventsError
 from events.eventlog import EventType
 from events.outbox import effect_entry
-from memory.history import CallRecord
-from memory.retrieval import RetrievalResult
 from memory.session import MemoryState, SessionMemory
 from memory.sources import Query
 from state_store.checkpoint import Checkpoint, OutboxEntry
-from state_store.errors import FencedOut, StoreUnavailable
+from state_store.errors import StoreUnavailable
 
 log = logging.getLogger("callmesh.node.session")
 
@@ -55,17 +64,6 @@ Send = Callable[[str], Awaitable[None]]
 
 # Tool calls the model may make, and the effect kind each becomes.
 EFFECT_KINDS = {"create_booking": "booking_create"}
-
-# The protocol's default caller: not a person, so it has no customer history (one
-# anonymous caller must never be greeted with what another one booked).
-ANONYMOUS_CALLER = "anonymous"
-# Earlier calls the greeting looks at, and how long it may wait for them (the greeting
-# waits for this read; without history the caller still gets the standard greeting).
-GREETING_HISTORY_CALLS = 3
-HISTORY_LOAD_TIMEOUT_S = 0.2
-HISTORY_SAVE_TIMEOUT_S = 1.0
-
-FactOp = tuple[str, str | None]  # (slot, value); None: the slot was cleared
 
 
 class CallState(StrEnum):
@@ -93,16 +91,6 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-class CallDropped(Exception):
-    """The session can no longer serve the call (fenced out, ended); close its link."""
-
-
-@dataclass
-class ResumeInfo:
-    resumed: bool
-    reason: str
-
-
 class CallSession:
     def __init__(
         self, services: NodeServices, tenant: str, call_id: str, caller: str, send: Send
@@ -116,23 +104,30 @@ class CallSession:
         self.epoch = 0
         self.turn = 0
         self.last_seq = 0
-        self.event_cursor = 0
         self.created_ms = now_ms()
         self.memory = SessionMemory(tenant, caller, services.memory.config)
         # Queries go through ``self.memory``, which a restore replaces.
         self._retriever = services.memory.retrieval.for_call(self._query_for)
-        self.outbox: list[OutboxEntry] = []
-        self._dirty = False
-        self._save_lock = asyncio.Lock()
         self._turn_lock = asyncio.Lock()
-        self._retry_task: asyncio.Task[None] | None = None
+        self.ckpt = Checkpointer(
+            services,
+            tenant,
+            call_id,
+            snapshot=self._snapshot,
+            acknowledge=self._ack,
+            turn_lock=self._turn_lock,
+            active=lambda: self.state in (CallState.ACTIVE, CallState.ENDED),
+        )
         self._link_lost = False
+        # How replies are voiced (text mode until a start declares audio) and followed.
+        self.voice = TEXT_MODE
+        self.audio_format: AudioFormat | None = None
+        self.vt = VoiceTurns(self)
 
     def __repr__(self) -> str:
         return (
             f"<CallSession {self.tenant}/{self.call_id} [{self.state}] epoch={self.epoch} "
-            f"turn={self.turn} seq={self.last_seq} outbox={len(self.outbox)}"
-            f"{' unsaved' if self._dirty else ''}>"
+            f"turn={self.turn} seq={self.last_seq} {self.ckpt!r}>"
         )
 
     def _to(self, new: CallState) -> None:
@@ -142,7 +137,15 @@ class CallSession:
 
     @property
     def unsaved(self) -> bool:
-        return self._dirty
+        return self.ckpt.dirty
+
+    @property
+    def outbox(self) -> list[OutboxEntry]:
+        return self.ckpt.outbox
+
+    @property
+    def active(self) -> bool:
+        return self.state is CallState.ACTIVE
 
     async def _out(self, frame: str) -> None:
         """Send to the router. A lost link does not abort the turn: the turn still tries
@@ -155,6 +158,9 @@ class CallSession:
         except (ConnectionError, RuntimeError):
             self._link_lost = True
 
+    async def _ack(self) -> None:
+        await self._out(encode({"type": Ctl.ACK.value, "seq": self.last_seq, "turn": self.turn}))
+
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self, start: Inbound) -> None:
@@ -163,6 +169,10 @@ class CallSession:
         did not fully receive is said again."""
         started = time.monotonic()
         reason = str(start.body.get("resume") or "start")
+        if "audio" in start.body:
+            fmt = AudioFormat.from_start(start.body)
+            self.audio_format = fmt
+            self.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
         epoch, ckpt = await self._svc.store.take_ownership(
             self.tenant, self.call_id, self._svc.node_id
         )
@@ -189,15 +199,12 @@ class CallSession:
                     epoch=epoch,
                     resumed=False,
                     working_memory_turns=self._svc.config.working_memory_turns,
+                    audio=start.body.get("audio"),
                 )
             )
         records.append(
             eventlog.record(
-                EventType.OWNERSHIP,
-                self.turn,
-                node=self._svc.node_id,
-                epoch=epoch,
-                reason=reason,
+                EventType.OWNERSHIP, self.turn, node=self._svc.node_id, epoch=epoch, reason=reason
             )
         )
         greeting: Greeting | None = None
@@ -206,7 +213,8 @@ class CallSession:
             # Decided and committed before it is spoken: a node dying mid-greeting leaves
             # it in the checkpoint, and the new owner says it again (de-duplicated).
             t0 = time.monotonic()
-            greeting = greeting_for(await self._load_history())
+            history = await load_history(self._svc, self.tenant, self.caller, self.call_id)
+            greeting = greeting_for(history)
             history_ms = (time.monotonic() - t0) * 1000
             records += self._apply_greeting(greeting)
         self._to(CallState.ACTIVE)
@@ -233,23 +241,6 @@ class CallSession:
         if ckpt is not None and isinstance(delivered, int) and delivered < self.turn:
             await self._respeak_last_turn()
 
-    async def _load_history(self) -> list[CallRecord]:
-        """The caller's earlier calls, newest first; none if they cannot be read in time."""
-        if self.caller == ANONYMOUS_CALLER:
-            return []
-        try:
-            async with asyncio.timeout(HISTORY_LOAD_TIMEOUT_S):
-                return await self._svc.memory.history.load(
-                    self.tenant, self.caller, limit=GREETING_HISTORY_CALLS
-                )
-        except Exception as exc:  # history is best effort: the standard greeting will do
-            self._svc.metrics.inc("history_load_failures")
-            log.warning(
-                "customer history unavailable: standard greeting",
-                extra={"fields": {"call_id": self.call_id, "error": repr(exc)}},
-            )
-            return []
-
     def _apply_greeting(self, greeting: Greeting) -> list[dict[str, Any]]:
         """Turn 0 in memory (the name carried over, the greeting as heard) and its records."""
         ops: list[FactOp] = [
@@ -262,13 +253,15 @@ class CallSession:
             eventlog.record(
                 EventType.AGENT_REPLY, 0, text=greeting.text, heard=greeting.text, interrupted=False
             ),
-            self._memory_record(0, ops, history=list(greeting.from_calls)),
+            memory_record(self.memory, 0, ops, history=list(greeting.from_calls)),
         ]
 
     async def _greet(self, greeting: Greeting, started: float, history_ms: float) -> None:
         """Speak the committed greeting, then complete turn 0 like any other turn."""
         async with self._turn_lock:
-            output = await self._svc.pipeline.speak(greeting.text, self._emit)
+            pb, _ = self.vt.start_reply(0)
+            output = await self._svc.pipeline.speak(greeting.text, self._emit, self.voice)
+            pb.finished_sending = True
             first_audio = output.first_audio_at or time.monotonic()
             latency_ms = (first_audio - started) * 1000
             provider_ms = history_ms + output.tts_first_chunk_ms
@@ -289,10 +282,7 @@ class CallSession:
                 eventlog.record(EventType.FALLBACK, 0, kind=f, detail="greeting")
                 for f in output.fallbacks
             ]
-            t0 = time.monotonic()
-            await self._commit(records, metrics)
-            metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
-            await self._out(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
+            await self._finish_turn(records, metrics)
         self._svc.metrics.inc("greetings_returning" if greeting.returning else "greetings")
 
     async def _respeak_last_turn(self) -> None:
@@ -303,7 +293,9 @@ class CallSession:
         if last is None or last.turn != self.turn:
             return
         async with self._turn_lock:
-            output = await self._svc.pipeline.speak(last.agent, self._emit)
+            pb, _ = self.vt.start_reply(self.turn)
+            output = await self._svc.pipeline.speak(last.agent, self._emit, self.voice)
+            pb.finished_sending = True
             metrics = TurnMetrics(
                 call_id=self.call_id,
                 turn=self.turn,
@@ -319,44 +311,49 @@ class CallSession:
     def _restore(self, ckpt: Checkpoint) -> None:
         self.turn = ckpt.turn
         self.last_seq = ckpt.last_seq
-        self.event_cursor = ckpt.event_cursor
         self.created_ms = ckpt.created_ms
         # The call's caller is the one it started with (its history key, its memory scope).
         self.caller = ckpt.caller or self.caller
         self.memory = self._memory_from(MemoryState(ckpt.working, ckpt.facts, ckpt.extra))
         # Whatever the previous owner committed but JetStream never acknowledged.
-        self.outbox = list(ckpt.outbox)
+        self.ckpt.restore(ckpt.outbox, ckpt.event_cursor)
 
     async def handle(self, msg: Inbound) -> None:
         """Apply one inbound frame. Frames at or below ``last_seq`` were applied before a
-        failover and are skipped: that is what makes a replay by the router safe."""
+        failover and are skipped: that is what makes a replay by the router safe. Audio,
+        marks and keys never wait for a turn: the caller must be able to interrupt."""
         if self.state is not CallState.ACTIVE:
             raise CallDropped(f"session is {self.state}")
-        if msg.seq <= self.last_seq:
-            return
-        async with self._turn_lock:
-            await self._apply(msg)
+        if msg.seq > self.last_seq:
+            if msg.type is In.AUDIO:
+                await self.vt.on_audio(msg)
+            elif msg.type is In.MARK:
+                self.vt.on_mark(str(msg.body["name"]))
+            elif msg.type is In.DTMF:
+                await self.vt.on_dtmf(msg)
+            else:
+                if msg.type is In.HANGUP:
+                    await self.vt.stop_turn()
+                async with self._turn_lock:
+                    await self._apply(msg)
         if self._link_lost:
             raise CallDropped("router link lost")
+        if self.state is CallState.FENCED:
+            raise CallDropped("fenced out")
 
     async def _apply(self, msg: Inbound) -> None:
         if msg.type is In.USER_TEXT:
-            await self._user_turn(msg, str(msg.body["text"]).strip(), confidence=1.0)
+            await self._user_turn(
+                msg.seq, str(msg.body["text"]).strip(), confidence=1.0, started=time.monotonic()
+            )
         elif msg.type is In.HANGUP:
             await self._hangup(msg)
         elif msg.type is In.START:
             await self._out(
                 error_frame(
-                    ErrorCode.ALREADY_STARTED,
-                    "call already started",
-                    seq=msg.seq,
-                    turn=self.turn,
+                    ErrorCode.ALREADY_STARTED, "call already started", seq=msg.seq, turn=self.turn
                 )
             )
-        else:
-            # Audio is accepted; it is applied by the audio pipeline and acknowledged
-            # with the next checkpoint.
-            self.last_seq = msg.seq
 
     async def handoff(self) -> None:
         """Drain: at a turn boundary, make sure the last turn is saved and tell the router
@@ -364,7 +361,7 @@ class CallSession:
         async with self._turn_lock:
             if self.state is not CallState.ACTIVE:
                 return
-            if self._dirty and not await self._persist():
+            if self.ckpt.dirty and not await self._persist():
                 return  # cannot hand off unsaved state; the drain bound decides what next
             self._to(CallState.HANDED_OFF)
             await self._out(encode({"type": Ctl.HANDOFF.value, "turn": self.turn}))
@@ -377,13 +374,10 @@ class CallSession:
             self._retriever.prefetch(interim_text)
 
     async def aclose(self) -> None:
-        """Idempotent; stops the retry task and any prefetch. State already committed
-        stays in Redis."""
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(asyncio.gather(self._retry_task, return_exceptions=True))
-            self._retry_task = None
+        """Idempotent; stops the turn, the recognizer, retries and any prefetch. State
+        already committed stays in Redis."""
+        await self.vt.aclose()
+        await self.ckpt.aclose()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         if self.state is not CallState.CLOSED:
@@ -392,20 +386,51 @@ class CallSession:
     # ------------------------------------------------------------------ turns
 
     async def _emit(self, frame: dict[str, Any]) -> None:
+        """Send a reply frame of the current turn, following it in the playback."""
         frame["turn"] = self.turn
+        kind = frame["type"]
+        if kind == Out.MARK:
+            frame["name"] = mark_name(self.turn, frame["n"])
+        pb = self.vt.playback
+        if pb is not None and pb.turn == self.turn:
+            if kind == Out.AGENT_TEXT:
+                pb.on_text(frame["text"])
+            elif kind == Out.AGENT_AUDIO:
+                # base64: 4 characters per 3 bytes.
+                pb.on_audio(len(frame["data"]) * 3 / 4 / self._bytes_per_ms())
+            elif kind == Out.MARK:
+                pb.on_mark_sent(frame["name"])
         await self._out(encode(frame))
 
-    async def _user_turn(self, msg: Inbound, text: str, *, confidence: float) -> None:
-        started = time.monotonic()
+    def _bytes_per_ms(self) -> float:
+        return self.audio_format.bytes_per_ms if self.audio_format else 8.0
+
+    async def _user_turn(
+        self, seq: int, text: str, *, confidence: float, started: float, stt_ms: float = 0.0
+    ) -> None:
         # A turn that fails before its commit leaves no trace: memory and turn number go
         # back to the last committed state, so the checkpoint stays what the log explains.
         turn_before, memory_before = self.turn, self.memory.to_state()
         try:
-            records, metrics, effects = await self._answer(msg, text, confidence, started)
+            records, metrics, effects = await self._answer(seq, text, confidence, started)
         except BaseException:
             self.turn, self.memory = turn_before, self._memory_from(memory_before)
             raise
-        self.outbox.extend(effects)
+        metrics.stt_ms = stt_ms
+        metrics.provider_ms += stt_ms
+        self.ckpt.outbox.extend(effects)
+        await self._finish_turn(records, metrics)
+
+    async def _finish_turn(self, records: list[dict[str, Any]], metrics: TurnMetrics) -> None:
+        """Commit the turn, then tell the client it is complete (``turn_metrics``)."""
+        if self.ckpt.effects_waiting(metrics.turn):
+            # The effect sink is down: the call keeps talking, the effects wait in the outbox.
+            metrics.fallbacks.append("effects_deferred")
+            records.append(
+                eventlog.record(
+                    EventType.FALLBACK, metrics.turn, kind="effects_deferred", detail=""
+                )
+            )
         t0 = time.monotonic()
         await self._commit(records, metrics)
         metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
@@ -415,7 +440,7 @@ class CallSession:
         self._svc.observe_turn(metrics)
 
     async def _answer(
-        self, msg: Inbound, text: str, confidence: float, started: float
+        self, seq: int, text: str, confidence: float, started: float
     ) -> tuple[list[dict[str, Any]], TurnMetrics, list[OutboxEntry]]:
         """One user turn up to its commit: memory → retrieval → prompt → pipeline."""
         self.turn += 1
@@ -428,17 +453,17 @@ class CallSession:
         retrieval_ms = (time.monotonic() - t0) * 1000
         prompt = self._svc.memory.prompts.build(mem, text, retrieval)
         request = build_request(prompt, text, seed=f"{self.call_id}:{turn}")
-        output = await self._svc.pipeline.run(request, self._emit)
+        pb, interrupt = self.vt.start_reply(turn)
+        output = await self._svc.pipeline.run(request, self._emit, self.voice, interrupt)
+        heard, interrupted = self.vt.heard(pb, output.text, output.interrupted)
         effects: list[OutboxEntry] = []
         records: list[dict[str, Any]] = [
-            eventlog.record(
-                EventType.USER_TURN, turn, seq=msg.seq, text=text, confidence=confidence
-            ),
-            _retrieval_record(turn, retrieval, retrieval_ms),
+            eventlog.record(EventType.USER_TURN, turn, seq=seq, text=text, confidence=confidence),
+            retrieval_record(turn, retrieval, retrieval_ms),
             eventlog.record(
                 EventType.LLM,
                 turn,
-                prompt_digest=_digest(prompt.messages),
+                prompt_digest=prompt_digest(prompt.messages),
                 prompt_tokens=prompt.tokens,
                 prompt_truncated=list(prompt.truncated),
                 state=request.facts,
@@ -462,11 +487,9 @@ class CallSession:
             booked = describe_booking(call.arguments) if call.name == "create_booking" else None
             if booked is not None and mem.facts.set(BOOKED_FACT, booked, turn):
                 ops.append((BOOKED_FACT, booked))
-        records += [
-            eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in output.fallbacks
-        ]
-        # Text mode: the caller hears the whole reply (the audio pipeline reports barge-ins).
-        mem.observe_agent(turn, output.text, interrupted=False)
+        fallbacks = [*retrieval_fallbacks(retrieval), *output.fallbacks]
+        records += [eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in fallbacks]
+        mem.observe_agent(turn, heard, interrupted=interrupted)
         first_audio = output.first_audio_at or time.monotonic()
         latency_ms = (first_audio - started) * 1000
         # Retrieval is on the critical path, like the model's first sentence and the voice.
@@ -481,61 +504,19 @@ class CallSession:
             provider_ms=provider_ms,
             overhead_ms=max(0.0, latency_ms - provider_ms),
             intent=update.intent,
-            fallbacks=list(output.fallbacks),
+            fallbacks=fallbacks,
+            interrupted=interrupted,
             node=self._svc.node_id,
             epoch=self.epoch,
         )
         records += [
             eventlog.record(
-                EventType.AGENT_REPLY, turn, text=output.text, heard=output.text, interrupted=False
+                EventType.AGENT_REPLY, turn, text=output.text, heard=heard, interrupted=interrupted
             ),
-            self._memory_record(turn, ops),
+            memory_record(mem, turn, ops),
         ]
-        self.last_seq = msg.seq
+        self.last_seq = max(self.last_seq, seq)
         return records, metrics, effects
-
-    def _memory_record(self, turn: int, ops: list[FactOp], **extra: Any) -> dict[str, Any]:
-        """The ``memory`` record of a turn: exactly what it changed in the session memory.
-
-        Applied in this order to the memory as of the previous turn, it gives the memory
-        this turn checkpointed (``SessionMemory.to_state()``):
-
-        1. ``facts_cleared`` (slots): ``facts.clear(slot)`` each;
-        2. ``facts_set`` ({slot: value}): ``facts.set(slot, value, turn)`` each;
-        3. ``exchange`` ([turn, user, heard, interrupted] or null):
-           ``working.add(Exchange(*exchange))``;
-        4. ``notes`` ([[turn, text], ...]): appended to the notes window;
-        5. a record of a turn >= 1 is a user turn: ``last_user_turn = turn``.
-
-        Clearing first is exact: within a turn a slot is only ever cleared before it is set
-        again (a withdrawn confirmation re-given), and a slot set then cleared is listed as
-        cleared only.
-        """
-        facts_set: dict[str, str] = {}
-        cleared: list[str] = []
-        for slot, value in ops:
-            if value is None:
-                facts_set.pop(slot, None)
-                if slot not in cleared:
-                    cleared.append(slot)
-            else:
-                facts_set[slot] = value
-        last = self.memory.working.last()
-        exchange = (
-            [last.turn, last.user, last.agent, last.interrupted]
-            if last is not None and last.turn == turn
-            else None
-        )
-        notes = [[t, note] for t, note in self.memory.notes if t == turn]
-        return eventlog.record(
-            EventType.MEMORY,
-            turn,
-            facts_set=facts_set,
-            facts_cleared=cleared,
-            exchange=exchange,
-            notes=notes,
-            **extra,
-        )
 
     def _memory_from(self, state: MemoryState) -> SessionMemory:
         return SessionMemory.from_state(
@@ -556,32 +537,15 @@ class CallSession:
         await self._commit(
             [eventlog.record(EventType.CALL_ENDED, self.turn, seq=msg.seq, reason="hangup")]
         )
-        if not self._dirty:
-            # The final checkpoint should show an empty outbox: nothing left to republish.
+        # The final checkpoint should show what is left to republish, if anything.
+        await self.ckpt.settle()
+        if not self.ckpt.dirty:
             await self._persist()
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(self.tenant, self.call_id, self.epoch)
-        await self._save_history()
+        await save_history(self._svc, self.memory, self.caller, self.call_id)
         await self._out(encode({"type": Out.CALL_ENDED.value, "turn": self.turn}))
         self._svc.metrics.inc("calls_ended")
-
-    async def _save_history(self) -> None:
-        """The call's facts and summary, for this caller's next call. Best effort: a Redis
-        outage costs the next call its "welcome back", never this call its hang-up."""
-        if self.caller == ANONYMOUS_CALLER:
-            return
-        record = self.memory.call_record(self.call_id, now_ms())
-        try:
-            async with asyncio.timeout(HISTORY_SAVE_TIMEOUT_S):
-                await self._svc.memory.history.save(record)
-        except Exception as exc:
-            self._svc.metrics.inc("history_save_failures")
-            log.warning(
-                "customer history not saved",
-                extra={"fields": {"call_id": self.call_id, "error": repr(exc)}},
-            )
-            return
-        self._svc.metrics.inc("history_saved")
 
     # ------------------------------------------------------------------ persistence
 
@@ -593,13 +557,18 @@ class CallSession:
             records.append(
                 eventlog.record(EventType.TURN_METRICS, self.turn, metrics=metrics.to_dict())
             )
-        self.outbox.extend(
-            eventlog.to_outbox(self.tenant, self.call_id, records, self.event_cursor)
-        )
-        self.event_cursor += len(records)
-        self._dirty = True
-        if await self._persist():
-            await self._after_save()
+        try:
+            await self.ckpt.commit(records, self.turn)
+        except Fenced as exc:
+            self._fence(exc)
+            raise CallDropped(str(exc)) from exc
+
+    async def _persist(self) -> bool:
+        try:
+            return await self.ckpt.persist(turn=self.turn)
+        except Fenced as exc:
+            self._fence(exc)
+            raise CallDropped(str(exc)) from exc
 
     def _snapshot(self) -> Checkpoint:
         mem = self.memory.to_state()
@@ -614,47 +583,14 @@ class CallSession:
             status="ended" if self.state is CallState.ENDED else "active",
             working=mem.working,
             facts=mem.facts,
-            outbox=list(self.outbox),
-            event_cursor=self.event_cursor,
+            outbox=list(self.ckpt.outbox),
+            event_cursor=self.ckpt.event_cursor,
             extra=mem.extra,
             created_ms=self.created_ms,
             updated_ms=now_ms(),
         )
 
-    async def _persist(self, *, retrying: bool = False) -> bool:
-        """One CAS checkpoint write. A failure while Redis is away defers the write to the
-        retry loop (which calls back with ``retrying=True`` and stays quiet until it
-        succeeds); a fenced-out epoch drops the call."""
-        async with self._save_lock:
-            try:
-                await self._svc.store.save(self._snapshot())
-            except StoreUnavailable as exc:
-                if retrying:
-                    return False
-                self._svc.metrics.inc("checkpoint_failures")
-                log.warning(
-                    "checkpoint deferred: redis unavailable",
-                    extra={
-                        "fields": {"call_id": self.call_id, "turn": self.turn, "error": str(exc)}
-                    },
-                )
-                self._schedule_retry()
-                return False
-            except FencedOut as exc:
-                self._fence(exc)
-                raise CallDropped(str(exc)) from exc
-            self._dirty = False
-            if retrying:
-                self._svc.metrics.inc("checkpoints_caught_up")
-                log.info(
-                    "checkpoint caught up",
-                    extra={"fields": {"call_id": self.call_id, "turn": self.turn}},
-                )
-            else:
-                self._svc.metrics.inc("checkpoints")
-            return True
-
-    def _fence(self, exc: FencedOut) -> None:
+    def _fence(self, exc: Fenced) -> None:
         if self.state is not CallState.FENCED:
             self._to(CallState.FENCED)
         self._svc.metrics.inc("fenced_out")
@@ -664,86 +600,8 @@ class CallSession:
                 "fields": {
                     "tenant": self.tenant,
                     "call_id": self.call_id,
-                    "epoch": exc.mine,
-                    "current_epoch": exc.current,
+                    "epoch": exc.rejection.mine,
+                    "current_epoch": exc.rejection.current,
                 }
             },
         )
-
-    async def _after_save(self) -> None:
-        await self._out(encode({"type": Ctl.ACK.value, "seq": self.last_seq, "turn": self.turn}))
-        await self._flush_outbox()
-
-    async def _flush_outbox(self) -> None:
-        publisher = self._svc.publisher
-        if not self.outbox or publisher is None:
-            return
-        pending = list(self.outbox)
-        try:
-            acked = set(await publisher.publish(pending))
-        except EventsError as exc:
-            self._svc.metrics.inc("outbox_publish_failures")
-            log.warning(
-                "outbox publish deferred",
-                extra={
-                    "fields": {"call_id": self.call_id, "pending": len(pending), "error": str(exc)}
-                },
-            )
-            self._schedule_retry()
-            return
-        # The removal is persisted with the next checkpoint; until then a takeover would
-        # republish these, which JetStream de-duplicates by msg id.
-        self.outbox = [e for e in self.outbox if e.msg_id not in acked]
-        self._svc.metrics.inc("outbox_published", len(acked))
-        if self.outbox:
-            self._schedule_retry()
-
-    def _schedule_retry(self) -> None:
-        if self._retry_task is None or self._retry_task.done():
-            self._retry_task = asyncio.create_task(
-                self._retry_loop(), name=f"checkpoint-retry:{self.call_id}"
-            )
-
-    async def _retry_loop(self) -> None:
-        delay = 0.1
-        while self.state in (CallState.ACTIVE, CallState.ENDED) and (self._dirty or self.outbox):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-            try:
-                # Under the turn lock: a checkpoint must never capture a half-applied turn.
-                async with self._turn_lock:
-                    if self._dirty:
-                        if not await self._persist(retrying=True):
-                            continue
-                        await self._after_save()
-                    elif self.outbox:
-                        await self._flush_outbox()
-            except CallDropped:
-                return
-            except (ConnectionError, RuntimeError):
-                return  # the link to the router is gone; the next owner republishes
-
-
-def _digest(messages: list[dict[str, Any]]) -> str:
-    h = hashlib.sha256()
-    for m in messages:
-        h.update(str(m.get("role")).encode())
-        h.update(str(m.get("content")).encode())
-    return h.hexdigest()[:16]
-
-
-def _retrieval_record(turn: int, result: RetrievalResult, elapsed_ms: float) -> dict[str, Any]:
-    return eventlog.record(
-        EventType.RETRIEVAL,
-        turn,
-        answered=list(result.answered),
-        timed_out=list(result.timed_out),
-        from_cache=list(result.from_cache),
-        stale=list(result.stale),
-        failed=list(result.failed),
-        partial=result.partial,
-        prefetched=result.prefetched,
-        elapsed_ms=round(elapsed_ms, 3),
-        # Ids, not texts: the knowledge base document, the earlier call, the slot query.
-        snippets=[s.ref or s.source for s in result.snippets],
-    )

@@ -59,6 +59,8 @@ def describe(rec: dict[str, Any]) -> str:
     if k == EventType.AGENT_REPLY:
         heard = " (interrupted, heard " + _q(g("heard")) + ")" if g("interrupted") else ""
         return f"agent {_q(g('text'))}{heard}"
+    if k == EventType.BARGE_IN:
+        return f"caller barged in; had heard {_q(g('heard'))}"
     if k == EventType.MEMORY:
         facts = ", ".join(f"{s} = {v}" for s, v in (g("facts_set") or {}).items())
         return f"memory {facts or 'no new facts'}"

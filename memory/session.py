@@ -160,6 +160,16 @@ class SessionMemory:
         heard = _clip(heard, self.config.max_utterance_chars)
         self.working.add(Exchange(turn, user, heard, interrupted))
 
+    def amend_heard(self, turn: int, heard: str) -> bool:
+        """The caller interrupted turn ``turn`` after it was recorded: keep only what they
+        heard. False if that turn is no longer the last exchange (nothing to amend)."""
+        last = self.working.last()
+        if last is None or last.turn != turn or last.interrupted:
+            return False
+        heard = _clip(heard, self.config.max_utterance_chars)
+        self.working.add(Exchange(turn, last.user, heard, True))
+        return True
+
     def observe_turn(
         self,
         turn: int,

@@ -27,6 +27,11 @@ class WorkingMemory:
         self._items: deque[Exchange] = deque(maxlen=max_turns)
 
     def add(self, exchange: Exchange) -> None:
+        """Append an exchange. One for the turn that is already last amends it: the caller
+        barged in after the turn was committed, and heard less than was said."""
+        if self._items and self._items[-1].turn == exchange.turn:
+            self._items[-1] = exchange
+            return
         self._items.append(exchange)
 
     def __iter__(self) -> Iterator[Exchange]:

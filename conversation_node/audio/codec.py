@@ -68,6 +68,23 @@ def pcm16_to_array(pcm: bytes) -> Int16Array:
     return np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
 
 
+class SampleReader:
+    """Chunks of mu-law or PCM16 audio → int16 samples. Chunk borders may split a PCM16
+    sample (transports do not promise even lengths); the odd byte waits for the next chunk."""
+
+    def __init__(self, mulaw: bool) -> None:
+        self._mulaw = mulaw
+        self._odd = b""
+
+    def read(self, data: bytes) -> Int16Array:
+        if self._mulaw:
+            return mulaw_decode_array(data)
+        data = self._odd + data
+        cut = len(data) - len(data) % 2
+        self._odd = data[cut:]
+        return pcm16_to_array(data[:cut])
+
+
 def array_to_pcm16(samples: npt.NDArray[np.integer]) -> bytes:
     """int16 samples → signed 16-bit little-endian bytes."""
     return np.asarray(samples, dtype="<i2").tobytes()

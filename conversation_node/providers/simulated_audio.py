@@ -31,7 +31,7 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from conversation_node.audio.codec import mulaw_decode_array, mulaw_encode_array, pcm16_to_array
+from conversation_node.audio.codec import SampleReader, mulaw_decode_array, mulaw_encode_array
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
 from conversation_node.providers.base import AudioChunk, Encoding, ProviderError, STTEvent
 from conversation_node.providers.base import STTEventKind as Kind
@@ -278,7 +278,7 @@ class SimulatedSTTStream:
         self._decoder = SpeechDecoder()
         self._frame = SAMPLE_RATE * stt.vad_config.frame_ms // 1000
         self._pending = np.zeros(0, dtype=np.int16)  # part of a frame
-        self._odd = b""  # an odd PCM16 byte
+        self._reader: SampleReader | None = None
         # Events with the monotonic time before which they must not be delivered.
         self._queue: asyncio.Queue[tuple[float, STTEvent | None]] = asyncio.Queue()
         self._last_voice_at: float | None = None
@@ -290,12 +290,10 @@ class SimulatedSTTStream:
             raise ProviderError(self._stt.name, "stream is closed")
         if chunk.sample_rate != SAMPLE_RATE:
             raise ProviderError(self._stt.name, f"unexpected sample rate {chunk.sample_rate}")
-        if chunk.encoding is Encoding.MULAW:
-            samples = mulaw_decode_array(chunk.data)
-        else:
-            data = self._odd + chunk.data
-            cut = len(data) - len(data) % 2
-            self._odd, samples = data[cut:], pcm16_to_array(data[:cut])
+        if self._reader is None or chunk.encoding is not self._encoding:
+            self._encoding = chunk.encoding
+            self._reader = SampleReader(mulaw=chunk.encoding is Encoding.MULAW)
+        samples = self._reader.read(chunk.data)
         # Decoder and VAD advance frame by frame together, so a burst holding several
         # utterances is split at the right places.
         buf = np.concatenate([self._pending, samples])

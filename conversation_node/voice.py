@@ -1,0 +1,284 @@
+"""The audio side of one call: caller audio into speech-to-text, and what the caller heard.
+
+:class:`VoiceLane` feeds every ``audio`` frame into the call's STT stream (opened on the
+first frame) and turns the recognizer's events into the session's turn-taking calls:
+speech started (a possible barge-in), interim transcripts (retrieval prefetch), and the end
+of an utterance (a turn, with its transcript, confidence and the moment speech ended).
+It never blocks on a turn: frames keep flowing while the agent speaks, which is what lets
+the caller interrupt.
+
+Acknowledgement of audio: frames of an utterance are acknowledged with the checkpoint of
+the turn that answers it (the session's ``last_seq``), so a failover replays an utterance
+in flight to the new owner. Audio heard while nobody speaks is acknowledged on its own
+once it is ``QUIET_ACK_AFTER_S`` old (recognizers report speech late, so younger audio may
+still hold the start of an utterance); otherwise the router would keep minutes of silence.
+
+:class:`Playback` follows one reply as the caller plays it: each sentence ends with a
+``mark``, echoed by the client when played. After a barge-in (``clear``), the sentences
+whose marks came back before it are what the caller heard; marks echoed after it are the
+client flushing its buffer (Twilio echoes pending marks on ``clear``) and do not count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from callmesh.protocol import DEFAULT_AUDIO, Inbound
+from conversation_node.providers.base import (
+    STT,
+    AudioChunk,
+    Encoding,
+    ProviderError,
+    STTEventKind,
+    STTStream,
+)
+
+log = logging.getLogger("callmesh.node.voice")
+
+QUIET_ACK_AFTER_S = 1.0
+QUIET_ACK_EVERY_S = 0.5
+# A client that never echoes marks: a reply counts as played this long after its audio
+# would have finished at real-time speed.
+UNMARKED_GRACE_S = 0.3
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    encoding: Encoding
+    sample_rate: int
+
+    @classmethod
+    def from_start(cls, body: dict[str, object]) -> AudioFormat:
+        audio = body.get("audio")
+        spec: dict[str, Any] = audio if isinstance(audio, dict) else dict(DEFAULT_AUDIO)
+        return cls(Encoding(str(spec["encoding"])), int(spec["sample_rate"]))
+
+    @property
+    def bytes_per_ms(self) -> float:
+        width = 1 if self.encoding is Encoding.MULAW else 2
+        return width * self.sample_rate / 1000
+
+
+@dataclass
+class _Sentence:
+    text: str
+    mark: str | None = None
+    audio_ms: float = 0.0
+    played: bool = False
+
+
+@dataclass
+class Playback:
+    """One reply (turn) as the caller plays it."""
+
+    turn: int
+    sentences: list[_Sentence] = field(default_factory=list)
+    first_audio_at: float | None = None
+    audio_ms: float = 0.0
+    finished_sending: bool = False
+    cleared: bool = False
+
+    def on_text(self, text: str) -> None:
+        self.sentences.append(_Sentence(text))
+
+    def on_audio(self, duration_ms: float) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+        self.audio_ms += duration_ms
+        if self.sentences:
+            self.sentences[-1].audio_ms += duration_ms
+
+    def on_mark_sent(self, name: str) -> None:
+        if self.sentences:
+            self.sentences[-1].mark = name
+
+    def on_mark_echoed(self, name: str) -> bool:
+        if self.cleared:
+            return False
+        for s in self.sentences:
+            if s.mark == name:
+                s.played = True
+                return True
+        return False
+
+    def heard(self, marks_seen: bool) -> str:
+        """What the caller has heard so far: sentences whose marks came back (or, from a
+        client that never echoed a mark, what real-time playback has reached)."""
+        if marks_seen:
+            return " ".join(s.text for s in self.sentences if s.played)
+        if self.first_audio_at is None:
+            return ""
+        played_ms = (time.monotonic() - self.first_audio_at) * 1000
+        out, at = [], 0.0
+        for s in self.sentences:
+            at += s.audio_ms
+            if at > played_ms:
+                break
+            out.append(s.text)
+        return " ".join(out)
+
+    def playing(self, marks_seen: bool) -> bool:
+        """True while the caller may still be hearing this reply."""
+        if self.cleared:
+            return False
+        if not self.finished_sending:
+            return True
+        if marks_seen:
+            return any(s.mark is not None and not s.played for s in self.sentences)
+        if self.first_audio_at is None:
+            return False
+        end = self.first_audio_at + self.audio_ms / 1000 + UNMARKED_GRACE_S
+        return time.monotonic() < end
+
+
+class VoiceEvents(Protocol):
+    """What the lane tells its session (implemented by :class:`CallSession`)."""
+
+    async def on_speech_started(self) -> None: ...
+
+    def on_interim(self, text: str) -> None: ...
+
+    async def on_utterance(
+        self, text: str, confidence: float, speech_end_at: float, seq: int
+    ) -> None: ...
+
+    async def on_quiet_audio(self, seq: int) -> None: ...
+
+
+class VoiceLane:
+    """One call's recognizer and the task reading its events (owned; ``aclose`` stops it)."""
+
+    def __init__(
+        self,
+        stt: STT,
+        fmt: AudioFormat,
+        events: VoiceEvents,
+        *,
+        call_id: str,
+        observe_lag: Callable[[float], None],
+    ) -> None:
+        self._stt = stt
+        self.format = fmt
+        self._events = events
+        self.call_id = call_id
+        self._observe_lag = observe_lag
+        self._stream: STTStream | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.fed_seq = 0
+        self.in_utterance = False
+        self._recent: deque[tuple[float, int]] = deque()  # (fed at, seq)
+        self._last_quiet_ack = 0.0
+        self._lag_base: float | None = None
+        self.failed = False
+
+    async def feed(self, msg: Inbound) -> None:
+        """One ``audio`` frame into the recognizer. Bad base64 is the client's error."""
+        try:
+            data = base64.b64decode(msg.body["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("'data' is not valid base64") from None
+        now = time.monotonic()
+        ts = msg.body.get("ts")
+        if isinstance(ts, int):
+            self._frame_lag(now, ts)
+        if self.failed:
+            self.fed_seq = msg.seq
+            return
+        if self._stream is None:
+            await self._open()
+        assert self._stream is not None
+        try:
+            await self._stream.send_audio(
+                AudioChunk(data, self.format.encoding, self.format.sample_rate)
+            )
+        except ProviderError as exc:
+            self._fail(exc)
+        self.fed_seq = msg.seq
+        self._recent.append((now, msg.seq))
+        await self._maybe_quiet_ack(now)
+
+    def _frame_lag(self, now: float, ts_ms: int) -> None:
+        # Lag behind the caller's own clock: how much later than real time this frame is
+        # processed, relative to the earliest frame of the call (clocks need not agree).
+        offset = now * 1000 - ts_ms
+        if self._lag_base is None or offset < self._lag_base:
+            self._lag_base = offset
+        self._observe_lag(offset - self._lag_base)
+
+    async def _open(self) -> None:
+        try:
+            self._stream = await self._stt.open(self.format.encoding, self.format.sample_rate)
+        except ProviderError as exc:
+            self._fail(exc)
+            raise
+        self._reader = asyncio.create_task(self._read(), name=f"stt:{self.call_id}")
+
+    def _fail(self, exc: Exception) -> None:
+        self.failed = True
+        log.error(
+            "speech recognition failed: audio is ignored for this call",
+            extra={"fields": {"call_id": self.call_id, "error": str(exc)}},
+        )
+
+    async def _read(self) -> None:
+        assert self._stream is not None
+        try:
+            async for ev in self._stream.events():
+                if ev.kind is STTEventKind.SPEECH_STARTED:
+                    self.in_utterance = True
+                    await self._events.on_speech_started()
+                elif ev.kind is STTEventKind.INTERIM:
+                    self.in_utterance = True
+                    self._events.on_interim(ev.text)
+                elif ev.kind is STTEventKind.UTTERANCE_END:
+                    self.in_utterance = False
+                    ended = ev.speech_end_at or time.monotonic()
+                    await self._events.on_utterance(ev.text, ev.confidence, ended, self.fed_seq)
+        except ProviderError as exc:
+            self._fail(exc)
+        except Exception:
+            log.exception("speech events failed", extra={"fields": {"call_id": self.call_id}})
+            self.failed = True
+
+    async def finalize(self) -> None:
+        """End the utterance in progress now (a DTMF key, the caller hanging up)."""
+        if self._stream is not None and not self.failed:
+            with contextlib.suppress(ProviderError):
+                await self._stream.finalize()
+
+    async def _maybe_quiet_ack(self, now: float) -> None:
+        if now - self._last_quiet_ack < QUIET_ACK_EVERY_S:
+            return
+        seq = 0
+        while self._recent and now - self._recent[0][0] >= QUIET_ACK_AFTER_S:
+            seq = self._recent.popleft()[1]
+        if seq and not self.in_utterance:
+            self._last_quiet_ack = now
+            await self._events.on_quiet_audio(seq)
+
+    async def aclose(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(asyncio.gather(self._reader, return_exceptions=True))
+            self._reader = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<VoiceLane {self.call_id} {self.format.encoding}/{self.format.sample_rate} "
+            f"fed={self.fed_seq}{' speaking' if self.in_utterance else ''}"
+            f"{' failed' if self.failed else ''}>"
+        )

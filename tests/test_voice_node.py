@@ -1,0 +1,131 @@
+"""Spoken calls on a real node: audio in → STT → turn, marks, barge-in, fallbacks.
+
+The node runs in the test process with chosen providers (``tests/node_harness.py``) on
+the real Redis and NATS of the test session; the test plays the router's part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from node_harness import node_call, running_node, simulated_providers
+from redis.asyncio import Redis
+
+from conversation_node.providers.base import LLMDelta, LLMRequest
+from events.replay import build_report, read_records
+from state_store.store import StateStore
+
+
+async def _checkpoint(redis: Redis, call_id: str) -> Any:
+    ckpt = await StateStore(redis).load("demo", call_id)
+    assert ckpt is not None
+    return ckpt
+
+
+async def test_spoken_turn_is_answered_with_marks(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-1") as call,
+    ):
+        await call.start(caller="ana")
+        assert call.of_turn(0, "mark"), "a voice call's greeting ends sentences with marks"
+        await call.echo_marks(0)
+        await call.speak("Hi, my name is Ana")
+        metrics = await call.turn(1)
+        assert "Ana" in call.reply_text(1)
+        assert metrics["stt_ms"] >= 0 and metrics["latency_ms"] > 0
+        assert metrics["interrupted"] is False
+        audio = call.of_turn(1, "agent_audio")
+        assert audio and all(a["encoding"] == "mulaw" and a["sample_rate"] == 8000 for a in audio)
+        ckpt = await _checkpoint(redis, "voice-1")
+        assert ckpt.turn == 1 and ckpt.facts.get("name")
+
+
+def _working(ckpt: Any) -> list[list[Any]]:
+    return [list(e) for e in ckpt.working]
+
+
+async def test_barge_in_after_commit_keeps_what_was_heard(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-2") as call,
+    ):
+        await call.start(caller="ben")
+        await call.echo_marks(0)
+        await call.speak("Hi, my name is Ben")
+        await call.turn(1)
+        sentences = [f["text"] for f in call.of_turn(1, "agent_text")]
+        marks = call.of_turn(1, "mark")
+        assert len(sentences) >= 2 and len(marks) == len(sentences)
+        # The caller has played the first sentence only, and starts talking.
+        await call.echo_marks(1, count=1)
+        await call.speak("Sorry, one more thing")
+        clear = await call.wait_for(lambda f: f["type"] == "clear")
+        assert clear == {"type": "clear", "turn": 1, "reason": "barge_in"}
+        # Marks the client flushes on a clear (as Twilio does) do not count as heard.
+        await call.echo_marks(1)
+        await call.turn(2)
+        await call.send(type="hangup")
+        await call.wait_for(lambda f: f["type"] == "call_ended")
+    ckpt = await _checkpoint(redis, "voice-2")
+    turn1 = next(e for e in _working(ckpt) if e[0] == 1)
+    assert turn1[2] == sentences[0] and turn1[3] is True
+    # Replay rebuilds the amended memory from the log: no divergence.
+    nc = await nats.connect(nats_url)
+    try:
+        records = await read_records(nc.jetstream(), "demo", "voice-2")
+    finally:
+        await nc.drain()
+    assert any(r["type"] == "barge_in" and r["turn"] == 1 for r in records)
+    report = build_report("demo", "voice-2", records, ckpt)
+    assert report.verified is True, report.divergences
+
+
+class PausingLLM:
+    """Says one sentence, then thinks for a long time before the next one."""
+
+    name = "pausing-llm"
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[LLMDelta]:
+        yield LLMDelta(text="Let me look into that for you right away. ")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        yield LLMDelta(text="Here is a second sentence nobody should hear.")
+
+
+async def test_barge_in_mid_reply_stops_the_model_and_the_voice(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    llm = PausingLLM()
+    async with (
+        running_node(redis_url, nats_url, simulated_providers(llm=llm)) as (_, url),
+        node_call(url, "voice-3") as call,
+    ):
+        await call.start(caller="cy")
+        await call.echo_marks(0)
+        await call.speak("What are your opening hours?")
+        await call.wait_for(lambda f: f["type"] == "mark" and f["turn"] == 1)
+        await call.echo_marks(1)  # the first sentence has been played
+        await call.speak("Actually never mind")
+        clear = await call.wait_for(lambda f: f["type"] == "clear")
+        assert clear["turn"] == 1 and clear["reason"] == "barge_in"
+        metrics = await call.turn(1)
+        assert metrics["interrupted"] is True
+        await asyncio.wait_for(llm.cancelled.wait(), 5)
+        assert "second sentence" not in call.reply_text(1)
+        ckpt = await _checkpoint(redis, "voice-3")
+        turn1 = next(e for e in _working(ckpt) if e[0] == 1)
+        assert turn1[2] == "Let me look into that for you right away." and turn1[3] is True
