@@ -135,6 +135,8 @@ class NodeConfig:
     llm_first_token_budget_ms: float = 1500.0
     llm_total_budget_ms: float = 8000.0
     tts_first_chunk_budget_ms: float = 1000.0
+    # A turn's end-to-end budget (end of speech → first audio; architecture: p95 < 800 ms).
+    turn_budget_ms: float = 800.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.stt_min_confidence <= 1.0:

@@ -94,6 +94,12 @@ class NodeServices:
         self.metrics.inc("turn_overhead_ms_sum", m.overhead_ms)
         self.metrics.inc("turn_retrieval_ms_sum", m.retrieval_ms)
         self.metrics.observe("turn_overhead_ms", m.overhead_ms)
+        budget = self.config.turn_budget_ms
+        if m.latency_ms > budget:
+            self.metrics.inc("turns_over_budget")
+            if m.provider_ms <= budget:
+                # The providers left room; callmesh's own share pushed the turn over.
+                self.metrics.inc("turns_over_budget_by_callmesh")
         for f in m.fallbacks:
             self.metrics.inc(f"fallback_{f}")
 

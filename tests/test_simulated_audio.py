@@ -232,3 +232,23 @@ async def test_stt_consumer_cancellation_leaves_stream_usable() -> None:
     events = await _until_utterance_end(stream)
     await stream.aclose()
     assert events[-1].text == "still here"
+
+
+async def test_stt_silence_fast_path_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quiet frames skip signal processing; the events must be those of the slow path."""
+    rng = random.Random(7)
+    noise = bytes(0xFF - rng.randrange(4) for _ in range(8000))  # line hiss, far below -45 dBFS
+    audio = silence(300) + speech_from_text("one") + noise + speech_from_text("two") + silence(500)
+
+    async def run(fast: bool) -> list[tuple[str, str, float]]:
+        stream = await _open()
+        if not fast:
+            monkeypatch.setattr(stream, "_skip_if_quiet", lambda chunk: False)
+        await _send(stream, audio)
+        events = await _until_utterance_end(stream, count=2)
+        await stream.aclose()
+        return [(e.kind.value, e.text, e.confidence) for e in events]
+
+    slow = await run(fast=False)
+    assert await run(fast=True) == slow
+    assert [t for k, t, _ in slow if k == "utterance_end"] == ["one", "two"]

@@ -130,6 +130,19 @@ class EnergyVAD:
                     events.append(event)
         return events
 
+    @property
+    def at_frame_boundary(self) -> bool:
+        """No partial frame is waiting for more audio."""
+        return not len(self._samples) and not self._bytes
+
+    def skip_unvoiced(self, frames: int) -> None:
+        """Advance over ``frames`` whole frames known to be below the threshold while not
+        in speech: what ``push_samples`` would do for them, without computing energies."""
+        if self._in_speech:
+            raise RuntimeError("skip_unvoiced during speech would miss the endpoint")
+        self._voiced_run_ms = 0
+        self._position_ms += frames * self.config.frame_ms
+
     def flush(self) -> list[VadEvent]:
         """End of stream: close an utterance still in progress."""
         if not self._in_speech:

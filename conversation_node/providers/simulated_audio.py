@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import time
 from collections.abc import AsyncGenerator
 from enum import Enum
@@ -133,6 +134,19 @@ class SpeechDecoder:
             return 0.0
         return round(min(1.0, float(np.mean(self._purities))), 3)
 
+    @property
+    def idle(self) -> bool:
+        """Waiting for the onset of a transmission, nothing half-decoded."""
+        return self._state is _State.IDLE and not self._done and not self._current
+
+    def skip_quiet(self, samples: npt.NDArray[np.integer]) -> None:
+        """Consume audio known to be far below the onset level, without scanning it: only
+        its tail is kept, as :meth:`push_samples` would in the idle state."""
+        if self._state is not _State.IDLE:
+            self.push_samples(samples)
+            return
+        self._buf = np.asarray(samples[-self._SLACK :], dtype=np.float64)
+
     def take(self) -> tuple[str, float]:
         """Return ``(text, confidence)`` decoded so far and start afresh; a transmission
         in progress is cut at what arrived (the VAD has decided the utterance ended)."""
@@ -225,6 +239,15 @@ class SpeechDecoder:
         self._state = _State.IDLE
 
 
+@functools.lru_cache(maxsize=8)
+def _audible_table(threshold_dbfs: float) -> bytes:
+    """mu-law byte → 1 if its sample reaches the VAD threshold (or the decoder's onset
+    level), for a C-speed "is this frame silent?" test with ``bytes.translate``."""
+    level = min(32768.0 * 10 ** (threshold_dbfs / 20), SpeechDecoder._ONSET)
+    decoded = mulaw_decode_array(bytes(range(256)))
+    return bytes(1 if abs(int(v)) >= level else 0 for v in decoded)
+
+
 def decode_speech(mulaw: bytes) -> str:
     """Decode a whole buffer of simulated speech (tests, fakes, load-test callers)."""
     decoder = SpeechDecoder()
@@ -279,6 +302,7 @@ class SimulatedSTTStream:
         self._frame = SAMPLE_RATE * stt.vad_config.frame_ms // 1000
         self._pending = np.zeros(0, dtype=np.int16)  # part of a frame
         self._reader: SampleReader | None = None
+        self._audible = _audible_table(stt.vad_config.threshold_dbfs)
         # Events with the monotonic time before which they must not be delivered.
         self._queue: asyncio.Queue[tuple[float, STTEvent | None]] = asyncio.Queue()
         self._last_voice_at: float | None = None
@@ -290,6 +314,8 @@ class SimulatedSTTStream:
             raise ProviderError(self._stt.name, "stream is closed")
         if chunk.sample_rate != SAMPLE_RATE:
             raise ProviderError(self._stt.name, f"unexpected sample rate {chunk.sample_rate}")
+        if self._skip_if_quiet(chunk):
+            return
         if self._reader is None or chunk.encoding is not self._encoding:
             self._encoding = chunk.encoding
             self._reader = SampleReader(mulaw=chunk.encoding is Encoding.MULAW)
@@ -301,6 +327,26 @@ class SimulatedSTTStream:
         self._pending = buf[whole:]
         for start in range(0, whole, self._frame):
             self._process_frame(buf[start : start + self._frame])
+
+    def _skip_if_quiet(self, chunk: AudioChunk) -> bool:
+        """The fast path of a line that is silent between utterances (most of a call):
+        whole mu-law frames with every sample below the VAD threshold, while nothing is
+        being heard, advance the audio clock without any signal processing. The result
+        is exactly what the slow path would produce for such frames."""
+        data = chunk.data
+        if (
+            chunk.encoding is not Encoding.MULAW
+            or len(data) % self._frame
+            or len(self._pending)
+            or self._vad.in_speech
+            or not self._vad.at_frame_boundary
+            or not self._decoder.idle
+            or data.translate(self._audible).strip(b"\x00")
+        ):
+            return False
+        self._vad.skip_unvoiced(len(data) // self._frame)
+        self._decoder.skip_quiet(mulaw_decode_array(data[-SpeechDecoder._SLACK :]))
+        return True
 
     def _process_frame(self, frame: npt.NDArray[np.int16]) -> None:
         self._decoder.push_samples(frame)
