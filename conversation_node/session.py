@@ -28,6 +28,7 @@ from typing import Any
 
 from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame, mark_name
 from callmesh.telemetry import TurnMetrics, now_ms
+from conversation_node import turns
 from conversation_node.audio.convert import Transcoder
 from conversation_node.checkpointing import Checkpointer, Fenced
 from conversation_node.errors import CallDropped
@@ -35,24 +36,17 @@ from conversation_node.greeting import load_history, save_history
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import TEXT_MODE, Voice
 from conversation_node.prompt import (
-    BOOKED_FACT,
     Greeting,
-    build_request,
-    describe_booking,
     greeting_for,
 )
 from conversation_node.turn_records import (
     FactOp,
     memory_record,
-    prompt_digest,
-    retrieval_fallbacks,
-    retrieval_record,
 )
 from conversation_node.voice import AudioFormat
 from conversation_node.voice_turns import VoiceTurns
 from events import eventlog
 from events.eventlog import EventType
-from events.outbox import effect_entry
 from memory.session import MemoryState, SessionMemory
 from memory.sources import Query
 from state_store.checkpoint import Checkpoint, OutboxEntry
@@ -61,9 +55,6 @@ from state_store.errors import StoreUnavailable
 log = logging.getLogger("callmesh.node.session")
 
 Send = Callable[[str], Awaitable[None]]
-
-# Tool calls the model may make, and the effect kind each becomes.
-EFFECT_KINDS = {"create_booking": "booking_create"}
 
 
 class CallState(StrEnum):
@@ -235,11 +226,11 @@ class CallSession:
         )
         self._svc.metrics.inc("calls_resumed" if ckpt else "calls_started")
         if greeting is not None:
-            await self._greet(greeting, started, history_ms)
+            await turns.greet(self, greeting, started, history_ms)
             return
         delivered = start.body.get("delivered_turn")
         if ckpt is not None and isinstance(delivered, int) and delivered < self.turn:
-            await self._respeak_last_turn()
+            await turns.respeak_last_turn(self)
 
     def _apply_greeting(self, greeting: Greeting) -> list[dict[str, Any]]:
         """Turn 0 in memory (the name carried over, the greeting as heard) and its records."""
@@ -255,58 +246,6 @@ class CallSession:
             ),
             memory_record(self.memory, 0, ops, history=list(greeting.from_calls)),
         ]
-
-    async def _greet(self, greeting: Greeting, started: float, history_ms: float) -> None:
-        """Speak the committed greeting, then complete turn 0 like any other turn."""
-        async with self._turn_lock:
-            pb, _ = self.vt.start_reply(0)
-            output = await self._svc.pipeline.speak(greeting.text, self._emit, self.voice)
-            pb.finished_sending = True
-            first_audio = output.first_audio_at or time.monotonic()
-            latency_ms = (first_audio - started) * 1000
-            provider_ms = history_ms + output.tts_first_chunk_ms
-            metrics = TurnMetrics(
-                call_id=self.call_id,
-                turn=0,
-                latency_ms=latency_ms,
-                retrieval_ms=history_ms,
-                tts_first_chunk_ms=output.tts_first_chunk_ms,
-                provider_ms=provider_ms,
-                overhead_ms=max(0.0, latency_ms - provider_ms),
-                intent="greeting",
-                fallbacks=list(output.fallbacks),
-                node=self._svc.node_id,
-                epoch=self.epoch,
-            )
-            records = [
-                eventlog.record(EventType.FALLBACK, 0, kind=f, detail="greeting")
-                for f in output.fallbacks
-            ]
-            await self._finish_turn(records, metrics)
-        self._svc.metrics.inc("greetings_returning" if greeting.returning else "greetings")
-
-    async def _respeak_last_turn(self) -> None:
-        """The previous owner committed this turn but the caller never got all of it (it
-        died between its checkpoint and the end of the reply): say it again. The router
-        drops the frames the caller already heard, by ``(turn, n)``."""
-        last = self.memory.working.last()
-        if last is None or last.turn != self.turn:
-            return
-        async with self._turn_lock:
-            pb, _ = self.vt.start_reply(self.turn)
-            output = await self._svc.pipeline.speak(last.agent, self._emit, self.voice)
-            pb.finished_sending = True
-            metrics = TurnMetrics(
-                call_id=self.call_id,
-                turn=self.turn,
-                tts_first_chunk_ms=output.tts_first_chunk_ms,
-                intent="replayed",
-                fallbacks=output.fallbacks,
-                node=self._svc.node_id,
-                epoch=self.epoch,
-            )
-            await self._out(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
-        self._svc.metrics.inc("turns_respoken")
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.turn = ckpt.turn
@@ -412,7 +351,7 @@ class CallSession:
         # back to the last committed state, so the checkpoint stays what the log explains.
         turn_before, memory_before = self.turn, self.memory.to_state()
         try:
-            records, metrics, effects = await self._answer(seq, text, confidence, started)
+            records, metrics, effects = await turns.answer(self, seq, text, confidence, started)
         except BaseException:
             self.turn, self.memory = turn_before, self._memory_from(memory_before)
             raise
@@ -434,89 +373,11 @@ class CallSession:
         t0 = time.monotonic()
         await self._commit(records, metrics)
         metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
-        await self._out(
-            encode({"type": Out.TURN_METRICS.value, "turn": metrics.turn, **metrics.to_dict()})
-        )
+        fields = metrics.to_dict()
+        await self._out(encode({"type": Out.TURN_METRICS.value, "turn": metrics.turn, **fields}))
         self._svc.observe_turn(metrics)
-
-    async def _answer(
-        self, seq: int, text: str, confidence: float, started: float
-    ) -> tuple[list[dict[str, Any]], TurnMetrics, list[OutboxEntry]]:
-        """One user turn up to its commit: memory → retrieval → prompt → pipeline."""
-        self.turn += 1
-        turn = self.turn
-        mem = self.memory
-        update = mem.observe_user(turn, text)
-        ops: list[FactOp] = [(c.slot, c.value) for c in update.changes]
-        t0 = time.monotonic()
-        retrieval = await self._retriever.retrieve(text)
-        retrieval_ms = (time.monotonic() - t0) * 1000
-        prompt = self._svc.memory.prompts.build(mem, text, retrieval)
-        request = build_request(prompt, text, seed=f"{self.call_id}:{turn}")
-        pb, interrupt = self.vt.start_reply(turn)
-        output = await self._svc.pipeline.run(request, self._emit, self.voice, interrupt)
-        heard, interrupted = self.vt.heard(pb, output.text, output.interrupted)
-        effects: list[OutboxEntry] = []
-        records: list[dict[str, Any]] = [
-            eventlog.record(EventType.USER_TURN, turn, seq=seq, text=text, confidence=confidence),
-            retrieval_record(turn, retrieval, retrieval_ms),
-            eventlog.record(
-                EventType.LLM,
-                turn,
-                prompt_digest=prompt_digest(prompt.messages),
-                prompt_tokens=prompt.tokens,
-                prompt_truncated=list(prompt.truncated),
-                state=request.facts,
-                output=output.text,
-                tool_calls=[{"name": c.name, "arguments": c.arguments} for c in output.tool_calls],
-            ),
-        ]
-        for call in output.tool_calls:
-            kind = EFFECT_KINDS.get(call.name)
-            if kind is None:
-                continue
-            entry = effect_entry(
-                self.tenant, self.call_id, turn, len(effects), kind, call.arguments
-            )
-            effects.append(entry)
-            records.append(
-                eventlog.record(
-                    EventType.EFFECT, turn, msg_id=entry.msg_id, kind=kind, payload=call.arguments
-                )
-            )
-            booked = describe_booking(call.arguments) if call.name == "create_booking" else None
-            if booked is not None and mem.facts.set(BOOKED_FACT, booked, turn):
-                ops.append((BOOKED_FACT, booked))
-        fallbacks = [*retrieval_fallbacks(retrieval), *output.fallbacks]
-        records += [eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in fallbacks]
-        mem.observe_agent(turn, heard, interrupted=interrupted)
-        first_audio = output.first_audio_at or time.monotonic()
-        latency_ms = (first_audio - started) * 1000
-        # Retrieval is on the critical path, like the model's first sentence and the voice.
-        provider_ms = retrieval_ms + output.first_sentence_s * 1000 + output.tts_first_chunk_ms
-        metrics = TurnMetrics(
-            call_id=self.call_id,
-            turn=turn,
-            latency_ms=latency_ms,
-            retrieval_ms=retrieval_ms,
-            llm_first_token_ms=output.llm_first_token_ms,
-            tts_first_chunk_ms=output.tts_first_chunk_ms,
-            provider_ms=provider_ms,
-            overhead_ms=max(0.0, latency_ms - provider_ms),
-            intent=update.intent,
-            fallbacks=fallbacks,
-            interrupted=interrupted,
-            node=self._svc.node_id,
-            epoch=self.epoch,
-        )
-        records += [
-            eventlog.record(
-                EventType.AGENT_REPLY, turn, text=output.text, heard=heard, interrupted=interrupted
-            ),
-            memory_record(mem, turn, ops),
-        ]
-        self.last_seq = max(self.last_seq, seq)
-        return records, metrics, effects
+        # The same record in the node's log, for log pipelines (one JSON object per turn).
+        log.info("turn", extra={"fields": {"tenant": self.tenant, **fields}})
 
     def _memory_from(self, state: MemoryState) -> SessionMemory:
         return SessionMemory.from_state(
