@@ -2,6 +2,9 @@
 
 Routes:
 - ``GET /v1/calls/{call_id}`` (WebSocket): the native call protocol (docs/protocol.md);
+- ``GET /v1/twilio/media`` (WebSocket): Twilio Media Streams (``router.twilio``);
+- ``POST /v1/twilio/voice``: Twilio's voice webhook, answered with TwiML
+  (``router.twilio_webhook``);
 - ``GET /healthz``, ``GET /v1/status`` (nodes and live calls, JSON), ``GET /metrics``.
 Any other path answers 404 with a JSON error body.
 """
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -20,9 +24,12 @@ from aiohttp import web
 from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode, valid_id
 from callmesh.telemetry import Metrics
+from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.proxy import ProxySession
 from router.ring import BoundedLoadRing, NoNodeAvailable
+from router.twilio import TwilioLink
+from router.twilio_webhook import MEDIA_PATH, VOICE_PATH, voice_webhook
 from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
@@ -31,6 +38,10 @@ from state_store.pins import PinStore
 log = logging.getLogger("callmesh.router")
 
 CONFIRM_TIMEOUT_S = 0.25
+# Twilio streams media without a pause for the whole call (silence included), so a stream
+# with no message for this long is dead; checked by one sweep instead of a WebSocket
+# heartbeat, whose per-message timer reset costs more than the rest of the frame's path.
+TWILIO_IDLE_S = 10.0
 
 
 class Router:
@@ -73,13 +84,14 @@ class Router:
         with contextlib.suppress(StateStoreError):
             await self._membership.refresh()
         self._membership.start()
+        self._spawn(self._close_idle_twilio_streams(), "twilio-idle-sweep")
         log.info("router started", extra={"fields": {"router": self.config.router_id}})
 
     async def aclose(self) -> None:
         sessions = list(self.calls.values())
         for s in sessions:
             with contextlib.suppress(Exception):
-                await s.client.close(code=CloseCode.GOING_AWAY, message=b"router shutting down")
+                await s.link.close(CloseCode.GOING_AWAY, b"router shutting down")
         if self._membership is not None:
             await self._membership.aclose()
         for t in list(self._background):
@@ -153,15 +165,30 @@ class Router:
         self.metrics.inc("failover_gap_ms_sum", gap_s * 1000)
 
     def close_in_background(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        task = asyncio.get_running_loop().create_task(ws.close(), name="close-node-link")
+        self._spawn(ws.close(), "close-node-link")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _close_idle_twilio_streams(self) -> None:
+        while True:
+            await asyncio.sleep(TWILIO_IDLE_S)
+            for session in list(self.calls.values()):
+                link = session.link
+                if isinstance(link, TwilioLink) and link.idle_since_last_check():
+                    self.metrics.inc("twilio_streams_idle_closed")
+                    log.info("Twilio stream idle", extra={"fields": {"call_id": link.call_id}})
+                    self._spawn(link.close(CloseCode.GOING_AWAY, b"no media"), "close-idle")
 
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors])
         app.router.add_get("/v1/calls/{call_id}", self.call)
+        app.router.add_get(MEDIA_PATH, self.twilio_media)
+        app.router.add_post(VOICE_PATH, self.twilio_voice)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.metrics_endpoint)
@@ -175,17 +202,32 @@ class Router:
         # frame and the call goes on.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
         await ws.prepare(request)
-        session = ProxySession(self, call_id, ws)
         self.metrics.inc("calls_accepted")
+        link = NativeLink(ws, call_id, self.metrics, self.config.max_frame_bytes)
+        return await self._serve(ws, link)
+
+    async def twilio_media(self, request: web.Request) -> web.StreamResponse:
+        # Twilio does not negotiate compression; refusing it keeps 50 frames/s cheap.
+        # No heartbeat: see TWILIO_IDLE_S.
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
+        await ws.prepare(request)
+        self.metrics.inc("twilio_streams_accepted")
+        return await self._serve(ws, TwilioLink(ws, self.metrics, self.config.max_frame_bytes))
+
+    async def twilio_voice(self, request: web.Request) -> web.Response:
+        return await voice_webhook(request, self.config, self.metrics)
+
+    async def _serve(self, ws: web.WebSocketResponse, link: ClientLink) -> web.WebSocketResponse:
+        session = ProxySession(self, link)
         key: tuple[str, str] | None = None
         try:
             if not await session.wait_start():
                 return ws
-            key = (session.tenant, call_id)
+            key = (session.tenant, session.call_id)
             old = self.calls.get(key)
             if old is not None:
                 # The caller reconnected: the newest connection wins.
-                await old.client.close(code=CloseCode.GOING_AWAY, message=b"replaced")
+                await old.link.close(CloseCode.GOING_AWAY, b"replaced")
             self.calls[key] = session
             await session.run()
         finally:

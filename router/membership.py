@@ -113,6 +113,7 @@ class MembershipView:
 
     async def _run(self) -> None:
         period = self._config.poll_ms / 1000
+        me = asyncio.current_task()
         while True:
             try:
                 await self.refresh()
@@ -131,4 +132,8 @@ class MembershipView:
                 now = time.monotonic()
                 for v in self.nodes.values():
                     v.last_progress = now
+            # redis-py can swallow a cancellation that lands inside a command (the command
+            # then returns normally); without this check aclose() would wait forever.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(period)

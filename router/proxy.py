@@ -8,34 +8,40 @@ replaced underneath it. What makes a replacement invisible to the caller (invari
 - reply frames of a turn not yet acknowledged are remembered by ``(turn, n)``: a re-answer
   that says the same thing is not sent twice; one that says something else is preceded by
   ``clear`` so the caller drops the dead node's partial reply first.
+
+The client side is a :class:`~router.links.ClientLink` (native protocol or Twilio Media
+Streams), so all of the above works the same for every kind of client. Caller audio is
+kept apart from the other frames: it is never refused, and only the oldest of it is
+dropped when more than ``max_unacked_audio_ms`` waits for an acknowledgement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
 from collections import deque
 from enum import StrEnum
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
 from callmesh.protocol import (
     REPLY_TYPES,
+    AudioEncoding,
     CloseCode,
     Ctl,
     ErrorCode,
     In,
     Inbound,
     Out,
-    ProtocolError,
     encode,
-    error_frame,
-    parse_inbound,
 )
+from router.links import ClientLink
 from router.ring import NoNodeAvailable
 from state_store.errors import StateStoreError
 
@@ -53,22 +59,58 @@ class Outcome(StrEnum):
     CLIENT_GONE = "client_gone"
 
 
+_SEQ = attrgetter("seq")
+_TYPE_PREFIX = '{"type":"'
+
+
+def _kind_of(raw: str) -> str | None:
+    """The type of a node frame without parsing it: nodes encode ``type`` first."""
+    if raw.startswith(_TYPE_PREFIX):
+        end = raw.find('"', 9)
+        if end > 9:
+            return raw[9:end]
+    return None
+
+
+def _parse(raw: str) -> dict[str, Any] | None:
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+def _audio_bytes_per_ms(start: dict[str, Any]) -> int:
+    audio = start.get("audio") or {}
+    rate = int(audio.get("sample_rate", 8000))
+    width = 2 if audio.get("encoding") == AudioEncoding.PCM16 else 1
+    return max(1, width * rate // 1000)
+
+
 class ProxySession:
-    def __init__(self, router: Router, call_id: str, client: web.WebSocketResponse) -> None:
+    def __init__(self, router: Router, link: ClientLink) -> None:
         self._r = router
-        self.call_id = call_id
-        self.client = client
+        self.link = link
+        # The native path names the call; a Twilio call is named by its ``start``.
+        self.call_id = link.call_id
         self.tenant = ""
         self.start: Inbound | None = None
         self.node_id: str | None = None
         self.upstream: aiohttp.ClientWebSocketResponse | None = None
+        # Unacknowledged frames, kept for replay: audio apart (it is bounded by duration,
+        # oldest dropped first), everything else by count (refused beyond it).
         self.unacked: deque[Inbound] = deque()
+        self.unacked_audio: deque[Inbound] = deque()
+        self.unacked_audio_bytes = 0
+        self._max_audio_bytes = 0
+        self._audio_bytes_per_ms = 8
         self.last_client_seq = 0
         # Highest turn whose ``turn_metrics`` the client received: that reply is complete.
         # -1: not even turn 0 (the greeting) is complete yet.
         self.completed_turn = -1
         self.delivered: dict[tuple[int, int], int] = {}
-        self._held: list[str] = []  # duplicate frames of the in-flight turn, held back
+        # duplicate frames of the in-flight turn, held back: (kind, raw, parsed)
+        self._held: list[tuple[str, str, dict[str, Any]]] = []
         self._ready_sent = False
         self._ended = False
         self._client_gone = asyncio.Event()
@@ -77,90 +119,61 @@ class ProxySession:
 
     def __repr__(self) -> str:
         return (
-            f"<ProxySession {self.tenant}/{self.call_id} node={self.node_id} "
-            f"unacked={len(self.unacked)} turn={self.completed_turn} failovers={self.failovers}>"
+            f"<ProxySession {self.link.kind} {self.tenant}/{self.call_id} node={self.node_id} "
+            f"unacked={len(self.unacked) + len(self.unacked_audio)} "
+            f"turn={self.completed_turn} failovers={self.failovers}>"
         )
 
     # ------------------------------------------------------------------ client side
 
-    async def send_client(self, frame: str) -> None:
-        if not self.client.closed:
+    async def send_client(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+        if not self.link.closed:
             try:
-                await self.client.send_str(frame)
+                await self.link.send(kind, raw, frame)
             except (ConnectionError, RuntimeError):
                 self._client_gone.set()
 
     async def wait_start(self) -> bool:
         """Read client frames until a valid ``start``; errors for anything before it."""
-        async for msg in self.client:
-            if msg.type is not WSMsgType.TEXT:
-                if msg.type is WSMsgType.BINARY:
-                    await self.send_client(error_frame(ErrorCode.BAD_MESSAGE, "use text frames"))
-                    continue
-                return False
-            inbound = await self._parse(msg.data)
-            if inbound is None:
-                continue
+        while (inbound := await self.link.receive()) is not None:
             if inbound.type is not In.START:
-                await self.send_client(
-                    error_frame(
-                        ErrorCode.NOT_STARTED, "send 'start' before anything else", seq=inbound.seq
-                    )
+                await self.link.refuse(
+                    ErrorCode.NOT_STARTED, "send 'start' before anything else", inbound.seq
                 )
                 continue
             self.start = inbound
+            self.call_id = self.link.call_id
             self.tenant = inbound.body["tenant"]
             self.last_client_seq = inbound.seq
+            self._audio_bytes_per_ms = _audio_bytes_per_ms(inbound.body)
+            self._max_audio_bytes = self._r.config.max_unacked_audio_ms * self._audio_bytes_per_ms
             return True
         return False
 
-    async def _parse(self, data: str) -> Inbound | None:
-        try:
-            return parse_inbound(data, self._r.config.max_frame_bytes)
-        except ProtocolError as exc:
-            self._r.metrics.inc(f"client_errors_{exc.code.value}")
-            await self.send_client(error_frame(exc.code, exc.message, seq=exc.seq))
-            return None
-
     async def read_client(self) -> None:
         """Client → node: validate, keep until acknowledged, forward if a link is up."""
+        link = self.link
+        max_frames = self._r.config.max_unacked_frames
         try:
-            async for msg in self.client:
-                if msg.type is WSMsgType.BINARY:
-                    await self.send_client(error_frame(ErrorCode.BAD_MESSAGE, "use text frames"))
+            while (inbound := await link.receive()) is not None:
+                seq = inbound.seq
+                if seq <= self.last_client_seq:
+                    why = f"seq must increase (last was {self.last_client_seq})"
+                    await link.refuse(ErrorCode.BAD_SEQ, why, seq)
                     continue
-                if msg.type is not WSMsgType.TEXT:
-                    break
-                inbound = await self._parse(msg.data)
-                if inbound is None:
+                if inbound.type is In.AUDIO:
+                    self._keep_audio(inbound)
+                elif inbound.type is In.START:
+                    await link.refuse(ErrorCode.ALREADY_STARTED, "call already started", seq)
                     continue
-                if inbound.seq <= self.last_client_seq:
-                    await self.send_client(
-                        error_frame(
-                            ErrorCode.BAD_SEQ,
-                            f"seq must increase (last was {self.last_client_seq})",
-                            seq=inbound.seq,
-                        )
+                elif len(self.unacked) >= max_frames:
+                    await link.refuse(
+                        ErrorCode.UNAVAILABLE, "too many unacknowledged frames; slow down", seq
                     )
                     continue
-                if inbound.type is In.START:
-                    await self.send_client(
-                        error_frame(
-                            ErrorCode.ALREADY_STARTED, "call already started", seq=inbound.seq
-                        )
-                    )
-                    continue
-                if len(self.unacked) >= self._r.config.max_unacked_frames:
-                    await self.send_client(
-                        error_frame(
-                            ErrorCode.UNAVAILABLE,
-                            "too many unacknowledged frames; slow down",
-                            seq=inbound.seq,
-                        )
-                    )
-                    continue
-                self.last_client_seq = inbound.seq
-                self.unacked.append(inbound)
+                else:
+                    self.unacked.append(inbound)
+                self.last_client_seq = seq
                 up = self.upstream
                 if up is not None and not up.closed:
                     try:
@@ -172,6 +185,23 @@ class ProxySession:
             up = self.upstream
             if up is not None and not self._ended:
                 await up.close()
+
+    def _keep_audio(self, frame: Inbound) -> None:
+        """Keep caller audio for replay; live audio is never refused, so past the bound the
+        oldest unacknowledged audio goes (a new owner hears the most recent of it)."""
+        self.unacked_audio.append(frame)
+        self.unacked_audio_bytes += _data_bytes(frame)
+        if self.unacked_audio_bytes <= self._max_audio_bytes:
+            return
+        dropped = 0
+        while self.unacked_audio_bytes > self._max_audio_bytes and len(self.unacked_audio) > 1:
+            self.unacked_audio_bytes -= _data_bytes(self.unacked_audio.popleft())
+            dropped += 1
+        self._r.metrics.inc("unacked_audio_frames_dropped", dropped)
+
+    def unacked_frames(self) -> list[Inbound]:
+        """Every unacknowledged frame in ``seq`` order (a copy: the reader may append)."""
+        return list(heapq.merge(list(self.unacked), list(self.unacked_audio), key=_SEQ))
 
     # ------------------------------------------------------------------ node side
 
@@ -188,6 +218,9 @@ class ProxySession:
                 timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
                 max_msg_size=self._r.config.max_frame_bytes * 4,
                 autoping=True,
+                # Audio is base64 noise to deflate; compressing every 20 ms frame on both
+                # ends would cost more CPU than the router's whole job.
+                compress=0,
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
@@ -195,6 +228,8 @@ class ProxySession:
         self.node_id = node_id
         self._node_dead.clear()
         self.upstream = ws
+        # Held frames are what the previous link re-said; the new one starts its reply over.
+        self._held.clear()
         # A new owner learns what the caller already has: a turn it restores as committed
         # but whose reply the caller never fully received is spoken again (de-duplicated).
         # (A new client connection is not a relink: nothing is known of what it heard.)
@@ -205,9 +240,9 @@ class ProxySession:
         )
         try:
             await ws.send_str(self.start.raw if reason == "start" else encode(start))
-            # Copy: the client reader may append while we replay; appended frames are
-            # forwarded by it directly because ``self.upstream`` is already set.
-            for frame in list(self.unacked):
+            # Frames the client reader appends while we replay are forwarded by it
+            # directly, because ``self.upstream`` is already set.
+            for frame in self.unacked_frames():
                 await ws.send_str(frame.raw)
         except (ConnectionError, RuntimeError):
             return False
@@ -221,37 +256,46 @@ class ProxySession:
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
                 break
-            try:
-                frame = json.loads(msg.data)
-            except ValueError:
-                log.error("node sent invalid JSON", extra={"fields": {"node": self.node_id}})
-                continue
-            kind = frame.get("type")
-            if kind == Ctl.ACK:
+            raw: str = msg.data
+            frame: dict[str, Any] | None = None
+            kind = _kind_of(raw)
+            if kind is None:
+                frame = _parse(raw)
+                if frame is None:
+                    log.error("node sent invalid JSON", extra={"fields": {"node": self.node_id}})
+                    continue
+                kind = str(frame.get("type"))
+            if kind in REPLY_TYPES:
+                frame = frame or _parse(raw)
+                if frame is not None:
+                    await self._forward_reply(kind, frame, raw)
+            elif kind == Ctl.ACK:
+                frame = frame or _parse(raw) or {}
                 self._on_ack(int(frame.get("seq", 0)))
             elif kind == Ctl.HANDOFF:
                 return Outcome.HANDOFF
             elif kind == Out.READY:
                 if not self._ready_sent:
                     self._ready_sent = True
-                    await self.send_client(msg.data)
-            elif kind in REPLY_TYPES:
-                await self._forward_reply(frame, msg.data)
+                    await self.send_client(kind, raw, frame)
             elif kind == Out.TURN_METRICS:
+                frame = frame or _parse(raw) or {}
                 turn = int(frame.get("turn", 0))
                 if turn > self.completed_turn:
                     self._complete(turn)
-                    await self.send_client(msg.data)
+                    await self.send_client(kind, raw, frame)
             elif kind == Out.CALL_ENDED:
                 self._ended = True
-                await self.send_client(msg.data)
+                await self.send_client(kind, raw, frame)
                 return Outcome.ENDED
             else:
-                if kind == Out.ERROR and frame.get("code") == ErrorCode.CALL_ENDED:
-                    self._ended = True
-                    await self.send_client(msg.data)
-                    return Outcome.ENDED
-                await self.send_client(msg.data)
+                if kind == Out.ERROR:
+                    frame = frame or _parse(raw) or {}
+                    if frame.get("code") == ErrorCode.CALL_ENDED:
+                        self._ended = True
+                        await self.send_client(kind, raw, frame)
+                        return Outcome.ENDED
+                await self.send_client(kind, raw, frame)
         if self._client_gone.is_set():
             return Outcome.CLIENT_GONE
         return Outcome.LOST
@@ -259,38 +303,40 @@ class ProxySession:
     def _on_ack(self, seq: int) -> None:
         while self.unacked and self.unacked[0].seq <= seq:
             self.unacked.popleft()
+        audio = self.unacked_audio
+        while audio and audio[0].seq <= seq:
+            self.unacked_audio_bytes -= _data_bytes(audio.popleft())
 
     def _complete(self, turn: int) -> None:
         self.completed_turn = turn
         self.delivered = {k: v for k, v in self.delivered.items() if k[0] > turn}
         self._held.clear()
 
-    async def _forward_reply(self, frame: dict[str, Any], raw: str) -> None:
+    async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
         turn, n = int(frame.get("turn", 0)), int(frame.get("n", 0))
         if turn <= self.completed_turn:
             return  # the caller has this turn's whole reply already
-        digest = hash(frame.get("text") or frame.get("data") or "")
+        digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
         key = (turn, n)
         seen = self.delivered.get(key)
         if seen is None:
             self.delivered[key] = digest
-            await self.send_client(raw)
+            await self.send_client(kind, raw, frame)
         elif seen == digest:
-            self._held.append(raw)  # the caller has this already
+            self._held.append((kind, raw, frame))  # the caller has this already
             self._r.metrics.inc("replies_deduplicated")
         else:
             # The new owner says something else: the caller drops the partial reply first,
             # then hears the new one from its start.
-            await self.send_client(
-                encode({"type": Out.CLEAR.value, "turn": turn, "reason": "failover"})
-            )
+            clear = {"type": Out.CLEAR.value, "turn": turn, "reason": "failover"}
+            await self.send_client(Out.CLEAR.value, encode(clear), clear)
             self._r.metrics.inc("replies_cleared")
             self.delivered = {k: v for k, v in self.delivered.items() if k[0] != turn}
             held, self._held = self._held, []
             for h in held:
-                await self.send_client(h)
+                await self.send_client(*h)
             self.delivered[key] = digest
-            await self.send_client(raw)
+            await self.send_client(kind, raw, frame)
 
     def node_died(self) -> None:
         """Membership declared our node dead (e.g. it is paused): abandon the link now."""
@@ -322,7 +368,7 @@ class ProxySession:
         try:
             await self._drive()
         except StateStoreError as exc:
-            await self.send_client(error_frame(ErrorCode.UNAVAILABLE, f"state store: {exc}"))
+            await self.link.refuse(ErrorCode.UNAVAILABLE, f"state store: {exc}")
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -365,10 +411,8 @@ class ProxySession:
             if node is not None:
                 self._r.membership.suspect(node)
             if time.monotonic() > deadline:
-                await self.send_client(
-                    error_frame(ErrorCode.UNAVAILABLE, "no conversation node available")
-                )
-                await self.client.close(code=CloseCode.UNAVAILABLE)
+                await self.link.refuse(ErrorCode.UNAVAILABLE, "no conversation node available")
+                await self.link.close(CloseCode.UNAVAILABLE)
                 return
             await asyncio.sleep(0.05)
             try:
@@ -389,3 +433,12 @@ class ProxySession:
         except NoNodeAvailable:
             return "failover", None
         return ("handoff" if outcome is Outcome.HANDOFF else "failover"), new
+
+
+def _data_bytes(frame: Inbound) -> int:
+    """Bytes of audio in an ``audio`` frame, from its base64 length (never decoded)."""
+    data: str = frame.body["data"]
+    n = len(data) * 3 >> 2
+    if data.endswith("="):
+        n -= 2 if data.endswith("==") else 1
+    return n

@@ -1,0 +1,275 @@
+"""Router cost per media frame: microbenchmarks of the per-frame steps, then the whole
+router process over real sockets. Prints one JSON object.
+
+    .venv/bin/python bench/router_frames.py [--calls 200] [--seconds 10] [--floor]
+
+The process test runs the real router app (placement stubbed: no Redis) in this process
+and, in a child process, a fake node plus ``--calls`` Twilio callers
+(:class:`callmesh.voice_client.VoiceCaller`) each streaming 50 frames/s. The fake node
+acknowledges every 25th frame and answers every 5th with 100 ms of agent audio (a mark
+after every 10th chunk), so the router also does its outbound work: agent audio at
+10 chunks/s per call, a realistic ceiling for a call that is spoken to half the time.
+The figure is the router process's CPU time (user + system, so socket I/O included)
+divided by the caller frames it forwarded. ``--floor`` runs the same load through a bare
+aiohttp WebSocket relay (no parsing, no bookkeeping): what any Python router pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+from aiohttp import web
+
+from callmesh.config import RouterConfig
+from callmesh.protocol import encode, parse_inbound
+from callmesh.servers import free_port
+from router.app import Router
+from router.twilio import TwilioLink
+
+PAYLOAD = base64.b64encode(bytes(range(160))).decode()
+AGENT_AUDIO = base64.b64encode(b"\x7f" * 800).decode()
+
+
+def micro(n: int = 200_000) -> dict[str, float]:
+    """µs per call of the per-frame steps, in isolation."""
+
+    class _Metrics:
+        def inc(self, name: str, value: float = 1.0) -> None:
+            pass
+
+    link = TwilioLink(None, _Metrics(), 256 * 1024)  # type: ignore[arg-type]
+    link.translate(
+        json.dumps(
+            {
+                "event": "start",
+                "streamSid": "MZ1",
+                "start": {"callSid": "CA1", "customParameters": {"tenant": "demo"}},
+            }
+        )
+    )
+    media = (
+        '{"event":"media","sequenceNumber":"3","media":{"track":"inbound","chunk":"1",'
+        f'"timestamp":"160","payload":"{PAYLOAD}"}},"streamSid":"MZ1"}}'
+    )
+    native = f'{{"type":"audio","seq":5,"data":"{PAYLOAD}","ts":160}}'
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    for _ in range(n):
+        link.translate(media)
+    out["twilio_media_to_native_us"] = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    for _ in range(n):
+        parse_inbound(native)
+    out["native_audio_validate_us"] = (time.perf_counter() - t) / n * 1e6
+    frame = {"type": "agent_audio", "turn": 1, "n": 3, "encoding": "mulaw", "data": AGENT_AUDIO}
+    raw = encode(frame)
+    t = time.perf_counter()
+    for _ in range(n):
+        f = json.loads(raw)
+        link._media_prefix + f["data"] + '"}}'
+    out["agent_audio_to_twilio_us"] = (time.perf_counter() - t) / n * 1e6
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------- the router process
+
+
+class _Pins:
+    async def get(self, tenant: str, call_id: str) -> str | None:
+        return "node-1"
+
+    async def set(self, tenant: str, call_id: str, node: str) -> None:
+        pass
+
+    async def clear(self, tenant: str, call_id: str, node: str) -> None:
+        pass
+
+
+class _Membership:
+    redis_ok = True
+    nodes: dict[str, Any] = {}
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def url(self, node: str) -> str:
+        return self._url
+
+    def routable(self) -> list[str]:
+        return ["node-1"]
+
+    def loads(self) -> dict[str, int]:
+        return {"node-1": 0}
+
+    def suspect(self, node: str) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def relay_app(node_url: str, http: aiohttp.ClientSession) -> web.Application:
+    """The floor: a bare WebSocket relay (no parsing, no translation, no bookkeeping)."""
+
+    async def media(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        up = await http.ws_connect(f"{node_url}/v1/node/calls/x", compress=0)
+
+        async def down() -> None:
+            async for msg in up:
+                await ws.send_str(msg.data)
+
+        task = asyncio.create_task(down())
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await up.send_str(msg.data)
+        await up.close()
+        task.cancel()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/twilio/media", media)
+    return app
+
+
+async def router_process(calls: int, seconds: float, *, relay: bool = False) -> dict[str, Any]:
+    node_port, router_port = free_port(), free_port()
+    router = Router(RouterConfig(port=router_port))
+    router._pins = _Pins()  # type: ignore[assignment]
+    router._membership = _Membership(f"http://127.0.0.1:{node_port}")  # type: ignore[assignment]
+    router._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    app = relay_app(f"http://127.0.0.1:{node_port}", router.http) if relay else router.app()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", router_port).start()
+    try:
+        peer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--peer",
+            str(router_port),
+            str(node_port),
+            str(calls),
+            str(seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        cpu0, wall0 = os.times(), time.monotonic()
+        stdout, _ = await peer.communicate()
+        cpu1, wall = os.times(), time.monotonic() - wall0
+    finally:
+        await router.aclose()
+        await runner.cleanup()
+    cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    result = json.loads(stdout)
+    frames = result["node_audio_frames"]
+    us = cpu_s / frames * 1e6 if frames else float("nan")
+    return {
+        "calls": calls,
+        "seconds": seconds,
+        "caller_frames_sent": result["frames_sent"],
+        "frames_at_node": frames,
+        "agent_audio_chunks": result["agent_chunks"],
+        "router_cpu_s": round(cpu_s, 3),
+        "router_cpu_share": round(cpu_s / wall, 3),
+        "router_us_per_caller_frame": round(us, 2),
+        "router_calls_per_core_at_50fps": int(1e6 / (50 * us)) if frames else 0,
+        "caller_max_send_lag_ms": result["max_lag_ms"],
+    }
+
+
+async def peer(router_port: int, node_port: int, calls: int, seconds: float) -> None:
+    from callmesh.voice_client import VoiceCaller
+
+    counts = {"audio": 0, "chunks": 0}
+
+    async def node_call(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        n = 0
+        async for msg in ws:
+            kind = msg.data[9 : msg.data.find('"', 9)]
+            if kind == "start" or msg.data.startswith('{"event":"start"'):
+                await ws.send_str(encode({"type": "ready", "turn": 0, "last_seq": 0}))
+            elif kind == "audio" or msg.data.startswith('{"event":"media"'):  # relay: as is
+                n += 1
+                counts["audio"] += 1
+                if n % 25 == 0:
+                    seq = json.loads(msg.data).get("seq", 0)
+                    await ws.send_str(encode({"type": "ack", "seq": seq, "turn": 0}))
+                if n % 5 == 0:
+                    chunk = n // 5
+                    audio = {"type": "agent_audio", "turn": 1, "n": chunk, "data": AGENT_AUDIO}
+                    await ws.send_str(encode(audio))
+                    counts["chunks"] += 1
+                    if chunk % 10 == 0:
+                        mark = {"type": "mark", "turn": 1, "n": chunk, "name": f"1.{chunk}"}
+                        await ws.send_str(encode(mark))
+            elif kind == "hangup" or msg.data.startswith('{"event":"stop"'):
+                await ws.send_str(encode({"type": "call_ended", "turn": 1}))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/node/calls/{call_id}", node_call)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", node_port).start()
+
+    async def one(i: int) -> VoiceCaller:
+        url = f"http://127.0.0.1:{router_port}"
+        async with VoiceCaller(url, f"bench-{i}", "demo", f"c{i}", transport="twilio") as c:
+            await asyncio.sleep(seconds)
+            await c.hangup()
+        return c
+
+    callers = await asyncio.gather(*(one(i) for i in range(calls)))
+    await runner.cleanup()
+    print(
+        json.dumps(
+            {
+                "frames_sent": sum(c.stats.frames for c in callers),
+                "node_audio_frames": counts["audio"],
+                "agent_chunks": counts["chunks"],
+                "max_lag_ms": round(max(c.stats.max_lag_ms for c in callers), 1),
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--floor", action="store_true", help="also measure a bare relay")
+    ap.add_argument("--peer", nargs=4, metavar=("ROUTER", "NODE", "CALLS", "SECONDS"))
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.peer:
+        r, n, c, s = args.peer
+        asyncio.run(peer(int(r), int(n), int(c), float(s)))
+        return
+    out: dict[str, Any] = {"micro_us": micro()}
+    out["router_process"] = asyncio.run(router_process(args.calls, args.seconds))
+    if args.floor:
+        out["bare_relay_floor"] = asyncio.run(router_process(args.calls, args.seconds, relay=True))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""What a simulated caller says on the wire: Twilio Media Streams or the native protocol.
+
+Both dialects expose the same small interface to :class:`callmesh.voice_client.VoiceCaller`
+(``opening``, ``media``, ``mark``, ``dtmf``, ``stop``, ``decode``). The Twilio dialect
+speaks exactly what Twilio sends (string ``sequenceNumber``/``chunk``/``timestamp``, a
+``streamSid`` on every message after ``connected``); frames are formatted by hand on the
+per-frame path so that hundreds of callers fit in one benchmark process.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from callmesh.protocol import AudioEncoding, encode
+
+TWILIO_MEDIA_PATH = "/v1/twilio/media"
+
+
+@dataclass(slots=True)
+class Heard:
+    """One message from callmesh, normalized: ``kind`` is ``audio``, ``mark``, ``clear``,
+    or the native type (``ready``, ``turn_metrics``, ``error``, ``call_ended``...)."""
+
+    kind: str
+    turn: int | None = None
+    payload: str = ""  # base64 agent audio
+    name: str = ""  # mark name
+    frame: dict[str, Any] | None = None
+
+
+def _b64_len(payload: str) -> int:
+    return len(payload) * 3 // 4 - payload[-2:].count("=")
+
+
+def audio_bytes(heard: Heard) -> int:
+    return _b64_len(heard.payload) if heard.payload else 0
+
+
+class Wire(Protocol):
+    def path(self) -> str: ...
+    def opening(self) -> list[str]: ...
+    def media(self, payload: str, ts_ms: int) -> str: ...
+    def mark(self, name: str) -> str: ...
+    def dtmf(self, digit: str) -> str: ...
+    def stop(self) -> str: ...
+    def decode(self, raw: str) -> Heard: ...
+
+
+class TwilioWire:
+    """Twilio's side of a bidirectional Media Stream."""
+
+    def __init__(
+        self, call_id: str, tenant: str, caller: str, parameters: dict[str, str] | None = None
+    ) -> None:
+        self.call_id = call_id
+        self.stream_sid = "MZ" + uuid.uuid4().hex
+        self.account_sid = "AC" + uuid.uuid4().hex
+        self.parameters = {"tenant": tenant, "caller": caller} if parameters is None else parameters
+        self._n = 0
+        self._chunk = 0
+        self._sid = f'"streamSid":"{self.stream_sid}"'
+
+    def path(self) -> str:
+        return TWILIO_MEDIA_PATH
+
+    def _next(self) -> str:
+        self._n += 1
+        return str(self._n)
+
+    def opening(self) -> list[str]:
+        start = {
+            "accountSid": self.account_sid,
+            "streamSid": self.stream_sid,
+            "callSid": self.call_id,
+            "tracks": ["inbound"],
+            "customParameters": self.parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        return [
+            json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequenceNumber": self._next(),
+                    "start": start,
+                    "streamSid": self.stream_sid,
+                }
+            ),
+        ]
+
+    def media(self, payload: str, ts_ms: int) -> str:
+        self._chunk += 1
+        return (
+            f'{{"event":"media","sequenceNumber":"{self._next()}","media":{{"track":"inbound",'
+            f'"chunk":"{self._chunk}","timestamp":"{ts_ms}","payload":"{payload}"}},{self._sid}}}'
+        )
+
+    def _event(self, event: str, body: dict[str, Any]) -> str:
+        msg = {"event": event, "sequenceNumber": self._next(), **body}
+        return json.dumps({**msg, "streamSid": self.stream_sid})
+
+    def mark(self, name: str) -> str:
+        return self._event("mark", {"mark": {"name": name}})
+
+    def dtmf(self, digit: str) -> str:
+        return self._event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
+
+    def stop(self) -> str:
+        return self._event(
+            "stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_id}}
+        )
+
+    def decode(self, raw: str) -> Heard:
+        msg = json.loads(raw)
+        event = msg.get("event")
+        if event == "media":
+            return Heard("audio", payload=msg["media"]["payload"])
+        if event == "mark":
+            return Heard("mark", name=msg["mark"]["name"])
+        if event == "clear":
+            return Heard("clear")
+        return Heard(str(event), frame=msg)
+
+
+class NativeWire:
+    """The native protocol with ``audio`` frames (mu-law 8 kHz)."""
+
+    def __init__(self, call_id: str, tenant: str, caller: str) -> None:
+        self.call_id = call_id
+        self.tenant = tenant
+        self.caller = caller
+        self.seq = 0
+
+    def path(self) -> str:
+        return f"/v1/calls/{self.call_id}"
+
+    def _frame(self, kind: str, **fields: Any) -> str:
+        self.seq += 1
+        return encode({"type": kind, "seq": self.seq, **fields})
+
+    def opening(self) -> list[str]:
+        audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": 8000}
+        return [self._frame("start", tenant=self.tenant, caller=self.caller, audio=audio)]
+
+    def media(self, payload: str, ts_ms: int) -> str:
+        self.seq += 1
+        return f'{{"type":"audio","seq":{self.seq},"data":"{payload}","ts":{ts_ms}}}'
+
+    def mark(self, name: str) -> str:
+        return self._frame("mark", name=name)
+
+    def dtmf(self, digit: str) -> str:
+        return self._frame("dtmf", digit=digit)
+
+    def stop(self) -> str:
+        return self._frame("hangup")
+
+    def decode(self, raw: str) -> Heard:
+        frame = json.loads(raw)
+        kind = str(frame.get("type"))
+        turn = frame.get("turn")
+        turn = turn if isinstance(turn, int) else None
+        if kind == "agent_audio":
+            return Heard("audio", turn, payload=frame.get("data", ""))
+        if kind == "mark":
+            return Heard("mark", turn, name=str(frame.get("name", "")))
+        if kind == "ready":
+            # Resuming a live call: continue after what the node applied.
+            self.seq = max(self.seq, int(frame.get("last_seq", 0)))
+        return Heard(kind, turn, frame=frame)

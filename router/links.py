@@ -1,0 +1,99 @@
+"""The client side of a proxied call: one link object per client connection.
+
+A :class:`ProxySession <router.proxy.ProxySession>` speaks the native protocol to the
+node; a link turns whatever the client speaks into validated native :class:`Inbound`
+frames and native node frames back into what the client understands:
+
+- :class:`NativeLink`: the native protocol itself (frames pass through unchanged);
+- :class:`router.twilio.TwilioLink`: Twilio Media Streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import WSMsgType, web
+
+from callmesh.protocol import ErrorCode, Inbound, Out, ProtocolError, error_frame, parse_inbound
+from callmesh.telemetry import Metrics
+
+
+class ClientLink(Protocol):
+    """What a proxy session needs of its client connection."""
+
+    kind: str
+    # Known once ``receive`` returned the ``start`` frame.
+    call_id: str
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def receive(self) -> Inbound | None:
+        """The next valid inbound frame, or None when the client is gone. Frames that
+        cannot be accepted are answered (or counted) by the link itself."""
+        ...
+
+    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+        """Deliver one node frame (``raw`` native text of type ``kind``; ``frame`` is its
+        parsed form when the session has it). Raises ConnectionError/RuntimeError when
+        the connection is failing."""
+        ...
+
+    async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
+        """Tell the client a frame was refused (the call goes on)."""
+        ...
+
+    async def close(self, code: int, message: bytes = b"") -> None: ...
+
+
+class NativeLink:
+    """The native protocol: the client already speaks what the node speaks."""
+
+    kind = "native"
+
+    def __init__(
+        self, ws: web.WebSocketResponse, call_id: str, metrics: Metrics, max_frame_bytes: int
+    ) -> None:
+        self.ws = ws
+        self.call_id = call_id
+        self._metrics = metrics
+        self._max_frame_bytes = max_frame_bytes
+
+    def __repr__(self) -> str:
+        return f"<NativeLink {self.call_id} closed={self.ws.closed}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def receive(self) -> Inbound | None:
+        ws = self.ws
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                try:
+                    return parse_inbound(msg.data, self._max_frame_bytes)
+                except ProtocolError as exc:
+                    self._metrics.inc(f"client_errors_{exc.code.value}")
+                    await self._send_quietly(error_frame(exc.code, exc.message, seq=exc.seq))
+            elif msg.type is WSMsgType.BINARY:
+                await self._send_quietly(error_frame(ErrorCode.BAD_MESSAGE, "use text frames"))
+            else:
+                return None
+
+    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(raw)
+
+    async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
+        await self._send_quietly(error_frame(code, message, seq=seq))
+
+    async def _send_quietly(self, raw: str) -> None:
+        # A client that is going away learns nothing from an error; its reader sees the close.
+        try:
+            await self.send(Out.ERROR.value, raw)
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def close(self, code: int, message: bytes = b"") -> None:
+        await self.ws.close(code=code, message=message)

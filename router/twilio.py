@@ -1,0 +1,270 @@
+"""Twilio Media Streams as a client link: Twilio's JSON events ⇄ native frames.
+
+Inbound, every Twilio event becomes (at most) one native frame with a router-assigned,
+strictly increasing ``seq``: ``start`` → ``start`` (call id = ``callSid``, tenant and
+caller from ``customParameters``, audio mulaw/8000), ``media`` → ``audio`` (the base64
+payload is forwarded as is, never decoded), ``mark`` → ``mark``, ``dtmf`` → ``dtmf``,
+``stop`` → ``hangup``. Outbound, only what Twilio understands is sent: ``agent_audio`` →
+``media``, ``mark`` → ``mark``, ``clear`` → ``clear``; the rest is counted and dropped.
+
+A malformed Twilio message is counted, logged and skipped; it never ends the call. A
+``start`` that cannot make a call (no valid tenant, a media format other than mu-law
+8 kHz) closes the stream with 4400 and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from callmesh.protocol import (
+    DTMF_DIGITS,
+    MAX_MARK_NAME,
+    AudioEncoding,
+    CloseCode,
+    ErrorCode,
+    In,
+    Inbound,
+    Out,
+    encode,
+    valid_id,
+)
+from callmesh.telemetry import Metrics
+
+log = logging.getLogger("callmesh.router.twilio")
+
+TWILIO_ENCODING = "audio/x-mulaw"
+TWILIO_SAMPLE_RATE = 8000
+_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_PHONE = re.compile(r"[+\d\s().-]+")
+_NON_DIGITS = re.compile(r"\D")
+
+
+def caller_id(value: object) -> str:
+    """A caller id safe in keys and subjects, from whatever Twilio calls the caller: a
+    phone number's digits (``+1 415-555-0100`` → ``14155550100``), else the id-safe
+    characters (``client:alice`` → ``clientalice``)."""
+    if not isinstance(value, str):
+        return "anonymous"
+    pattern = _NON_DIGITS if _PHONE.fullmatch(value) else _ID_CHARS
+    return pattern.sub("", value)[:64] or "anonymous"
+
+
+class _Refused(Exception):
+    """A Twilio ``start`` that cannot become a call."""
+
+
+class TwilioLink:
+    """One Twilio Media Streams WebSocket. Implements :class:`router.links.ClientLink`."""
+
+    kind = "twilio"
+
+    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, max_frame_bytes: int) -> None:
+        self.ws = ws
+        self.call_id = ""
+        self.stream_sid = ""
+        self.malformed = 0
+        self._metrics = metrics
+        self._max_frame_bytes = max_frame_bytes
+        self._seq = 0
+        self._received = 0
+        self._checked = 0
+        self._started = False
+        self._stopped = False
+        self._media_prefix = ""
+        self._clear = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"<TwilioLink {self.call_id or '-'} stream={self.stream_sid or '-'} "
+            f"seq={self._seq} malformed={self.malformed} closed={self.ws.closed}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    # ------------------------------------------------------------------ Twilio → node
+
+    async def receive(self) -> Inbound | None:
+        ws = self.ws
+        while True:
+            msg = await ws.receive()
+            self._received += 1
+            if msg.type is WSMsgType.TEXT:
+                try:
+                    inbound = self.translate(msg.data)
+                except _Refused as exc:
+                    await self._refuse_call(str(exc))
+                    return None
+                if inbound is not None:
+                    return inbound
+            elif msg.type is WSMsgType.BINARY:
+                self._malformed("binary frame")
+            else:
+                return None
+
+    def idle_since_last_check(self) -> bool:
+        """True when no message arrived since the previous call."""
+        idle = self._received == self._checked
+        self._checked = self._received
+        return idle
+
+    def translate(self, data: str) -> Inbound | None:
+        """One Twilio message → the native frame it means (None: nothing to forward)."""
+        if len(data) > self._max_frame_bytes:
+            return self._malformed(f"message of {len(data)} bytes")
+        try:
+            msg = json.loads(data)
+        except (ValueError, RecursionError):
+            return self._malformed("not JSON")
+        if type(msg) is not dict:
+            return self._malformed("not an object")
+        event = msg.get("event")
+        if event == "media":  # the hot path: 50 a second per call
+            if not self._started or self._stopped:
+                self._metrics.inc("twilio_media_outside_stream")
+                return None
+            media = msg.get("media")
+            payload = media.get("payload") if type(media) is dict else None
+            if type(payload) is not str or _B64.fullmatch(payload) is None:
+                return self._malformed("media without a base64 payload")
+            self._seq = seq = self._seq + 1
+            ts = _timestamp(media.get("timestamp"))  # type: ignore[union-attr]
+            if ts is None:
+                body = {"type": "audio", "seq": seq, "data": payload}
+                raw = f'{{"type":"audio","seq":{seq},"data":"{payload}"}}'
+            else:
+                body = {"type": "audio", "seq": seq, "data": payload, "ts": ts}
+                raw = f'{{"type":"audio","seq":{seq},"data":"{payload}","ts":{ts}}}'
+            return Inbound(In.AUDIO, seq, body, raw)
+        if event == "start":
+            return self._start(msg)
+        if event == "connected":
+            return None
+        if event not in ("mark", "dtmf", "stop"):
+            self._metrics.inc("twilio_unknown_events")
+            log.debug("unknown Twilio event", extra={"fields": {"call_id": self.call_id}})
+            return None
+        if not self._started or self._stopped:
+            self._metrics.inc("twilio_events_outside_stream")
+            return None
+        if event == "mark":
+            mark = msg.get("mark")
+            name = mark.get("name") if type(mark) is dict else None
+            if type(name) is not str or not 0 < len(name) <= MAX_MARK_NAME:
+                return self._malformed("mark without a name")
+            return self._frame(In.MARK, name=name)
+        if event == "dtmf":
+            dtmf = msg.get("dtmf")
+            digit = dtmf.get("digit") if type(dtmf) is dict else None
+            if digit not in DTMF_DIGITS:
+                return self._malformed("dtmf without a valid digit")
+            return self._frame(In.DTMF, digit=digit)
+        self._stopped = True
+        return self._frame(In.HANGUP)
+
+    def _start(self, msg: dict[str, Any]) -> Inbound | None:
+        if self._started:
+            self._metrics.inc("twilio_duplicate_starts")
+            return None
+        start = msg.get("start")
+        if type(start) is not dict:
+            raise _Refused("start event without a 'start' object")
+        call_sid = start.get("callSid")
+        if not valid_id(call_sid):
+            raise _Refused("start.callSid missing or not [A-Za-z0-9_-]{1,64}")
+        stream_sid = msg.get("streamSid") or start.get("streamSid")
+        if not valid_id(stream_sid):
+            raise _Refused("streamSid missing or not [A-Za-z0-9_-]{1,64}")
+        params = start.get("customParameters") or {}
+        if type(params) is not dict:
+            raise _Refused("start.customParameters must be an object")
+        tenant = params.get("tenant")
+        if not valid_id(tenant):
+            raise _Refused("customParameters.tenant missing or not [A-Za-z0-9_-]{1,64}")
+        caller = caller_id(params.get("caller") or params.get("From") or params.get("from"))
+        fmt = start.get("mediaFormat")
+        if fmt is not None and (
+            type(fmt) is not dict
+            or fmt.get("encoding") != TWILIO_ENCODING
+            or fmt.get("sampleRate") != TWILIO_SAMPLE_RATE
+            or fmt.get("channels", 1) != 1
+        ):
+            raise _Refused(f"mediaFormat must be {TWILIO_ENCODING}, 8000 Hz, mono; got {fmt!r}")
+        self.call_id, self.stream_sid = str(call_sid), str(stream_sid)
+        self._started = True
+        self._media_prefix = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
+        self._clear = encode({"event": "clear", "streamSid": stream_sid})
+        return self._frame(
+            In.START,
+            tenant=tenant,
+            caller=caller,
+            audio={"encoding": AudioEncoding.MULAW.value, "sample_rate": TWILIO_SAMPLE_RATE},
+        )
+
+    def _frame(self, kind: In, **fields: Any) -> Inbound:
+        self._seq += 1
+        body = {"type": kind.value, "seq": self._seq, **fields}
+        return Inbound(kind, self._seq, body, encode(body))
+
+    def _malformed(self, why: str) -> Inbound | None:
+        self.malformed += 1
+        self._metrics.inc("twilio_malformed_messages")
+        # The first one per stream is worth a look; a flood of them is worth a counter.
+        level = logging.WARNING if self.malformed == 1 else logging.DEBUG
+        fields = {"call_id": self.call_id, "why": why}
+        log.log(level, "malformed Twilio message", extra={"fields": fields})
+        return None
+
+    async def _refuse_call(self, reason: str) -> None:
+        self._metrics.inc("twilio_streams_refused")
+        log.warning("Twilio stream refused", extra={"fields": {"reason": reason}})
+        await self.close(CloseCode.BAD_REQUEST, reason.encode()[:120])
+
+    # ------------------------------------------------------------------ node → Twilio
+
+    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+        if kind == Out.AGENT_AUDIO:
+            data = (frame if frame is not None else json.loads(raw)).get("data")
+            # Spliced into JSON unescaped: node base64 never holds a quote or backslash.
+            if type(data) is not str or '"' in data or "\\" in data:
+                self._metrics.inc("twilio_bad_agent_audio")
+                return
+            await self.ws.send_str(self._media_prefix + data + '"}}')
+        elif kind == Out.MARK:
+            name = (frame if frame is not None else json.loads(raw)).get("name")
+            msg = {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}
+            await self.ws.send_str(encode(msg))
+        elif kind == Out.CLEAR:
+            await self.ws.send_str(self._clear)
+        else:
+            # Twilio has no use for text, metrics, ready, errors...: they stay here.
+            self._metrics.inc("twilio_frames_not_forwarded")
+            if kind == Out.ERROR:
+                fields = {"call_id": self.call_id, "frame": raw[:200]}
+                log.info("node error on a Twilio call", extra={"fields": fields})
+
+    async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
+        self._metrics.inc(f"twilio_refused_{code.value}")
+        log.info(
+            "frame refused on a Twilio call",
+            extra={"fields": {"call_id": self.call_id, "code": code.value, "message": message}},
+        )
+
+    async def close(self, code: int, message: bytes = b"") -> None:
+        await self.ws.close(code=code, message=message)
+
+
+def _timestamp(value: object) -> int | None:
+    """Twilio's ``media.timestamp`` (ms since the stream started, a string) as an int."""
+    if type(value) is str and value.isascii() and value.isdigit() and len(value) < 16:
+        return int(value)
+    if type(value) is int and value >= 0:
+        return value
+    return None
