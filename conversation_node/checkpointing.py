@@ -212,7 +212,12 @@ class Checkpointer:
 
     async def _retry_loop(self) -> None:
         delay = RETRY_FIRST_S
+        me = asyncio.current_task()
         while self._active() and (self.dirty or self.outbox):
+            # redis-py can swallow a cancellation that lands inside a command; aclose()
+            # must not wait for an outage to end.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
             try:

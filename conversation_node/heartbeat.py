@@ -59,6 +59,7 @@ class Heartbeat:
 
     async def _run(self) -> None:
         period = self._config.membership.heartbeat_ms / 1000
+        me = asyncio.current_task()
         while True:
             try:
                 await self.beat_once()
@@ -75,6 +76,10 @@ class Heartbeat:
                         extra={"fields": {"error": str(exc)}},
                     )
                 self._redis_ok = False
+            # redis-py can swallow a cancellation that lands inside a command (the command
+            # then returns normally); without this check aclose() would wait forever.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(period)
 
     async def aclose(self, *, deregister: bool = True) -> None:
