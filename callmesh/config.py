@@ -186,6 +186,23 @@ def _router_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# Node budgets and thresholds settable from the environment (Kubernetes manifests, make up).
+_NODE_FLOATS = {
+    "stt_min_confidence": "CALLMESH_STT_MIN_CONFIDENCE",
+    "llm_first_token_budget_ms": "CALLMESH_LLM_FIRST_TOKEN_BUDGET_MS",
+    "llm_total_budget_ms": "CALLMESH_LLM_TOTAL_BUDGET_MS",
+    "tts_first_chunk_budget_ms": "CALLMESH_TTS_FIRST_CHUNK_BUDGET_MS",
+    "turn_budget_ms": "CALLMESH_TURN_BUDGET_MS",
+}
+
+
+def _node_env(env: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        return {k: float(env[v]) for k, v in _NODE_FLOATS.items() if env.get(v)}
+    except ValueError as exc:
+        raise ConfigError(f"bad number in node settings: {exc}") from exc
+
+
 def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:
     """Build a config: defaults, then environment, then explicit flags (None = not given)."""
     env = os.environ if env is None else env
@@ -194,6 +211,8 @@ def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T
         values["membership"] = membership_from_env(env)
     if cls is RouterConfig:
         values.update(_router_env(env))
+    if cls is NodeConfig:
+        values.update(_node_env(env))
     if cls is NodeConfig and "CALLMESH_TTS_CHUNK_MS" in env:
         values["tts_chunk_ms"] = int(env["CALLMESH_TTS_CHUNK_MS"])
     if cls is NodeConfig and "CALLMESH_SIM_LATENCY_SCALE" in env:
