@@ -20,8 +20,14 @@ import time
 import uuid
 from typing import Any
 
-from callmesh import config as cfg
-from callmesh.telemetry import setup_logging
+# Set before numpy loads: the audio path multiplies tiny matrices (a 20 ms frame at a time),
+# where OpenBLAS worker threads only spin; one thread per process cut a node's CPU at 25
+# streaming calls from 0.86 to 0.26 cores in the capacity benchmark.
+for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
+
+from callmesh import config as cfg  # noqa: E402 (after the thread settings)
+from callmesh.telemetry import setup_logging  # noqa: E402
 
 DEFAULT_ROUTER = os.environ.get("CALLMESH_ROUTER", "http://127.0.0.1:8080")
 

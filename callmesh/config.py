@@ -135,8 +135,10 @@ class NodeConfig:
     llm_first_token_budget_ms: float = 1500.0
     llm_total_budget_ms: float = 8000.0
     tts_first_chunk_budget_ms: float = 1000.0
-    # A turn's end-to-end budget (end of speech → first audio; architecture: p95 < 800 ms).
+    # A turn's end-to-end budget (end of speech → first audio; architecture: p95 < 800 ms),
+    # and callmesh's own share of it (routing, state, memory, orchestration: "a few ms").
     turn_budget_ms: float = 800.0
+    overhead_budget_ms: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.stt_min_confidence <= 1.0:
@@ -193,6 +195,7 @@ _NODE_FLOATS = {
     "llm_total_budget_ms": "CALLMESH_LLM_TOTAL_BUDGET_MS",
     "tts_first_chunk_budget_ms": "CALLMESH_TTS_FIRST_CHUNK_BUDGET_MS",
     "turn_budget_ms": "CALLMESH_TURN_BUDGET_MS",
+    "overhead_budget_ms": "CALLMESH_OVERHEAD_BUDGET_MS",
 }
 
 

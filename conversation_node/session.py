@@ -355,8 +355,10 @@ class CallSession:
         except BaseException:
             self.turn, self.memory = turn_before, self._memory_from(memory_before)
             raise
+        # Speech-to-text (the endpoint wait included) is provider time too.
         metrics.stt_ms = stt_ms
         metrics.provider_ms += stt_ms
+        metrics.overhead_ms = max(0.0, metrics.latency_ms - metrics.provider_ms)
         self.ckpt.outbox.extend(effects)
         await self._finish_turn(records, metrics)
 
