@@ -40,20 +40,17 @@ from typing import Any
 from tqdm import tqdm
 
 from callmesh.localcluster import LocalCluster
-from callmesh.telemetry import histogram_quantile
 from loadtest.capacity_callers import CallerProcess
 from loadtest.capacity_report import (
-    FRAME_LAG_P99_LIMIT_MS,
+    Snapshot,
     build_report,
+    measure_step,
     summary_table,
     write_svg,
 )
+from loadtest.stats import percentiles
 
 DEFAULT_STEPS = (25, 50, 100, 150, 200, 250, 300)
-# The load generator is behind real time when its own lateness would eat a material part
-# of callmesh's frame-lag budget: event-loop lag p99 >= 10 ms, or >= 1% of frames late.
-GENERATOR_LAG_P99_LIMIT_MS = 10.0
-GENERATOR_LATE_PCT_LIMIT = 1.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -202,16 +199,6 @@ def router_counters(url: str) -> dict[str, float]:
 
 
 @dataclass
-class Snapshot:
-    at: float
-    cpu: dict[str, float]
-    rss: dict[str, int]
-    machine: tuple[float, float]
-    node: dict[str, Any]
-    router: dict[str, float]
-
-
-@dataclass
 class Watched:
     """The processes whose CPU is accounted, by role."""
 
@@ -235,119 +222,30 @@ class Watched:
 # ---------------------------------------------------------------- the benchmark
 
 
-def hist_delta(
-    before: dict[str, Any], after: dict[str, Any], name: str
-) -> tuple[list[float], list[int]]:
-    """(buckets, counts) of a node histogram observed between two /v1/status snapshots."""
-    a = after.get("histograms", {}).get(name)
-    if a is None:
-        return [], []
-    b = before.get("histograms", {}).get(name) or {"counts": [0] * len(a["counts"])}
-    return list(a["buckets"]), [x - y for x, y in zip(a["counts"], b["counts"], strict=True)]
+def _probe(url: str) -> float:
+    t0 = time.monotonic()
+    try:
+        _get(url + "/healthz", timeout_s=5.0)
+    except OSError:
+        pass  # a timeout is still a measurement: how long the process did not answer
+    return (time.monotonic() - t0) * 1000
 
 
-def quantiles(buckets: list[float], counts: list[int]) -> dict[str, float]:
-    return {
-        "p50": round(histogram_quantile(buckets, counts, 0.50), 3),
-        "p99": round(histogram_quantile(buckets, counts, 0.99), 3),
-        "n": sum(counts),
-    }
-
-
-def _counter(snap: Snapshot, name: str) -> float:
-    return float(snap.node.get("metrics", {}).get(name, 0.0))
-
-
-def measure_step(
-    calls: int, s0: Snapshot, s1: Snapshot, callers: dict[str, Any], idle_rss: dict[str, int]
-) -> dict[str, Any]:
-    wall = s1.at - s0.at
-    cores = {role: (s1.cpu[role] - s0.cpu[role]) / wall for role in s1.cpu}
-    busy, total = (a - b for a, b in zip(s1.machine, s0.machine, strict=True))
-    lag = quantiles(*hist_delta(s0.node, s1.node, "inbound_frame_lag_ms"))
-    overhead = quantiles(*hist_delta(s0.node, s1.node, "turn_overhead_ms"))
-    turns = int(_counter(s1, "turns") - _counter(s0, "turns"))
-    by_callmesh = int(
-        _counter(s1, "turns_over_budget_by_callmesh")
-        - _counter(s0, "turns_over_budget_by_callmesh")
-    )
-    errors = int(callers["errors"])
-    behind = (
-        callers["loop_lag_ms"]["p99"] >= GENERATOR_LAG_P99_LIMIT_MS
-        or callers["send_late_pct"] >= GENERATOR_LATE_PCT_LIMIT
-    )
-    reasons = []
-    if lag["n"] == 0:
-        reasons.append("no audio frames reached the node")
-    elif lag["p99"] >= FRAME_LAG_P99_LIMIT_MS:
-        reasons.append(f"frame lag p99 {lag['p99']} ms >= {FRAME_LAG_P99_LIMIT_MS:g}")
-    if by_callmesh:
-        reasons.append(f"{by_callmesh} turns over budget because of callmesh")
-    if errors or callers["live"] < calls:
-        reasons.append(f"{errors} caller errors, {callers['live']}/{calls} calls live")
-    router_deltas = {
-        k: round(v - s0.router.get(k, 0.0), 3)
-        for k, v in s1.router.items()
-        if v != s0.router.get(k, 0.0) and not k.startswith("live_")
-    }
-    return {
-        "calls": calls,
-        "window_s": round(wall, 2),
-        "router_cpu_cores": round(cores["router"], 4),
-        "node_cpu_cores": round(cores["node"], 4),
-        "cores": round(cores["router"] + cores["node"], 4),
-        "other_cpu_cores": {
-            k: round(v, 4) for k, v in cores.items() if k not in ("router", "node")
-        },
-        "machine_busy_pct": round(100 * busy / total, 1) if total else 0.0,
-        # Busy cores of the machine that none of the watched processes used (other work
-        # on a shared machine competes with the benchmark).
-        "machine_other_cores": max(
-            0.0,
-            round(
-                (busy / total * (os.cpu_count() or 1) if total else 0.0) - sum(cores.values()), 3
-            ),
-        ),
-        "frame_lag_ms": lag,
-        "overhead_ms": overhead,
-        "turns": turns,
-        "over_budget": int(_counter(s1, "turns_over_budget") - _counter(s0, "turns_over_budget")),
-        "over_budget_by_callmesh": by_callmesh,
-        "barge_ins": int(_counter(s1, "barge_ins") - _counter(s0, "barge_ins")),
-        "caller_turns": callers["turns"],
-        "response_ms": {k: callers["response_ms"][k] for k in ("p50", "p99", "n")},
-        "caller_send_lag_ms": {
-            "p50": callers["loop_lag_ms"]["p50"],
-            "p99": callers["loop_lag_ms"]["p99"],
-            "mean": callers["send_lag_ms_mean"],
-            "late_pct": callers["send_late_pct"],
-        },
-        "caller_errors": errors,
-        "caller_error_samples": callers["error_samples"],
-        "caller_timed_out": callers["timed_out"],
-        "caller_cleared_turns": callers["cleared_turns"],
-        "node_turn_metrics_check_ms": {
-            "overhead_ms": callers["node_overhead_ms"],
-            "latency_minus_provider_ms": callers["node_latency_minus_provider_ms"],
-            "over_budget_by_callmesh_turns": callers["over_budget_by_callmesh_turns"],
-        },
-        "rss_kb": {"router": s1.rss["router"], "node": s1.rss["node"]},
-        "rss_growth_kb": s1.rss["router"] + s1.rss["node"] - idle_rss["router"] - idle_rss["node"],
-        "router_counters": router_deltas,
-        "generator_behind": behind,
-        "pass": not reasons,
-        "fail_reasons": reasons,
-    }
-
-
-def _hold(seconds: float, desc: str) -> None:
+def _hold(seconds: float, desc: str, probe: dict[str, str] | None = None) -> dict[str, Any]:
+    """Wait ``seconds`` (a progress bar on stderr); with ``probe`` ({role: url}), meanwhile
+    time a ``/healthz`` round trip to each every 100 ms: how responsive each process's
+    event loop is, which tells the router's share of frame lag from the node's."""
     fmt = "{desc}: {n:.0f}/{total:.0f} s |{bar}|"
+    samples: dict[str, list[float]] = {role: [] for role in probe or {}}
     with tqdm(total=seconds, desc=desc, bar_format=fmt, leave=False, file=sys.stderr) as bar:
         end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            time.sleep(min(0.5, left))
+        while time.monotonic() < end:
+            for role, url in (probe or {}).items():
+                samples[role].append(_probe(url))
+            time.sleep(min(0.1 if probe else 0.5, max(0.0, end - time.monotonic())))
             bar.n = round(seconds - max(0.0, end - time.monotonic()), 1)
             bar.refresh()
+    return {role: percentiles(v, (50, 99)) for role, v in samples.items()}
 
 
 def _idle(watched: Watched) -> dict[str, Any]:
@@ -374,10 +272,14 @@ def _step(
     _hold(config.settle_s, f"{n} calls: settle")
     s0 = watched.snapshot()
     callers.command({"cmd": "window"}, "window")
-    _hold(config.step_seconds, f"{n} calls: measure")
+    node_url, router_url = watched.urls
+    probes = _hold(
+        config.step_seconds, f"{n} calls: measure", {"router": router_url, "node": node_url}
+    )
     s1 = watched.snapshot()
     seen = callers.command({"cmd": "report"}, "report")
     step = measure_step(n, s0, s1, seen, idle_rss)
+    step["healthz_ms"] = probes
     step["calls_failed_to_start"] = grown["failed"]
     return step
 

@@ -1,15 +1,143 @@
-"""The capacity benchmark's report: the verdict from the measured steps, a table, an SVG."""
+"""The capacity benchmark's figures: a step's from two snapshots and the callers' report,
+the verdict over all steps, a table and an SVG."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
 
+from callmesh.telemetry import histogram_quantile
+
 FRAME_LAG_P99_LIMIT_MS = 20.0
 TARGET_CALLS_PER_CORE = 200.0
 TARGET_OVERHEAD_P99_MS = 5.0
+# The load generator is behind real time when its own lateness would eat a material part
+# of callmesh's frame-lag budget: event-loop lag p99 >= 10 ms, or >= 1% of frames late.
+GENERATOR_LAG_P99_LIMIT_MS = 10.0
+GENERATOR_LATE_PCT_LIMIT = 1.0
+
+
+# ---------------------------------------------------------------- one step
+
+
+@dataclass
+class Snapshot:
+    """The benchmark's processes and the node at one moment."""
+
+    at: float
+    cpu: dict[str, float]
+    rss: dict[str, int]
+    machine: tuple[float, float]
+    node: dict[str, Any]
+    router: dict[str, float]
+
+
+def hist_delta(
+    before: dict[str, Any], after: dict[str, Any], name: str
+) -> tuple[list[float], list[int]]:
+    """(buckets, counts) of a node histogram observed between two /v1/status snapshots."""
+    a = after.get("histograms", {}).get(name)
+    if a is None:
+        return [], []
+    b = before.get("histograms", {}).get(name) or {"counts": [0] * len(a["counts"])}
+    return list(a["buckets"]), [x - y for x, y in zip(a["counts"], b["counts"], strict=True)]
+
+
+def quantiles(buckets: list[float], counts: list[int]) -> dict[str, float]:
+    return {
+        "p50": round(histogram_quantile(buckets, counts, 0.50), 3),
+        "p99": round(histogram_quantile(buckets, counts, 0.99), 3),
+        "n": sum(counts),
+    }
+
+
+def _counter(snap: Snapshot, name: str) -> float:
+    return float(snap.node.get("metrics", {}).get(name, 0.0))
+
+
+def measure_step(
+    calls: int, s0: Snapshot, s1: Snapshot, callers: dict[str, Any], idle_rss: dict[str, int]
+) -> dict[str, Any]:
+    wall = s1.at - s0.at
+    cores = {role: (s1.cpu[role] - s0.cpu[role]) / wall for role in s1.cpu}
+    busy, total = (a - b for a, b in zip(s1.machine, s0.machine, strict=True))
+    lag = quantiles(*hist_delta(s0.node, s1.node, "inbound_frame_lag_ms"))
+    overhead = quantiles(*hist_delta(s0.node, s1.node, "turn_overhead_ms"))
+    turns = int(_counter(s1, "turns") - _counter(s0, "turns"))
+    by_callmesh = int(
+        _counter(s1, "turns_over_budget_by_callmesh")
+        - _counter(s0, "turns_over_budget_by_callmesh")
+    )
+    errors = int(callers["errors"])
+    behind = (
+        callers["loop_lag_ms"]["p99"] >= GENERATOR_LAG_P99_LIMIT_MS
+        or callers["send_late_pct"] >= GENERATOR_LATE_PCT_LIMIT
+    )
+    reasons = []
+    if lag["n"] == 0:
+        reasons.append("no audio frames reached the node")
+    elif lag["p99"] >= FRAME_LAG_P99_LIMIT_MS:
+        reasons.append(f"frame lag p99 {lag['p99']} ms >= {FRAME_LAG_P99_LIMIT_MS:g}")
+    if by_callmesh:
+        reasons.append(f"{by_callmesh} turns over budget because of callmesh")
+    if errors or callers["live"] < calls:
+        reasons.append(f"{errors} caller errors, {callers['live']}/{calls} calls live")
+    router_deltas = {
+        k: round(v - s0.router.get(k, 0.0), 3)
+        for k, v in s1.router.items()
+        if v != s0.router.get(k, 0.0) and not k.startswith("live_")
+    }
+    return {
+        "calls": calls,
+        "window_s": round(wall, 2),
+        "router_cpu_cores": round(cores["router"], 4),
+        "node_cpu_cores": round(cores["node"], 4),
+        "cores": round(cores["router"] + cores["node"], 4),
+        "other_cpu_cores": {
+            k: round(v, 4) for k, v in cores.items() if k not in ("router", "node")
+        },
+        "machine_busy_pct": round(100 * busy / total, 1) if total else 0.0,
+        # Busy cores of the machine that none of the watched processes used (other work
+        # on a shared machine competes with the benchmark).
+        "machine_other_cores": max(
+            0.0,
+            round(
+                (busy / total * (os.cpu_count() or 1) if total else 0.0) - sum(cores.values()), 3
+            ),
+        ),
+        "frame_lag_ms": lag,
+        "overhead_ms": overhead,
+        "turns": turns,
+        "over_budget": int(_counter(s1, "turns_over_budget") - _counter(s0, "turns_over_budget")),
+        "over_budget_by_callmesh": by_callmesh,
+        "barge_ins": int(_counter(s1, "barge_ins") - _counter(s0, "barge_ins")),
+        "caller_turns": callers["turns"],
+        "response_ms": {k: callers["response_ms"][k] for k in ("p50", "p99", "n")},
+        "caller_send_lag_ms": {
+            "p50": callers["loop_lag_ms"]["p50"],
+            "p99": callers["loop_lag_ms"]["p99"],
+            "mean": callers["send_lag_ms_mean"],
+            "late_pct": callers["send_late_pct"],
+        },
+        "caller_errors": errors,
+        "caller_error_samples": callers["error_samples"],
+        "caller_timed_out": callers["timed_out"],
+        "caller_cleared_turns": callers["cleared_turns"],
+        "node_turn_metrics_check_ms": {
+            "overhead_ms": callers["node_overhead_ms"],
+            "latency_minus_provider_ms": callers["node_latency_minus_provider_ms"],
+            "over_budget_by_callmesh_turns": callers["over_budget_by_callmesh_turns"],
+        },
+        "rss_kb": {"router": s1.rss["router"], "node": s1.rss["node"]},
+        "rss_growth_kb": s1.rss["router"] + s1.rss["node"] - idle_rss["router"] - idle_rss["node"],
+        "router_counters": router_deltas,
+        "generator_behind": behind,
+        "pass": not reasons,
+        "fail_reasons": reasons,
+    }
 
 
 def _limit(steps: list[dict[str, Any]]) -> tuple[str, str]:
@@ -102,6 +230,7 @@ _COLUMNS = (
     ("over(cm)", 9),
     ("resp p50/p99", 13),
     ("gen p99/late%", 14),
+    ("hz p99 r/n", 11),
     ("rss MB r/n", 11),
     ("busy%", 6),
     ("other", 6),
@@ -117,6 +246,7 @@ def _row(s: dict[str, Any]) -> list[str]:
         s["caller_send_lag_ms"],
     )
     per_core = s["calls"] / s["cores"] if s["cores"] else 0.0
+    hz = s.get("healthz_ms")
     return [
         str(s["calls"]),
         f"{s['router_cpu_cores']:.3f}",
@@ -129,6 +259,7 @@ def _row(s: dict[str, Any]) -> list[str]:
         f"{s['over_budget']}({s['over_budget_by_callmesh']})",
         f"{resp['p50']:.0f}/{resp['p99']:.0f}",
         f"{gen['p99']:.1f}/{gen['late_pct']:.1f}",
+        "/".join(f"{hz[r]['p99']:.0f}" for r in ("router", "node")) if hz else "-",
         f"{s['rss_kb']['router'] / 1024:.0f}/{s['rss_kb']['node'] / 1024:.0f}",
         f"{s['machine_busy_pct']:.0f}",
         f"{s['machine_other_cores']:.2f}",
@@ -139,8 +270,9 @@ def _row(s: dict[str, Any]) -> list[str]:
 def summary_table(report: dict[str, Any], *, header: bool = True) -> str:
     """Steps as a fixed-width table (CPU in cores; lag, overhead, response in ms; ``gen``:
     the load generator's own loop lag p99 and % of frames sent late, ``*`` when it fell
-    behind; ``other``: busy cores of the machine used by none of the benchmark's
-    processes); then the verdict."""
+    behind; ``hz``: /healthz round trip p99 of the router and the node during the window,
+    how responsive each event loop was; ``other``: busy cores of the machine used by none
+    of the benchmark's processes); then the verdict."""
     lines = []
     if header:
         lines.append(" ".join(name.rjust(w) for name, w in _COLUMNS))
