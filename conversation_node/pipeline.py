@@ -13,12 +13,20 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from conversation_node.audio.convert import Transcoder
-from conversation_node.providers.base import LLM, TTS, LLMDelta, LLMRequest, ProviderError, ToolCall
+from conversation_node.providers.base import (
+    LLM,
+    TTS,
+    AudioChunk,
+    LLMDelta,
+    LLMRequest,
+    ProviderError,
+    ToolCall,
+)
 
 # End of a sentence: terminal punctuation followed by space. Short fragments are merged so
 # TTS is not asked to say "Dr." on its own.
@@ -62,7 +70,7 @@ class Voice:
     transcoder: Transcoder | None = None
     marks: bool = False
 
-    def encode(self, chunk: Any) -> tuple[str, int, bytes]:
+    def encode(self, chunk: AudioChunk) -> tuple[str, int, bytes]:
         if self.transcoder is None:
             return chunk.encoding.value, chunk.sample_rate, chunk.data
         t = self.transcoder
@@ -168,7 +176,6 @@ class TurnPipeline:
         started: float,
     ) -> None:
         splitter = SentenceSplitter()
-        parts: list[str] = []
         try:
             stream = self._llm.stream(request)
             first = await asyncio.wait_for(_next(stream), self._budgets.llm_first_token_ms / 1000)
@@ -179,7 +186,6 @@ class TurnPipeline:
                     if delta.tool_call is not None:
                         out.tool_calls.append(delta.tool_call)
                     if delta.text:
-                        parts.append(delta.text)
                         out.generated.append(delta.text)
                         for s in splitter.feed(delta.text):
                             if not out.first_sentence_s:
@@ -188,7 +194,7 @@ class TurnPipeline:
                     delta = await _next(stream)
         except (TimeoutError, ProviderError) as exc:
             out.fallbacks.append("llm_timeout" if isinstance(exc, TimeoutError) else "llm_error")
-            if not parts:
+            if not out.generated:
                 out.tool_calls.clear()
                 out.first_sentence_s = time.monotonic() - started
                 sentences.put_nowait(RECOVERY_LINE)
@@ -200,7 +206,7 @@ class TurnPipeline:
             if not out.first_sentence_s:
                 out.first_sentence_s = time.monotonic() - started
             sentences.put_nowait(rest)
-        out.text = "".join(parts).strip()
+        out.text = "".join(out.generated).strip()
         sentences.put_nowait(None)
 
     async def _speak(self, sentence: str, n: int, emit: Emit, out: TurnOutput, voice: Voice) -> int:
@@ -252,11 +258,13 @@ class TurnPipeline:
         return n + 1
 
 
-async def _unless_interrupted(work: Any, interrupt: asyncio.Event | None, out: TurnOutput) -> None:
+async def _unless_interrupted(
+    work: Coroutine[Any, Any, None], interrupt: asyncio.Event | None, out: TurnOutput
+) -> None:
     if interrupt is None:
         await work
         return
-    task = asyncio.ensure_future(work)
+    task = asyncio.create_task(work, name="reply")
     stop = asyncio.create_task(interrupt.wait(), name="barge-in")
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -266,8 +274,8 @@ async def _unless_interrupted(work: Any, interrupt: asyncio.Event | None, out: T
             task.cancel()
             out.interrupted = True
         await asyncio.gather(task, stop, return_exceptions=True)
-    if not task.cancelled() and task.exception() is not None:
-        raise task.exception()
+    if not task.cancelled():
+        task.result()  # re-raises what the reply failed with
 
 
 async def _next(stream: AsyncIterator[Any]) -> Any:
