@@ -129,3 +129,29 @@ async def test_barge_in_mid_reply_stops_the_model_and_the_voice(
         ckpt = await _checkpoint(redis, "voice-3")
         turn1 = next(e for e in _working(ckpt) if e[0] == 1)
         assert turn1[2] == "Let me look into that for you right away." and turn1[3] is True
+
+
+async def test_bad_audio_gets_a_clear_error_and_the_call_goes_on(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-bad") as call,
+    ):
+        await call.start(caller="dee")
+        seq = await call.send(type="audio", data="not base64 at all!")
+        error = await call.wait_for(lambda f: f["type"] == "error")
+        assert error["code"] == "bad_message" and error["seq"] == seq
+        await call.send(type="mark", name="no-such-mark")  # ignored: not one of ours
+        await call.speak("Hi, my name is Dee")
+        await call.turn(1)
+        assert "Dee" in call.reply_text(1)
+
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-textmode") as call,
+    ):
+        await call.start(audio=False)  # no audio format declared
+        seq = await call.send(type="audio", data="AAAA")
+        error = await call.wait_for(lambda f: f["type"] == "error")
+        assert error["code"] == "bad_message" and error["seq"] == seq
