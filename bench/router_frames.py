@@ -5,13 +5,18 @@ router process over real sockets. Prints one JSON object.
 
 The process test runs the real router app (placement stubbed: no Redis) in this process
 and, in a child process, a fake node plus ``--calls`` Twilio callers
-(:class:`callmesh.voice_client.VoiceCaller`) each streaming 50 frames/s. The fake node
-acknowledges every 25th frame and answers every 5th with 100 ms of agent audio (a mark
-after every 10th chunk), so the router also does its outbound work: agent audio at
-10 chunks/s per call, a realistic ceiling for a call that is spoken to half the time.
-The figure is the router process's CPU time (user + system, so socket I/O included)
-divided by the caller frames it forwarded. ``--floor`` runs the same load through a bare
-aiohttp WebSocket relay (no parsing, no bookkeeping): what any Python router pays.
+(:class:`callmesh.voice_client.VoiceCaller`) each streaming 50 frames/s. Each caller has
+its own WebSocket to the router; router and node talk over ONE multiplexed link
+(:mod:`callmesh.mux`, ``LINK_PATH``), every call a channel on it, each side holding
+what it sends for 2 ms (``link_flush_ms``, the default) so that many frames share a
+write. The fake node acknowledges every 25th frame and answers every 5th with 100 ms of
+agent audio (a mark after every 10th chunk), so the router also does its outbound work:
+agent audio at 10 chunks/s per call, a realistic ceiling for a call that is spoken to
+half the time. The figure is the router process's CPU time (user + system, so socket I/O
+included) divided by the caller frames it forwarded. ``--floor`` runs the same load
+through a bare aiohttp WebSocket relay with one node WebSocket per call (no parsing, no
+bookkeeping, no batching): what any Python router paid before the link, the baseline the
+multiplexed link is measured against.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 from aiohttp import web
 
-from callmesh.config import RouterConfig
+from callmesh.config import LINK_FLUSH_MS, RouterConfig
+from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import encode, parse_inbound
 from callmesh.servers import free_port
+from callmesh.telemetry import Metrics
 from router.app import Router
+from router.node_links import NodeLinks
 from router.twilio import TwilioLink
 
 PAYLOAD = base64.b64encode(bytes(range(160))).decode()
 AGENT_AUDIO = base64.b64encode(b"\x7f" * 800).decode()
+# The fake node holds what it sends on a link as long as the real node does by default.
+LINK_FLUSH_S = LINK_FLUSH_MS / 1000
 
 
 def micro(n: int = 200_000) -> dict[str, float]:
@@ -130,6 +141,7 @@ def relay_app(node_url: str, http: aiohttp.ClientSession) -> web.Application:
         async def down() -> None:
             async for msg in up:
                 await ws.send_str(msg.data)
+            await ws.close()  # the node ended the call
 
         task = asyncio.create_task(down())
         async for msg in ws:
@@ -150,6 +162,9 @@ async def router_process(calls: int, seconds: float, *, relay: bool = False) -> 
     router._pins = _Pins()  # type: ignore[assignment]
     router._membership = _Membership(f"http://127.0.0.1:{node_port}")  # type: ignore[assignment]
     router._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    router._node_links = NodeLinks(
+        router._http, router.metrics, router.config.router_id, router.config.link_flush_ms / 1000
+    )
     app = relay_app(f"http://127.0.0.1:{node_port}", router.http) if relay else router.app()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -189,40 +204,111 @@ async def router_process(calls: int, seconds: float, *, relay: bool = False) -> 
     }
 
 
+Send = Callable[[str], Awaitable[None]]
+Receive = Callable[[], Awaitable[str | None]]
+
+
+def _kind(text: str) -> str:
+    """The first value of a frame without parsing it: ``type`` for the native frames the
+    router sends, ``event`` for the Twilio messages the floor relays as they are (with or
+    without a space after the colon: the callers write both)."""
+    at = text.find('"', text.find(":") + 1) + 1
+    return text[at : text.find('"', at)]
+
+
+async def serve_call(receive: Receive, send: Send, counts: dict[str, int]) -> None:
+    """One call at the fake node, whatever carries it: ready on ``start``, an ack every
+    25th audio frame, 100 ms of agent audio every 5th (a mark after every 10th chunk),
+    ``call_ended`` on hangup, and then the call is over (the floor's relay closes the
+    caller's socket when the node's closes: its callers cannot read ``call_ended``)."""
+    n = 0
+    while (text := await receive()) is not None:
+        kind = _kind(text)
+        if kind == "start":
+            await send(encode({"type": "ready", "turn": 0, "last_seq": 0}))
+        elif kind == "audio" or kind == "media":  # media: relayed by the floor as is
+            n += 1
+            counts["audio"] += 1
+            if n % 25 == 0:
+                seq = json.loads(text).get("seq", 0)
+                await send(encode({"type": "ack", "seq": seq, "turn": 0}))
+            if n % 5 == 0:
+                chunk = n // 5
+                audio = {"type": "agent_audio", "turn": 1, "n": chunk, "data": AGENT_AUDIO}
+                await send(encode(audio))
+                counts["chunks"] += 1
+                if chunk % 10 == 0:
+                    mark = {"type": "mark", "turn": 1, "n": chunk, "name": f"1.{chunk}"}
+                    await send(encode(mark))
+        elif kind == "hangup" or kind == "stop":
+            await send(encode({"type": "call_ended", "turn": 1}))
+            return  # the call is over: its channel (or socket) closes
+
+
+class FakeNode:
+    """The node end of the router's link (``LINK_PATH``: every call a channel of one
+    multiplexed WebSocket, as the real node serves it) and, for the floor's bare relay,
+    of one WebSocket per call (``/v1/node/calls/{call_id}``, what the link replaced)."""
+
+    def __init__(self) -> None:
+        self.counts = {"audio": 0, "chunks": 0}
+        self._muxes: set[Mux] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.app = web.Application()
+        self.app.router.add_get(LINK_PATH, self._link)
+        self.app.router.add_get("/v1/node/calls/{call_id}", self._call_socket)
+
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        mux = Mux(ws, "fake-node", Metrics("fake"), on_open=self._open, flush_delay_s=LINK_FLUSH_S)
+        self._muxes.add(mux)
+        mux.start()
+        try:
+            await mux.run()
+        finally:
+            self._muxes.discard(mux)
+            await mux.aclose()
+        return ws
+
+    def _open(self, channel: Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._channel(channel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _channel(self, channel: Channel) -> None:
+        try:
+            await serve_call(channel.receive, channel.send_str, self.counts)
+        except ConnectionError:
+            pass  # the link is gone
+        finally:
+            await channel.close()
+
+    async def _call_socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+
+        async def receive() -> str | None:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    return str(msg.data)
+            return None
+
+        await serve_call(receive, ws.send_str, self.counts)
+        return ws
+
+    async def aclose(self) -> None:
+        """End the links (the router keeps its link open until it closes)."""
+        for mux in list(self._muxes):
+            await mux.aclose()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 async def peer(router_port: int, node_port: int, calls: int, seconds: float) -> None:
     from callmesh.voice_client import VoiceCaller
 
-    counts = {"audio": 0, "chunks": 0}
-
-    async def node_call(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        n = 0
-        async for msg in ws:
-            kind = msg.data[9 : msg.data.find('"', 9)]
-            if kind == "start" or msg.data.startswith('{"event":"start"'):
-                await ws.send_str(encode({"type": "ready", "turn": 0, "last_seq": 0}))
-            elif kind == "audio" or msg.data.startswith('{"event":"media"'):  # relay: as is
-                n += 1
-                counts["audio"] += 1
-                if n % 25 == 0:
-                    seq = json.loads(msg.data).get("seq", 0)
-                    await ws.send_str(encode({"type": "ack", "seq": seq, "turn": 0}))
-                if n % 5 == 0:
-                    chunk = n // 5
-                    audio = {"type": "agent_audio", "turn": 1, "n": chunk, "data": AGENT_AUDIO}
-                    await ws.send_str(encode(audio))
-                    counts["chunks"] += 1
-                    if chunk % 10 == 0:
-                        mark = {"type": "mark", "turn": 1, "n": chunk, "name": f"1.{chunk}"}
-                        await ws.send_str(encode(mark))
-            elif kind == "hangup" or msg.data.startswith('{"event":"stop"'):
-                await ws.send_str(encode({"type": "call_ended", "turn": 1}))
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/v1/node/calls/{call_id}", node_call)
-    runner = web.AppRunner(app, access_log=None)
+    node = FakeNode()
+    runner = web.AppRunner(node.app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", node_port).start()
 
@@ -234,13 +320,14 @@ async def peer(router_port: int, node_port: int, calls: int, seconds: float) -> 
         return c
 
     callers = await asyncio.gather(*(one(i) for i in range(calls)))
+    await node.aclose()
     await runner.cleanup()
     print(
         json.dumps(
             {
                 "frames_sent": sum(c.stats.frames for c in callers),
-                "node_audio_frames": counts["audio"],
-                "agent_chunks": counts["chunks"],
+                "node_audio_frames": node.counts["audio"],
+                "agent_chunks": node.counts["chunks"],
                 "max_lag_ms": round(max(c.stats.max_lag_ms for c in callers), 1),
             }
         )

@@ -55,6 +55,16 @@ class MembershipConfig:
             raise ConfigError("dead_after_ms must be at least two heartbeats")
 
 
+# 2 ms: under load a write carries the frames of many calls (a frame every 20 ms per call),
+# for at most 2 ms added to each direction of a 20 ms audio frame's trip.
+LINK_FLUSH_MS = 2.0
+
+
+def _link_flush(ms: float) -> None:
+    if not 0.0 <= ms <= 20.0:
+        raise ConfigError(f"link_flush_ms must be within [0, 20], got {ms}")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     backends: Backends = field(default_factory=Backends)
@@ -79,8 +89,12 @@ class RouterConfig:
     # the tenant of calls whose webhook URL names none.
     twilio_auth_token: str = field(default="", repr=False)
     twilio_default_tenant: str = ""
+    # How long the node link holds a frame so frames of other calls can share its write
+    # (callmesh.mux); 0 writes on the next turn of the event loop.
+    link_flush_ms: float = LINK_FLUSH_MS
 
     def __post_init__(self) -> None:
+        _link_flush(self.link_flush_ms)
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("balance_epsilon", self.balance_epsilon)
         _positive("connect_timeout_ms", self.connect_timeout_ms)
@@ -139,8 +153,11 @@ class NodeConfig:
     # and callmesh's own share of it (routing, state, memory, orchestration: "a few ms").
     turn_budget_ms: float = 800.0
     overhead_budget_ms: float = 5.0
+    # As RouterConfig.link_flush_ms, for what the node sends the router.
+    link_flush_ms: float = LINK_FLUSH_MS
 
     def __post_init__(self) -> None:
+        _link_flush(self.link_flush_ms)
         if not 0.0 <= self.stt_min_confidence <= 1.0:
             raise ConfigError("stt_min_confidence must be within [0, 1]")
         _positive("llm_first_token_budget_ms", self.llm_first_token_budget_ms)
@@ -174,8 +191,17 @@ def membership_from_env(env: Mapping[str, str]) -> MembershipConfig:
     )
 
 
+def _link_env(env: Mapping[str, str]) -> dict[str, Any]:
+    if not env.get("CALLMESH_LINK_FLUSH_MS"):
+        return {}
+    try:
+        return {"link_flush_ms": float(env["CALLMESH_LINK_FLUSH_MS"])}
+    except ValueError as exc:
+        raise ConfigError(f"bad CALLMESH_LINK_FLUSH_MS: {exc}") from exc
+
+
 def _router_env(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = _link_env(env)
     if "CALLMESH_MAX_UNACKED_AUDIO_MS" in env:
         out["max_unacked_audio_ms"] = int(env["CALLMESH_MAX_UNACKED_AUDIO_MS"])
     for name, var in (
@@ -201,9 +227,10 @@ _NODE_FLOATS = {
 
 def _node_env(env: Mapping[str, str]) -> dict[str, Any]:
     try:
-        return {k: float(env[v]) for k, v in _NODE_FLOATS.items() if env.get(v)}
+        values = {k: float(env[v]) for k, v in _NODE_FLOATS.items() if env.get(v)}
     except ValueError as exc:
         raise ConfigError(f"bad number in node settings: {exc}") from exc
+    return {**values, **_link_env(env)}
 
 
 def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:

@@ -103,6 +103,7 @@ class ErrorCode(StrEnum):
 class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
+    ABNORMAL = 1006  # the connection was lost (never sent on the wire)
     TOO_LARGE = 1009
     # 4000-4999 are application codes (RFC 6455 §7.4.2).
     BAD_REQUEST = 4400

@@ -1,7 +1,10 @@
 """The conversation node process: owns live calls and serves the router's call links.
 
 Routes:
-- ``GET /v1/node/calls/{call_id}`` (WebSocket): one call's frames from the router;
+- ``GET /v1/node/link`` (WebSocket): a router's link, every call it places here
+  multiplexed on it (``callmesh.mux``);
+- ``GET /v1/node/calls/{call_id}`` (WebSocket): one call on its own WebSocket (for tools
+  and tests that talk to a node directly);
 - ``GET /healthz``: 200 while accepting calls, 503 while draining;
 - ``GET /v1/status``: JSON summary of the node and its calls;
 - ``GET /metrics``: Prometheus text.
@@ -21,10 +24,11 @@ import time
 from typing import Any
 
 import nats
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from callmesh.config import NodeConfig
+from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import (
     CloseCode,
     ErrorCode,
@@ -34,6 +38,7 @@ from callmesh.protocol import (
     parse_inbound,
     valid_id,
 )
+from conversation_node.call_links import CallLink, WebSocketCallLink
 from conversation_node.heartbeat import Heartbeat
 from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
@@ -67,6 +72,8 @@ class ConversationNode:
         self._memory = memory
         self.sessions: dict[tuple[str, str], CallSession] = {}
         self.draining = False
+        self._links: set[Mux] = set()
+        self._call_tasks: set[asyncio.Task[None]] = set()
         self._services: NodeServices | None = None
         self._heartbeat: Heartbeat | None = None
         self._nc: NATS | None = None
@@ -166,6 +173,11 @@ class ConversationNode:
             await self._heartbeat.aclose()
         for s in list(self.sessions.values()):
             await s.aclose()
+        for mux in list(self._links):
+            await mux.aclose()
+        for t in list(self._call_tasks):
+            t.cancel()
+        await asyncio.gather(*self._call_tasks, return_exceptions=True)
         if self._services is not None:
             await self._services.memory.aclose()
         if self._providers is not None:
@@ -186,6 +198,7 @@ class ConversationNode:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get(LINK_PATH, self.router_link)
         app.router.add_get("/v1/node/calls/{call_id}", self.call_link)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
@@ -209,6 +222,7 @@ class ConversationNode:
                     name: h.to_dict() for name, h in self.services.metrics.histograms.items()
                 },
                 "providers": self._providers.names() if self._providers else {},
+                "links": [repr(mux) for mux in self._links],
             }
         )
 
@@ -217,6 +231,48 @@ class ConversationNode:
         m.set("live_calls", len(self.sessions))
         m.set("unsaved_calls", sum(1 for s in self.sessions.values() if s.unsaved))
         return web.Response(text=m.render(), content_type="text/plain")
+
+    async def router_link(self, request: web.Request) -> web.StreamResponse:
+        """A router's link: calls arrive as channels and are served like direct calls."""
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        mux = Mux(
+            ws,
+            f"router@{request.remote}",
+            self.services.metrics,
+            on_open=self._open_call,
+            flush_delay_s=self.config.link_flush_ms / 1000,
+        )
+        self._links.add(mux)
+        mux.start()
+        try:
+            await mux.run()
+        finally:
+            self._links.discard(mux)
+            await mux.aclose()
+        return ws
+
+    def _open_call(self, channel: Channel) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._serve_channel(channel), name=f"call:{channel.call_id}"
+        )
+        self._call_tasks.add(task)
+        task.add_done_callback(self._call_tasks.discard)
+
+    async def _serve_channel(self, channel: Channel) -> None:
+        try:
+            if not valid_id(channel.call_id):
+                await channel.send_str(error_frame(ErrorCode.BAD_MESSAGE, "invalid call id"))
+                await channel.close(CloseCode.BAD_REQUEST, "invalid call id")
+            elif self.draining:
+                await channel.send_str(error_frame(ErrorCode.UNAVAILABLE, "node is draining"))
+                await channel.close(CloseCode.UNAVAILABLE, "draining")
+            else:
+                await self._serve(channel, channel.call_id)
+        except (ConnectionError, RuntimeError):
+            pass  # the link is gone: the router moves the call
+        finally:
+            await channel.close()
 
     async def call_link(self, request: web.Request) -> web.StreamResponse:
         call_id = request.match_info["call_id"]
@@ -229,30 +285,31 @@ class ConversationNode:
             await ws.close(code=CloseCode.UNAVAILABLE, message=b"draining")
             return ws
         try:
-            await self._serve(ws, call_id)
+            await self._serve(WebSocketCallLink(ws), call_id)
         finally:
             if not ws.closed:
                 await ws.close()
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse, call_id: str) -> None:
+    async def _serve(self, link: CallLink, call_id: str) -> None:
         try:
-            first = await ws.receive(timeout=START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                first = await link.receive()
         except TimeoutError:
-            await ws.send_str(error_frame(ErrorCode.NOT_STARTED, "no start frame"))
+            await link.send_str(error_frame(ErrorCode.NOT_STARTED, "no start frame"))
             return
-        if first.type is not WSMsgType.TEXT:
+        if first is None:
             return
         try:
-            start = parse_inbound(first.data, self.config.max_frame_bytes)
+            start = parse_inbound(first, self.config.max_frame_bytes)
         except ProtocolError as exc:
-            await ws.send_str(error_frame(exc.code, exc.message, seq=exc.seq))
+            await link.send_str(error_frame(exc.code, exc.message, seq=exc.seq))
             return
         if start.type is not In.START:
-            await ws.send_str(error_frame(ErrorCode.NOT_STARTED, "first frame must be start"))
+            await link.send_str(error_frame(ErrorCode.NOT_STARTED, "first frame must be start"))
             return
         tenant, caller = start.body["tenant"], start.body.get("caller", "anonymous")
-        session = CallSession(self.services, tenant, call_id, caller, ws.send_str)
+        session = CallSession(self.services, tenant, call_id, caller, link.send_str)
         key = (tenant, call_id)
         previous = self.sessions.get(key)
         self.sessions[key] = session
@@ -260,7 +317,7 @@ class ConversationNode:
             if previous is not None:
                 await previous.aclose()  # superseded by this link; its epoch is stale anyway
             await session.open(start)
-            await self._pump(ws, session)
+            await self._pump(link, session)
         except CallDropped as exc:
             log.info("call dropped", extra={"fields": {"call_id": call_id, "reason": str(exc)}})
         except StateStoreError as exc:
@@ -268,7 +325,7 @@ class ConversationNode:
                 "state store failed", extra={"fields": {"call_id": call_id, "error": str(exc)}}
             )
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await ws.send_str(error_frame(ErrorCode.UNAVAILABLE, "state store unavailable"))
+                await link.send_str(error_frame(ErrorCode.UNAVAILABLE, "state store unavailable"))
         except (ConnectionError, RuntimeError) as exc:
             log.info("router link lost", extra={"fields": {"call_id": call_id, "error": str(exc)}})
         finally:
@@ -276,39 +333,33 @@ class ConversationNode:
             if self.sessions.get(key) is session:
                 del self.sessions[key]
 
-    async def _pump(self, ws: web.WebSocketResponse, session: CallSession) -> None:
-        async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
-                try:
-                    inbound = parse_inbound(msg.data, self.config.max_frame_bytes)
-                except ProtocolError as exc:
-                    await ws.send_str(
-                        error_frame(exc.code, exc.message, seq=exc.seq, turn=session.turn)
-                    )
-                    continue
-                try:
-                    await session.handle(inbound)
-                except CallDropped:
-                    raise
-                except (StateStoreError, ConnectionError):
-                    raise
-                except Exception:
-                    # A bug in one turn must not take the call (or the node) down with it.
-                    log.exception("turn failed", extra={"fields": {"call_id": session.call_id}})
-                    await ws.send_str(
-                        error_frame(
-                            ErrorCode.INTERNAL,
-                            "internal error in this turn",
-                            seq=inbound.seq,
-                            turn=session.turn,
-                        )
-                    )
-                    continue
-                if session.state in (CallState.ENDED, CallState.HANDED_OFF):
-                    return
-            elif msg.type is WSMsgType.BINARY:
-                await ws.send_str(
-                    error_frame(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
+    async def _pump(self, link: CallLink, session: CallSession) -> None:
+        max_bytes = self.config.max_frame_bytes
+        while (text := await link.receive()) is not None:
+            try:
+                inbound = parse_inbound(text, max_bytes)
+            except ProtocolError as exc:
+                await link.send_str(
+                    error_frame(exc.code, exc.message, seq=exc.seq, turn=session.turn)
                 )
-            else:
+                continue
+            try:
+                await session.handle(inbound)
+            except CallDropped:
+                raise
+            except (StateStoreError, ConnectionError):
+                raise
+            except Exception:
+                # A bug in one turn must not take the call (or the node) down with it.
+                log.exception("turn failed", extra={"fields": {"call_id": session.call_id}})
+                await link.send_str(
+                    error_frame(
+                        ErrorCode.INTERNAL,
+                        "internal error in this turn",
+                        seq=inbound.seq,
+                        turn=session.turn,
+                    )
+                )
+                continue
+            if session.state in (CallState.ENDED, CallState.HANDED_OFF):
                 return

@@ -26,6 +26,7 @@ from callmesh.protocol import CloseCode, valid_id
 from callmesh.telemetry import Metrics
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
+from router.node_links import NodeLinks
 from router.proxy import ProxySession
 from router.ring import BoundedLoadRing, NoNodeAvailable
 from router.twilio import TwilioLink
@@ -55,6 +56,7 @@ class Router:
         self._http: aiohttp.ClientSession | None = None
         self._membership: MembershipView | None = None
         self._pins: PinStore | None = None
+        self._node_links: NodeLinks | None = None
         self.calls: dict[tuple[str, str], ProxySession] = {}
         self._by_node: dict[str, set[ProxySession]] = defaultdict(set)
         self._background: set[asyncio.Task[Any]] = set()
@@ -69,6 +71,12 @@ class Router:
         return self._membership
 
     @property
+    def node_links(self) -> NodeLinks:
+        if self._node_links is None:
+            raise RuntimeError("router not started")
+        return self._node_links
+
+    @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
             raise RuntimeError("router not started")
@@ -79,8 +87,11 @@ class Router:
         self._pins = PinStore(self._redis)
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
         self._membership.on_dead(self._node_dead)
-        # One pool for every node link; no total limit (one socket per live call).
+        # Health checks and the node links (one multiplexed WebSocket per node).
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._node_links = NodeLinks(
+            self._http, self.metrics, self.config.router_id, self.config.link_flush_ms / 1000
+        )
         with contextlib.suppress(StateStoreError):
             await self._membership.refresh()
         self._membership.start()
@@ -97,6 +108,8 @@ class Router:
         for t in list(self._background):
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._node_links is not None:
+            await self._node_links.aclose()
         if self._http is not None:
             await asyncio.shield(self._http.close())
             self._http = None
@@ -157,15 +170,16 @@ class Router:
                 del self._by_node[node]
 
     def _node_dead(self, node: str) -> None:
+        # Sessions first: they must see the death, not merely a lost link, so they do not
+        # spend a health check on a node that is known to be gone.
         for session in list(self._by_node.get(node, ())):
             session.node_died()
+        if self._node_links is not None:
+            self._node_links.drop(node, "declared dead")
 
     def observe_failover(self, gap_s: float) -> None:
         self.metrics.inc("failovers")
         self.metrics.inc("failover_gap_ms_sum", gap_s * 1000)
-
-    def close_in_background(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._spawn(ws.close(), "close-node-link")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -259,6 +273,7 @@ class Router:
                 "redis": self.membership.redis_ok,
                 "calls": len(self.calls),
                 "nodes": nodes,
+                "links": self.node_links.summary(),
             }
         )
 

@@ -27,9 +27,7 @@ from enum import StrEnum
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from aiohttp import WSMsgType
-
+from callmesh.mux import Channel
 from callmesh.protocol import (
     REPLY_TYPES,
     AudioEncoding,
@@ -42,6 +40,7 @@ from callmesh.protocol import (
     encode,
 )
 from router.links import ClientLink
+from router.node_links import NodeLinkError
 from router.ring import NoNodeAvailable
 from state_store.errors import StateStoreError
 
@@ -96,7 +95,8 @@ class ProxySession:
         self.tenant = ""
         self.start: Inbound | None = None
         self.node_id: str | None = None
-        self.upstream: aiohttp.ClientWebSocketResponse | None = None
+        # This call's channel on the owner node's link.
+        self.upstream: Channel | None = None
         # Unacknowledged frames, kept for replay: audio apart (it is bounded by duration,
         # oldest dropped first), everything else by count (refused beyond it).
         self.unacked: deque[Inbound] = deque()
@@ -212,51 +212,41 @@ class ProxySession:
         url = self._r.membership.url(node_id)
         if url is None:
             return False
-        try:
-            ws = await self._r.http.ws_connect(
-                f"{url}/v1/node/calls/{self.call_id}",
-                timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
-                max_msg_size=self._r.config.max_frame_bytes * 4,
-                autoping=True,
-                # Audio is base64 noise to deflate; compressing every 20 ms frame on both
-                # ends would cost more CPU than the router's whole job.
-                compress=0,
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
-            return False
-        self.node_id = node_id
-        self._node_dead.clear()
-        self.upstream = ws
-        # Held frames are what the previous link re-said; the new one starts its reply over.
-        self._held.clear()
         # A new owner learns what the caller already has: a turn it restores as committed
         # but whose reply the caller never fully received is spoken again (de-duplicated).
         # (A new client connection is not a relink: nothing is known of what it heard.)
         start = (
-            self.start.body
+            self.start.raw
             if reason == "start"
-            else {**self.start.body, "resume": reason, "delivered_turn": self.completed_turn}
+            else encode(
+                {**self.start.body, "resume": reason, "delivered_turn": self.completed_turn}
+            )
         )
         try:
-            await ws.send_str(self.start.raw if reason == "start" else encode(start))
+            channel = await self._r.node_links.open(node_id, url, self.call_id, start)
+        except NodeLinkError as exc:
+            log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
+            return False
+        self.node_id = node_id
+        self._node_dead.clear()
+        self.upstream = channel
+        # Held frames are what the previous link re-said; the new one starts its reply over.
+        self._held.clear()
+        try:
             # Frames the client reader appends while we replay are forwarded by it
             # directly, because ``self.upstream`` is already set.
             for frame in self.unacked_frames():
-                await ws.send_str(frame.raw)
+                await channel.send_str(frame.raw)
         except (ConnectionError, RuntimeError):
             return False
         return True
 
     async def pump_upstream(self) -> Outcome:
         """Node → client until the link ends; returns why it ended."""
-        ws = self.upstream
-        if ws is None:
+        channel = self.upstream
+        if channel is None:
             return Outcome.LOST
-        async for msg in ws:
-            if msg.type is not WSMsgType.TEXT:
-                break
-            raw: str = msg.data
+        while (raw := await channel.receive()) is not None:
             frame: dict[str, Any] | None = None
             kind = _kind_of(raw)
             if kind is None:
@@ -344,7 +334,7 @@ class ProxySession:
 
     async def _pump_or_death(self) -> Outcome:
         """Pump the link, unless the node is declared dead first: then stop reading at once
-        (a paused node would hold a graceful close for seconds) and close in background."""
+        (a paused node would hold a graceful close for seconds)."""
         pump = asyncio.create_task(self.pump_upstream(), name=f"pump:{self.call_id}")
         dead = asyncio.create_task(self._node_dead.wait(), name=f"death:{self.call_id}")
         try:
@@ -355,10 +345,15 @@ class ProxySession:
                 pump.cancel()
             await asyncio.gather(pump, dead, return_exceptions=True)
         if pump.cancelled() or pump.exception() is not None:
-            if self.upstream is not None:
-                self._r.close_in_background(self.upstream)
-            return Outcome.DEAD
-        return pump.result()
+            outcome = Outcome.DEAD
+        else:
+            outcome = pump.result()
+            # The death dropped the node's link too: that is not a link to health-check.
+            if outcome is Outcome.LOST and self._node_dead.is_set():
+                outcome = Outcome.DEAD
+        if outcome is Outcome.DEAD and self.upstream is not None:
+            await self.upstream.close()
+        return outcome
 
     # ------------------------------------------------------------------ the call
 

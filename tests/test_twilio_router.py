@@ -19,7 +19,9 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from callmesh.config import Backends, MembershipConfig, RouterConfig
+from callmesh.mux import LINK_PATH, Channel, Mux
 from callmesh.protocol import encode
+from callmesh.telemetry import Metrics
 from callmesh.voice_wire import TwilioWire
 from router.app import Router
 from router.twilio import TwilioLink, caller_id
@@ -32,14 +34,15 @@ PAYLOAD = base64.b64encode(bytes(range(160))).decode()
 
 
 class FakeNode:
-    """Speaks the node side of the router ↔ node protocol; records every frame per link."""
+    """Speaks the node side of the router ↔ node link; records every frame per channel."""
 
     def __init__(self) -> None:
-        self.links: dict[str, list[web.WebSocketResponse]] = defaultdict(list)
+        self.links: dict[str, list[Channel]] = defaultdict(list)
         self.frames: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
         self.raw: dict[str, list[str]] = defaultdict(list)
+        self._tasks: set[asyncio.Task[None]] = set()
         app = web.Application()
-        app.router.add_get("/v1/node/calls/{call_id}", self._call)
+        app.router.add_get(LINK_PATH, self._link)
         app.router.add_get("/healthz", self._healthz)
         self.server = TestServer(app)
 
@@ -50,23 +53,37 @@ class FakeNode:
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _call(self, request: web.Request) -> web.WebSocketResponse:
-        call_id = request.match_info["call_id"]
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        mux = Mux(ws, "fake", Metrics("fake"), on_open=self._open)
+        mux.start()
+        try:
+            await mux.run()
+        finally:
+            await mux.aclose()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return ws
+
+    def _open(self, channel: Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._call(channel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, channel: Channel) -> None:
+        call_id = channel.call_id
         frames: list[dict[str, Any]] = []
-        self.links[call_id].append(ws)
+        self.links[call_id].append(channel)
         self.frames[call_id].append(frames)
-        async for msg in ws:
-            frame = json.loads(msg.data)
+        while (text := await channel.receive()) is not None:
+            frame = json.loads(text)
             frames.append(frame)
-            self.raw[call_id].append(msg.data)
+            self.raw[call_id].append(text)
             if frame["type"] == "start":
                 ready = {"type": "ready", "turn": 0, "call_id": call_id, "last_seq": 0}
-                await ws.send_str(encode(ready))
+                await channel.send_str(encode(ready))
             elif frame["type"] == "hangup":
-                await ws.send_str(encode({"type": "call_ended", "turn": 0}))
-        return ws
+                await channel.send_str(encode({"type": "call_ended", "turn": 0}))
 
     async def send(self, call_id: str, frame: dict[str, Any]) -> None:
         await self.links[call_id][-1].send_str(encode(frame))
