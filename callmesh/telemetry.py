@@ -16,7 +16,9 @@ from typing import Any
 class TurnMetrics:
     """One turn's timings (ms). ``latency_ms`` is end of user speech → first agent audio;
     ``provider_ms`` is the part of it spent inside providers, so ``overhead_ms`` is
-    callmesh's own share (routing excluded: measured by the caller)."""
+    callmesh's own share (routing excluded: measured by the caller). A turn the caller cut
+    off before its first audio (``spoke`` False) has no latency: both are 0 and it is left
+    out of latency statistics."""
 
     call_id: str
     turn: int
@@ -31,8 +33,19 @@ class TurnMetrics:
     intent: str = ""
     fallbacks: list[str] = field(default_factory=list)
     interrupted: bool = False
+    spoke: bool = True
     node: str = ""
     epoch: int = 0
+
+    def set_latency(self, started: float, first_audio_at: float | None) -> None:
+        """From the turn's start and its first audio (None: it never spoke); call after
+        ``provider_ms`` is known."""
+        self.spoke = first_audio_at is not None
+        self.latency_ms = (first_audio_at - started) * 1000 if first_audio_at is not None else 0.0
+        self.update_overhead()
+
+    def update_overhead(self) -> None:
+        self.overhead_ms = max(0.0, self.latency_ms - self.provider_ms) if self.spoke else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -90,6 +90,11 @@ class NodeServices:
 
     def observe_turn(self, m: TurnMetrics) -> None:
         self.metrics.inc("turns")
+        for f in m.fallbacks:
+            self.metrics.inc(f"fallback_{f}")
+        if not m.spoke:
+            self.metrics.inc("turns_cut_off_before_audio")
+            return
         self.metrics.inc("turn_latency_ms_sum", m.latency_ms)
         self.metrics.inc("turn_overhead_ms_sum", m.overhead_ms)
         self.metrics.inc("turn_retrieval_ms_sum", m.retrieval_ms)
@@ -101,8 +106,6 @@ class NodeServices:
                 # The providers left room and callmesh overran its own share: the miss is
                 # callmesh's (a turn pushed over by a fraction of a ms of jitter is not).
                 self.metrics.inc("turns_over_budget_by_callmesh")
-        for f in m.fallbacks:
-            self.metrics.inc(f"fallback_{f}")
 
     def observe_frame_lag(self, lag_ms: float) -> None:
         """How far behind the caller's clock an audio frame was processed."""

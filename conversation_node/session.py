@@ -358,7 +358,7 @@ class CallSession:
         # Speech-to-text (the endpoint wait included) is provider time too.
         metrics.stt_ms = stt_ms
         metrics.provider_ms += stt_ms
-        metrics.overhead_ms = max(0.0, metrics.latency_ms - metrics.provider_ms)
+        metrics.update_overhead()
         self.ckpt.outbox.extend(effects)
         await self._finish_turn(records, metrics)
 

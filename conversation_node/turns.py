@@ -82,25 +82,22 @@ async def answer(
     fallbacks = [*retrieval_fallbacks(retrieval), *output.fallbacks]
     records += [eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in fallbacks]
     mem.observe_agent(turn, heard, interrupted=interrupted)
-    first_audio = output.first_audio_at or time.monotonic()
-    latency_ms = (first_audio - started) * 1000
     # Retrieval is on the critical path, like the model's first sentence and the voice.
     provider_ms = retrieval_ms + output.first_sentence_s * 1000 + output.tts_first_chunk_ms
     metrics = TurnMetrics(
         call_id=s.call_id,
         turn=turn,
-        latency_ms=latency_ms,
         retrieval_ms=retrieval_ms,
         llm_first_token_ms=output.llm_first_token_ms,
         tts_first_chunk_ms=output.tts_first_chunk_ms,
         provider_ms=provider_ms,
-        overhead_ms=max(0.0, latency_ms - provider_ms),
         intent=update.intent,
         fallbacks=fallbacks,
         interrupted=interrupted,
         node=s._svc.node_id,
         epoch=s.epoch,
     )
+    metrics.set_latency(started, output.first_audio_at)
     records += [
         eventlog.record(
             EventType.AGENT_REPLY, turn, text=output.text, heard=heard, interrupted=interrupted
@@ -117,22 +114,18 @@ async def greet(s: CallSession, greeting: Greeting, started: float, history_ms: 
         pb, _ = s.vt.start_reply(0)
         output = await s._svc.pipeline.speak(greeting.text, s._emit, s.voice)
         pb.finished_sending = True
-        first_audio = output.first_audio_at or time.monotonic()
-        latency_ms = (first_audio - started) * 1000
-        provider_ms = history_ms + output.tts_first_chunk_ms
         metrics = TurnMetrics(
             call_id=s.call_id,
             turn=0,
-            latency_ms=latency_ms,
             retrieval_ms=history_ms,
             tts_first_chunk_ms=output.tts_first_chunk_ms,
-            provider_ms=provider_ms,
-            overhead_ms=max(0.0, latency_ms - provider_ms),
+            provider_ms=history_ms + output.tts_first_chunk_ms,
             intent="greeting",
             fallbacks=list(output.fallbacks),
             node=s._svc.node_id,
             epoch=s.epoch,
         )
+        metrics.set_latency(started, output.first_audio_at)
         records = [
             eventlog.record(EventType.FALLBACK, 0, kind=f, detail="greeting")
             for f in output.fallbacks

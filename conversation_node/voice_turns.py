@@ -192,24 +192,20 @@ class VoiceTurns:
         )
         heard, interrupted = self.heard(pb, REPEAT_LINE, output.interrupted)
         self.s.memory.observe_agent(turn, heard, interrupted=interrupted)
-        first_audio = output.first_audio_at or time.monotonic()
-        latency_ms = (first_audio - started) * 1000
-        provider_ms = stt_ms + output.tts_first_chunk_ms
         fallbacks = ["stt_low_confidence", *output.fallbacks]
         metrics = TurnMetrics(
             call_id=self.s.call_id,
             turn=turn,
-            latency_ms=latency_ms,
             stt_ms=stt_ms,
             tts_first_chunk_ms=output.tts_first_chunk_ms,
-            provider_ms=provider_ms,
-            overhead_ms=max(0.0, latency_ms - provider_ms),
+            provider_ms=stt_ms + output.tts_first_chunk_ms,
             intent="repeat",
             fallbacks=fallbacks,
             interrupted=interrupted,
             node=self.s._svc.node_id,
             epoch=self.s.epoch,
         )
+        metrics.set_latency(started, output.first_audio_at)
         records: list[dict[str, Any]] = [
             eventlog.record(
                 EventType.USER_TURN,

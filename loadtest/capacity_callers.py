@@ -134,7 +134,8 @@ class CallerPool:
         def tapped(raw: str) -> Heard:
             heard = decode(raw)
             f = heard.frame
-            if heard.kind == "turn_metrics" and f is not None:
+            # A turn cut off before its first audio has no latency to compare.
+            if heard.kind == "turn_metrics" and f is not None and f.get("spoke", True):
                 latency, provider = f.get("latency_ms"), f.get("provider_ms")
                 if isinstance(latency, (int, float)) and isinstance(provider, (int, float)):
                     self.window.node_latency_minus_provider_ms.append(max(0.0, latency - provider))
