@@ -73,6 +73,8 @@ class Ctl(StrEnum):
 # Reply frames take part in the router's de-duplication of a re-answered turn.
 REPLY_TYPES = frozenset({Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value})
 INBOUND_TYPES = frozenset(t.value for t in In)
+# Value → member by a dict lookup: In(value) costs an enum call on every audio frame.
+_IN_BY_VALUE = {t.value: t for t in In}
 
 
 class AudioEncoding(StrEnum):
@@ -149,9 +151,9 @@ def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
     if type(seq) is not int or seq < 1:
         raise ProtocolError(ErrorCode.BAD_SEQ, "'seq' must be a positive integer")
     kind = body.get("type")
-    if kind not in INBOUND_TYPES:
+    msg_type = _IN_BY_VALUE.get(kind) if type(kind) is str else None
+    if msg_type is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}", seq)
-    msg_type = In(kind)
     _check_fields(msg_type, body, seq)
     return Inbound(msg_type, seq, body, raw)
 

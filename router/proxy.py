@@ -101,6 +101,7 @@ class ProxySession:
         # oldest dropped first), everything else by count (refused beyond it).
         self.unacked: deque[Inbound] = deque()
         self.unacked_audio: deque[Inbound] = deque()
+        self._audio_sizes: deque[int] = deque()  # bytes of each unacked_audio frame
         self.unacked_audio_bytes = 0
         self._max_audio_bytes = 0
         self._audio_bytes_per_ms = 8
@@ -189,13 +190,16 @@ class ProxySession:
     def _keep_audio(self, frame: Inbound) -> None:
         """Keep caller audio for replay; live audio is never refused, so past the bound the
         oldest unacknowledged audio goes (a new owner hears the most recent of it)."""
+        size = _data_bytes(frame)
         self.unacked_audio.append(frame)
-        self.unacked_audio_bytes += _data_bytes(frame)
+        self._audio_sizes.append(size)
+        self.unacked_audio_bytes += size
         if self.unacked_audio_bytes <= self._max_audio_bytes:
             return
         dropped = 0
         while self.unacked_audio_bytes > self._max_audio_bytes and len(self.unacked_audio) > 1:
-            self.unacked_audio_bytes -= _data_bytes(self.unacked_audio.popleft())
+            self.unacked_audio.popleft()
+            self.unacked_audio_bytes -= self._audio_sizes.popleft()
             dropped += 1
         self._r.metrics.inc("unacked_audio_frames_dropped", dropped)
 
@@ -293,9 +297,10 @@ class ProxySession:
     def _on_ack(self, seq: int) -> None:
         while self.unacked and self.unacked[0].seq <= seq:
             self.unacked.popleft()
-        audio = self.unacked_audio
+        audio, sizes = self.unacked_audio, self._audio_sizes
         while audio and audio[0].seq <= seq:
-            self.unacked_audio_bytes -= _data_bytes(audio.popleft())
+            audio.popleft()
+            self.unacked_audio_bytes -= sizes.popleft()
 
     def _complete(self, turn: int) -> None:
         self.completed_turn = turn
