@@ -267,6 +267,11 @@ class Mux:
                     self._drained.set()
         except (ConnectionError, RuntimeError) as exc:
             self._lose(f"write failed: {exc}")
+        except Exception as exc:
+            # A writer that died quietly would leave every call on the link mute: end the
+            # link instead, so the calls relink.
+            log.exception("link writer failed", extra={"fields": {"link": self.name}})
+            self._lose(f"writer failed: {exc!r}")
 
     # ------------------------------------------------------------------ receiving
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -241,3 +242,12 @@ async def test_a_flush_delay_gathers_frames_sent_in_different_loop_turns(
             await link.aclose()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+
+async def test_a_writer_that_fails_ends_the_link_instead_of_muting_it(router_link: Mux) -> None:
+    ch = await router_link.open("a", "start")
+    assert await ch.receive() == "start"
+    unpackable: Any = {1, 2}  # msgpack cannot encode a set
+    await ch.send_str(unpackable)
+    assert await asyncio.wait_for(ch.receive(), 5) is None
+    assert router_link.closed and "writer failed" in (router_link.lost or "")
