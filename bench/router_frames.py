@@ -263,12 +263,10 @@ class FakeNode:
         await ws.prepare(request)
         mux = Mux(ws, "fake-node", Metrics("fake"), on_open=self._open, flush_delay_s=LINK_FLUSH_S)
         self._muxes.add(mux)
-        mux.start()
         try:
-            await mux.run()
+            await mux.serve()
         finally:
             self._muxes.discard(mux)
-            await mux.aclose()
         return ws
 
     def _open(self, channel: Channel) -> None:

@@ -275,6 +275,15 @@ class Mux:
 
     # ------------------------------------------------------------------ receiving
 
+    async def serve(self) -> None:
+        """The whole life of a link whose reader is this task: write, read until the link
+        ends, close."""
+        self.start()
+        try:
+            await self.run()
+        finally:
+            await self.aclose()
+
     async def run(self) -> None:
         """Read until the link ends (or the peer breaks the wire format)."""
         code: int = CloseCode.GOING_AWAY
@@ -324,11 +333,11 @@ class Mux:
         if type(chan) is not int or chan in self.channels:
             self._bad_record(["open", chan])
             return
-        channel = Channel(self, chan, call_id)
         if self._on_open is None:
             # Only routers open channels; the node side is the one with ``on_open``.
             self._queue((_CLOSE, chan, int(CloseCode.BAD_REQUEST), "cannot open here"), 0)
             return
+        channel = Channel(self, chan, call_id)
         self.channels[chan] = channel
         channel._deliver(first)
         self._on_open(channel)
@@ -378,11 +387,6 @@ class Mux:
 
 def _batches(records: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
     """Split records into messages of at most MAX_BATCH_BYTES (a larger record alone)."""
-    size = 0
-    for rec in records:
-        size += len(rec[-1]) if type(rec[-1]) is str else 0
-    if size <= MAX_BATCH_BYTES:
-        return [records]
     out: list[list[tuple[Any, ...]]] = [[]]
     size = 0
     for rec in records:

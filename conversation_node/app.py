@@ -244,12 +244,10 @@ class ConversationNode:
             flush_delay_s=self.config.link_flush_ms / 1000,
         )
         self._links.add(mux)
-        mux.start()
         try:
-            await mux.run()
+            await mux.serve()
         finally:
             self._links.discard(mux)
-            await mux.aclose()
         return ws
 
     def _open_call(self, channel: Channel) -> None:

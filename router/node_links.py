@@ -85,7 +85,7 @@ class NodeLinks:
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise NodeLinkError(f"link to {node_id} failed: {exc}") from exc
-        self._drop(node_id, "replaced")
+        self.drop(node_id, "replaced")
         mux = Mux(ws, node_id, self._metrics, flush_delay_s=self._flush_delay)
         mux.start()
         reader = asyncio.get_running_loop().create_task(mux.run(), name=f"link:{node_id}")
@@ -104,9 +104,6 @@ class NodeLinks:
 
     def drop(self, node_id: str, why: str) -> None:
         """End the node's link now: its calls see their channels end."""
-        self._drop(node_id, why)
-
-    def _drop(self, node_id: str, why: str) -> None:
         current = self._links.pop(node_id, None)
         if current is not None:
             _, mux, reader = current

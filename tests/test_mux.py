@@ -37,11 +37,9 @@ class EchoNode:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         link = Mux(ws, "node", self.metrics, on_open=self._open)
-        link.start()
         try:
-            await link.run()
+            await link.serve()
         finally:
-            await link.aclose()
             await asyncio.gather(*self.tasks, return_exceptions=True)
         return ws
 

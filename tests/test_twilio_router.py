@@ -57,11 +57,9 @@ class FakeNode:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         mux = Mux(ws, "fake", Metrics("fake"), on_open=self._open)
-        mux.start()
         try:
-            await mux.run()
+            await mux.serve()
         finally:
-            await mux.aclose()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         return ws
 
