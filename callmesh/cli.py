@@ -27,6 +27,7 @@ for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_blas, "1")
 
 from callmesh import config as cfg  # noqa: E402 (after the thread settings)
+from callmesh import gc_tuning  # noqa: E402
 from callmesh.telemetry import setup_logging  # noqa: E402
 
 DEFAULT_ROUTER = os.environ.get("CALLMESH_ROUTER", "http://127.0.0.1:8080")
@@ -64,6 +65,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(config)
         await router.start()
+        gc_tuning.tune(router.metrics, config.gc_gen0_threshold)
         try:
             await serve(router.app(), config.host, config.port)
         finally:
@@ -91,6 +93,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     async def main() -> None:
         node = ConversationNode(config)
         await node.start()
+        gc_tuning.tune(node.services.metrics, config.gc_gen0_threshold)
         try:
             await serve(node.app(), config.host, config.port, on_signal=node.drain)
         finally:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from callmesh.gc_tuning import DEFAULT_GEN0_THRESHOLD
 from callmesh.protocol import DEFAULT_MAX_FRAME_BYTES, valid_id
 
 
@@ -60,9 +61,11 @@ class MembershipConfig:
 LINK_FLUSH_MS = 2.0
 
 
-def _link_flush(ms: float) -> None:
-    if not 0.0 <= ms <= 20.0:
-        raise ConfigError(f"link_flush_ms must be within [0, 20], got {ms}")
+def _process_settings(link_flush_ms: float, gc_gen0_threshold: int) -> None:
+    if not 0.0 <= link_flush_ms <= 20.0:
+        raise ConfigError(f"link_flush_ms must be within [0, 20], got {link_flush_ms}")
+    if gc_gen0_threshold < 0:
+        raise ConfigError(f"gc_gen0_threshold must be >= 0, got {gc_gen0_threshold}")
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,12 @@ class RouterConfig:
     # How long the node link holds a frame so frames of other calls can share its write
     # (callmesh.mux); 0 writes on the next turn of the event loop.
     link_flush_ms: float = LINK_FLUSH_MS
+    # The collector's generation-0 threshold after start-up (callmesh.gc_tuning); 0 keeps
+    # CPython's default of 700.
+    gc_gen0_threshold: int = DEFAULT_GEN0_THRESHOLD
 
     def __post_init__(self) -> None:
-        _link_flush(self.link_flush_ms)
+        _process_settings(self.link_flush_ms, self.gc_gen0_threshold)
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("balance_epsilon", self.balance_epsilon)
         _positive("connect_timeout_ms", self.connect_timeout_ms)
@@ -155,9 +161,10 @@ class NodeConfig:
     overhead_budget_ms: float = 5.0
     # As RouterConfig.link_flush_ms, for what the node sends the router.
     link_flush_ms: float = LINK_FLUSH_MS
+    gc_gen0_threshold: int = DEFAULT_GEN0_THRESHOLD
 
     def __post_init__(self) -> None:
-        _link_flush(self.link_flush_ms)
+        _process_settings(self.link_flush_ms, self.gc_gen0_threshold)
         if not 0.0 <= self.stt_min_confidence <= 1.0:
             raise ConfigError("stt_min_confidence must be within [0, 1]")
         _positive("llm_first_token_budget_ms", self.llm_first_token_budget_ms)
@@ -191,17 +198,21 @@ def membership_from_env(env: Mapping[str, str]) -> MembershipConfig:
     )
 
 
-def _link_env(env: Mapping[str, str]) -> dict[str, Any]:
-    if not env.get("CALLMESH_LINK_FLUSH_MS"):
-        return {}
+def _process_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings every service process has (router and node)."""
+    out: dict[str, Any] = {}
     try:
-        return {"link_flush_ms": float(env["CALLMESH_LINK_FLUSH_MS"])}
+        if env.get("CALLMESH_LINK_FLUSH_MS"):
+            out["link_flush_ms"] = float(env["CALLMESH_LINK_FLUSH_MS"])
+        if env.get("CALLMESH_GC_GEN0_THRESHOLD"):
+            out["gc_gen0_threshold"] = int(env["CALLMESH_GC_GEN0_THRESHOLD"])
     except ValueError as exc:
-        raise ConfigError(f"bad CALLMESH_LINK_FLUSH_MS: {exc}") from exc
+        raise ConfigError(f"bad process setting: {exc}") from exc
+    return out
 
 
 def _router_env(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = _link_env(env)
+    out: dict[str, Any] = _process_env(env)
     if "CALLMESH_MAX_UNACKED_AUDIO_MS" in env:
         out["max_unacked_audio_ms"] = int(env["CALLMESH_MAX_UNACKED_AUDIO_MS"])
     for name, var in (
@@ -230,7 +241,7 @@ def _node_env(env: Mapping[str, str]) -> dict[str, Any]:
         values = {k: float(env[v]) for k, v in _NODE_FLOATS.items() if env.get(v)}
     except ValueError as exc:
         raise ConfigError(f"bad number in node settings: {exc}") from exc
-    return {**values, **_link_env(env)}
+    return {**values, **_process_env(env)}
 
 
 def build(cls: type[T], env: Mapping[str, str] | None = None, **flags: Any) -> T:

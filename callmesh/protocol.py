@@ -132,6 +132,16 @@ class Inbound:
     raw: str
 
 
+# An audio frame as the router and callmesh's clients write it (these keys in this order, no
+# spaces, base64 data): checked and taken apart in one pass instead of json.loads and the
+# field checks. Audio is 50 frames a second per call; any other spelling of a frame takes
+# the general path, which gives the same result.
+_AUDIO_FRAME = re.compile(
+    r'\{"type":"audio","seq":([1-9][0-9]{0,17}),"data":"([A-Za-z0-9+/]*={0,2})"'
+    r'(?:,"ts":(0|[1-9][0-9]{0,15}))?\}'
+)
+
+
 def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Inbound:
     """Validate one inbound frame; raise :class:`ProtocolError` with a client-facing reason."""
     if len(raw) > max_bytes:
@@ -141,6 +151,13 @@ def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
             raw = raw.decode()
         except UnicodeDecodeError:
             raise ProtocolError(ErrorCode.BAD_JSON, "frame is not UTF-8 text") from None
+    exact = _AUDIO_FRAME.fullmatch(raw)
+    if exact is not None:
+        audio_seq, ts = int(exact[1]), exact[3]
+        audio = {"type": "audio", "seq": audio_seq, "data": exact[2]}
+        if ts is not None:
+            audio["ts"] = int(ts)
+        return Inbound(In.AUDIO, audio_seq, audio, raw)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):

@@ -58,6 +58,13 @@ def _counter(snap: Snapshot, name: str) -> float:
     return float(snap.node.get("metrics", {}).get(name, 0.0))
 
 
+def _hist_sum(s1: Snapshot, s0: Snapshot, name: str) -> float:
+    def total(snap: Snapshot) -> float:
+        return float(snap.node.get("histograms", {}).get(name, {}).get("sum", 0.0))
+
+    return total(s1) - total(s0)
+
+
 def measure_step(
     calls: int, s0: Snapshot, s1: Snapshot, callers: dict[str, Any], idle_rss: dict[str, int]
 ) -> dict[str, Any]:
@@ -66,6 +73,7 @@ def measure_step(
     busy, total = (a - b for a, b in zip(s1.machine, s0.machine, strict=True))
     lag = quantiles(*hist_delta(s0.node, s1.node, "inbound_frame_lag_ms"))
     overhead = quantiles(*hist_delta(s0.node, s1.node, "turn_overhead_ms"))
+    gc_pauses = quantiles(*hist_delta(s0.node, s1.node, "gc_pause_ms"))
     turns = int(_counter(s1, "turns") - _counter(s0, "turns"))
     by_callmesh = int(
         _counter(s1, "turns_over_budget_by_callmesh")
@@ -110,6 +118,9 @@ def measure_step(
         ),
         "frame_lag_ms": lag,
         "overhead_ms": overhead,
+        # The node's garbage collections in the window (callmesh.gc_tuning): pause
+        # quantiles, how many, and the wall time they stopped the event loop for in all.
+        "node_gc_pause_ms": {**gc_pauses, "total": round(_hist_sum(s1, s0, "gc_pause_ms"), 1)},
         "turns": turns,
         "over_budget": int(_counter(s1, "turns_over_budget") - _counter(s0, "turns_over_budget")),
         "over_budget_by_callmesh": by_callmesh,

@@ -46,6 +46,9 @@ EMPTY = {
 # (OpenAI cookbook); counted so ``Prompt.tokens`` is what the model bills.
 MESSAGE_OVERHEAD = 4
 REPLY_PRIMING = 3
+# Token counts kept per process: a few lines per call for a few thousand calls.
+LINE_CACHE_SIZE = 16384
+CACHED_LINE_CHARS = 1024
 
 DEFAULT_INSTRUCTIONS = (
     "You are the phone booking assistant of Brightsmile Dental. Speak briefly and warmly, "
@@ -63,6 +66,10 @@ class TokenCounter(Protocol):
 
     def count(self, text: str) -> int: ...
 
+    def forget(self) -> None:
+        """Drop whatever counts are kept between calls (benchmarks time cold builds)."""
+        ...
+
     def truncate(self, text: str, max_tokens: int) -> str:
         """``text`` cut to at most ``max_tokens`` tokens (ending with an ellipsis if cut)."""
         ...
@@ -78,9 +85,20 @@ class TiktokenCounter:
 
         self._enc = tiktoken.get_encoding(encoding)
         self.name = f"tiktoken:{encoding}"
+        # Lines recur turn after turn (instructions, facts, earlier exchanges), so each is
+        # tokenized once; whole prompts, new every turn, are not kept.
+        self._line_counts = functools.lru_cache(maxsize=LINE_CACHE_SIZE)(self._tokens)
+
+    def _tokens(self, text: str) -> int:
+        return len(self._enc.encode_ordinary(text))
 
     def count(self, text: str) -> int:
-        return len(self._enc.encode_ordinary(text))
+        if len(text) <= CACHED_LINE_CHARS:
+            return self._line_counts(text)
+        return self._tokens(text)
+
+    def forget(self) -> None:
+        self._line_counts.cache_clear()
 
     def truncate(self, text: str, max_tokens: int) -> str:
         ids = self._enc.encode_ordinary(text)
@@ -104,6 +122,9 @@ class ApproximateTokenCounter:
 
     def count(self, text: str) -> int:
         return max(math.ceil(len(text) / 4), len(text.split()))
+
+    def forget(self) -> None:
+        pass  # nothing is kept
 
     def truncate(self, text: str, max_tokens: int) -> str:
         if self.count(text) <= max_tokens:

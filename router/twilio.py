@@ -40,6 +40,14 @@ log = logging.getLogger("callmesh.router.twilio")
 TWILIO_ENCODING = "audio/x-mulaw"
 TWILIO_SAMPLE_RATE = 8000
 _B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+# A media message exactly as Twilio writes it (its key order, no spaces, nothing escaped):
+# validated and taken apart in one pass, without building the JSON object. It is most of
+# the router's input (50 a second per call); any other spelling goes through json.loads.
+_MEDIA = re.compile(
+    r'\{"event":"media","sequenceNumber":"[0-9]{1,20}","media":\{"track":"[a-z_]{1,16}",'
+    r'"chunk":"[0-9]{1,20}","timestamp":"([0-9]{1,15})","payload":"([A-Za-z0-9+/]+={0,2})"\},'
+    r'"streamSid":"[A-Za-z0-9_-]{1,64}"\}'
+)
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _PHONE = re.compile(r"[+\d\s().-]+")
 _NON_DIGITS = re.compile(r"\D")
@@ -119,6 +127,10 @@ class TwilioLink:
         """One Twilio message → the native frame it means (None: nothing to forward)."""
         if len(data) > self._max_frame_bytes:
             return self._malformed(f"message of {len(data)} bytes")
+        if self._started and not self._stopped:
+            exact = _MEDIA.fullmatch(data)
+            if exact is not None:
+                return self._audio(exact[2], int(exact[1]))
         try:
             msg = json.loads(data)
         except (ValueError, RecursionError):
@@ -134,15 +146,7 @@ class TwilioLink:
             payload = media.get("payload") if type(media) is dict else None
             if type(payload) is not str or _B64.fullmatch(payload) is None:
                 return self._malformed("media without a base64 payload")
-            self._seq = seq = self._seq + 1
-            ts = _timestamp(media.get("timestamp"))  # type: ignore[union-attr]
-            if ts is None:
-                body = {"type": "audio", "seq": seq, "data": payload}
-                raw = f'{{"type":"audio","seq":{seq},"data":"{payload}"}}'
-            else:
-                body = {"type": "audio", "seq": seq, "data": payload, "ts": ts}
-                raw = f'{{"type":"audio","seq":{seq},"data":"{payload}","ts":{ts}}}'
-            return Inbound(In.AUDIO, seq, body, raw)
+            return self._audio(payload, _timestamp(media.get("timestamp")))  # type: ignore[union-attr]
         if event == "start":
             return self._start(msg)
         if event == "connected":
@@ -168,6 +172,16 @@ class TwilioLink:
             return self._frame(In.DTMF, digit=digit)
         self._stopped = True
         return self._frame(In.HANGUP)
+
+    def _audio(self, payload: str, ts: int | None) -> Inbound:
+        self._seq = seq = self._seq + 1
+        if ts is None:
+            body = {"type": "audio", "seq": seq, "data": payload}
+            raw = f'{{"type":"audio","seq":{seq},"data":"{payload}"}}'
+        else:
+            body = {"type": "audio", "seq": seq, "data": payload, "ts": ts}
+            raw = f'{{"type":"audio","seq":{seq},"data":"{payload}","ts":{ts}}}'
+        return Inbound(In.AUDIO, seq, body, raw)
 
     def _start(self, msg: dict[str, Any]) -> Inbound | None:
         if self._started:

@@ -42,6 +42,35 @@ def test_bad_frames_are_named(raw: str, code: ErrorCode) -> None:
     assert _err(raw) is code
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "audio", "seq": 7, "data": "AAEC/w=="},
+        {"type": "audio", "seq": 7, "data": "AAEC/w==", "ts": 0},
+        {"type": "audio", "seq": 10**19, "data": "", "ts": 160},  # a seq too long for the fast path
+    ],
+)
+def test_audio_frames_parse_alike_however_spelled(fields: dict[str, object]) -> None:
+    compact = parse_inbound(json.dumps(fields, separators=(",", ":")))  # as the router writes
+    spaced = parse_inbound(json.dumps(fields))
+    assert compact.type is spaced.type is In.AUDIO
+    assert compact.seq == spaced.seq == fields["seq"]
+    assert compact.body == spaced.body == fields
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type":"audio","seq":1,"data":"AA==","ts":-5}',
+        '{"type":"audio","seq":1,"data":"AA==","ts":1.5}',
+        '{"type":"audio","seq":0,"data":"AA=="}',
+        '{"type":"audio","seq":01,"data":"AA=="}',
+    ],
+)
+def test_bad_audio_frames_are_refused_in_either_spelling(raw: str) -> None:
+    assert _err(raw) in (ErrorCode.BAD_MESSAGE, ErrorCode.BAD_SEQ, ErrorCode.BAD_JSON)
+
+
 def test_oversized_frame() -> None:
     big = json.dumps({"type": "user_text", "seq": 1, "text": "x" * 2000})
     assert _err(big, max_bytes=1024) is ErrorCode.FRAME_TOO_LARGE

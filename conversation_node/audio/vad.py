@@ -123,12 +123,19 @@ class EnergyVAD:
         events: list[VadEvent] = []
         if whole:
             frames = buf[:whole].astype(np.float64).reshape(-1, n)
-            energies = np.mean(frames * frames, axis=1)
+            energies = np.einsum("ij,ij->i", frames, frames) / n
             for energy in energies:
                 event = self._step(bool(energy > self._threshold_sq))
                 if event is not None:
                     events.append(event)
         return events
+
+    def push_frame_energy(self, mean_square: float) -> VadEvent | None:
+        """Advance one whole frame whose mean square sample value the caller computed
+        (it has the samples already); only between frames, like :meth:`skip_unvoiced`."""
+        if not self.at_frame_boundary:
+            raise RuntimeError("push_frame_energy with a partial frame buffered")
+        return self._step(mean_square > self._threshold_sq)
 
     @property
     def at_frame_boundary(self) -> bool:

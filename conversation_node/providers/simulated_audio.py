@@ -31,6 +31,7 @@ from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 
 from conversation_node.audio.codec import SampleReader, mulaw_decode_array, mulaw_encode_array
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
@@ -108,8 +109,10 @@ class SpeechDecoder:
 
     def __init__(self) -> None:
         self._n = SAMPLE_RATE * SYMBOL_MS // 1000
-        t = np.arange(self._n) / SAMPLE_RATE
-        self._basis = np.exp(-2j * np.pi * np.outer(_TONES_HZ, t))
+        # The DFT at the symbol frequencies as one real matrix (cosines over sines): half
+        # the work of a complex product, and |X|² is the sum of the two halves squared.
+        phase = 2 * np.pi * np.outer(_TONES_HZ, np.arange(self._n) / SAMPLE_RATE)
+        self._basis = np.vstack([np.cos(phase), np.sin(phase)])
         self._buf = np.zeros(0, dtype=np.float64)
         self._state = _State.IDLE
         self._done: list[str] = []
@@ -165,7 +168,8 @@ class SpeechDecoder:
     def push(self, mulaw: bytes) -> None:
         self.push_samples(mulaw_decode_array(mulaw))
 
-    def push_samples(self, samples: npt.NDArray[np.integer]) -> None:
+    def push_samples(self, samples: npt.NDArray[np.integer] | npt.NDArray[np.float64]) -> None:
+        """Feed samples (int16 values; float64 arrays of them are used without a copy)."""
         if self._quiet_tail is not None:
             self._buf = mulaw_decode_array(self._quiet_tail).astype(np.float64)
             self._quiet_tail = None
@@ -187,10 +191,12 @@ class SpeechDecoder:
         if self._state is _State.ALIGNING:
             if len(buf) < n + 2 * slack:
                 return False
-            scores = [self._classify(buf[d : d + n]) for d in range(2 * slack + 1)]
-            sync_purity = [purity if symbol == _SYNC else -1.0 for symbol, purity in scores]
-            best = int(np.argmax(sync_purity))
-            symbol, purity = scores[best]
+            # Every alignment within the slack at once: one window per offset.
+            windows = sliding_window_view(buf[: n + 2 * slack], n)
+            symbols, purities = self._classify_many(windows)
+            sync_purity = np.where(symbols == _SYNC, purities, -1.0)
+            best = int(sync_purity.argmax())
+            symbol, purity = int(symbols[best]), float(purities[best])
             if symbol != _SYNC or purity < self._MIN_PURITY:
                 self._state = _State.SKIPPING
                 return True
@@ -202,10 +208,11 @@ class SpeechDecoder:
             if len(buf) < n:
                 return False
             window, self._buf = buf[:n], buf[n:]
-            if np.mean(window * window) < self._QUIET**2:  # audio stopped mid-transmission
+            energy = float(np.dot(window, window))
+            if energy < self._QUIET**2 * n:  # audio stopped mid-transmission
                 self._finish()
                 return True
-            symbol, purity = self._classify(window)
+            symbol, purity = self._classify(window, energy)
             self._purities.append(purity)
             if symbol == _END:
                 self._finish()
@@ -222,13 +229,28 @@ class SpeechDecoder:
         self._state = _State.IDLE
         return True
 
-    def _classify(self, window: npt.NDArray[np.float64]) -> tuple[int, float]:
-        magnitudes = np.abs(self._basis @ window) ** 2
-        symbol = int(np.argmax(magnitudes))
-        energy = float(np.dot(window, window))
+    def _classify(self, window: npt.NDArray[np.float64], energy: float) -> tuple[int, float]:
+        """The symbol a window holds and its purity; ``energy`` is Σx² of the window."""
+        parts = self._basis @ window
+        parts *= parts
+        magnitudes = parts[: len(_TONES_HZ)] + parts[len(_TONES_HZ) :]
+        symbol = int(magnitudes.argmax())
         # Parseval: a pure on-bin tone puts all the window's energy in one bin, |X|² = N/2·Σx².
         purity = float(magnitudes[symbol]) / (self._n / 2 * energy) if energy else 0.0
         return symbol, purity
+
+    def _classify_many(
+        self, windows: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        """:meth:`_classify` of each row of ``windows``: (symbols, purities)."""
+        parts = windows @ self._basis.T
+        parts *= parts
+        magnitudes = parts[:, : len(_TONES_HZ)] + parts[:, len(_TONES_HZ) :]
+        symbols = magnitudes.argmax(axis=1)
+        energies = np.einsum("ij,ij->i", windows, windows) * (self._n / 2)
+        best = magnitudes[np.arange(len(symbols)), symbols]
+        purities = np.divide(best, energies, out=np.zeros_like(best), where=energies > 0)
+        return symbols, purities
 
     def _nibble(self, value: int) -> None:
         if self._high is None:
@@ -307,7 +329,7 @@ class SimulatedSTTStream:
         self._vad = EnergyVAD(stt.vad_config, sample_rate=SAMPLE_RATE)
         self._decoder = SpeechDecoder()
         self._frame = SAMPLE_RATE * stt.vad_config.frame_ms // 1000
-        self._pending = np.zeros(0, dtype=np.int16)  # part of a frame
+        self._pending = np.zeros(0, dtype=np.float64)  # part of a frame
         self._reader: SampleReader | None = None
         self._audible = _audible_table(stt.vad_config.threshold_dbfs)
         # Events with the monotonic time before which they must not be delivered.
@@ -326,10 +348,10 @@ class SimulatedSTTStream:
         if self._reader is None or chunk.encoding is not self._encoding:
             self._encoding = chunk.encoding
             self._reader = SampleReader(mulaw=chunk.encoding is Encoding.MULAW)
-        samples = self._reader.read(chunk.data)
+        samples = self._reader.read(chunk.data).astype(np.float64)
         # Decoder and VAD advance frame by frame together, so a burst holding several
         # utterances is split at the right places.
-        buf = np.concatenate([self._pending, samples])
+        buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
         whole = len(buf) - len(buf) % self._frame
         self._pending = buf[whole:]
         for start in range(0, whole, self._frame):
@@ -355,9 +377,10 @@ class SimulatedSTTStream:
         self._decoder.skip_quiet(data)
         return True
 
-    def _process_frame(self, frame: npt.NDArray[np.int16]) -> None:
+    def _process_frame(self, frame: npt.NDArray[np.float64]) -> None:
         self._decoder.push_samples(frame)
-        for event in self._vad.push_samples(frame):
+        event = self._vad.push_frame_energy(float(np.dot(frame, frame)) / len(frame))
+        if event is not None:
             if event.kind is VadEventKind.SPEECH_START:
                 self._emit(STTEvent(Kind.SPEECH_STARTED))
             else:
@@ -368,10 +391,12 @@ class SimulatedSTTStream:
             self._maybe_interim()
 
     def _maybe_interim(self) -> None:
-        text, confidence = _heard(self._decoder.text, self._decoder.confidence)
         last_text, last_ms = self._last_interim
         now_ms = self._vad.position_ms
-        if text and text != last_text and now_ms - last_ms >= self._stt.interim_interval_ms:
+        if now_ms - last_ms < self._stt.interim_interval_ms:
+            return  # checked first: building the text every frame is most of the cost
+        text, confidence = _heard(self._decoder.text, self._decoder.confidence)
+        if text and text != last_text:
             self._last_interim = (text, now_ms)
             self._emit(STTEvent(Kind.INTERIM, text, confidence))
 
