@@ -204,7 +204,8 @@ class VoiceLane:
             self._fail(exc)
         self.fed_seq = msg.seq
         self._recent.append((now, msg.seq))
-        await self._maybe_quiet_ack(now)
+        if now - self._last_quiet_ack >= QUIET_ACK_EVERY_S:  # checked here: 50 frames a second
+            await self._maybe_quiet_ack(now)
 
     def _frame_lag(self, now: float, ts_ms: int) -> None:
         # Lag behind the caller's own clock: how much later than real time this frame is
@@ -256,8 +257,6 @@ class VoiceLane:
                 await self._stream.finalize()
 
     async def _maybe_quiet_ack(self, now: float) -> None:
-        if now - self._last_quiet_ack < QUIET_ACK_EVERY_S:
-            return
         seq = 0
         while self._recent and now - self._recent[0][0] >= QUIET_ACK_AFTER_S:
             seq = self._recent.popleft()[1]

@@ -167,6 +167,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread (its event loop's sleeps)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -213,6 +221,7 @@ class Watched:
             at=time.monotonic(),
             cpu={role: cpu_seconds(pid) for role, pid in self.pids.items()},
             rss={role: rss_kb(pid) for role, pid in self.pids.items()},
+            wakeups={role: wakeups(pid) for role, pid in self.pids.items()},
             machine=machine_busy(),
             node=node,
             router=router,

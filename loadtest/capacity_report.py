@@ -4,7 +4,7 @@ the verdict over all steps, a table and an SVG."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,10 @@ class Snapshot:
     machine: tuple[float, float]
     node: dict[str, Any]
     router: dict[str, float]
+    # Times each process's event-loop thread went to sleep and was woken (voluntary context
+    # switches). On a virtual machine each wake-up can be charged far more CPU than the
+    # work it does (bench/wakeup_cost.py measures it), so the report shows the rate.
+    wakeups: dict[str, int] = field(default_factory=dict)
 
 
 def hist_delta(
@@ -106,6 +110,9 @@ def measure_step(
         "cores": round(cores["router"] + cores["node"], 4),
         "other_cpu_cores": {
             k: round(v, 4) for k, v in cores.items() if k not in ("router", "node")
+        },
+        "wakeups_per_s": {
+            role: round((s1.wakeups[role] - s0.wakeups.get(role, 0)) / wall) for role in s1.wakeups
         },
         "machine_busy_pct": round(100 * busy / total, 1) if total else 0.0,
         # Busy cores of the machine that none of the watched processes used (other work
@@ -243,6 +250,7 @@ _COLUMNS = (
     ("gen p99/late%", 14),
     ("hz p99 r/n", 11),
     ("rss MB r/n", 11),
+    ("wake/s r/n", 11),
     ("busy%", 6),
     ("other", 6),
     ("pass", 5),
@@ -258,6 +266,7 @@ def _row(s: dict[str, Any]) -> list[str]:
     )
     per_core = s["calls"] / s["cores"] if s["cores"] else 0.0
     hz = s.get("healthz_ms")
+    wake = s.get("wakeups_per_s", {})
     return [
         str(s["calls"]),
         f"{s['router_cpu_cores']:.3f}",
@@ -272,6 +281,7 @@ def _row(s: dict[str, Any]) -> list[str]:
         f"{gen['p99']:.1f}/{gen['late_pct']:.1f}",
         "/".join(f"{hz[r]['p99']:.0f}" for r in ("router", "node")) if hz else "-",
         f"{s['rss_kb']['router'] / 1024:.0f}/{s['rss_kb']['node'] / 1024:.0f}",
+        "/".join(str(wake.get(r, "-")) for r in ("router", "node")),
         f"{s['machine_busy_pct']:.0f}",
         f"{s['machine_other_cores']:.2f}",
         ("yes" if s["pass"] else "NO") + ("*" if s["generator_behind"] else ""),
@@ -282,7 +292,8 @@ def summary_table(report: dict[str, Any], *, header: bool = True) -> str:
     """Steps as a fixed-width table (CPU in cores; lag, overhead, response in ms; ``gen``:
     the load generator's own loop lag p99 and % of frames sent late, ``*`` when it fell
     behind; ``hz``: /healthz round trip p99 of the router and the node during the window,
-    how responsive each event loop was; ``other``: busy cores of the machine used by none
+    how responsive each event loop was; ``wake/s``: how often each event loop slept and
+    was woken, a cost of its own on a virtual machine; ``other``: busy cores of the machine used by none
     of the benchmark's processes); then the verdict."""
     lines = []
     if header:

@@ -23,6 +23,8 @@ STEP_FIELDS = {
     "caller_send_lag_ms",
     "response_ms",
     "rss_kb",
+    "wakeups_per_s",
+    "node_gc_pause_ms",
     "pass",
 }
 REPORT_FIELDS = {
@@ -51,6 +53,8 @@ def test_a_small_capacity_run_reports_every_figure() -> None:
         assert step.keys() >= STEP_FIELDS
         assert step["router_cpu_cores"] > 0 and step["node_cpu_cores"] > 0
         assert step["rss_kb"]["router"] > 0 and step["rss_kb"]["node"] > 0
+        # Frames arrive 50 times a second per call: both event loops sleep and wake.
+        assert step["wakeups_per_s"]["router"] > 0 and step["wakeups_per_s"]["node"] > 0
         # Real-time audio reached the node through the router: its lag histogram grew.
         assert step["frame_lag_ms"]["n"] > 0
         assert {"p50", "p99"} <= step["frame_lag_ms"].keys()
