@@ -293,8 +293,8 @@ def summary_table(report: dict[str, Any], *, header: bool = True) -> str:
     the load generator's own loop lag p99 and % of frames sent late, ``*`` when it fell
     behind; ``hz``: /healthz round trip p99 of the router and the node during the window,
     how responsive each event loop was; ``wake/s``: how often each event loop slept and
-    was woken, a cost of its own on a virtual machine; ``other``: busy cores of the machine used by none
-    of the benchmark's processes); then the verdict."""
+    was woken, a cost of its own on a virtual machine; ``other``: busy cores of the machine
+    used by none of the benchmark's processes); then the verdict."""
     lines = []
     if header:
         lines.append(" ".join(name.rjust(w) for name, w in _COLUMNS))
