@@ -167,19 +167,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wakeups(pid: int) -> int:
-    """Voluntary context switches of a process's main thread (its event loop's sleeps)."""
+def _status_number(pid: int, field_name: str) -> int:
+    """A numeric field of /proc/PID/status (0 if absent)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
+        if line.startswith(field_name + ":"):
             return int(line.split()[1])
     return 0
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread (its event loop's sleeps)."""
+    return _status_number(pid, "voluntary_ctxt_switches")
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return _status_number(pid, "VmRSS")
 
 
 def machine_busy() -> tuple[float, float]:

@@ -382,14 +382,7 @@ async def test_failover_on_a_twilio_call_deduplicates_and_clears(
 
 
 def test_media_as_twilio_writes_it_and_otherwise_translate_alike() -> None:
-    class Metrics:
-        def __init__(self) -> None:
-            self.counts: dict[str, float] = {}
-
-        def inc(self, name: str, value: float = 1.0) -> None:
-            self.counts[name] = self.counts.get(name, 0) + value
-
-    metrics = Metrics()
+    metrics = Metrics("test")
     link = TwilioLink(None, metrics, 65536)  # type: ignore[arg-type]
     wire = TwilioWire("CA1", "t", "bob")
     assert link.translate(wire.opening()[1]) is not None
@@ -403,7 +396,7 @@ def test_media_as_twilio_writes_it_and_otherwise_translate_alike() -> None:
     # Whatever the spelling, a payload that is not base64 or a bad timestamp is caught.
     for bad in (exact.replace(PAYLOAD, "not base64!"), reordered.replace(PAYLOAD, "not base64!")):
         assert link.translate(bad) is None
-    assert metrics.counts["twilio_malformed_messages"] == 2
+    assert metrics.get("twilio_malformed_messages") == 2
     odd_ts = exact.replace('"timestamp":"40"', '"timestamp":"٤٠"')  # Arabic-Indic digits
     c = link.translate(odd_ts)
     assert c is not None and "ts" not in c.body
