@@ -20,8 +20,10 @@ generator itself fell behind real time (a limit of this machine, not of callmesh
 callers share its cores with the router, the node, Valkey and NATS).
 
 ``calls_per_core`` is the highest passing number of calls divided by the cores the router
-and the node consumed together at that load. Exit status 0 when it is >= 200 and the turn
-overhead p99 at that load is <= 5 ms; the report is written either way.
+and the node consumed together at that load. A step measured while the callers were behind
+real time is shown but not counted: callmesh did not get the load it names. Exit status 0
+when it is >= 200 and the turn overhead p99 at that load is <= 5 ms; the report is written
+either way.
 """
 
 from __future__ import annotations

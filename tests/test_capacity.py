@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from loadtest.capacity import CapacityConfig, run_capacity
-from loadtest.capacity_report import summary_table
+from loadtest.capacity_report import build_report, summary_table
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,3 +67,50 @@ def test_config_rejects_steps_that_do_not_increase() -> None:
         CapacityConfig(steps=(50, 25))
     with pytest.raises(ValueError):
         CapacityConfig(transport="sip")
+
+
+def _step(calls: int, cores: float, ovh_p99: float, *, ok: bool, behind: bool) -> dict:
+    return {
+        "calls": calls,
+        "cores": cores,
+        "pass": ok,
+        "generator_behind": behind,
+        "fail_reasons": [] if ok else ["frame lag p99 25.0 ms >= 20"],
+        "machine_busy_pct": 80.0,
+        "rss_growth_kb": 200 * calls,
+        "overhead_ms": {"p50": 1.0, "p99": ovh_p99},
+        "caller_send_lag_ms": {"p99": 12.0, "late_pct": 0.2},
+        "node_turn_metrics_check_ms": {"latency_minus_provider_ms": {"n": 0}},
+    }
+
+
+def test_a_step_passed_while_the_callers_were_behind_is_not_counted() -> None:
+    steps = [
+        _step(100, 0.5, 3.0, ok=True, behind=False),
+        _step(200, 0.8, 4.0, ok=True, behind=False),
+        _step(250, 1.0, 9.0, ok=True, behind=True),
+    ]
+    report = build_report("twilio", {}, steps, {}, None)
+    assert report["max_calls_passing"] == 200
+    assert report["calls_per_core"] == 250.0
+    assert report["overhead_ms"]["p99"] == 4.0
+    assert report["passed_with_generator_behind"] == [250]
+    assert report["limited_by"] == "load generator"
+    assert report["targets_met"]
+    # (the verdict lines only: these steps lack the per-step columns)
+    assert "not counted: passed at 250 calls" in summary_table({**report, "steps": []})
+
+
+def test_the_counted_step_carries_its_own_overhead_against_the_target() -> None:
+    steps = [
+        _step(100, 0.4, 3.0, ok=True, behind=False),
+        _step(150, 0.6, 7.5, ok=True, behind=False),
+        _step(200, 1.0, 9.0, ok=False, behind=False),
+    ]
+    report = build_report("native", {}, steps, {}, None)
+    assert report["max_calls_passing"] == 150
+    assert report["calls_per_core"] == 250.0
+    assert report["targets"]["met"] == {"calls_per_core": True, "overhead_p99": False}
+    assert not report["targets_met"]
+    assert report["limited_by"] == "callmesh"
+    assert report["passed_with_generator_behind"] == []
