@@ -125,10 +125,18 @@ class TurnPipeline:
         the voice at once; the output then says what had been generated."""
         out = TurnOutput()
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        started = time.monotonic()
-        producer = asyncio.create_task(self._produce(request, sentences, out, started), name="llm")
+        model = _ModelReply(self._llm, request, out, sentences, self._budgets)
+        producer: asyncio.Task[None] | None = None
 
         async def speak_all() -> None:
+            nonlocal producer
+            # The task that speaks reads the model up to its first sentence itself: handing
+            # that sentence over from another task would put a turn of the event loop
+            # (milliseconds on a loaded node) between the sentence and the request for its
+            # voice. The rest of the reply is read by a producer while this task speaks.
+            await model.read(until_sentence=True)
+            if not model.finished:
+                producer = asyncio.create_task(model.read(), name="llm")
             n = 0
             while (sentence := await sentences.get()) is not None:
                 n = await self._speak(sentence, n, emit, out, voice)
@@ -136,11 +144,12 @@ class TurnPipeline:
         try:
             await _unless_interrupted(speak_all(), interrupt, out)
         finally:
-            if not producer.done():
-                producer.cancel()
-            # The producer's own exceptions were turned into fallbacks; only cancellation
-            # is left to absorb here.
-            await asyncio.gather(producer, return_exceptions=True)
+            if producer is not None:
+                if not producer.done():
+                    producer.cancel()
+                # The producer's own exceptions were turned into fallbacks; only
+                # cancellation is left to absorb here.
+                await asyncio.gather(producer, return_exceptions=True)
         if out.interrupted:
             out.text = "".join(out.generated).strip()
         return out
@@ -168,47 +177,6 @@ class TurnPipeline:
         await _unless_interrupted(speak_all(), interrupt, out)
         return out
 
-    async def _produce(
-        self,
-        request: LLMRequest,
-        sentences: asyncio.Queue[str | None],
-        out: TurnOutput,
-        started: float,
-    ) -> None:
-        splitter = SentenceSplitter()
-        try:
-            stream = self._llm.stream(request)
-            first = await asyncio.wait_for(_next(stream), self._budgets.llm_first_token_ms / 1000)
-            out.llm_first_token_ms = (time.monotonic() - started) * 1000
-            async with asyncio.timeout(self._budgets.llm_total_ms / 1000):
-                delta: LLMDelta | None = first
-                while delta is not None:
-                    if delta.tool_call is not None:
-                        out.tool_calls.append(delta.tool_call)
-                    if delta.text:
-                        out.generated.append(delta.text)
-                        for s in splitter.feed(delta.text):
-                            if not out.first_sentence_s:
-                                out.first_sentence_s = time.monotonic() - started
-                            sentences.put_nowait(s)
-                    delta = await _next(stream)
-        except (TimeoutError, ProviderError) as exc:
-            out.fallbacks.append("llm_timeout" if isinstance(exc, TimeoutError) else "llm_error")
-            if not out.generated:
-                out.tool_calls.clear()
-                out.first_sentence_s = time.monotonic() - started
-                sentences.put_nowait(RECOVERY_LINE)
-                out.text = RECOVERY_LINE
-                sentences.put_nowait(None)
-                return
-        rest = splitter.flush()
-        if rest:
-            if not out.first_sentence_s:
-                out.first_sentence_s = time.monotonic() - started
-            sentences.put_nowait(rest)
-        out.text = "".join(out.generated).strip()
-        sentences.put_nowait(None)
-
     async def _speak(self, sentence: str, n: int, emit: Emit, out: TurnOutput, voice: Voice) -> int:
         await emit({"type": "agent_text", "n": n, "text": sentence})
         n += 1
@@ -218,9 +186,10 @@ class TurnPipeline:
             got_audio = False
             try:
                 stream = tts.synthesize(sentence)
-                chunk = await asyncio.wait_for(
-                    _next(stream), self._budgets.tts_first_chunk_ms / 1000
-                )
+                # A timeout scope, not wait_for: wait_for would run the request in a task of
+                # its own, which starts a turn of the event loop later.
+                async with asyncio.timeout(self._budgets.tts_first_chunk_ms / 1000):
+                    chunk = await _next(stream)
                 while chunk is not None:
                     if not got_audio:
                         got_audio = True
@@ -256,6 +225,92 @@ class TurnPipeline:
             return n
         await emit({"type": "mark", "n": n})
         return n + 1
+
+
+class _ModelReply:
+    """One turn's model output, read into a queue of sentences (None at the end) by
+    whichever task needs it next. Budgets: the first token within ``llm_first_token_ms``,
+    the rest within ``llm_total_ms`` of it. A model that fails or misses a budget before
+    writing anything is replaced by the recovery line; after that, its reply ends there."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        request: LLMRequest,
+        out: TurnOutput,
+        sentences: asyncio.Queue[str | None],
+        budgets: Budgets,
+    ) -> None:
+        self._llm = llm
+        self._request = request
+        self._out = out
+        self._sentences = sentences
+        self._budgets = budgets
+        self._splitter = SentenceSplitter()
+        self._stream: AsyncIterator[LLMDelta] | None = None
+        self._started = time.monotonic()
+        # Loop time by which the whole reply must be written; set at the first token.
+        self._deadline: float | None = None
+        self.finished = False
+
+    async def read(self, *, until_sentence: bool = False) -> None:
+        """Queue sentences as the model writes them, then None. With ``until_sentence``,
+        return as soon as one more sentence is queued (call again for the rest)."""
+        out, queue = self._out, self._sentences
+        queued = queue.qsize()
+        try:
+            if self._stream is None:
+                self._stream = self._llm.stream(self._request)
+            delta: LLMDelta | None
+            if self._deadline is None:
+                async with asyncio.timeout(self._budgets.llm_first_token_ms / 1000):
+                    delta = await _next(self._stream)
+                out.llm_first_token_ms = (time.monotonic() - self._started) * 1000
+                loop = asyncio.get_running_loop()
+                self._deadline = loop.time() + self._budgets.llm_total_ms / 1000
+            else:
+                delta = await self._next_within_budget()
+            while delta is not None:
+                self._take(delta)
+                if until_sentence and queue.qsize() > queued:
+                    return
+                delta = await self._next_within_budget()
+        except (TimeoutError, ProviderError) as exc:
+            out.fallbacks.append("llm_timeout" if isinstance(exc, TimeoutError) else "llm_error")
+            if not out.generated:
+                out.tool_calls.clear()
+                out.first_sentence_s = time.monotonic() - self._started
+                queue.put_nowait(RECOVERY_LINE)
+                out.text = RECOVERY_LINE
+                self._end()
+                return
+        rest = self._splitter.flush()
+        if rest:
+            self._sentence(rest)
+        out.text = "".join(out.generated).strip()
+        self._end()
+
+    async def _next_within_budget(self) -> LLMDelta | None:
+        assert self._stream is not None and self._deadline is not None
+        async with asyncio.timeout_at(self._deadline):
+            return await _next(self._stream)
+
+    def _take(self, delta: LLMDelta) -> None:
+        if delta.tool_call is not None:
+            self._out.tool_calls.append(delta.tool_call)
+        if delta.text:
+            self._out.generated.append(delta.text)
+            for sentence in self._splitter.feed(delta.text):
+                self._sentence(sentence)
+
+    def _sentence(self, sentence: str) -> None:
+        if not self._out.first_sentence_s:
+            self._out.first_sentence_s = time.monotonic() - self._started
+        self._sentences.put_nowait(sentence)
+
+    def _end(self) -> None:
+        self.finished = True
+        self._sentences.put_nowait(None)
 
 
 async def _unless_interrupted(
