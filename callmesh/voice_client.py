@@ -5,7 +5,10 @@ Used by the tests, the capacity benchmark and ``callmesh call --audio``. Like a 
 - one clock sends a 20 ms / 160-byte mu-law frame every 20 ms (silence when not
   speaking). Frame k is due at ``t0 + k·20 ms``; a late loop sends the frames it owes at
   once, and records how late it was (:class:`SendStats`), so a benchmark can tell the
-  caller's own lag from callmesh's;
+  caller's own lag from callmesh's. Each frame's timestamp is its media time (``k·20``
+  ms, as Twilio sends), or with ``timestamps="sent"`` the time it actually left (ms since
+  frame 0): a load generator sharing the machine is sometimes late, and the node's frame
+  lag should then count only what happened after the frame left;
 - speech is :func:`speech_from_text` audio, which the node's simulated STT reads back;
 - agent audio is "played" at 8000 bytes/s: each outbound mark is echoed when playback
   passes the audio before it, and ``clear`` empties the buffer and echoes pending marks
@@ -63,6 +66,7 @@ class VoiceCaller:
         quiet_ms: float = 300.0,
         keep_audio: bool = False,
         twilio_parameters: dict[str, str] | None = None,
+        timestamps: Literal["media", "sent"] = "media",
     ) -> None:
         self.router_url = router_url.rstrip("/")
         self.call_id = call_id
@@ -70,6 +74,7 @@ class VoiceCaller:
         self.timeout_s = timeout_s
         self.quiet_s = quiet_ms / 1000
         self.keep_audio = keep_audio
+        self._stamp_sent = timestamps == "sent"
         self.wire: Wire = (
             TwilioWire(call_id, tenant, caller, twilio_parameters)
             if transport == "twilio"
@@ -237,7 +242,8 @@ class VoiceCaller:
                     await asyncio.sleep(due - now)
                     continue
                 self.stats.record(now - due)
-                await ws.send_str(self.wire.media(self._next_payload(now), k * FRAME_MS))
+                ts = int((now - t0) * 1000) if self._stamp_sent else k * FRAME_MS
+                await ws.send_str(self.wire.media(self._next_payload(now), ts))
                 k += 1
                 self._tick(now)
         except (ConnectionError, RuntimeError):

@@ -151,8 +151,16 @@ class CallerPool:
         name = rng.choice(NAMES)
         lines = script(SCRIPT_TURNS)
         call_id = f"cap-{self.prefix}-{i}"
+        # Timestamps say when each frame was actually sent: this process shares the
+        # machine and is sometimes late, and that lateness is reported on its own
+        # (send_late_pct, loop_lag_ms), not counted as the node's frame lag.
         caller = VoiceCaller(
-            self.router_url, call_id, "demo", f"caller-{i}", transport=self.transport
+            self.router_url,
+            call_id,
+            "demo",
+            f"caller-{i}",
+            transport=self.transport,
+            timestamps="sent",
         )
         if self.transport == "native":
             self._tap_turn_metrics(caller)

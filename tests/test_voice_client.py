@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -199,3 +200,21 @@ async def test_native_caller_uses_turns_and_seq(fake: tuple[FakeRouter, str]) ->
     assert result.metrics == {"type": "turn_metrics", "turn": 1}
     assert router.of("type", "mark")[0]["name"] == "1.1"
     assert frames[-1]["type"] == "hangup"
+
+
+async def test_a_caller_can_stamp_frames_with_when_they_were_sent(
+    fake: tuple[FakeRouter, str],
+) -> None:
+    """``timestamps="sent"``: a frame sent late carries the time it left, not its due time
+    (the capacity benchmark's callers, so their own lateness is not counted as the node's)."""
+    router, url = fake
+    async with VoiceCaller(url, "native-8", "acme", "bob", transport="native", timestamps="sent"):
+        await eventually(lambda: len(router.of("type", "audio")) >= 5, timeout_s=5)
+        # Block the loop on purpose: the frames due meanwhile go out late, at once.
+        time.sleep(0.1)  # noqa: ASYNC251
+        await eventually(lambda: len(router.of("type", "audio")) >= 15, timeout_s=5)
+    stamps = [f["ts"] for f in router.of("type", "audio")]
+    assert stamps == sorted(stamps)
+    assert all(ts >= 20 * k for k, ts in enumerate(stamps))  # never before it was due
+    # The frames owed after the block left together, stamped alike, past their due times.
+    assert any(ts - 20 * k >= 40 for k, ts in enumerate(stamps))
