@@ -261,20 +261,22 @@ class _ModelReply:
         try:
             if self._stream is None:
                 self._stream = self._llm.stream(self._request)
-            delta: LLMDelta | None
-            if self._deadline is None:
+            delta: LLMDelta | None = None
+            first = self._deadline is None
+            if first:
                 async with asyncio.timeout(self._budgets.llm_first_token_ms / 1000):
                     delta = await _next(self._stream)
                 out.llm_first_token_ms = (time.monotonic() - self._started) * 1000
                 loop = asyncio.get_running_loop()
                 self._deadline = loop.time() + self._budgets.llm_total_ms / 1000
-            else:
-                delta = await self._next_within_budget()
-            while delta is not None:
-                self._take(delta)
-                if until_sentence and queue.qsize() > queued:
-                    return
-                delta = await self._next_within_budget()
+            async with asyncio.timeout_at(self._deadline):
+                if not first:
+                    delta = await _next(self._stream)
+                while delta is not None:
+                    self._take(delta)
+                    if until_sentence and queue.qsize() > queued:
+                        return
+                    delta = await _next(self._stream)
         except (TimeoutError, ProviderError) as exc:
             out.fallbacks.append("llm_timeout" if isinstance(exc, TimeoutError) else "llm_error")
             if not out.generated:
@@ -289,11 +291,6 @@ class _ModelReply:
             self._sentence(rest)
         out.text = "".join(out.generated).strip()
         self._end()
-
-    async def _next_within_budget(self) -> LLMDelta | None:
-        assert self._stream is not None and self._deadline is not None
-        async with asyncio.timeout_at(self._deadline):
-            return await _next(self._stream)
 
     def _take(self, delta: LLMDelta) -> None:
         if delta.tool_call is not None:
