@@ -88,6 +88,7 @@ class Channel:
         "call_id",
         "close_code",
         "close_reason",
+        "fast_path",
         "id",
     )
 
@@ -103,6 +104,11 @@ class Channel:
         # Set once the channel ended, by either side or by the loss of the link.
         self.close_code: int | None = None
         self.close_reason = ""
+        # Set by the channel's reader while it waits in receive(): takes a frame right
+        # where the link reads it (True) instead of queueing it and waking the reader a
+        # turn of the loop later; False (having done nothing) to queue it as usual. It
+        # must not raise (the link's reader runs it) and must never wait.
+        self.fast_path: Callable[[str], bool] | None = None
 
     def __repr__(self) -> str:
         state = "open" if self.close_code is None else f"closed {self.close_code}"
@@ -129,6 +135,13 @@ class Channel:
             raise LinkClosed(f"channel {self.id} ({self.call_id}) is closed")
         await self._mux.send((_DATA, self.id, text), len(text))
 
+    def send_nowait(self, text: str) -> None:
+        """Queue a frame without waiting for a link past its high water (for the rare
+        frame a fast path answers with)."""
+        if self.close_code is not None:
+            raise LinkClosed(f"channel {self.id} ({self.call_id}) is closed")
+        self._mux._queue((_DATA, self.id, text), len(text))
+
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """End the channel and tell the peer; never waits for the link."""
         if self.close_code is None:
@@ -141,10 +154,15 @@ class Channel:
         """Queue a frame; False when the reader is too far behind to keep up."""
         if self.close_code is not None:
             return True  # we closed it; the peer had not heard yet
-        self._inbox.append(text)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
+            # The reader is waiting, so nothing is queued before this frame: taking it
+            # here keeps the channel's order.
+            fast = self.fast_path
+            if fast is not None and fast(text):
+                return True
             waiter.set_result(None)
+        self._inbox.append(text)
         return len(self._inbox) <= MAX_QUEUED_FRAMES
 
     def _ended(self, code: int, reason: str) -> None:

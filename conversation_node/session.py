@@ -280,6 +280,15 @@ class CallSession:
         if self.state is CallState.FENCED:
             raise CallDropped("fenced out")
 
+    def handle_audio_now(self, msg: Inbound) -> bool:
+        """:meth:`handle` for an ``audio`` frame it would apply without waiting (the
+        recognizer takes audio at once, no acknowledgement is due): True once applied.
+        False, having changed nothing, for any other frame or case; the frame then goes
+        through :meth:`handle` as usual."""
+        if msg.type is not In.AUDIO or self.state is not CallState.ACTIVE or self._link_lost:
+            return False
+        return msg.seq > self.last_seq and self.vt.on_audio_now(msg)
+
     async def _apply(self, msg: Inbound) -> None:
         if msg.type is In.USER_TEXT:
             await self._user_turn(

@@ -22,7 +22,6 @@ client flushing its buffer (Twilio echoes pending marks on ``clear``) and do not
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import logging
@@ -179,17 +178,13 @@ class VoiceLane:
         self._last_quiet_ack = 0.0
         self._lag_base: float | None = None
         self.failed = False
+        self._send_now: Callable[[AudioChunk], bool] | None = None
 
     async def feed(self, msg: Inbound) -> None:
         """One ``audio`` frame into the recognizer. Bad base64 is the client's error."""
-        try:
-            data = base64.b64decode(msg.body["data"], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("'data' is not valid base64") from None
+        data = _audio_bytes(msg)
         now = time.monotonic()
-        ts = msg.body.get("ts")
-        if isinstance(ts, int):
-            self._frame_lag(now, ts)
+        self._observe(now, msg)
         if self.failed:
             self.fed_seq = msg.seq
             return
@@ -202,10 +197,46 @@ class VoiceLane:
             )
         except ProviderError as exc:
             self._fail(exc)
-        self.fed_seq = msg.seq
-        self._recent.append((now, msg.seq))
+        self._fed(now, msg.seq)
         if now - self._last_quiet_ack >= QUIET_ACK_EVERY_S:  # checked here: 50 frames a second
-            await self._maybe_quiet_ack(now)
+            seq = self._quiet_ack_seq(now)
+            if seq:
+                await self._events.on_quiet_audio(seq)
+
+    def feed_now(self, msg: Inbound) -> bool:
+        """:meth:`feed` without waiting, for a frame that ``feed`` would not wait on
+        either: True once fed. False, having changed nothing, when it would wait (the
+        stream is not open or cannot take audio at once, a quiet ack is due) or the frame
+        is bad (``feed`` answers for it): the frame then goes through ``feed``."""
+        send = self._send_now
+        if send is None or self.failed:
+            return False
+        now = time.monotonic()
+        if now - self._last_quiet_ack >= QUIET_ACK_EVERY_S and self._quiet_ack_due(now):
+            return False
+        try:
+            data = _audio_bytes(msg)
+        except ValueError:
+            return False
+        try:
+            if not send(AudioChunk(data, self.format.encoding, self.format.sample_rate)):
+                return False
+        except ProviderError as exc:
+            self._fail(exc)
+        self._observe(now, msg)
+        self._fed(now, msg.seq)
+        if now - self._last_quiet_ack >= QUIET_ACK_EVERY_S:
+            self._quiet_ack_seq(now)  # forgets utterance audio; nothing to send (see above)
+        return True
+
+    def _observe(self, now: float, msg: Inbound) -> None:
+        ts = msg.body.get("ts")
+        if isinstance(ts, int):
+            self._frame_lag(now, ts)
+
+    def _fed(self, now: float, seq: int) -> None:
+        self.fed_seq = seq
+        self._recent.append((now, seq))
 
     def _frame_lag(self, now: float, ts_ms: int) -> None:
         # Lag behind the caller's own clock: how much later than real time this frame is
@@ -221,6 +252,9 @@ class VoiceLane:
         except ProviderError as exc:
             self._fail(exc)
             raise
+        # Streams that can take audio at once offer it (STTStream's note): cached here,
+        # where the stream is known, for feed_now's 50 frames a second.
+        self._send_now = getattr(self._stream, "send_audio_nowait", None)
         self._reader = asyncio.create_task(self._read(), name=f"stt:{self.call_id}")
 
     def _fail(self, exc: Exception) -> None:
@@ -256,16 +290,25 @@ class VoiceLane:
             with contextlib.suppress(ProviderError):
                 await self._stream.finalize()
 
-    async def _maybe_quiet_ack(self, now: float) -> None:
+    def _quiet_ack_due(self, now: float) -> bool:
+        """Whether :meth:`_quiet_ack_seq` would now name audio to acknowledge."""
+        recent = self._recent
+        return not self.in_utterance and bool(recent) and now - recent[0][0] >= QUIET_ACK_AFTER_S
+
+    def _quiet_ack_seq(self, now: float) -> int:
+        """Forget audio old enough to be sure of; the last of it to acknowledge, unless an
+        utterance is being heard (its audio is acknowledged with its turn), else 0."""
         seq = 0
         while self._recent and now - self._recent[0][0] >= QUIET_ACK_AFTER_S:
             seq = self._recent.popleft()[1]
         if seq and not self.in_utterance:
             self._last_quiet_ack = now
-            await self._events.on_quiet_audio(seq)
+            return seq
+        return 0
 
     async def aclose(self) -> None:
         stream, self._stream = self._stream, None
+        self._send_now = None
         if stream is not None:
             with contextlib.suppress(Exception):
                 await stream.aclose()
@@ -281,3 +324,11 @@ class VoiceLane:
             f"fed={self.fed_seq}{' speaking' if self.in_utterance else ''}"
             f"{' failed' if self.failed else ''}>"
         )
+
+
+def _audio_bytes(msg: Inbound) -> bytes:
+    """An ``audio`` frame's bytes. Strict: only the base64 alphabet, padded right."""
+    try:
+        return binascii.a2b_base64(msg.body["data"], strict_mode=True)
+    except ValueError:  # binascii.Error is one; so is non-ASCII text
+        raise ValueError("'data' is not valid base64") from None

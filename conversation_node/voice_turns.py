@@ -97,6 +97,12 @@ class VoiceTurns:
         except ValueError as exc:
             await self.s._out(error_frame(ErrorCode.BAD_MESSAGE, str(exc), seq=msg.seq))
 
+    def on_audio_now(self, msg: Inbound) -> bool:
+        """:meth:`on_audio` where it would not wait (``VoiceLane.feed_now``): True once
+        applied; False, having changed nothing, otherwise."""
+        lane = self.lane
+        return lane is not None and lane.feed_now(msg)
+
     def on_mark(self, name: str) -> None:
         parsed = parse_mark_name(name)
         pb = self.playback

@@ -1,5 +1,6 @@
 """A conversation node in the test process, with injectable providers, and a direct link
-to it that plays the router's part (numbered frames, a record of everything received).
+to it that plays the router's part (numbered frames, a record of everything received):
+a channel of a link, as the router carries calls, or the call's own WebSocket.
 
 For tests that inject failures into one stage (a model that never answers, a voice that
 fails, a recognizer that mishears): the node is the real one, on real Redis and NATS,
@@ -14,13 +15,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
 
 from callmesh.config import Backends, NodeConfig, SimulatedLatency
+from callmesh.mux import LINK_PATH, Channel, Mux
 from callmesh.servers import free_port
+from callmesh.telemetry import Metrics
 from conversation_node.app import ConversationNode
 from conversation_node.audio.vad import VadConfig
 from conversation_node.node_services import MemoryServices
@@ -68,25 +71,70 @@ async def running_node(
         await runner.cleanup()
 
 
-class NodeCall:
-    """One call straight to a node. Frames received are kept in ``frames``."""
+class _SocketWire:
+    """A call on its own WebSocket (``/v1/node/calls/{call_id}``)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def frames(self) -> AsyncIterator[str]:
+        async for msg in self.ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                yield msg.data
+
+    async def aclose(self) -> None:
+        await self.ws.close()
+
+
+class _LinkWire:
+    """A call the way the router carries it: a channel of a link (``callmesh.mux``),
+    opened by the call's first frame."""
+
+    def __init__(self, link: Mux, call_id: str) -> None:
+        self.link = link
+        self.call_id = call_id
+        self.channel: Channel | None = None
+        self._opened = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        if self.channel is None:
+            self.channel = await self.link.open(self.call_id, text)
+            self._opened.set()
+        else:
+            await self.channel.send_str(text)
+
+    async def frames(self) -> AsyncIterator[str]:
+        await self._opened.wait()
+        assert self.channel is not None
+        while (text := await self.channel.receive()) is not None:
+            yield text
+
+    async def aclose(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class NodeCall:
+    """One call straight to a node. Frames received are kept in ``frames``."""
+
+    def __init__(self, wire: _SocketWire | _LinkWire) -> None:
+        self.wire = wire
         self.seq = 0
         self.frames: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                self.frames.append(json.loads(msg.data))
-                self._changed.set()
+        async for text in self.wire.frames():
+            self.frames.append(json.loads(text))
+            self._changed.set()
 
     async def send(self, **body: Any) -> int:
         self.seq += 1
-        await self.ws.send_str(json.dumps({**body, "seq": self.seq}))
+        await self.wire.send(json.dumps({**body, "seq": self.seq}))
         return self.seq
 
     async def start(
@@ -146,17 +194,35 @@ class NodeCall:
             await self.send(type="mark", name=m["name"])
 
     async def aclose(self) -> None:
-        await self.ws.close()
+        await self.wire.aclose()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
 @asynccontextmanager
-async def node_call(base_url: str, call_id: str) -> AsyncIterator[NodeCall]:
+async def node_call(
+    base_url: str, call_id: str, *, via: Literal["link", "socket"] = "link"
+) -> AsyncIterator[NodeCall]:
+    """A call to the node at ``base_url``: over a link of its own, as the router carries
+    calls (the default), or over the call's own WebSocket."""
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(f"{base_url}/v1/node/calls/{call_id}")
-        call = NodeCall(ws)
+        if via == "socket":
+            call = NodeCall(
+                _SocketWire(await http.ws_connect(f"{base_url}/v1/node/calls/{call_id}"))
+            )
+            try:
+                yield call
+            finally:
+                await call.aclose()
+            return
+        link = Mux(await http.ws_connect(base_url + LINK_PATH), "test-router", Metrics("test"))
+        link.start()
+        reader = asyncio.create_task(link.run(), name=f"test-link:{call_id}")
+        call = NodeCall(_LinkWire(link, call_id))
         try:
             yield call
         finally:
             await call.aclose()
+            await link.aclose()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

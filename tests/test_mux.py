@@ -206,6 +206,41 @@ async def test_a_reader_that_falls_behind_loses_its_call_not_the_link(
     assert await fine.receive() == "start"
 
 
+async def test_a_fast_path_takes_frames_only_while_the_reader_waits(
+    router_link: Mux, node: tuple[EchoNode, str]
+) -> None:
+    echo, _ = node
+    echo.stall = True  # the test reads the node's side of the channel itself
+    up = await router_link.open("fast", "start")
+    await eventually(lambda: len(echo.opened) == 1)
+    down = echo.opened[0]
+    taken: list[str] = []
+
+    def fast(text: str) -> bool:
+        if text.startswith("fast"):
+            taken.append(text)
+            return True
+        return False
+
+    down.fast_path = fast
+    # Nobody waits in receive(): the frame queues behind "start", though the fast path
+    # would take it, so that the channel's order holds.
+    await up.send_str("fast-1")
+    await eventually(lambda: len(down._inbox) == 2)
+    assert [await down.receive(), await down.receive()] == ["start", "fast-1"]
+    assert taken == []
+    # Now the reader waits: what the fast path takes never reaches receive(); what it
+    # declines does, in order.
+    reading = asyncio.create_task(down.receive())
+    await asyncio.sleep(0)
+    await up.send_str("fast-2")
+    await up.send_str("plain-3")
+    await up.send_str("fast-4")
+    assert await asyncio.wait_for(reading, 5) == "plain-3"
+    assert await asyncio.wait_for(down.receive(), 5) == "fast-4"
+    assert taken == ["fast-2"]
+
+
 async def test_large_output_is_split_across_messages(
     router_link: Mux, node: tuple[EchoNode, str]
 ) -> None:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import nats
+import pytest
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
+from callmesh.protocol import Inbound
+from conversation_node import voice
 from conversation_node.providers.base import LLMDelta, LLMRequest
+from conversation_node.providers.simulated_audio import silence, speech_from_text
+from conversation_node.voice_turns import VoiceTurns
 from events.replay import build_report, read_records
 from state_store.store import StateStore
 
@@ -25,12 +30,13 @@ async def _checkpoint(redis: Redis, call_id: str) -> Any:
     return ckpt
 
 
+@pytest.mark.parametrize("via", ["link", "socket"])
 async def test_spoken_turn_is_answered_with_marks(
-    redis: Redis, redis_url: str, nats_url: str
+    redis: Redis, redis_url: str, nats_url: str, via: Literal["link", "socket"]
 ) -> None:
     async with (
         running_node(redis_url, nats_url, simulated_providers()) as (_, url),
-        node_call(url, "voice-1") as call,
+        node_call(url, "voice-1", via=via) as call,
     ):
         await call.start(caller="ana")
         assert call.of_turn(0, "mark"), "a voice call's greeting ends sentences with marks"
@@ -44,6 +50,84 @@ async def test_spoken_turn_is_answered_with_marks(
         assert audio and all(a["encoding"] == "mulaw" and a["sample_rate"] == 8000 for a in audio)
         ckpt = await _checkpoint(redis, "voice-1")
         assert ckpt.turn == 1 and ckpt.facts.get("name")
+
+
+async def test_audio_on_a_link_is_taken_where_the_link_reads_it(
+    redis: Redis, redis_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audio reaches the recognizer where the link reads it, without a wake-up of the
+    call's task per frame (``Channel.fast_path``): only frames that must wait go through
+    the session's reader (the first opens the recognizer; quiet audio is acknowledged
+    from there). The call hears and answers the same."""
+    waited: list[int] = []
+    on_audio = VoiceTurns.on_audio
+
+    async def counted(self: VoiceTurns, msg: Inbound) -> None:
+        waited.append(msg.seq)
+        await on_audio(self, msg)
+
+    monkeypatch.setattr(VoiceTurns, "on_audio", counted)
+    audio = silence(100) + speech_from_text("Hi, my name is Eve") + silence(500)
+    frames = len(audio) // 160
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-fast") as call,
+    ):
+        await call.start(caller="eve")
+        await call.audio(audio, pace_s=0.005)
+        await call.turn(1)
+        assert "Eve" in call.reply_text(1)
+    assert waited, "the first frame opens the recognizer, through the reader"
+    assert len(waited) < frames // 4, f"{len(waited)} of {frames} frames woke the reader"
+
+
+async def test_a_bug_on_the_fast_path_costs_one_frame_not_the_link(
+    redis: Redis, redis_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    feed_now = voice.VoiceLane.feed_now
+    failures = [RuntimeError("a bug")]
+
+    def failing_once(self: voice.VoiceLane, msg: Inbound) -> bool:
+        if self.fed_seq and failures:
+            raise failures.pop()
+        return feed_now(self, msg)
+
+    monkeypatch.setattr(voice.VoiceLane, "feed_now", failing_once)
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, "voice-bug") as call,
+    ):
+        await call.start(caller="gil")
+        await call.speak("Hi, my name is Gil", pace_s=0.005)
+        error = await call.wait_for(lambda f: f["type"] == "error")
+        assert error["code"] == "internal" and not failures
+        await call.turn(1)
+        assert "Gil" in call.reply_text(1)
+
+
+@pytest.mark.parametrize("via", ["link", "socket"])
+async def test_quiet_audio_is_acknowledged_on_its_own(
+    redis: Redis,
+    redis_url: str,
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    via: Literal["link", "socket"],
+) -> None:
+    """Silence nobody spoke in is acknowledged once it is old enough, so the router can
+    forget it; on a link, those frames are the ones the fast path leaves to the reader."""
+    monkeypatch.setattr(voice, "QUIET_ACK_AFTER_S", 0.1)
+    monkeypatch.setattr(voice, "QUIET_ACK_EVERY_S", 0.05)
+    async with (
+        running_node(redis_url, nats_url, simulated_providers()) as (_, url),
+        node_call(url, f"voice-quiet-{via}", via=via) as call,
+    ):
+        await call.start(caller="fay")
+        first = call.seq + 1
+        await call.audio(silence(600), pace_s=0.01)
+        last = call.seq
+        await call.wait_for(lambda f: f["type"] == "ack" and f["seq"] >= last - 20)
+        acks = [f["seq"] for f in call.frames if f["type"] == "ack" and f["seq"] >= first]
+        assert len(acks) >= 2 and acks == sorted(acks) and acks[-1] <= last
 
 
 def _working(ckpt: Any) -> list[list[Any]]:

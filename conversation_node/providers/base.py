@@ -73,6 +73,12 @@ class STTStream(Protocol):
 
     async def send_audio(self, chunk: AudioChunk) -> None: ...
 
+    # A stream may also offer ``send_audio_nowait(chunk) -> bool``: take the chunk at once,
+    # or return False having taken nothing. The node then applies a call's audio frame
+    # where it reads it, without a turn of the event loop (see VoiceLane.feed_now);
+    # streams without it (a network recognizer's send waits) get every frame through
+    # ``send_audio``.
+
     async def finalize(self) -> None:
         """Ask for the pending hypothesis to be finalized now (caller hung up, DTMF...)."""
 

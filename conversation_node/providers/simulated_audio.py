@@ -339,12 +339,16 @@ class SimulatedSTTStream:
         self._closed = False
 
     async def send_audio(self, chunk: AudioChunk) -> None:
+        self.send_audio_nowait(chunk)
+
+    def send_audio_nowait(self, chunk: AudioChunk) -> bool:
+        """Decode ``chunk`` now (it never waits: decoding is synchronous)."""
         if self._closed:
             raise ProviderError(self._stt.name, "stream is closed")
         if chunk.sample_rate != SAMPLE_RATE:
             raise ProviderError(self._stt.name, f"unexpected sample rate {chunk.sample_rate}")
         if self._skip_if_quiet(chunk):
-            return
+            return True
         if self._reader is None or chunk.encoding is not self._encoding:
             self._encoding = chunk.encoding
             self._reader = SampleReader(mulaw=chunk.encoding is Encoding.MULAW)
@@ -356,6 +360,7 @@ class SimulatedSTTStream:
         self._pending = buf[whole:]
         for start in range(0, whole, self._frame):
             self._process_frame(buf[start : start + self._frame])
+        return True
 
     def _skip_if_quiet(self, chunk: AudioChunk) -> bool:
         """The fast path of a line that is silent between utterances (most of a call):
