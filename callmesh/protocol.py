@@ -122,7 +122,10 @@ class ProtocolError(Exception):
         self.seq = seq
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing changes one: a frozen dataclass sets each field through
+# object.__setattr__, which made building one 3.5 times slower (620 vs 176 ns), and the
+# router and the node each build one per audio frame.
+@dataclass(slots=True)
 class Inbound:
     """A validated inbound frame. ``raw`` is the original text, forwarded without re-encoding."""
 

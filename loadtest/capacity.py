@@ -52,7 +52,7 @@ from loadtest.capacity_report import (
 )
 from loadtest.stats import percentiles
 
-DEFAULT_STEPS = (25, 50, 100, 150, 200, 250, 300)
+DEFAULT_STEPS = (25, 50, 100, 150, 200, 250, 300, 350, 400)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
