@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -75,8 +75,12 @@ async def test_spoken_turns_are_understood_and_answered(
     assert ckpt.facts["name"][0] == "Priya"  # the node heard the audio
 
 
-async def test_barge_in_clears_the_reply_being_played(cluster: LocalCluster) -> None:
-    async with VoiceCaller(cluster.router_url, "CAbarge", "demo", "bob") as c:
+@pytest.mark.parametrize("transport", ["twilio", "native"])
+async def test_barge_in_clears_the_reply_being_played(
+    cluster: LocalCluster, transport: Literal["twilio", "native"]
+) -> None:
+    call_id = f"CAbarge{transport}"
+    async with VoiceCaller(cluster.router_url, call_id, "demo", "bob", transport=transport) as c:
         await c.wait_greeting()
         long_reply = c.say("Hi, my name is Priya. What services do you offer?")
         interrupted = asyncio.create_task(long_reply)
