@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from callmesh.config import Backends, NodeConfig, SimulatedLatency
-from callmesh.mux import LINK_PATH, Channel, Mux
+from callmesh.mux import Channel
 from callmesh.servers import free_port
 from callmesh.telemetry import Metrics
 from conversation_node.app import ConversationNode
@@ -30,6 +30,7 @@ from conversation_node.node_services import MemoryServices
 from conversation_node.providers.registry import Providers
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.providers.simulated_audio import SimulatedSTT, silence, speech_from_text
+from router.node_links import NodeLinks
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
 
@@ -90,18 +91,19 @@ class _SocketWire:
 
 
 class _LinkWire:
-    """A call the way the router carries it: a channel of a link (``callmesh.mux``),
-    opened by the call's first frame."""
+    """A call the way the router carries it: a channel of the router's own link to the
+    node (``router.node_links``), opened by the call's first frame."""
 
-    def __init__(self, link: Mux, call_id: str) -> None:
-        self.link = link
+    def __init__(self, links: NodeLinks, base_url: str, call_id: str) -> None:
+        self.links = links
+        self.base_url = base_url
         self.call_id = call_id
         self.channel: Channel | None = None
         self._opened = asyncio.Event()
 
     async def send(self, text: str) -> None:
         if self.channel is None:
-            self.channel = await self.link.open(self.call_id, text)
+            self.channel = await self.links.open("node", self.base_url, self.call_id, text)
             self._opened.set()
         else:
             await self.channel.send_str(text)
@@ -206,23 +208,15 @@ async def node_call(
     """A call to the node at ``base_url``: over a link of its own, as the router carries
     calls (the default), or over the call's own WebSocket."""
     async with aiohttp.ClientSession() as http:
+        links = NodeLinks(http, Metrics("test"), "test-router", flush_delay_s=0.0)
+        wire: _SocketWire | _LinkWire
         if via == "socket":
-            call = NodeCall(
-                _SocketWire(await http.ws_connect(f"{base_url}/v1/node/calls/{call_id}"))
-            )
-            try:
-                yield call
-            finally:
-                await call.aclose()
-            return
-        link = Mux(await http.ws_connect(base_url + LINK_PATH), "test-router", Metrics("test"))
-        link.start()
-        reader = asyncio.create_task(link.run(), name=f"test-link:{call_id}")
-        call = NodeCall(_LinkWire(link, call_id))
+            wire = _SocketWire(await http.ws_connect(f"{base_url}/v1/node/calls/{call_id}"))
+        else:
+            wire = _LinkWire(links, base_url, call_id)
+        call = NodeCall(wire)
         try:
             yield call
         finally:
             await call.aclose()
-            await link.aclose()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await links.aclose()
