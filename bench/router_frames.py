@@ -5,7 +5,7 @@ router process over real sockets. Prints one JSON object.
 
 The process test runs the real router app (placement stubbed: no Redis) in this process
 and, in a child process, a fake node plus ``--calls`` Twilio callers
-(:class:`callmesh.voice_client.VoiceCaller`) each streaming 50 frames/s. Each caller has
+(:class:`callmesh_client.voice_client.VoiceCaller`) each streaming 50 frames/s. Each caller has
 its own WebSocket to the router; router and node talk over ONE multiplexed link
 (:mod:`callmesh.mux`, ``LINK_PATH``), every call a channel on it, each side holding
 what it sends for 2 ms (``link_flush_ms``, the default) so that many frames share a
@@ -40,8 +40,8 @@ from aiohttp import web
 from callmesh.config import LINK_FLUSH_MS, RouterConfig
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import encode, parse_inbound
-from callmesh.servers import free_port
 from callmesh.telemetry import Metrics
+from localcluster.servers import free_port
 from router.app import Router
 from router.node_links import NodeLinks
 from router.twilio import TwilioLink
@@ -303,7 +303,7 @@ class FakeNode:
 
 
 async def peer(router_port: int, node_port: int, calls: int, seconds: float) -> None:
-    from callmesh.voice_client import VoiceCaller
+    from callmesh_client.voice_client import VoiceCaller
 
     node = FakeNode()
     runner = web.AppRunner(node.app, access_log=None)

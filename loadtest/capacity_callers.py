@@ -4,7 +4,7 @@
 
 Run by :mod:`loadtest.capacity` as a child process, so that the callers' CPU is never
 counted as the router's or the node's. Each caller is a
-:class:`callmesh.voice_client.VoiceCaller` streaming real-time 20 ms mu-law frames; it
+:class:`callmesh_client.voice_client.VoiceCaller` streaming real-time 20 ms mu-law frames; it
 waits for the greeting, then loops: say the next line of the loadtest script, wait until
 the reply has finished playing, think 1-3 s.
 
@@ -44,8 +44,8 @@ import aiohttp
 
 from callmesh.config import NodeConfig
 from callmesh.runner import install_uvloop
-from callmesh.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
-from callmesh.voice_wire import Heard
+from callmesh_client.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
+from callmesh_client.voice_wire import Heard
 from loadtest.callers import NAMES, script
 from loadtest.stats import percentiles
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from callmesh.protocol import encode
-from callmesh.voice_client import FRAME_BYTES, VoiceCaller
+from callmesh_client.voice_client import FRAME_BYTES, VoiceCaller
 from conversation_node.providers.simulated_audio import decode_speech
 from tests.cluster_helpers import eventually
 

@@ -1,6 +1,6 @@
 """What a simulated caller says on the wire: Twilio Media Streams or the native protocol.
 
-Both dialects expose the same small interface to :class:`callmesh.voice_client.VoiceCaller`
+Both dialects expose the same small interface to :class:`callmesh_client.voice_client.VoiceCaller`
 (``opening``, ``media``, ``mark``, ``dtmf``, ``stop``, ``decode``). The Twilio dialect
 speaks exactly what Twilio sends (string ``sequenceNumber``/``chunk``/``timestamp``, a
 ``streamSid`` on every message after ``connected``); frames are formatted by hand on the

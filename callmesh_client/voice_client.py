@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import aiohttp
 
-from callmesh.voice_playback import Playback
-from callmesh.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
-from callmesh.voice_wire import Heard, NativeWire, TwilioWire, Wire, audio_bytes
+from callmesh_client.voice_playback import Playback
+from callmesh_client.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
+from callmesh_client.voice_wire import Heard, NativeWire, TwilioWire, Wire, audio_bytes
 from conversation_node.providers.simulated_audio import speech_from_text
 
 _SILENCE = base64.b64encode(b"\xff" * FRAME_BYTES).decode()
