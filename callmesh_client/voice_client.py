@@ -31,12 +31,13 @@ from typing import Any, Literal
 
 import aiohttp
 
+from callmesh.audio.tones import silence, speech_from_text
 from callmesh_client.voice_playback import Playback
 from callmesh_client.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
 from callmesh_client.voice_wire import Heard, NativeWire, TwilioWire, Wire, audio_bytes
-from conversation_node.providers.simulated_audio import speech_from_text
 
-_SILENCE = base64.b64encode(b"\xff" * FRAME_BYTES).decode()
+_SILENT_FRAME = silence(FRAME_MS)
+_SILENCE = base64.b64encode(_SILENT_FRAME).decode()
 
 __all__ = ["FRAME_BYTES", "FRAME_MS", "SendStats", "TurnResult", "VoiceCallError", "VoiceCaller"]
 
@@ -211,7 +212,7 @@ class VoiceCaller:
         self._speech_pos += FRAME_BYTES
         self.stats.speech_frames += 1
         if self._speech_pos >= len(self._speech):
-            chunk += b"\xff" * (FRAME_BYTES - len(chunk))
+            chunk += _SILENT_FRAME[len(chunk) :]
             self._speech_ended(self._speaking, now)
         return base64.b64encode(chunk).decode()
 

@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from callmesh.protocol import AudioEncoding, encode
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
+from callmesh.protocol import encode
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
 
@@ -77,7 +78,11 @@ class TwilioWire:
             "callSid": self.call_id,
             "tracks": ["inbound"],
             "customParameters": self.parameters,
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "mediaFormat": {
+                "encoding": "audio/x-mulaw",
+                "sampleRate": TELEPHONY_RATE,
+                "channels": 1,
+            },
         }
         return [
             json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
@@ -142,7 +147,7 @@ class NativeWire:
         return encode({"type": kind, "seq": self.seq, **fields})
 
     def opening(self) -> list[str]:
-        audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": 8000}
+        audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
         return [self._frame("start", tenant=self.tenant, caller=self.caller, audio=audio)]
 
     def media(self, payload: str, ts_ms: int) -> str:

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from callmesh.audio.format import AudioChunk
 from conversation_node.audio.convert import Transcoder
 from conversation_node.providers.base import (
     LLM,
     TTS,
-    AudioChunk,
     LLMDelta,
     LLMRequest,
     ProviderError,
