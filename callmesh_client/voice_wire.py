@@ -15,15 +15,26 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
-from callmesh.protocol import encode
+from callmesh.protocol import In, Out, encode
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
 
 
+# What a caller hears, whichever the dialect: agent audio, a mark, a clear. Any other
+# message keeps its native type (``ready``, ``turn_metrics``, ``error``, ``call_ended``...).
+HEARD_AUDIO = "audio"
+HEARD_MARK = Out.MARK.value
+HEARD_CLEAR = Out.CLEAR.value
+# The per-frame path formats audio frames by hand (see the module's docstring) and
+# compares plain strings.
+_AUDIO_FRAME_START = f'{{"type":"{In.AUDIO.value}","seq":'
+_AGENT_AUDIO, _READY = Out.AGENT_AUDIO.value, Out.READY.value
+
+
 @dataclass(slots=True)
 class Heard:
-    """One message from callmesh, normalized: ``kind`` is ``audio``, ``mark``, ``clear``,
-    or the native type (``ready``, ``turn_metrics``, ``error``, ``call_ended``...)."""
+    """One message from callmesh, normalized: ``kind`` is :data:`HEARD_AUDIO`,
+    :data:`HEARD_MARK`, :data:`HEARD_CLEAR`, or the native type."""
 
     kind: str
     turn: int | None = None
@@ -122,11 +133,11 @@ class TwilioWire:
         msg = json.loads(raw)
         event = msg.get("event")
         if event == "media":
-            return Heard("audio", payload=msg["media"]["payload"])
+            return Heard(HEARD_AUDIO, payload=msg["media"]["payload"])
         if event == "mark":
-            return Heard("mark", name=msg["mark"]["name"])
+            return Heard(HEARD_MARK, name=msg["mark"]["name"])
         if event == "clear":
-            return Heard("clear")
+            return Heard(HEARD_CLEAR)
         return Heard(str(event), frame=msg)
 
 
@@ -142,37 +153,37 @@ class NativeWire:
     def path(self) -> str:
         return f"/v1/calls/{self.call_id}"
 
-    def _frame(self, kind: str, **fields: Any) -> str:
+    def _frame(self, kind: In, **fields: Any) -> str:
         self.seq += 1
-        return encode({"type": kind, "seq": self.seq, **fields})
+        return encode({"type": kind.value, "seq": self.seq, **fields})
 
     def opening(self) -> list[str]:
         audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
-        return [self._frame("start", tenant=self.tenant, caller=self.caller, audio=audio)]
+        return [self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio)]
 
     def media(self, payload: str, ts_ms: int) -> str:
         self.seq += 1
-        return f'{{"type":"audio","seq":{self.seq},"data":"{payload}","ts":{ts_ms}}}'
+        return f'{_AUDIO_FRAME_START}{self.seq},"data":"{payload}","ts":{ts_ms}}}'
 
     def mark(self, name: str) -> str:
-        return self._frame("mark", name=name)
+        return self._frame(In.MARK, name=name)
 
     def dtmf(self, digit: str) -> str:
-        return self._frame("dtmf", digit=digit)
+        return self._frame(In.DTMF, digit=digit)
 
     def stop(self) -> str:
-        return self._frame("hangup")
+        return self._frame(In.HANGUP)
 
     def decode(self, raw: str) -> Heard:
         frame = json.loads(raw)
         kind = str(frame.get("type"))
         turn = frame.get("turn")
         turn = turn if isinstance(turn, int) else None
-        if kind == "agent_audio":
-            return Heard("audio", turn, payload=frame.get("data", ""))
-        if kind == "mark":
-            return Heard("mark", turn, name=str(frame.get("name", "")))
-        if kind == "ready":
+        if kind == _AGENT_AUDIO:
+            return Heard(HEARD_AUDIO, turn, payload=frame.get("data", ""))
+        if kind == HEARD_MARK:
+            return Heard(HEARD_MARK, turn, name=str(frame.get("name", "")))
+        if kind == _READY:
             # Resuming a live call: continue after what the node applied.
             self.seq = max(self.seq, int(frame.get("last_seq", 0)))
         return Heard(kind, turn, frame=frame)

@@ -43,6 +43,7 @@ from typing import IO, Any, Literal
 import aiohttp
 
 from callmesh.config import NodeConfig
+from callmesh.protocol import Out
 from callmesh.runner import install_uvloop
 from callmesh_client.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
 from callmesh_client.voice_wire import Heard
@@ -135,7 +136,7 @@ class CallerPool:
             heard = decode(raw)
             f = heard.frame
             # A turn cut off before its first audio has no latency to compare.
-            if heard.kind == "turn_metrics" and f is not None and f.get("spoke", True):
+            if heard.kind == Out.TURN_METRICS and f is not None and f.get("spoke", True):
                 latency, provider = f.get("latency_ms"), f.get("provider_ms")
                 if isinstance(latency, (int, float)) and isinstance(provider, (int, float)):
                     self.window.node_latency_minus_provider_ms.append(max(0.0, latency - provider))
