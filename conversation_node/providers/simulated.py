@@ -22,7 +22,7 @@ import numpy as np
 from callmesh.audio.codec import mulaw_encode_array
 from callmesh.audio.format import TELEPHONY_RATE, AudioChunk, AudioEncoding, bytes_in, bytes_per_ms
 from callmesh.config import SimulatedLatency
-from conversation_node.prompt import BOOKED_FACT, describe_booking
+from conversation_node.booking import BOOKED_FACT, describe_booking
 from conversation_node.providers.base import (
     LLMDelta,
     LLMRequest,
