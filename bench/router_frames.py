@@ -5,7 +5,7 @@ router process over real sockets. Prints one JSON object.
 
 The process test runs the real router app (placement stubbed: no Redis) in this process
 and, in a child process, a fake node plus ``--calls`` Twilio callers
-(:class:`callmesh.voice_client.VoiceCaller`) each streaming 50 frames/s. Each caller has
+(:class:`callmesh_client.voice_client.VoiceCaller`) each streaming 50 frames/s. Each caller has
 its own WebSocket to the router; router and node talk over ONE multiplexed link
 (:mod:`callmesh.mux`, ``LINK_PATH``), every call a channel on it, each side holding
 what it sends for 2 ms (``link_flush_ms``, the default) so that many frames share a
@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 from aiohttp import web
 
+from callmesh.audio.format import AudioEncoding
 from callmesh.config import LINK_FLUSH_MS, RouterConfig
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
-from callmesh.protocol import encode, parse_inbound
-from callmesh.servers import free_port
+from callmesh.protocol import Ctl, In, Out, encode, parse_inbound
 from callmesh.telemetry import Metrics
+from localcluster.servers import free_port
 from router.app import Router
 from router.node_links import NodeLinks
 from router.twilio import TwilioLink
@@ -73,7 +74,7 @@ def micro(n: int = 200_000) -> dict[str, float]:
         '{"event":"media","sequenceNumber":"3","media":{"track":"inbound","chunk":"1",'
         f'"timestamp":"160","payload":"{PAYLOAD}"}},"streamSid":"MZ1"}}'
     )
-    native = f'{{"type":"audio","seq":5,"data":"{PAYLOAD}","ts":160}}'
+    native = f'{{"type":"{In.AUDIO.value}","seq":5,"data":"{PAYLOAD}","ts":160}}'
     out: dict[str, float] = {}
     t = time.perf_counter()
     for _ in range(n):
@@ -83,7 +84,13 @@ def micro(n: int = 200_000) -> dict[str, float]:
     for _ in range(n):
         parse_inbound(native)
     out["native_audio_validate_us"] = (time.perf_counter() - t) / n * 1e6
-    frame = {"type": "agent_audio", "turn": 1, "n": 3, "encoding": "mulaw", "data": AGENT_AUDIO}
+    frame = {
+        "type": Out.AGENT_AUDIO.value,
+        "turn": 1,
+        "n": 3,
+        "encoding": AudioEncoding.MULAW.value,
+        "data": AGENT_AUDIO,
+    }
     raw = encode(frame)
     t = time.perf_counter()
     for _ in range(n):
@@ -216,6 +223,9 @@ def _kind(text: str) -> str:
     return text[at : text.find('"', at)]
 
 
+_START, _AUDIO, _HANGUP = In.START.value, In.AUDIO.value, In.HANGUP.value
+
+
 async def serve_call(receive: Receive, send: Send, counts: dict[str, int]) -> None:
     """One call at the fake node, whatever carries it: ready on ``start``, an ack every
     25th audio frame, 100 ms of agent audio every 5th (a mark after every 10th chunk),
@@ -224,24 +234,24 @@ async def serve_call(receive: Receive, send: Send, counts: dict[str, int]) -> No
     n = 0
     while (text := await receive()) is not None:
         kind = _kind(text)
-        if kind == "start":
-            await send(encode({"type": "ready", "turn": 0, "last_seq": 0}))
-        elif kind == "audio" or kind == "media":  # media: relayed by the floor as is
+        if kind == _START:
+            await send(encode({"type": Out.READY.value, "turn": 0, "last_seq": 0}))
+        elif kind == _AUDIO or kind == "media":  # media: relayed by the floor as is
             n += 1
             counts["audio"] += 1
             if n % 25 == 0:
                 seq = json.loads(text).get("seq", 0)
-                await send(encode({"type": "ack", "seq": seq, "turn": 0}))
+                await send(encode({"type": Ctl.ACK.value, "seq": seq, "turn": 0}))
             if n % 5 == 0:
                 chunk = n // 5
-                audio = {"type": "agent_audio", "turn": 1, "n": chunk, "data": AGENT_AUDIO}
+                audio = {"type": Out.AGENT_AUDIO.value, "turn": 1, "n": chunk, "data": AGENT_AUDIO}
                 await send(encode(audio))
                 counts["chunks"] += 1
                 if chunk % 10 == 0:
-                    mark = {"type": "mark", "turn": 1, "n": chunk, "name": f"1.{chunk}"}
+                    mark = {"type": Out.MARK.value, "turn": 1, "n": chunk, "name": f"1.{chunk}"}
                     await send(encode(mark))
-        elif kind == "hangup" or kind == "stop":
-            await send(encode({"type": "call_ended", "turn": 1}))
+        elif kind == _HANGUP or kind == "stop":
+            await send(encode({"type": Out.CALL_ENDED.value, "turn": 1}))
             return  # the call is over: its channel (or socket) closes
 
 
@@ -303,7 +313,7 @@ class FakeNode:
 
 
 async def peer(router_port: int, node_port: int, calls: int, seconds: float) -> None:
-    from callmesh.voice_client import VoiceCaller
+    from callmesh_client.voice_client import VoiceCaller
 
     node = FakeNode()
     runner = web.AppRunner(node.app, access_log=None)

@@ -23,6 +23,7 @@ import gc
 import time
 from typing import Any
 
+from callmesh.metric_names import GC_PAUSE_MS, gc_collections
 from callmesh.telemetry import Metrics
 
 DEFAULT_GEN0_THRESHOLD = 7000
@@ -42,8 +43,8 @@ class GcPauses:
             self._started = time.perf_counter()
             return
         pause_ms = (time.perf_counter() - self._started) * 1000
-        self._metrics.observe("gc_pause_ms", pause_ms)
-        self._metrics.inc(f"gc_collections_gen{info.get('generation', 0)}")
+        self._metrics.observe(GC_PAUSE_MS, pause_ms)
+        self._metrics.inc(gc_collections(info.get("generation", 0)))
 
     def install(self) -> None:
         if self not in gc.callbacks:

@@ -41,6 +41,12 @@ from typing import Any
 import msgpack
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
+from callmesh.metric_names import (
+    LINK_BAD_RECORDS,
+    LINK_CHANNELS_BEHIND,
+    LINK_MESSAGES_SENT,
+    LINK_RECORDS_SENT,
+)
 from callmesh.protocol import CloseCode
 from callmesh.telemetry import Metrics
 
@@ -279,8 +285,8 @@ class Mux:
                 self._out_bytes = 0
                 for message in _batches(out):
                     await self.ws.send_bytes(msgpack.packb(message))
-                    self._metrics.inc("link_messages_sent")
-                self._metrics.inc("link_records_sent", len(out))
+                    self._metrics.inc(LINK_MESSAGES_SENT)
+                self._metrics.inc(LINK_RECORDS_SENT, len(out))
                 if self._out_bytes <= HIGH_WATER_BYTES:
                     self._drained.set()
         except (ConnectionError, RuntimeError) as exc:
@@ -361,13 +367,13 @@ class Mux:
         self._on_open(channel)
 
     def _behind(self, channel: Channel) -> None:
-        self._metrics.inc("link_channels_behind")
+        self._metrics.inc(LINK_CHANNELS_BEHIND)
         log.warning("call fell behind its link", extra={"fields": {"call_id": channel.call_id}})
         channel._ended(CloseCode.UNAVAILABLE, "fell behind")
         self.closed_locally(channel)
 
     def _bad_record(self, rec: object) -> None:
-        self._metrics.inc("link_bad_records")
+        self._metrics.inc(LINK_BAD_RECORDS)
         fields = {"link": self.name, "record": repr(rec)[:120]}
         log.error("malformed link record", extra={"fields": fields})
 

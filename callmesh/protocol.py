@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024
 
@@ -77,14 +79,9 @@ INBOUND_TYPES = frozenset(t.value for t in In)
 _IN_BY_VALUE = {t.value: t for t in In}
 
 
-class AudioEncoding(StrEnum):
-    MULAW = "mulaw"  # G.711 mu-law, 8 kHz: telephony (Twilio)
-    PCM16 = "pcm16"  # signed 16-bit little-endian
-
-
 # Sample rates a call may declare in ``start.audio``; the same format is used both ways.
 AUDIO_SAMPLE_RATES = frozenset({8000, 16000, 24000})
-DEFAULT_AUDIO = {"encoding": AudioEncoding.MULAW.value, "sample_rate": 8000}
+DEFAULT_AUDIO = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MAX_MARK_NAME = 64
 
@@ -224,7 +221,7 @@ def _check_audio_format(audio: object, seq: int) -> None:
             f"'audio.sample_rate' must be one of {sorted(AUDIO_SAMPLE_RATES)}",
             seq,
         )
-    if audio["encoding"] == AudioEncoding.MULAW and rate != 8000:
+    if audio["encoding"] == AudioEncoding.MULAW and rate != TELEPHONY_RATE:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "mulaw audio is 8000 Hz", seq)
 
 

@@ -29,6 +29,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from callmesh.config import NodeConfig
+from callmesh.metric_names import LIVE_CALLS, UNSAVED_CALLS
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import (
     CloseCode,
@@ -229,8 +230,8 @@ class ConversationNode:
 
     async def metrics(self, request: web.Request) -> web.Response:
         m = self.services.metrics
-        m.set("live_calls", len(self.sessions))
-        m.set("unsaved_calls", sum(1 for s in self.sessions.values() if s.unsaved))
+        m.set(LIVE_CALLS, len(self.sessions))
+        m.set(UNSAVED_CALLS, sum(1 for s in self.sessions.values() if s.unsaved))
         return web.Response(text=m.render(), content_type="text/plain")
 
     async def router_link(self, request: web.Request) -> web.StreamResponse:

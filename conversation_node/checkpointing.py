@@ -21,6 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from callmesh.metric_names import (
+    CHECKPOINT_FAILURES,
+    CHECKPOINTS,
+    CHECKPOINTS_CAUGHT_UP,
+    OUTBOX_PUBLISH_FAILURES,
+    OUTBOX_PUBLISHED,
+)
 from conversation_node.node_services import NodeServices
 from events import eventlog, subjects
 from events.errors import EventsError
@@ -112,7 +119,7 @@ class Checkpointer:
             except StoreUnavailable as exc:
                 if retrying:
                     return False
-                self._svc.metrics.inc("checkpoint_failures")
+                self._svc.metrics.inc(CHECKPOINT_FAILURES)
                 log.warning(
                     "checkpoint deferred: redis unavailable",
                     extra={"fields": {"call_id": self.call_id, "turn": turn, "error": str(exc)}},
@@ -123,13 +130,13 @@ class Checkpointer:
                 raise Fenced(exc) from exc
             self.dirty = False
             if retrying:
-                self._svc.metrics.inc("checkpoints_caught_up")
+                self._svc.metrics.inc(CHECKPOINTS_CAUGHT_UP)
                 log.info(
                     "checkpoint caught up",
                     extra={"fields": {"call_id": self.call_id, "turn": turn}},
                 )
             else:
-                self._svc.metrics.inc("checkpoints")
+                self._svc.metrics.inc(CHECKPOINTS)
             return True
 
     async def _after_save(self) -> None:
@@ -167,7 +174,7 @@ class Checkpointer:
         try:
             acked = set(await publisher.publish(pending))
         except EventsError as exc:
-            self._svc.metrics.inc("outbox_publish_failures")
+            self._svc.metrics.inc(OUTBOX_PUBLISH_FAILURES)
             if not self.publish_failing:
                 log.warning(
                     "outbox publish deferred",
@@ -185,7 +192,7 @@ class Checkpointer:
         # The removal is persisted with the next checkpoint; until then a takeover would
         # republish these, which JetStream de-duplicates by msg id.
         self.outbox = [e for e in self.outbox if e.msg_id not in acked]
-        self._svc.metrics.inc("outbox_published", len(acked))
+        self._svc.metrics.inc(OUTBOX_PUBLISHED, len(acked))
         if self.publish_failing:
             self.publish_failing = False
             log.info("outbox publishing again", extra={"fields": {"call_id": self.call_id}})

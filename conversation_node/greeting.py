@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from callmesh.metric_names import HISTORY_LOAD_FAILURES, HISTORY_SAVE_FAILURES, HISTORY_SAVED
 from callmesh.telemetry import now_ms
 from conversation_node.node_services import NodeServices
 from memory.history import CallRecord
@@ -36,7 +37,7 @@ async def load_history(
         async with asyncio.timeout(HISTORY_LOAD_TIMEOUT_S):
             return await svc.memory.history.load(tenant, caller, limit=GREETING_HISTORY_CALLS)
     except Exception as exc:  # history is best effort: the standard greeting will do
-        svc.metrics.inc("history_load_failures")
+        svc.metrics.inc(HISTORY_LOAD_FAILURES)
         log.warning(
             "customer history unavailable: standard greeting",
             extra={"fields": {"call_id": call_id, "error": repr(exc)}},
@@ -53,10 +54,10 @@ async def save_history(svc: NodeServices, memory: SessionMemory, caller: str, ca
         async with asyncio.timeout(HISTORY_SAVE_TIMEOUT_S):
             await svc.memory.history.save(record)
     except Exception as exc:
-        svc.metrics.inc("history_save_failures")
+        svc.metrics.inc(HISTORY_SAVE_FAILURES)
         log.warning(
             "customer history not saved",
             extra={"fields": {"call_id": call_id, "error": repr(exc)}},
         )
         return
-    svc.metrics.inc("history_saved")
+    svc.metrics.inc(HISTORY_SAVED)

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 
 from callmesh.config import NodeConfig
+from callmesh.metric_names import HEARTBEAT_FAILURES, REDIS_UP
 from callmesh.telemetry import Metrics, now_ms
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore, NodeRecord, NodeState
@@ -66,10 +67,10 @@ class Heartbeat:
                 if not self._redis_ok:
                     log.info("redis reachable again: heartbeats resumed")
                 self._redis_ok = True
-                self._metrics.set("redis_up", 1)
+                self._metrics.set(REDIS_UP, 1)
             except StateStoreError as exc:
-                self._metrics.inc("heartbeat_failures")
-                self._metrics.set("redis_up", 0)
+                self._metrics.inc(HEARTBEAT_FAILURES)
+                self._metrics.set(REDIS_UP, 0)
                 if self._redis_ok:
                     log.error(
                         "redis unreachable: heartbeats failing (failover unavailable)",

@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from callmesh.config import NodeConfig
+from callmesh.metric_names import (
+    INBOUND_FRAME_LAG_MS,
+    TURN_LATENCY_MS_SUM,
+    TURN_OVERHEAD_MS,
+    TURN_OVERHEAD_MS_SUM,
+    TURN_RETRIEVAL_MS_SUM,
+    TURNS,
+    TURNS_CUT_OFF_BEFORE_AUDIO,
+    TURNS_OVER_BUDGET,
+    TURNS_OVER_BUDGET_BY_CALLMESH,
+    fallback,
+)
 from callmesh.telemetry import Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
 from conversation_node.prompt import INSTRUCTIONS
@@ -89,24 +101,24 @@ class NodeServices:
         return self.config.node_id
 
     def observe_turn(self, m: TurnMetrics) -> None:
-        self.metrics.inc("turns")
+        self.metrics.inc(TURNS)
         for f in m.fallbacks:
-            self.metrics.inc(f"fallback_{f}")
+            self.metrics.inc(fallback(f))
         if not m.spoke:
-            self.metrics.inc("turns_cut_off_before_audio")
+            self.metrics.inc(TURNS_CUT_OFF_BEFORE_AUDIO)
             return
-        self.metrics.inc("turn_latency_ms_sum", m.latency_ms)
-        self.metrics.inc("turn_overhead_ms_sum", m.overhead_ms)
-        self.metrics.inc("turn_retrieval_ms_sum", m.retrieval_ms)
-        self.metrics.observe("turn_overhead_ms", m.overhead_ms)
+        self.metrics.inc(TURN_LATENCY_MS_SUM, m.latency_ms)
+        self.metrics.inc(TURN_OVERHEAD_MS_SUM, m.overhead_ms)
+        self.metrics.inc(TURN_RETRIEVAL_MS_SUM, m.retrieval_ms)
+        self.metrics.observe(TURN_OVERHEAD_MS, m.overhead_ms)
         budget = self.config.turn_budget_ms
         if m.latency_ms > budget:
-            self.metrics.inc("turns_over_budget")
+            self.metrics.inc(TURNS_OVER_BUDGET)
             if m.provider_ms <= budget and m.overhead_ms > self.config.overhead_budget_ms:
                 # The providers left room and callmesh overran its own share: the miss is
                 # callmesh's (a turn pushed over by a fraction of a ms of jitter is not).
-                self.metrics.inc("turns_over_budget_by_callmesh")
+                self.metrics.inc(TURNS_OVER_BUDGET_BY_CALLMESH)
 
     def observe_frame_lag(self, lag_ms: float) -> None:
         """How far behind the caller's clock an audio frame was processed."""
-        self.metrics.observe("inbound_frame_lag_ms", lag_ms)
+        self.metrics.observe(INBOUND_FRAME_LAG_MS, lag_ms)

@@ -17,16 +17,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from callmesh.audio.format import AudioChunk
+from callmesh.protocol import Out
 from conversation_node.audio.convert import Transcoder
 from conversation_node.providers.base import (
     LLM,
     TTS,
-    AudioChunk,
     LLMDelta,
     LLMRequest,
     ProviderError,
     ToolCall,
 )
+
+# Reply frame types as plain strings, looked up once: a frame is built per audio chunk.
+_AGENT_TEXT, _AGENT_AUDIO, _MARK = Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value
 
 # End of a sentence: terminal punctuation followed by space. Short fragments are merged so
 # TTS is not asked to say "Dr." on its own.
@@ -178,7 +182,7 @@ class TurnPipeline:
         return out
 
     async def _speak(self, sentence: str, n: int, emit: Emit, out: TurnOutput, voice: Voice) -> int:
-        await emit({"type": "agent_text", "n": n, "text": sentence})
+        await emit({"type": _AGENT_TEXT, "n": n, "text": sentence})
         n += 1
         voices = [self._tts] + ([self._backup_tts] if self._backup_tts else [])
         for i, tts in enumerate(voices):
@@ -199,7 +203,7 @@ class TurnPipeline:
                     encoding, rate, data = voice.encode(chunk)
                     await emit(
                         {
-                            "type": "agent_audio",
+                            "type": _AGENT_AUDIO,
                             "n": n,
                             "encoding": encoding,
                             "sample_rate": rate,
@@ -223,7 +227,7 @@ class TurnPipeline:
         """After a sentence's audio: the caller echoes the mark once it has played it."""
         if not voice.marks:
             return n
-        await emit({"type": "mark", "n": n})
+        await emit({"type": _MARK, "n": n})
         return n + 1
 
 

@@ -7,10 +7,14 @@ The prompt itself (sections, token budget, one shape at turn 3 and turn 3,000) i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# BOOKED_FACT and describe_booking live in conversation_node.booking; named here too for
+# the modules that still import them from the prompt.
+from conversation_node.booking import BOOKED_FACT as BOOKED_FACT
+from conversation_node.booking import describe_booking as describe_booking
 from conversation_node.providers.base import LLMRequest
 from memory.history import CallRecord
 from memory.prompt import DEFAULT_INSTRUCTIONS, Prompt
@@ -21,10 +25,6 @@ INSTRUCTIONS = (
     f"{DEFAULT_INSTRUCTIONS} Call create_booking only after the caller said yes to the "
     "details you read back."
 )
-
-# A session fact the node sets when the model's create_booking call became an effect:
-# what was booked, so the model (and the caller's next call) knows it is done.
-BOOKED_FACT = "booked"
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -60,15 +60,6 @@ def build_request(prompt: Prompt, user_text: str, *, seed: str) -> LLMRequest:
         snippets=list(prompt.snippets),
         seed=seed,
     )
-
-
-def describe_booking(details: Mapping[str, Any]) -> str | None:
-    """``"cleaning for Tuesday at 3:00 pm"``: the value of the ``booked`` fact, from a
-    create_booking call's arguments or from the session facts (None if incomplete)."""
-    service, date, time = (details.get(k) for k in ("service", "date", "time"))
-    if not (service and date and time):
-        return None
-    return f"{service} for {date} at {time}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,11 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from callmesh.audio.format import AudioChunk, AudioEncoding, bytes_per_ms
 from callmesh.protocol import DEFAULT_AUDIO, Inbound
 from conversation_node.providers.base import (
     STT,
-    AudioChunk,
-    Encoding,
     ProviderError,
     STTEventKind,
     STTStream,
@@ -52,19 +51,18 @@ UNMARKED_GRACE_S = 0.3
 
 @dataclass(frozen=True)
 class AudioFormat:
-    encoding: Encoding
+    encoding: AudioEncoding
     sample_rate: int
 
     @classmethod
     def from_start(cls, body: dict[str, object]) -> AudioFormat:
         audio = body.get("audio")
         spec: dict[str, Any] = audio if isinstance(audio, dict) else dict(DEFAULT_AUDIO)
-        return cls(Encoding(str(spec["encoding"])), int(spec["sample_rate"]))
+        return cls(AudioEncoding(str(spec["encoding"])), int(spec["sample_rate"]))
 
     @property
     def bytes_per_ms(self) -> float:
-        width = 1 if self.encoding is Encoding.MULAW else 2
-        return width * self.sample_rate / 1000
+        return bytes_per_ms(self.encoding, self.sample_rate)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The ``callmesh effects-worker`` and ``callmesh replay`` subcommands.
 
-``callmesh/cli.py`` registers them with :func:`add_effects_worker_parser` and
+``callmesh_cli/cli.py`` registers them with :func:`add_effects_worker_parser` and
 :func:`add_replay_parser`; each sets ``func`` to a coroutine function taking the parsed
 arguments and returning the exit status. Flags override environment variables
 (``NATS_URL``, ``REDIS_URL``, ``CALLMESH_WEBHOOK_URL``...), which override defaults.

@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from callmesh.client import CallClient, CallError, Reply
+from callmesh_client.client import CallClient, CallError, Reply
 
 NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Gus", "Hana", "Ivan", "June"]
 BOOKING = [

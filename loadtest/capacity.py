@@ -41,7 +41,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from callmesh.localcluster import LocalCluster
 from loadtest.capacity_callers import CallerProcess
 from loadtest.capacity_report import (
     Snapshot,
@@ -51,6 +50,7 @@ from loadtest.capacity_report import (
     write_svg,
 )
 from loadtest.stats import percentiles
+from localcluster.cluster import LocalCluster
 
 DEFAULT_STEPS = (25, 50, 100, 150, 200, 250, 300, 350, 400)
 CLK_TCK = os.sysconf("SC_CLK_TCK")

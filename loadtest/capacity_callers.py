@@ -4,7 +4,7 @@
 
 Run by :mod:`loadtest.capacity` as a child process, so that the callers' CPU is never
 counted as the router's or the node's. Each caller is a
-:class:`callmesh.voice_client.VoiceCaller` streaming real-time 20 ms mu-law frames; it
+:class:`callmesh_client.voice_client.VoiceCaller` streaming real-time 20 ms mu-law frames; it
 waits for the greeting, then loops: say the next line of the loadtest script, wait until
 the reply has finished playing, think 1-3 s.
 
@@ -43,9 +43,10 @@ from typing import IO, Any, Literal
 import aiohttp
 
 from callmesh.config import NodeConfig
+from callmesh.protocol import Out
 from callmesh.runner import install_uvloop
-from callmesh.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
-from callmesh.voice_wire import Heard
+from callmesh_client.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
+from callmesh_client.voice_wire import Heard
 from loadtest.callers import NAMES, script
 from loadtest.stats import percentiles
 
@@ -135,7 +136,7 @@ class CallerPool:
             heard = decode(raw)
             f = heard.frame
             # A turn cut off before its first audio has no latency to compare.
-            if heard.kind == "turn_metrics" and f is not None and f.get("spoke", True):
+            if heard.kind == Out.TURN_METRICS and f is not None and f.get("spoke", True):
                 latency, provider = f.get("latency_ms"), f.get("provider_ms")
                 if isinstance(latency, (int, float)) and isinstance(provider, (int, float)):
                     self.window.node_latency_minus_provider_ms.append(max(0.0, latency - provider))

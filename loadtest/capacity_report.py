@@ -9,6 +9,15 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from callmesh.metric_names import (
+    BARGE_INS,
+    GC_PAUSE_MS,
+    INBOUND_FRAME_LAG_MS,
+    TURN_OVERHEAD_MS,
+    TURNS,
+    TURNS_OVER_BUDGET,
+    TURNS_OVER_BUDGET_BY_CALLMESH,
+)
 from callmesh.telemetry import histogram_quantile
 
 FRAME_LAG_P99_LIMIT_MS = 20.0
@@ -75,13 +84,13 @@ def measure_step(
     wall = s1.at - s0.at
     cores = {role: (s1.cpu[role] - s0.cpu[role]) / wall for role in s1.cpu}
     busy, total = (a - b for a, b in zip(s1.machine, s0.machine, strict=True))
-    lag = quantiles(*hist_delta(s0.node, s1.node, "inbound_frame_lag_ms"))
-    overhead = quantiles(*hist_delta(s0.node, s1.node, "turn_overhead_ms"))
-    gc_pauses = quantiles(*hist_delta(s0.node, s1.node, "gc_pause_ms"))
-    turns = int(_counter(s1, "turns") - _counter(s0, "turns"))
+    lag = quantiles(*hist_delta(s0.node, s1.node, INBOUND_FRAME_LAG_MS))
+    overhead = quantiles(*hist_delta(s0.node, s1.node, TURN_OVERHEAD_MS))
+    gc_pauses = quantiles(*hist_delta(s0.node, s1.node, GC_PAUSE_MS))
+    turns = int(_counter(s1, TURNS) - _counter(s0, TURNS))
     by_callmesh = int(
-        _counter(s1, "turns_over_budget_by_callmesh")
-        - _counter(s0, "turns_over_budget_by_callmesh")
+        _counter(s1, TURNS_OVER_BUDGET_BY_CALLMESH)
+        - _counter(s0, TURNS_OVER_BUDGET_BY_CALLMESH)
     )
     errors = int(callers["errors"])
     behind = (
@@ -127,11 +136,11 @@ def measure_step(
         "overhead_ms": overhead,
         # The node's garbage collections in the window (callmesh.gc_tuning): pause
         # quantiles, how many, and the wall time they stopped the event loop for in all.
-        "node_gc_pause_ms": {**gc_pauses, "total": round(_hist_sum(s1, s0, "gc_pause_ms"), 1)},
+        "node_gc_pause_ms": {**gc_pauses, "total": round(_hist_sum(s1, s0, GC_PAUSE_MS), 1)},
         "turns": turns,
-        "over_budget": int(_counter(s1, "turns_over_budget") - _counter(s0, "turns_over_budget")),
+        "over_budget": int(_counter(s1, TURNS_OVER_BUDGET) - _counter(s0, TURNS_OVER_BUDGET)),
         "over_budget_by_callmesh": by_callmesh,
-        "barge_ins": int(_counter(s1, "barge_ins") - _counter(s0, "barge_ins")),
+        "barge_ins": int(_counter(s1, BARGE_INS) - _counter(s0, BARGE_INS)),
         "caller_turns": callers["turns"],
         "response_ms": {k: callers["response_ms"][k] for k in ("p50", "p99", "n")},
         "caller_send_lag_ms": {

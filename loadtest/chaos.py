@@ -30,11 +30,11 @@ from typing import Any
 import nats
 from tqdm import tqdm
 
-from callmesh.client import CallClient, CallError, Reply
-from callmesh.localcluster import LocalCluster, Proc
+from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
 from loadtest.callers import NAMES, script
 from loadtest.stats import percentiles, write_report
+from localcluster.cluster import LocalCluster, Proc
 
 
 def add_parser(sub: Any) -> None:

@@ -32,12 +32,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from callmesh.localcluster import LocalCluster, Proc
-from callmesh.servers import ServerError, free_port
 from events.worker_config import DEFAULT_DURABLE, WorkerConfig
 from loadtest.effects_run import EffectsRun, EffectsScenario, say
 from loadtest.fake_crm import EFFECTS_PATH
 from loadtest.stats import write_report
+from localcluster.cluster import LocalCluster, Proc
+from localcluster.servers import ServerError, free_port
 
 _POLICY_SHOWN = ("max_deliveries", "backoff_base_s", "backoff_max_s", "ack_wait_s", "deadline_s")
 

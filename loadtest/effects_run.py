@@ -21,10 +21,10 @@ import aiohttp
 import nats
 from tqdm import tqdm
 
-from callmesh.localcluster import LocalCluster, Proc
 from events import subjects
 from loadtest.callers import BOOKING, CallResult, scripted_call
 from loadtest.effects_audit import Booking, Ledger, expected_keys, read_ledger, score
+from localcluster.cluster import LocalCluster, Proc
 
 
 def say(text: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from callmesh.servers import free_port
+from localcluster.servers import free_port
 
 EFFECTS_PATH = "/effects"
 

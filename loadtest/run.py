@@ -11,9 +11,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from callmesh.localcluster import LocalCluster
 from loadtest.callers import CallResult, scripted_call
 from loadtest.stats import percentiles, write_report
+from localcluster.cluster import LocalCluster
 
 
 def add_parser(sub: Any) -> None:

@@ -16,6 +16,7 @@ import logging
 
 import aiohttp
 
+from callmesh.metric_names import NODE_LINKS_OPENED
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.telemetry import Metrics
 
@@ -91,7 +92,7 @@ class NodeLinks:
         reader = asyncio.get_running_loop().create_task(mux.run(), name=f"link:{node_id}")
         self._links[node_id] = (url, mux, reader)
         reader.add_done_callback(lambda _: self._forget(node_id, mux))
-        self._metrics.inc("node_links_opened")
+        self._metrics.inc(NODE_LINKS_OPENED)
         log.info("node link open", extra={"fields": {"node": node_id, "url": url}})
         return mux
 

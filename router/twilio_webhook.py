@@ -24,6 +24,11 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from callmesh.config import RouterConfig
+from callmesh.metric_names import (
+    TWILIO_WEBHOOK_BAD_SIGNATURE,
+    TWILIO_WEBHOOK_CALLS,
+    TWILIO_WEBHOOK_NO_TENANT,
+)
 from callmesh.protocol import valid_id
 from callmesh.telemetry import Metrics
 from router.twilio import caller_id
@@ -96,14 +101,14 @@ async def voice_webhook(
         params = [(k, v) for k, v in form.items() if isinstance(v, str)]
         url = base + request.path_qs
         if not received or not valid_signature(config.twilio_auth_token, url, params, received):
-            metrics.inc("twilio_webhook_bad_signature")
+            metrics.inc(TWILIO_WEBHOOK_BAD_SIGNATURE)
             why = "missing" if not received else "invalid"
             return web.Response(
                 status=403, text=f"{SIGNATURE_HEADER} {why} for {url}\n", content_type="text/plain"
             )
     tenant = request.query.get("tenant") or config.twilio_default_tenant
     if not valid_id(tenant):
-        metrics.inc("twilio_webhook_no_tenant")
+        metrics.inc(TWILIO_WEBHOOK_NO_TENANT)
         return web.Response(
             status=400,
             text="tenant required: add ?tenant=NAME ([A-Za-z0-9_-]{1,64}) to the webhook URL "
@@ -112,6 +117,6 @@ async def voice_webhook(
         )
     scheme, _, rest = base.partition("://")
     stream_url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}{MEDIA_PATH}"
-    metrics.inc("twilio_webhook_calls")
+    metrics.inc(TWILIO_WEBHOOK_CALLS)
     body = twiml(stream_url, {"tenant": tenant, "caller": caller_id(form.get("From"))})
     return web.Response(text=body, content_type="text/xml")

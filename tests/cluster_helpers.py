@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from callmesh.client import CallClient, Reply
+from callmesh_client.client import CallClient, Reply
 
 BOOKING_SCRIPT = [
     "Hi, my name is {name}",

@@ -11,7 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
 
-from callmesh.servers import EmbeddedBackends
+from localcluster.servers import EmbeddedBackends
 from state_store.client import connect
 
 

@@ -20,16 +20,17 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
+from callmesh.audio.tones import silence, speech_from_text
 from callmesh.config import Backends, NodeConfig, SimulatedLatency
 from callmesh.mux import Channel
-from callmesh.servers import free_port
 from callmesh.telemetry import Metrics
 from conversation_node.app import ConversationNode
 from conversation_node.audio.vad import VadConfig
 from conversation_node.node_services import MemoryServices
 from conversation_node.providers.registry import Providers
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
-from conversation_node.providers.simulated_audio import SimulatedSTT, silence, speech_from_text
+from conversation_node.providers.simulated_audio import SimulatedSTT
+from localcluster.servers import free_port
 from router.node_links import NodeLinks
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conversation_node.audio.codec import (
+from callmesh.audio.codec import (
     Downsampler,
     array_to_pcm16,
     mulaw_decode,
@@ -17,8 +17,8 @@ from conversation_node.audio.codec import (
     mulaw_encode_array,
     pcm16_to_array,
 )
+from callmesh.audio.format import AudioEncoding
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEventKind
-from conversation_node.providers.base import Encoding
 
 ALL_INT16 = np.arange(-32768, 32768, dtype=np.int16)
 
@@ -189,7 +189,7 @@ def test_vad_pcm16_with_odd_splits_matches_mulaw() -> None:
     mulaw = _silence(100) + _mulaw_tone(300) + _silence(300)
     pcm = mulaw_decode(mulaw)
     expected = _feed(EnergyVAD(), mulaw)
-    assert _feed(EnergyVAD(encoding=Encoding.PCM16), pcm, size=333) == expected
+    assert _feed(EnergyVAD(encoding=AudioEncoding.PCM16), pcm, size=333) == expected
 
 
 def test_vad_flush_closes_an_utterance_in_progress() -> None:

@@ -11,9 +11,9 @@ import aiohttp
 import nats
 import pytest
 
-from callmesh.client import CallClient, CallError
-from callmesh.localcluster import LocalCluster
+from callmesh_client.client import CallClient, CallError
 from events import subjects
+from localcluster.cluster import LocalCluster
 from state_store.client import connect
 from state_store.store import StateStore
 from tests.cluster_helpers import BOOKING_SCRIPT, eventually, run_call

@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 from nats.js import JetStreamContext
 
-from callmesh.servers import free_port
 from events import subjects
 from events.cli import add_effects_worker_parser, make_sink
 from events.delivery import backoff_delay
@@ -27,6 +26,7 @@ from events.streams import ensure_streams
 from events.worker import EffectsWorker, WorkerState
 from events.worker_config import WorkerConfig, worker_config
 from loadtest.fake_crm import CRMMode, FakeCRM
+from localcluster.servers import free_port
 from state_store.checkpoint import OutboxEntry
 
 TENANT = "acme"

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from callmesh.client import CallClient
-from callmesh.localcluster import LocalCluster, Proc
+from callmesh_client.client import CallClient
+from localcluster.cluster import LocalCluster, Proc
 from state_store.client import connect
 from state_store.store import StateStore
 from tests.cluster_helpers import eventually

@@ -21,7 +21,6 @@ import nats
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
-from callmesh.servers import nats_server
 from conversation_node.node_services import MemoryServices
 from conversation_node.pipeline import RECOVERY_LINE
 from conversation_node.prompt import INSTRUCTIONS
@@ -30,6 +29,7 @@ from conversation_node.providers.simulated import SimulatedTTS
 from conversation_node.providers.simulated_audio import LOW_CONFIDENCE_MARKER
 from conversation_node.voice_turns import REPEAT_LINE
 from events import subjects
+from localcluster.servers import nats_server
 from memory.history import InMemoryHistoryStore
 from memory.knowledge import DEMO_KB_DIR, KnowledgeBase
 from memory.prompt import PromptBuilder

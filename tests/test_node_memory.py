@@ -17,10 +17,9 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
-from callmesh.client import CallClient, Reply
 from callmesh.config import NodeConfig, SimulatedLatency
-from callmesh.localcluster import LocalCluster
 from callmesh.protocol import Inbound, parse_inbound
+from callmesh_client.client import CallClient, Reply
 from conversation_node.node_services import MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.prompt import STANDARD_GREETING
@@ -28,6 +27,7 @@ from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.session import CallSession
 from events import eventlog, subjects
 from events.replay import read_records
+from localcluster.cluster import LocalCluster
 from memory.errors import HistoryUnavailable
 from memory.facts import SessionFacts
 from memory.history import CallRecord, InMemoryHistoryStore

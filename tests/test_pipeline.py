@@ -7,14 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from callmesh.audio.format import AudioChunk
 from conversation_node.pipeline import RECOVERY_LINE, Budgets, TurnOutput, TurnPipeline
-from conversation_node.providers.base import (
-    AudioChunk,
-    LLMDelta,
-    LLMRequest,
-    ProviderError,
-    ToolCall,
-)
+from conversation_node.providers.base import LLMDelta, LLMRequest, ProviderError, ToolCall
 
 REQUEST = LLMRequest(messages=[{"role": "user", "content": "hi"}])
 FIRST = "Thanks for calling us today."

@@ -11,13 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 from fakes.deepgram_server import API_KEY, FakeDeepgram
 
-from conversation_node.providers.base import (
-    AudioChunk,
-    Encoding,
-    ProviderError,
-    STTEvent,
-    STTEventKind,
-)
+from callmesh.audio.format import AudioChunk, AudioEncoding
+from callmesh.audio.tones import decode_speech, silence, speech_from_text
+from conversation_node.providers.base import ProviderError, STTEvent, STTEventKind
 from conversation_node.providers.deepgram_stt import (
     DeepgramClientEnvironment,
     DeepgramSTT,
@@ -25,7 +21,6 @@ from conversation_node.providers.deepgram_stt import (
     DeepgramSTTStream,
 )
 from conversation_node.providers.deepgram_tts import DeepgramTTS, DeepgramTTSOptions
-from conversation_node.providers.simulated_audio import decode_speech, silence, speech_from_text
 
 TEXT = "I would like to book a cleaning"
 
@@ -62,7 +57,7 @@ def _free_port() -> int:
 
 async def test_stt_streams_interims_final_and_one_utterance_end(dg: FakeDeepgram) -> None:
     stt = DeepgramSTT(API_KEY, environment=dg.environment)
-    stream = await stt.open(Encoding.MULAW, 8000)
+    stream = await stt.open(AudioEncoding.MULAW, 8000)
     started = time.monotonic()
     await _send(stream, silence(200) + speech_from_text(TEXT))
     speech_sent = time.monotonic()
@@ -100,7 +95,7 @@ async def test_stt_streams_interims_final_and_one_utterance_end(dg: FakeDeepgram
 
 async def test_stt_two_utterances_and_confidence(dg: FakeDeepgram) -> None:
     dg.confidence = 0.42
-    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.MULAW, 8000)
+    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     await _send(stream, speech_from_text("first") + silence(400))
     await _send(stream, speech_from_text("second one") + silence(400))
     first = await _collect(stream, STTEventKind.UTTERANCE_END)
@@ -112,7 +107,7 @@ async def test_stt_two_utterances_and_confidence(dg: FakeDeepgram) -> None:
 
 
 async def test_stt_finalize_ends_the_utterance_now(dg: FakeDeepgram) -> None:
-    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.MULAW, 8000)
+    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     await _send(stream, speech_from_text("press one"))  # no trailing silence: no endpoint
     await stream.finalize()
     events = await _collect(stream, STTEventKind.UTTERANCE_END)
@@ -122,12 +117,12 @@ async def test_stt_finalize_ends_the_utterance_now(dg: FakeDeepgram) -> None:
 
 
 async def test_stt_linear16(dg: FakeDeepgram) -> None:
-    from conversation_node.audio.codec import mulaw_decode
+    from callmesh.audio.codec import mulaw_decode
 
-    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.PCM16, 8000)
+    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.PCM16, 8000)
     pcm = mulaw_decode(speech_from_text("linear") + silence(400))
     for i in range(0, len(pcm), 320):
-        await stream.send_audio(AudioChunk(pcm[i : i + 320], Encoding.PCM16, 8000))
+        await stream.send_audio(AudioChunk(pcm[i : i + 320], AudioEncoding.PCM16, 8000))
     events = await _collect(stream, STTEventKind.UTTERANCE_END)
     await stream.aclose()
     assert events[-1].text == "linear"
@@ -137,7 +132,7 @@ async def test_stt_linear16(dg: FakeDeepgram) -> None:
 async def test_stt_sends_keepalives_when_idle(dg: FakeDeepgram) -> None:
     options = DeepgramSTTOptions(keepalive_s=0.02)
     stream = await DeepgramSTT(API_KEY, options=options, environment=dg.environment).open(
-        Encoding.MULAW, 8000
+        AudioEncoding.MULAW, 8000
     )
     async with asyncio.timeout(5):
         for _ in range(2):
@@ -149,7 +144,7 @@ async def test_stt_sends_keepalives_when_idle(dg: FakeDeepgram) -> None:
 
 async def test_stt_rejected_credentials_are_not_retryable(dg: FakeDeepgram) -> None:
     with pytest.raises(ProviderError) as info:
-        await DeepgramSTT("wrong-key", environment=dg.environment).open(Encoding.MULAW, 8000)
+        await DeepgramSTT("wrong-key", environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     assert not info.value.retryable
     assert "401" in str(info.value)
 
@@ -157,7 +152,7 @@ async def test_stt_rejected_credentials_are_not_retryable(dg: FakeDeepgram) -> N
 async def test_stt_server_errors_are_retryable(dg: FakeDeepgram) -> None:
     dg.reject_status = 503
     with pytest.raises(ProviderError) as info:
-        await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.MULAW, 8000)
+        await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     assert info.value.retryable
 
 
@@ -167,13 +162,13 @@ async def test_stt_connection_refused_is_retryable() -> None:
         base=f"http://{url}", production=f"ws://{url}", agent=f"ws://{url}", agent_rest=""
     )
     with pytest.raises(ProviderError) as info:
-        await DeepgramSTT(API_KEY, environment=env).open(Encoding.MULAW, 8000)
+        await DeepgramSTT(API_KEY, environment=env).open(AudioEncoding.MULAW, 8000)
     assert info.value.retryable
 
 
 async def test_stt_dropped_connection_surfaces_as_retryable_error(dg: FakeDeepgram) -> None:
     dg.drop_listen_after_bytes = 1600
-    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.MULAW, 8000)
+    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     await _send(stream, silence(200))
     with pytest.raises(ProviderError) as info:
         await _collect(stream, STTEventKind.UTTERANCE_END)
@@ -185,7 +180,7 @@ async def test_stt_dropped_connection_surfaces_as_retryable_error(dg: FakeDeepgr
 
 
 async def test_stt_aclose_while_consumer_waits(dg: FakeDeepgram) -> None:
-    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(Encoding.MULAW, 8000)
+    stream = await DeepgramSTT(API_KEY, environment=dg.environment).open(AudioEncoding.MULAW, 8000)
     consumer = asyncio.create_task(_collect(stream, STTEventKind.UTTERANCE_END), name="consumer")
     await asyncio.sleep(0.01)
     await stream.aclose()
@@ -201,7 +196,7 @@ async def _say(tts: DeepgramTTS, text: str) -> bytes:
     audio = b""
     async with contextlib.aclosing(tts.synthesize(text)) as chunks:
         async for chunk in chunks:
-            assert (chunk.encoding, chunk.sample_rate) == (Encoding.MULAW, 8000)
+            assert (chunk.encoding, chunk.sample_rate) == (AudioEncoding.MULAW, 8000)
             audio += chunk.data
     return audio
 

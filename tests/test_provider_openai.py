@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from fakes.openai_server import API_KEY, ChatReply, FakeOpenAI, SpeechReply
 
-from conversation_node.audio.codec import Downsampler, array_to_pcm16
+from callmesh.audio.codec import Downsampler, array_to_pcm16
+from callmesh.audio.format import AudioEncoding
+from callmesh.audio.tones import decode_speech, tones_for_text
 from conversation_node.providers.base import (
-    Encoding,
     LLMDelta,
     LLMRequest,
     ProviderError,
@@ -21,7 +22,6 @@ from conversation_node.providers.base import (
 )
 from conversation_node.providers.openai_llm import OpenAILLM, OpenAILLMOptions
 from conversation_node.providers.openai_tts import OpenAITTS, OpenAITTSOptions
-from conversation_node.providers.simulated_audio import decode_speech, tones_for_text
 
 BOOKING_TOOL = {
     "type": "function",
@@ -176,7 +176,7 @@ async def test_tts_streams_mulaw_8k_of_the_right_length_and_content(oa: FakeOpen
     audio = b"".join(c.data for c in chunks)
     source = tones_for_text(text, 24000)
     assert len(audio) == -(-len(source) // 3)  # exactly one 8 kHz sample per 3 at 24 kHz
-    assert all((c.encoding, c.sample_rate) == (Encoding.MULAW, 8000) for c in chunks)
+    assert all((c.encoding, c.sample_rate) == (AudioEncoding.MULAW, 8000) for c in chunks)
     assert len(chunks) > 10 and all(len(c.data) >= 160 for c in chunks[:-1])
     # Streaming over odd network reads gives the same bytes as converting in one go.
     assert audio == Downsampler(3).process_to_mulaw(array_to_pcm16(source))

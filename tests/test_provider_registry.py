@@ -11,17 +11,11 @@ from fakes.deepgram_server import FakeDeepgram
 from fakes.openai_server import API_KEY as OA_KEY
 from fakes.openai_server import FakeOpenAI
 
+from callmesh.audio.format import AudioChunk, AudioEncoding
+from callmesh.audio.tones import decode_speech, silence, speech_from_text
 from callmesh.config import ConfigError
-from conversation_node.providers.base import (
-    AudioChunk,
-    Encoding,
-    LLMRequest,
-    STTEvent,
-    STTEventKind,
-    STTStream,
-)
+from conversation_node.providers.base import LLMRequest, STTEvent, STTEventKind, STTStream
 from conversation_node.providers.registry import ProviderSettings, build_providers
-from conversation_node.providers.simulated_audio import decode_speech, silence, speech_from_text
 
 
 def _roles(settings: ProviderSettings) -> tuple[str, str, str, str]:
@@ -98,7 +92,7 @@ async def test_simulated_by_default() -> None:
         "tts": "simulated-tts",
         "backup_tts": "simulated-tts",
     }
-    stream = await providers.stt.open(Encoding.MULAW, 8000)
+    stream = await providers.stt.open(AudioEncoding.MULAW, 8000)
     await stream.send_audio(AudioChunk(speech_from_text("hello") + silence(400)))
     async with asyncio.timeout(5):
         events = [e async for e in _until_end(stream)]
@@ -131,7 +125,7 @@ async def test_real_providers_wired_against_local_doubles() -> None:
             "backup_tts": "openai-tts",
         }
         try:
-            stream = await providers.stt.open(Encoding.MULAW, 8000)
+            stream = await providers.stt.open(AudioEncoding.MULAW, 8000)
             await stream.send_audio(AudioChunk(speech_from_text("what time") + silence(400)))
             async with asyncio.timeout(5):
                 events = [e async for e in _until_end(stream)]

@@ -10,9 +10,9 @@ import aiohttp
 import nats
 import pytest
 
-from callmesh.localcluster import LocalCluster
 from events.replay import build_report, read_records
 from loadtest.callers import scripted_call
+from localcluster.cluster import LocalCluster
 from state_store.client import connect
 from state_store.store import StateStore
 

@@ -9,30 +9,27 @@ import time
 import numpy as np
 import pytest
 
-from conversation_node.audio.codec import (
+from callmesh.audio.codec import (
     Downsampler,
     array_to_pcm16,
     mulaw_decode,
     mulaw_decode_array,
     mulaw_encode_array,
 )
-from conversation_node.audio.vad import EnergyVAD, VadEventKind
-from conversation_node.providers.base import (
-    AudioChunk,
-    Encoding,
-    ProviderError,
-    STTEvent,
-    STTEventKind,
-)
-from conversation_node.providers.simulated_audio import (
-    LOW_CONFIDENCE,
-    SimulatedSTT,
-    SimulatedSTTStream,
+from callmesh.audio.format import AudioChunk, AudioEncoding
+from callmesh.audio.tones import (
     SpeechDecoder,
     decode_speech,
     silence,
     speech_from_text,
     tones_for_text,
+)
+from conversation_node.audio.vad import EnergyVAD, VadEventKind
+from conversation_node.providers.base import ProviderError, STTEvent, STTEventKind
+from conversation_node.providers.simulated_audio import (
+    LOW_CONFIDENCE,
+    SimulatedSTT,
+    SimulatedSTTStream,
 )
 
 TEXT = "I'd like to book a cleaning on Tuesday at 3 pm, please."
@@ -105,7 +102,7 @@ def test_decoder_separates_back_to_back_transmissions() -> None:
 
 
 async def _open(**kwargs: object) -> SimulatedSTTStream:
-    return await SimulatedSTT(**kwargs).open(Encoding.MULAW, 8000)  # type: ignore[arg-type]
+    return await SimulatedSTT(**kwargs).open(AudioEncoding.MULAW, 8000)  # type: ignore[arg-type]
 
 
 async def _send(stream: SimulatedSTTStream, audio: bytes, size: int = 160) -> None:
@@ -196,10 +193,10 @@ async def test_stt_finalize_cuts_the_utterance_short() -> None:
 
 
 async def test_stt_accepts_pcm16_with_odd_chunks() -> None:
-    stream = await SimulatedSTT().open(Encoding.PCM16, 8000)
+    stream = await SimulatedSTT().open(AudioEncoding.PCM16, 8000)
     pcm = mulaw_decode(speech_from_text("pcm works") + silence(400))
     for i in range(0, len(pcm), 321):
-        await stream.send_audio(AudioChunk(pcm[i : i + 321], Encoding.PCM16, 8000))
+        await stream.send_audio(AudioChunk(pcm[i : i + 321], AudioEncoding.PCM16, 8000))
     events = await _until_utterance_end(stream)
     await stream.aclose()
     assert events[-1].text == "pcm works"
@@ -216,7 +213,7 @@ async def test_stt_close_is_idempotent_and_final() -> None:
 
 async def test_stt_rejects_other_sample_rates() -> None:
     with pytest.raises(ProviderError):
-        await SimulatedSTT().open(Encoding.PCM16, 16000)
+        await SimulatedSTT().open(AudioEncoding.PCM16, 16000)
     with pytest.raises(ValueError):
         SimulatedSTT(latency_ms=-1)
 

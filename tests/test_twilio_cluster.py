@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import pytest
 
-from callmesh.localcluster import LocalCluster
-from callmesh.voice_client import VoiceCaller
+from callmesh_client.voice_client import VoiceCaller
+from localcluster.cluster import LocalCluster
 from state_store.client import connect
 from state_store.pins import PinStore
 from state_store.store import StateStore

@@ -22,7 +22,7 @@ from callmesh.config import Backends, MembershipConfig, RouterConfig
 from callmesh.mux import LINK_PATH, Channel, Mux
 from callmesh.protocol import encode
 from callmesh.telemetry import Metrics
-from callmesh.voice_wire import TwilioWire
+from callmesh_client.voice_wire import TwilioWire
 from router.app import Router
 from router.twilio import TwilioLink, caller_id
 from state_store.membership import MembershipStore, NodeRecord

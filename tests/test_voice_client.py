@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from callmesh.audio.tones import decode_speech
 from callmesh.protocol import encode
-from callmesh.voice_client import FRAME_BYTES, VoiceCaller
-from conversation_node.providers.simulated_audio import decode_speech
+from callmesh_client.voice_client import FRAME_BYTES, VoiceCaller
 from tests.cluster_helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,10 +15,10 @@ import pytest
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
+from callmesh.audio.tones import silence, speech_from_text
 from callmesh.protocol import Inbound
 from conversation_node import voice
 from conversation_node.providers.base import LLMDelta, LLMRequest
-from conversation_node.providers.simulated_audio import silence, speech_from_text
 from conversation_node.voice_turns import VoiceTurns
 from events.replay import build_report, read_records
 from state_store.store import StateStore

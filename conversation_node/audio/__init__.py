@@ -1,28 +1,10 @@
-"""Telephony audio utilities: G.711 mu-law, PCM16 resampling, voice activity detection."""
+"""The node's audio: voice activity detection (:mod:`.vad`) and converting a voice's audio
+into the format a call declared (:mod:`.convert`). Formats, the G.711 codec and resampling
+are shared with every process: :mod:`callmesh.audio`.
 
-from conversation_node.audio.codec import (
-    MULAW_SILENCE,
-    Downsampler,
-    array_to_pcm16,
-    mulaw_decode,
-    mulaw_decode_array,
-    mulaw_encode,
-    mulaw_encode_array,
-    pcm16_to_array,
-)
+Nothing here imports the providers; the providers import this.
+"""
+
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEventKind
 
-__all__ = [
-    "MULAW_SILENCE",
-    "Downsampler",
-    "EnergyVAD",
-    "VadConfig",
-    "VadEvent",
-    "VadEventKind",
-    "array_to_pcm16",
-    "mulaw_decode",
-    "mulaw_decode_array",
-    "mulaw_encode",
-    "mulaw_encode_array",
-    "pcm16_to_array",
-]
+__all__ = ["EnergyVAD", "VadConfig", "VadEvent", "VadEventKind"]

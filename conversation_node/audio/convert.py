@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from conversation_node.audio.codec import (
-    Downsampler,
-    SampleReader,
-    array_to_pcm16,
-    mulaw_encode_array,
-)
-from conversation_node.providers.base import AudioChunk, Encoding
+from callmesh.audio.codec import Downsampler, SampleReader, array_to_pcm16, mulaw_encode_array
+from callmesh.audio.format import AudioChunk, AudioEncoding
 
 
 class Transcoder:
@@ -23,18 +18,18 @@ class Transcoder:
     factor with a low-pass filter; upsampling (rare: a narrow-band voice on a wide-band
     call) repeats samples, which is exact for the band the voice has."""
 
-    def __init__(self, encoding: Encoding, sample_rate: int) -> None:
+    def __init__(self, encoding: AudioEncoding, sample_rate: int) -> None:
         self.encoding = encoding
         self.sample_rate = sample_rate
         self._down: dict[int, Downsampler] = {}
-        self._readers: dict[Encoding, SampleReader] = {}
+        self._readers: dict[AudioEncoding, SampleReader] = {}
 
     def convert(self, chunk: AudioChunk) -> bytes:
         if chunk.encoding is self.encoding and chunk.sample_rate == self.sample_rate:
             return chunk.data
         reader = self._readers.get(chunk.encoding)
         if reader is None:
-            reader = SampleReader(mulaw=chunk.encoding is Encoding.MULAW)
+            reader = SampleReader(mulaw=chunk.encoding is AudioEncoding.MULAW)
             self._readers[chunk.encoding] = reader
         samples = reader.read(chunk.data)
         rate = chunk.sample_rate
@@ -50,6 +45,6 @@ class Transcoder:
             if self.sample_rate % rate:
                 raise ValueError(f"cannot resample {rate} Hz to {self.sample_rate} Hz")
             samples = np.repeat(samples, self.sample_rate // rate)
-        if self.encoding is Encoding.MULAW:
+        if self.encoding is AudioEncoding.MULAW:
             return mulaw_encode_array(samples)
         return array_to_pcm16(samples)

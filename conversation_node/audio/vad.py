@@ -17,8 +17,8 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from conversation_node.audio.codec import mulaw_decode_array, pcm16_to_array
-from conversation_node.providers.base import Encoding
+from callmesh.audio.codec import mulaw_decode_array, pcm16_to_array
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, samples_in
 
 __all__ = ["EnergyVAD", "VadConfig", "VadEvent", "VadEventKind"]
 
@@ -67,13 +67,13 @@ class EnergyVAD:
         self,
         config: VadConfig | None = None,
         *,
-        encoding: Encoding = Encoding.MULAW,
-        sample_rate: int = 8000,
+        encoding: AudioEncoding = AudioEncoding.MULAW,
+        sample_rate: int = TELEPHONY_RATE,
     ) -> None:
         self.config = config or VadConfig()
         self.encoding = encoding
         self.sample_rate = sample_rate
-        self._frame_samples = sample_rate * self.config.frame_ms // 1000
+        self._frame_samples = samples_in(self.config.frame_ms, sample_rate)
         if self._frame_samples <= 0:
             raise ValueError("frame too short for the sample rate")
         # Compare mean square energy against the threshold's square: no log, no sqrt.
@@ -107,7 +107,7 @@ class EnergyVAD:
 
     def push(self, data: bytes) -> list[VadEvent]:
         """Feed encoded audio; returns the events it completed."""
-        if self.encoding is Encoding.MULAW:
+        if self.encoding is AudioEncoding.MULAW:
             return self.push_samples(mulaw_decode_array(data))
         data = self._bytes + data
         cut = len(data) - len(data) % 2

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from callmesh.audio.format import AudioChunk, AudioEncoding
+
 
 class ProviderError(Exception):
     """A provider failed. ``retryable`` says whether the same request may succeed again."""
@@ -26,26 +28,6 @@ class ProviderError(Exception):
 class ProviderTimeout(ProviderError):
     def __init__(self, provider: str, message: str = "timed out") -> None:
         super().__init__(provider, message, retryable=True)
-
-
-# ---------------------------------------------------------------- audio
-
-
-class Encoding(StrEnum):
-    MULAW = "mulaw"
-    PCM16 = "pcm16"  # signed 16-bit little-endian
-
-
-@dataclass(frozen=True, slots=True)
-class AudioChunk:
-    data: bytes
-    encoding: Encoding = Encoding.MULAW
-    sample_rate: int = 8000
-
-    @property
-    def duration_ms(self) -> float:
-        width = 1 if self.encoding is Encoding.MULAW else 2
-        return 1000.0 * len(self.data) / (width * self.sample_rate)
 
 
 # ---------------------------------------------------------------- speech to text
@@ -90,7 +72,7 @@ class STTStream(Protocol):
 class STT(Protocol):
     name: str
 
-    async def open(self, encoding: Encoding, sample_rate: int) -> STTStream: ...
+    async def open(self, encoding: AudioEncoding, sample_rate: int) -> STTStream: ...
 
 
 # ---------------------------------------------------------------- language model

@@ -29,9 +29,8 @@ from typing import Any
 
 import websockets.exceptions
 
+from callmesh.audio.format import AudioChunk, AudioEncoding, bytes_per_second
 from conversation_node.providers.base import (
-    AudioChunk,
-    Encoding,
     ProviderError,
     ProviderTimeout,
     STTEvent,
@@ -60,7 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ENCODINGS = {Encoding.MULAW: "mulaw", Encoding.PCM16: "linear16"}
+_ENCODINGS = {AudioEncoding.MULAW: "mulaw", AudioEncoding.PCM16: "linear16"}
 # Close codes that mean "your request is wrong": retrying the same thing will not help.
 _FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008})
 
@@ -132,7 +131,7 @@ class DeepgramSTT:
         self.options = options or DeepgramSTTOptions()
         self._client = make_client(api_key, environment)
 
-    async def open(self, encoding: Encoding, sample_rate: int) -> DeepgramSTTStream:
+    async def open(self, encoding: AudioEncoding, sample_rate: int) -> DeepgramSTTStream:
         stream = DeepgramSTTStream(self, encoding, sample_rate)
         await stream._connect()
         return stream
@@ -169,12 +168,11 @@ class DeepgramSTTStream:
     :meth:`send_audio` and from :meth:`events`.
     """
 
-    def __init__(self, stt: DeepgramSTT, encoding: Encoding, sample_rate: int) -> None:
+    def __init__(self, stt: DeepgramSTT, encoding: AudioEncoding, sample_rate: int) -> None:
         self._stt = stt
         self._encoding = encoding
         self._sample_rate = sample_rate
-        width = 1 if encoding is Encoding.MULAW else 2
-        self._clock = _AudioClock(width * sample_rate)
+        self._clock = _AudioClock(bytes_per_second(encoding, sample_rate))
         self._stack = contextlib.AsyncExitStack()
         self._conn: Any = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -24,7 +24,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from conversation_node.providers.base import AudioChunk, Encoding, ProviderError, ProviderTimeout
+from callmesh.audio.format import TELEPHONY_RATE, AudioChunk, AudioEncoding
+from conversation_node.providers.base import ProviderError, ProviderTimeout
 from conversation_node.providers.deepgram_stt import (
     DeepgramClientEnvironment,
     make_client,
@@ -39,14 +40,14 @@ __all__ = ["DeepgramTTS", "DeepgramTTSOptions"]
 
 log = logging.getLogger(__name__)
 
-_ENCODINGS = {Encoding.MULAW: "mulaw", Encoding.PCM16: "linear16"}
+_ENCODINGS = {AudioEncoding.MULAW: "mulaw", AudioEncoding.PCM16: "linear16"}
 
 
 @dataclass(frozen=True, slots=True)
 class DeepgramTTSOptions:
     model: str = "aura-2-thalia-en"
-    encoding: Encoding = Encoding.MULAW
-    sample_rate: int = 8000
+    encoding: AudioEncoding = AudioEncoding.MULAW
+    sample_rate: int = TELEPHONY_RATE
     connect_timeout_s: float = 5.0
     # Longest wait for the next message of a sentence (first audio, more audio, Flushed).
     chunk_timeout_s: float = 3.0

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import httpx2
 import openai
 
-from conversation_node.audio.codec import Downsampler
-from conversation_node.providers.base import AudioChunk, Encoding, ProviderError
+from callmesh.audio.codec import Downsampler
+from callmesh.audio.format import MULAW_FRAME_BYTES, TELEPHONY_RATE, AudioChunk, AudioEncoding
+from conversation_node.providers.base import ProviderError
 from conversation_node.providers.openai_llm import make_client, translate_error
 
 __all__ = ["OpenAITTS", "OpenAITTSOptions"]
 
 SOURCE_RATE = 24000
-TARGET_RATE = 8000
+TARGET_RATE = TELEPHONY_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +32,8 @@ class OpenAITTSOptions:
     instructions: str | None = None
     timeout_s: float = 10.0
     max_retries: int = 0
-    # Smallest chunk worth sending on (20 ms at 8 kHz): avoids a flood of tiny messages.
-    min_chunk_bytes: int = 160
+    # Smallest chunk worth sending on (one 20 ms frame): avoids a flood of tiny messages.
+    min_chunk_bytes: int = MULAW_FRAME_BYTES
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_retries < 0 or self.min_chunk_bytes <= 0:
@@ -78,14 +79,14 @@ class OpenAITTS:
                 async for data in response.iter_bytes():
                     pending += downsampler.process_to_mulaw(data)
                     if len(pending) >= opts.min_chunk_bytes:
-                        yield AudioChunk(pending, Encoding.MULAW, TARGET_RATE)
+                        yield AudioChunk(pending, AudioEncoding.MULAW, TARGET_RATE)
                         pending = b""
         except ProviderError:
             raise
         except (openai.OpenAIError, httpx2.HTTPError, TimeoutError) as exc:
             raise translate_error(self.name, exc) from exc
         if pending:
-            yield AudioChunk(pending, Encoding.MULAW, TARGET_RATE)
+            yield AudioChunk(pending, AudioEncoding.MULAW, TARGET_RATE)
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool (idempotent)."""

@@ -17,11 +17,13 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
+
+from callmesh.audio.codec import mulaw_encode_array
+from callmesh.audio.format import TELEPHONY_RATE, AudioChunk, AudioEncoding, bytes_in, bytes_per_ms
 from callmesh.config import SimulatedLatency
-from conversation_node.prompt import BOOKED_FACT, describe_booking
+from conversation_node.booking import BOOKED_FACT, describe_booking
 from conversation_node.providers.base import (
-    AudioChunk,
-    Encoding,
     LLMDelta,
     LLMRequest,
     ProviderError,
@@ -178,24 +180,8 @@ _TONE_PERIOD = 20  # samples: a 400 Hz tone at 8 kHz
 
 def _tone_table() -> bytes:
     # Mu-law bytes of one period of a quiet sine (precomputed: synthesis is a slice).
-    out = bytearray()
-    for i in range(_TONE_PERIOD):
-        sample = int(2000 * math.sin(2 * math.pi * i / _TONE_PERIOD))
-        out.append(_linear_to_ulaw(sample))
-    return bytes(out)
-
-
-def _linear_to_ulaw(sample: int) -> int:
-    bias, clip = 0x84, 32635
-    sign = 0x80 if sample < 0 else 0
-    sample = min(abs(sample), clip) + bias
-    exponent = 7
-    for exp in range(7, -1, -1):
-        if sample & (0x4000 >> (7 - exp)):
-            exponent = exp
-            break
-    mantissa = (sample >> (exponent + 3)) & 0x0F
-    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+    period = [int(2000 * math.sin(2 * math.pi * i / _TONE_PERIOD)) for i in range(_TONE_PERIOD)]
+    return mulaw_encode_array(np.array(period, dtype=np.int16))
 
 
 _TONE = _tone_table()
@@ -210,7 +196,7 @@ class SimulatedTTS:
         self, latency: SimulatedLatency, chunk_ms: int = 100, *, fail: bool = False
     ) -> None:
         self._latency = latency
-        self._chunk_bytes = 8 * chunk_ms
+        self._chunk_bytes = bytes_in(chunk_ms, AudioEncoding.MULAW, TELEPHONY_RATE)
         self._fail = fail
 
     async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
@@ -218,12 +204,12 @@ class SimulatedTTS:
             raise ProviderError(self.name, "simulated outage", retryable=True)
         rng = _rng(text)
         await asyncio.sleep(_jittered(rng, self._latency.tts_first_chunk_ms, self._latency.jitter))
-        total = int(8 * _MS_PER_CHAR * len(text))
+        total = int(bytes_per_ms(AudioEncoding.MULAW, TELEPHONY_RATE) * _MS_PER_CHAR * len(text))
         reps = self._chunk_bytes // _TONE_PERIOD + 1
         block = (_TONE * reps)[: self._chunk_bytes]
         sent = 0
         while sent < total:
             size = min(self._chunk_bytes, total - sent)
-            yield AudioChunk(block[:size], Encoding.MULAW, 8000)
+            yield AudioChunk(block[:size], AudioEncoding.MULAW, TELEPHONY_RATE)
             sent += size
             await asyncio.sleep(0)

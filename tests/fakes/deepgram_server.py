@@ -4,7 +4,7 @@ Listen: query parameters as the SDK sends them; binary audio in; JSON ``Results`
 (interim and final, ``speech_final``, ``from_finalize``), ``SpeechStarted``,
 ``UtteranceEnd`` and ``Metadata`` out; ``KeepAlive``/``Finalize``/``CloseStream`` text
 messages handled. Transcripts are deterministic: the audio is decoded as simulated speech
-(:mod:`conversation_node.providers.simulated_audio`) and endpointed with the energy VAD,
+(:mod:`callmesh.audio.tones`) and endpointed with the energy VAD,
 using the session's own ``endpointing`` and ``utterance_end_ms`` in audio time.
 
 Speak: ``Speak``/``Flush``/``Clear``/``Close`` text messages in; ``Metadata``, binary
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from conversation_node.audio.codec import mulaw_decode, mulaw_decode_array, pcm16_to_array
+from callmesh.audio.codec import mulaw_decode, mulaw_decode_array, pcm16_to_array
+from callmesh.audio.tones import SpeechDecoder, speech_from_text
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
 from conversation_node.providers.deepgram_stt import DeepgramClientEnvironment
-from conversation_node.providers.simulated_audio import SpeechDecoder, speech_from_text
 
 from . import LocalServer
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from conversation_node.audio.codec import array_to_pcm16
-from conversation_node.providers.simulated_audio import tones_for_text
+from callmesh.audio.codec import array_to_pcm16
+from callmesh.audio.tones import tones_for_text
 
 from . import LocalServer
 

@@ -31,12 +31,23 @@ from typing import Any, Literal
 
 import aiohttp
 
-from callmesh.voice_playback import Playback
-from callmesh.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
-from callmesh.voice_wire import Heard, NativeWire, TwilioWire, Wire, audio_bytes
-from conversation_node.providers.simulated_audio import speech_from_text
+from callmesh.audio.tones import silence, speech_from_text
+from callmesh.protocol import Out
+from callmesh_client.voice_playback import Playback
+from callmesh_client.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
+from callmesh_client.voice_wire import (
+    HEARD_AUDIO,
+    HEARD_CLEAR,
+    HEARD_MARK,
+    Heard,
+    NativeWire,
+    TwilioWire,
+    Wire,
+    audio_bytes,
+)
 
-_SILENCE = base64.b64encode(b"\xff" * FRAME_BYTES).decode()
+_SILENT_FRAME = silence(FRAME_MS)
+_SILENCE = base64.b64encode(_SILENT_FRAME).decode()
 
 __all__ = ["FRAME_BYTES", "FRAME_MS", "SendStats", "TurnResult", "VoiceCallError", "VoiceCaller"]
 
@@ -211,7 +222,7 @@ class VoiceCaller:
         self._speech_pos += FRAME_BYTES
         self.stats.speech_frames += 1
         if self._speech_pos >= len(self._speech):
-            chunk += b"\xff" * (FRAME_BYTES - len(chunk))
+            chunk += _SILENT_FRAME[len(chunk) :]
             self._speech_ended(self._speaking, now)
         return base64.b64encode(chunk).decode()
 
@@ -274,30 +285,30 @@ class VoiceCaller:
 
     def _on_heard(self, heard: Heard, now: float) -> None:
         kind = heard.kind
-        if kind == "audio":
+        if kind == HEARD_AUDIO:
             self._on_audio(heard, now)
-        elif kind == "mark":
+        elif kind == HEARD_MARK:
             self.marks_received += 1
             if self.playback.mark(heard.name, now):
                 self._echo(heard.name)
-        elif kind == "clear":
+        elif kind == HEARD_CLEAR:
             self.clears.append(heard.turn)
             if self._listening is not None:
                 self._listening.result.cleared = True
             for name in self.playback.clear(now):
                 self._echo(name)
-        elif kind == "ready":
+        elif kind == Out.READY:
             self.ready = heard.frame
             self._ready_evt.set()
-        elif kind == "turn_metrics" and heard.turn is not None:
+        elif kind == Out.TURN_METRICS and heard.turn is not None:
             self._completed_turns.add(heard.turn)
             self._max_turn = max(self._max_turn, heard.turn)
             if self._listening is not None and self._listening.result.turn == heard.turn:
                 self._listening.result.metrics = heard.frame
-        elif kind == "error" and heard.frame is not None:
+        elif kind == Out.ERROR and heard.frame is not None:
             self.errors.append(heard.frame)
             self._ready_evt.set()
-        elif kind == "call_ended":
+        elif kind == Out.CALL_ENDED:
             self.ended = True
             self._closed_evt.set()
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FRAME_MS = 20
+from callmesh.audio.format import FRAME_MS, MULAW_FRAME_BYTES
+
+__all__ = ["FRAME_BYTES", "FRAME_MS", "FRAME_S", "SendStats", "TurnResult"]
+
 FRAME_S = FRAME_MS / 1000
-FRAME_BYTES = 160
+FRAME_BYTES = MULAW_FRAME_BYTES  # the caller sends 8 kHz mu-law
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 
-PLAY_BYTES_PER_S = 8000
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_second
+
+PLAY_BYTES_PER_S = bytes_per_second(AudioEncoding.MULAW, TELEPHONY_RATE)
 
 
 class Playback:

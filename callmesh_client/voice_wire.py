@@ -1,6 +1,6 @@
 """What a simulated caller says on the wire: Twilio Media Streams or the native protocol.
 
-Both dialects expose the same small interface to :class:`callmesh.voice_client.VoiceCaller`
+Both dialects expose the same small interface to :class:`callmesh_client.voice_client.VoiceCaller`
 (``opening``, ``media``, ``mark``, ``dtmf``, ``stop``, ``decode``). The Twilio dialect
 speaks exactly what Twilio sends (string ``sequenceNumber``/``chunk``/``timestamp``, a
 ``streamSid`` on every message after ``connected``); frames are formatted by hand on the
@@ -14,15 +14,27 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from callmesh.protocol import AudioEncoding, encode
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
+from callmesh.protocol import In, Out, encode
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
 
 
+# What a caller hears, whichever the dialect: agent audio, a mark, a clear. Any other
+# message keeps its native type (``ready``, ``turn_metrics``, ``error``, ``call_ended``...).
+HEARD_AUDIO = "audio"
+HEARD_MARK = Out.MARK.value
+HEARD_CLEAR = Out.CLEAR.value
+# The per-frame path formats audio frames by hand (see the module's docstring) and
+# compares plain strings.
+_AUDIO_FRAME_START = f'{{"type":"{In.AUDIO.value}","seq":'
+_AGENT_AUDIO, _READY = Out.AGENT_AUDIO.value, Out.READY.value
+
+
 @dataclass(slots=True)
 class Heard:
-    """One message from callmesh, normalized: ``kind`` is ``audio``, ``mark``, ``clear``,
-    or the native type (``ready``, ``turn_metrics``, ``error``, ``call_ended``...)."""
+    """One message from callmesh, normalized: ``kind`` is :data:`HEARD_AUDIO`,
+    :data:`HEARD_MARK`, :data:`HEARD_CLEAR`, or the native type."""
 
     kind: str
     turn: int | None = None
@@ -77,7 +89,11 @@ class TwilioWire:
             "callSid": self.call_id,
             "tracks": ["inbound"],
             "customParameters": self.parameters,
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "mediaFormat": {
+                "encoding": "audio/x-mulaw",
+                "sampleRate": TELEPHONY_RATE,
+                "channels": 1,
+            },
         }
         return [
             json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
@@ -117,11 +133,11 @@ class TwilioWire:
         msg = json.loads(raw)
         event = msg.get("event")
         if event == "media":
-            return Heard("audio", payload=msg["media"]["payload"])
+            return Heard(HEARD_AUDIO, payload=msg["media"]["payload"])
         if event == "mark":
-            return Heard("mark", name=msg["mark"]["name"])
+            return Heard(HEARD_MARK, name=msg["mark"]["name"])
         if event == "clear":
-            return Heard("clear")
+            return Heard(HEARD_CLEAR)
         return Heard(str(event), frame=msg)
 
 
@@ -137,37 +153,37 @@ class NativeWire:
     def path(self) -> str:
         return f"/v1/calls/{self.call_id}"
 
-    def _frame(self, kind: str, **fields: Any) -> str:
+    def _frame(self, kind: In, **fields: Any) -> str:
         self.seq += 1
-        return encode({"type": kind, "seq": self.seq, **fields})
+        return encode({"type": kind.value, "seq": self.seq, **fields})
 
     def opening(self) -> list[str]:
-        audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": 8000}
-        return [self._frame("start", tenant=self.tenant, caller=self.caller, audio=audio)]
+        audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
+        return [self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio)]
 
     def media(self, payload: str, ts_ms: int) -> str:
         self.seq += 1
-        return f'{{"type":"audio","seq":{self.seq},"data":"{payload}","ts":{ts_ms}}}'
+        return f'{_AUDIO_FRAME_START}{self.seq},"data":"{payload}","ts":{ts_ms}}}'
 
     def mark(self, name: str) -> str:
-        return self._frame("mark", name=name)
+        return self._frame(In.MARK, name=name)
 
     def dtmf(self, digit: str) -> str:
-        return self._frame("dtmf", digit=digit)
+        return self._frame(In.DTMF, digit=digit)
 
     def stop(self) -> str:
-        return self._frame("hangup")
+        return self._frame(In.HANGUP)
 
     def decode(self, raw: str) -> Heard:
         frame = json.loads(raw)
         kind = str(frame.get("type"))
         turn = frame.get("turn")
         turn = turn if isinstance(turn, int) else None
-        if kind == "agent_audio":
-            return Heard("audio", turn, payload=frame.get("data", ""))
-        if kind == "mark":
-            return Heard("mark", turn, name=str(frame.get("name", "")))
-        if kind == "ready":
+        if kind == _AGENT_AUDIO:
+            return Heard(HEARD_AUDIO, turn, payload=frame.get("data", ""))
+        if kind == HEARD_MARK:
+            return Heard(HEARD_MARK, turn, name=str(frame.get("name", "")))
+        if kind == _READY:
             # Resuming a live call: continue after what the node applied.
             self.seq = max(self.seq, int(frame.get("last_seq", 0)))
         return Heard(kind, turn, frame=frame)

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from callmesh.servers import EmbeddedBackends, ServerError, die_with_parent, free_port
+from localcluster.servers import EmbeddedBackends, ServerError, die_with_parent, free_port
 
 
 @dataclass

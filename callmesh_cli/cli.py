@@ -105,7 +105,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from callmesh.localcluster import LocalCluster
+    from localcluster.cluster import LocalCluster
 
     stop = {"sig": 0}
 
@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from callmesh.client import CallClient, CallError
+    from callmesh_client.client import CallClient, CallError
 
     async def main() -> int:
         call_id = args.call_id or f"call-{uuid.uuid4().hex[:10]}"

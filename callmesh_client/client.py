@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from callmesh.protocol import Out
+from callmesh.protocol import In, Out
 
 
 class CallError(Exception):
@@ -120,7 +120,7 @@ class CallClient:
         await self._ws.send_str(data)
 
     async def start(self, tenant: str, caller: str = "anonymous") -> dict[str, Any]:
-        await self.send({"type": "start", "tenant": tenant, "caller": caller})
+        await self.send({"type": In.START.value, "tenant": tenant, "caller": caller})
         await asyncio.wait_for(self._ready_evt.wait(), self.timeout_s)
         if self.ready is None:
             raise CallError(self.errors[-1] if self.errors else {"code": "closed"})
@@ -134,7 +134,7 @@ class CallClient:
     async def say(self, text: str) -> Reply:
         """Send one finished utterance and wait for the whole reply of its turn."""
         sent_at = time.monotonic()
-        seq = await self.send({"type": "user_text", "text": text})
+        seq = await self.send({"type": In.USER_TEXT.value, "text": text})
         while True:
             frame = await asyncio.wait_for(self._done.get(), self.timeout_s)
             if frame.get("type") == Out.ERROR.value:
@@ -157,7 +157,7 @@ class CallClient:
             )
 
     async def hangup(self) -> None:
-        await self.send({"type": "hangup"})
+        await self.send({"type": In.HANGUP.value})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended_evt.wait(), self.timeout_s)
 

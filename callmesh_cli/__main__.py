@@ -1,0 +1,3 @@
+from callmesh_cli.cli import main
+
+raise SystemExit(main())
