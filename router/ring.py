@@ -24,20 +24,39 @@ class NoNodeAvailable(Exception):
     """No healthy, non-draining node to place a call on."""
 
 
+# A ring point carries its node's index in the low bits while the points are sorted.
+_INDEX_BITS = 20
+
+
 def _point(label: str) -> int:
     return int.from_bytes(blake2b(label.encode(), digest_size=8).digest(), "big")
 
 
 class _Ring:
-    """Sorted hash points of a set of nodes, ``vnodes`` points each."""
+    """Sorted hash points of a set of nodes, ``vnodes`` points each.
+
+    ``known`` keeps every node's points once hashed, so a ring rebuilt after a scale-out
+    hashes only the new nodes (hashing was most of a rebuild: 0.5 s at 1,100 nodes).
+    """
 
     __slots__ = ("nodes", "owners", "points")
 
-    def __init__(self, nodes: frozenset[str], vnodes: int) -> None:
-        pairs = sorted((_point(f"{n}#{i}"), n) for n in nodes for i in range(vnodes))
+    def __init__(self, nodes: frozenset[str], vnodes: int, known: dict[str, list[int]]) -> None:
+        names = sorted(nodes)
+        if len(names) >= 1 << _INDEX_BITS:
+            raise ValueError(f"a ring holds at most {(1 << _INDEX_BITS) - 1} nodes")
+        keyed: list[int] = []
+        for index, n in enumerate(names):
+            points = known.get(n)
+            if points is None:
+                points = known[n] = [_point(f"{n}#{i}") for i in range(vnodes)]
+            keyed.extend((p << _INDEX_BITS) | index for p in points)
+        # Plain ints sort several times faster than (point, name) tuples.
+        keyed.sort()
+        mask = (1 << _INDEX_BITS) - 1
         self.nodes = nodes
-        self.points = [p for p, _ in pairs]
-        self.owners = [n for _, n in pairs]
+        self.points = [k >> _INDEX_BITS for k in keyed]
+        self.owners = [names[k & mask] for k in keyed]
 
     def walk(self, key: str, among: frozenset[str]) -> Iterator[str]:
         """Distinct nodes of ``among`` in ring order from ``key``'s point."""
@@ -64,6 +83,7 @@ class BoundedLoadRing:
         self._vnodes = vnodes
         self._ring: _Ring | None = None
         self._last: frozenset[str] | None = None  # the set last checked against the ring
+        self._known: dict[str, list[int]] = {}
         self.rebuilds = 0
 
     def __repr__(self) -> str:
@@ -82,7 +102,9 @@ class BoundedLoadRing:
             or not nodes <= ring.nodes
             or len(ring.nodes) - len(nodes) > max(2, len(ring.nodes) // 8)
         ):
-            ring = self._ring = _Ring(nodes, self._vnodes)
+            if len(self._known) > 2 * len(nodes) + 64:  # forget nodes long gone
+                self._known = {n: p for n, p in self._known.items() if n in nodes}
+            ring = self._ring = _Ring(nodes, self._vnodes, self._known)
             self.rebuilds += 1
         self._last = nodes
         return ring
