@@ -16,6 +16,7 @@ SCENARIOS = [
     "loadtest.memory_bench",
     "loadtest.effects_bench",
     "loadtest.capacity",
+    "loadtest.placement_sim",
 ]
 
 

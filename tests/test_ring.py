@@ -51,3 +51,27 @@ def test_new_node_only_takes_new_calls_and_moves_few_keys() -> None:
 def test_no_nodes() -> None:
     with pytest.raises(NoNodeAvailable):
         BoundedLoadRing().choose("x", [], {})
+
+
+def test_a_subset_is_walked_as_a_ring_of_that_subset_would_be() -> None:
+    # A relink excludes the dead node; the ring must choose as if built without it, and
+    # must not rebuild for it.
+    nodes = [f"n{i}" for i in range(30)]
+    shared = BoundedLoadRing(epsilon=10.0)
+    shared.choose("warm", frozenset(nodes), {})
+    subset = frozenset(nodes) - {"n3", "n17"}
+    for i in range(500):
+        fresh = BoundedLoadRing(epsilon=10.0)
+        assert shared.choose(f"k{i}", subset, {}) == fresh.choose(f"k{i}", subset, {})
+    assert shared.rebuilds == 1
+
+
+def test_a_full_owner_sends_the_call_to_the_next_node_with_room() -> None:
+    ring = BoundedLoadRing(epsilon=0.25)
+    nodes = frozenset({"a", "b", "c", "d"})
+    owner = ring.choose("key", nodes, {})
+    cap = ring.capacity(8, 4)  # 8 calls placed: owner holds cap, others share the rest
+    loads = {n: 0 for n in nodes}
+    loads[owner] = cap
+    loads[next(n for n in sorted(nodes) if n != owner)] = 8 - cap
+    assert ring.choose("key", nodes, loads) != owner
