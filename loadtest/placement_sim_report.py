@@ -24,7 +24,7 @@ def pins_in_redis(sample: int, live_calls: int) -> dict[str, Any]:
     Redis-compatible server and scale the memory they took to ``live_calls``."""
     import redis
 
-    from callmesh.servers import ServerError, redis_server
+    from localcluster.servers import ServerError, redis_server
     from state_store import keys
 
     with tempfile.TemporaryDirectory(prefix="callmesh-sim-") as tmp:
