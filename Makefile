@@ -3,20 +3,26 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+UP_STAMP := $(VENV)/.installed-up
 
 .PHONY: up install test lint typecheck pytest bench clean
 
-up: install
+up: $(UP_STAMP)
 	$(BIN)/callmesh up
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# Extras by role (pyproject.toml): `make up` needs the embedded servers ([local]) and the
+# provider SDKs an API key may switch on ([voice]); tests, lint and benchmarks need [dev],
+# which holds every extra.
+$(UP_STAMP): EXTRAS := local,voice
+$(STAMP): EXTRAS := dev
+$(STAMP) $(UP_STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callmesh needs Python 3.11+")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
 
 # ruff, then the layering contracts of pyproject.toml ([tool.importlinter]).
 lint: install

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -12,9 +14,22 @@ from events import subjects
 # republishes an outbox within about a second, so the default two minutes is ample; five
 # leaves room for a Redis outage delaying the takeover.
 DUPLICATE_WINDOW_S = 300.0
+# Copies JetStream keeps of each stream: 3 on a 3-server NATS cluster (k8s/deps), so losing
+# a server loses no effect or event; 1 for a single server (local clusters, tests).
+REPLICAS_ENV = "CALLMESH_JETSTREAM_REPLICAS"
 
 
-def stream_configs(events_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig]:
+def stream_replicas(env: dict[str, str] | None = None) -> int:
+    raw = (os.environ if env is None else env).get(REPLICAS_ENV, "1")
+    if raw not in ("1", "2", "3", "4", "5"):
+        raise ValueError(f"{REPLICAS_ENV} must be 1 to 5 (JetStream's limit), got {raw!r}")
+    return int(raw)
+
+
+def stream_configs(
+    events_max_age_s: float = 7 * 24 * 3600, replicas: int | None = None
+) -> list[StreamConfig]:
+    num_replicas = stream_replicas() if replicas is None else replicas
     return [
         StreamConfig(
             name=subjects.EFFECTS_STREAM,
@@ -24,6 +39,7 @@ def stream_configs(events_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=14 * 24 * 3600.0,
             discard=DiscardPolicy.OLD,
+            num_replicas=num_replicas,
         ),
         StreamConfig(
             name=subjects.DEAD_LETTER_STREAM,
@@ -32,6 +48,7 @@ def stream_configs(events_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=30 * 24 * 3600.0,
+            num_replicas=num_replicas,
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
@@ -40,6 +57,7 @@ def stream_configs(events_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=events_max_age_s,
+            num_replicas=num_replicas,
         ),
     ]
 

