@@ -358,6 +358,7 @@ def test_autoscaler_targets_the_node_statefulset_on_live_calls(
 def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
     import dataclasses
 
+    from callmesh import metric_names
     from conversation_node.app import ConversationNode
     from conversation_node.node_services import NodeServices
 
@@ -365,9 +366,10 @@ def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
     factory = field.default_factory
     assert callable(factory)
     metrics = factory()
-    metrics.set("live_calls", 3)
+    metrics.set(metric_names.LIVE_CALLS, 3)
     assert f"{LIVE_CALLS_METRIC} 3" in metrics.render()
-    assert 'm.set("live_calls"' in inspect.getsource(ConversationNode.metrics)
+    # The node sets the gauge by that name when /metrics is read.
+    assert "m.set(LIVE_CALLS," in inspect.getsource(ConversationNode.metrics)
     values = yaml.safe_load((K8S / "deps" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]
     assert rule["seriesQuery"].startswith(LIVE_CALLS_METRIC + "{")
