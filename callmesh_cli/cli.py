@@ -28,24 +28,9 @@ for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from callmesh import config as cfg  # noqa: E402 (after the thread settings)
 from callmesh import gc_tuning  # noqa: E402
+from callmesh.settings import flags as settings_flags  # noqa: E402
+from callmesh.settings import mask_url  # noqa: E402
 from callmesh.telemetry import setup_logging  # noqa: E402
-
-DEFAULT_ROUTER = os.environ.get("CALLMESH_ROUTER", "http://127.0.0.1:8080")
-
-
-def _backend_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis", help="Redis URL (default: $REDIS_URL)")
-    p.add_argument("--nats", help="NATS URL (default: $NATS_URL)")
-
-
-def _env_with(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    if getattr(args, "redis", None):
-        env["REDIS_URL"] = args.redis
-    if getattr(args, "nats", None):
-        env["NATS_URL"] = args.nats
-    return env
-
 
 # ---------------------------------------------------------------------- processes
 
@@ -54,13 +39,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     from callmesh.runner import install_uvloop, serve
     from router.app import Router
 
-    config = cfg.build(
-        cfg.RouterConfig,
-        _env_with(args),
-        host=args.host,
-        port=args.port,
-        balance_epsilon=args.epsilon,
-    )
+    config = cfg.from_values(cfg.RouterConfig, args.settings)
 
     async def main() -> None:
         router = Router(config)
@@ -80,15 +59,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from callmesh.runner import install_uvloop, serve
     from conversation_node.app import ConversationNode
 
-    config = cfg.build(
-        cfg.NodeConfig,
-        _env_with(args),
-        host=args.host,
-        port=args.port,
-        node_id=args.node_id,
-        advertise_url=args.advertise_url,
-        drain_timeout_s=args.drain_timeout,
-    )
+    config = cfg.from_values(cfg.NodeConfig, args.settings)
 
     async def main() -> None:
         node = ConversationNode(config)
@@ -119,8 +90,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"\n  router     {cluster.router_url}"
             f"   (WebSocket: {cluster.router_url.replace('http', 'ws')}/v1/calls/CALL_ID)\n"
-            f"  redis      {cluster.redis_url}\n"
-            f"  nats       {cluster.nats_url}\n"
+            f"  redis      {mask_url(cluster.redis_url)}\n"
+            f"  nats       {mask_url(cluster.nats_url)}\n"
             f"  nodes      {', '.join(f'{n.name} {n.url}' for n in cluster.nodes)}\n"
             f"  logs       {cluster.log_dir}\n\n"
             f"Place a call:   .venv/bin/callmesh call --router {cluster.router_url}\n"
@@ -219,39 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log-level", default=os.environ.get("CALLMESH_LOG_LEVEL", "INFO"))
+    settings_flags.add_top_level_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run a local cluster in the foreground")
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--port", type=int, default=int(os.environ.get("CALLMESH_PORT", "8080")))
+    settings_flags.add_flags(p, "up")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("router", help="run a session router")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--epsilon", type=float, default=None, help="bounded-load factor ε")
-    _backend_flags(p)
+    settings_flags.add_flags(p, "router")
     p.set_defaults(func=cmd_router)
 
     p = sub.add_parser("node", help="run a conversation node")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--node-id", default=None)
-    p.add_argument("--advertise-url", default=None)
-    p.add_argument("--drain-timeout", type=float, default=None, help="seconds")
-    _backend_flags(p)
+    settings_flags.add_flags(p, "node")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("call", help="interactive text-mode caller")
-    p.add_argument("--router", default=DEFAULT_ROUTER)
+    settings_flags.add_flags(p, "call")
     p.add_argument("--tenant", default="demo")
     p.add_argument("--caller", default="cli-caller")
     p.add_argument("--call-id", default=None)
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("status", help="nodes and their live calls")
-    p.add_argument("--router", default=DEFAULT_ROUTER)
+    settings_flags.add_flags(p, "status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -264,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, json_logs=args.command in ("router", "node", "effects-worker"))
     try:
+        settings_flags.resolve(args)  # the process's settings, read once: flag, env, default
+        services = ("router", "node", "effects-worker")
+        setup_logging(args.log_level, json_logs=args.command in services)
         result = args.func(args)
         if asyncio.iscoroutine(result):
             from callmesh.runner import install_uvloop

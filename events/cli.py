@@ -2,8 +2,9 @@
 
 ``callmesh_cli/cli.py`` registers them with :func:`add_effects_worker_parser` and
 :func:`add_replay_parser`; each sets ``func`` to a coroutine function taking the parsed
-arguments and returning the exit status. Flags override environment variables
-(``NATS_URL``, ``REDIS_URL``, ``CALLMESH_WEBHOOK_URL``...), which override defaults.
+arguments and returning the exit status. Their settings (``NATS_URL``, ``REDIS_URL``,
+``CALLMESH_WEBHOOK_URL``...) are declared in :mod:`callmesh.settings.table`: flags
+override environment variables, which override defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Any
 import nats
 from aiohttp import web
 
+from callmesh.settings import flags as settings_flags
+from callmesh.settings import mask_url
+from callmesh.settings.table import REPLAY, WORKER
 from events.errors import EventsError
 from events.replay import build_report, list_calls, read_records
 from events.replay_text import format_text
@@ -29,10 +33,6 @@ from events.worker import EffectsWorker, WorkerState
 from events.worker_config import add_worker_flags, worker_config
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NATS = "nats://127.0.0.1:4222"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-EVENTS_MAX_AGE_ENV = "CALLMESH_EVENTS_MAX_AGE_S"
 
 # Exit statuses of ``callmesh replay``.
 EXIT_OK, EXIT_DIVERGED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -46,13 +46,7 @@ def add_effects_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run one effects worker. Run several with the same --durable to share "
         "the work. Without a webhook URL effects are only logged. SIGTERM drains.",
     )
-    p.add_argument("--nats", help=f"NATS URL (default: $NATS_URL or {DEFAULT_NATS})")
-    p.add_argument(
-        "--webhook-url",
-        default=os.environ.get("CALLMESH_WEBHOOK_URL"),
-        help="CRM endpoint; may contain {tenant} and {kind} "
-        "(default: $CALLMESH_WEBHOOK_URL; none = log effects only)",
-    )
+    settings_flags.add_flags(p, WORKER)
     p.add_argument(
         "--webhook-header",
         action="append",
@@ -60,24 +54,13 @@ def add_effects_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="extra header for every request, e.g. 'Authorization: Bearer ...'",
     )
-    p.add_argument("--webhook-timeout-s", type=float, default=10.0)
-    p.add_argument("--name", default=f"effects-worker-{os.getpid()}")
+    p.add_argument("--webhook-timeout-s", type=float, default=10.0, help="(default: 10.0)")
+    p.add_argument(
+        "--name",
+        default=f"effects-worker-{os.getpid()}",
+        help="this worker's name in logs and NATS (default: effects-worker-PID)",
+    )
     add_worker_flags(p)
-    p.add_argument(
-        "--events-max-age-s",
-        type=float,
-        # A string default goes through type=, so a bad value is an argparse error of this
-        # subcommand only, not a crash while building every subcommand's parser.
-        default=os.environ.get(EVENTS_MAX_AGE_ENV, str(7 * 24 * 3600)),
-        help=f"event log retention if this creates the streams (${EVENTS_MAX_AGE_ENV})",
-    )
-    p.add_argument("--host", default="0.0.0.0", help="bind address of /metrics and /healthz")
-    p.add_argument(
-        "--port",
-        type=int,
-        default=os.environ.get("CALLMESH_WORKER_PORT", "0"),
-        help="port of /metrics and /healthz (0 = any free port)",
-    )
     p.set_defaults(func=run_effects_worker)
     return p
 
@@ -97,17 +80,13 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
     p.add_argument("--list", action="store_true", help="list the tenant's calls with logs")
-    p.add_argument("--redis", help=f"Redis URL (default: $REDIS_URL or {DEFAULT_REDIS})")
-    p.add_argument("--nats", help=f"NATS URL (default: $NATS_URL or {DEFAULT_NATS})")
+    settings_flags.add_flags(p, REPLAY)
     p.set_defaults(func=run_replay)
     return p
 
 
-def _nats_url(args: argparse.Namespace) -> str:
-    return str(args.nats or os.environ.get("NATS_URL") or DEFAULT_NATS)
-
-
 def make_sink(args: argparse.Namespace) -> Sink:
+    settings_flags.resolved(args)
     if not args.webhook_url:
         log.warning("no webhook URL configured: effects are logged, not delivered")
         return LogSink()
@@ -156,18 +135,18 @@ async def run_effects_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"callmesh effects-worker: {exc}", file=sys.stderr)
         return 2
-    nc = await nats.connect(_nats_url(args), name=args.name, max_reconnect_attempts=-1)
+    nc = await nats.connect(args.nats_url, name=args.name, max_reconnect_attempts=-1)
     try:
         js = nc.jetstream()
         await ensure_streams(js, args.events_max_age_s)
         worker = EffectsWorker(js, sink, config, name=args.name)
         await worker.start()
         log.info(
-            "effects worker %s consuming %s as %s into %r",
+            "effects worker %s consuming %s as %s into %s",
             args.name,
             config.filter_subject,
             config.durable,
-            sink,
+            mask_url(args.webhook_url) if args.webhook_url else "the log",
         )
         try:
             await serve(
@@ -193,11 +172,12 @@ async def run_replay(args: argparse.Namespace) -> int:
     from state_store.errors import StateStoreError
     from state_store.store import StateStore
 
+    settings_flags.resolved(args)
     if not valid_id(args.tenant) or (args.call_id and not valid_id(args.call_id)):
         print("callmesh replay: tenant and CALL_ID must match [A-Za-z0-9_-]{1,64}", file=sys.stderr)
         return EXIT_NOT_FOUND
     try:
-        nc = await nats.connect(_nats_url(args), max_reconnect_attempts=2, connect_timeout=3)
+        nc = await nats.connect(args.nats_url, max_reconnect_attempts=2, connect_timeout=3)
     except Exception as exc:
         print(f"callmesh replay: NATS unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -217,7 +197,7 @@ async def run_replay(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     finally:
         await nc.close()
-    redis = connect(args.redis or os.environ.get("REDIS_URL") or DEFAULT_REDIS, timeout_s=3.0)
+    redis = connect(args.redis_url, timeout_s=3.0)
     ckpt_error = ""
     try:
         ckpt = await StateStore(redis).load(args.tenant, args.call_id)

@@ -7,14 +7,15 @@ and validation) and, if operators should set it, its name in :data:`_POLICY_FLAG
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, fields
 
+from callmesh import settings
 from callmesh.protocol import valid_id
+from callmesh.settings import flags as settings_flags
+from callmesh.settings.table import WORKER
 from events import subjects
 
-DEFAULT_DURABLE = "callmesh-effects"
-DURABLE_ENV = "CALLMESH_EFFECTS_DURABLE"
+DEFAULT_DURABLE: str = settings.default(WORKER, "durable")
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,24 @@ _POLICY_FLAGS: dict[str, str | None] = {
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
-    """``--durable``, ``--tenant`` and one flag per policy field, defaulting to the field's
-    default (``--durable`` to ``$CALLMESH_EFFECTS_DURABLE`` first)."""
+    """``--tenant`` and one flag per policy field, defaulting to the field's default.
+    (``--durable`` is a setting of the table: ``callmesh.settings.table``.)"""
     defaults = WorkerConfig()
-    parser.add_argument("--durable", default=os.environ.get(DURABLE_ENV, DEFAULT_DURABLE))
     parser.add_argument("--tenant", help="deliver only this tenant's effects (effects.TENANT.>)")
     for name, help_text in _POLICY_FLAGS.items():
         default = getattr(defaults, name)
+        shown = f"(default: {default})"
         parser.add_argument(
-            "--" + name.replace("_", "-"), type=type(default), default=default, help=help_text
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{help_text} {shown}" if help_text else shown,
         )
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The WorkerConfig the flags describe (raises ValueError when one is out of range)."""
+    settings_flags.resolved(args)
     return WorkerConfig(
         durable=args.durable,
         filter_subject=f"effects.{args.tenant}.>" if args.tenant else subjects.EFFECTS_SUBJECTS,

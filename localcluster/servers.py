@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callmesh import settings
+from callmesh.settings.table import UP
+
 MIN_NATS = (2, 10)
 MIN_REDIS = (6, 2)
 # The wheels of step 3 are an extra: a production image runs against real servers.
@@ -190,14 +193,16 @@ class EmbeddedBackends:
         self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-")
         root = Path(self._tmp.name)
         try:
-            if not self._force and self._env.get("REDIS_URL"):
-                self.redis_url = self._env["REDIS_URL"]
+            # Forced (tests): embedded servers whatever the environment says.
+            urls = {} if self._force else self._urls_given()
+            if "redis_url" in urls:
+                self.redis_url = urls["redis_url"]
             else:
                 self.redis = redis_server(root)
                 self.redis.start()
                 self.redis_url = self.redis.url
-            if not self._force and self._env.get("NATS_URL"):
-                self.nats_url = self._env["NATS_URL"]
+            if "nats_url" in urls:
+                self.nats_url = urls["nats_url"]
             else:
                 self.nats = nats_server(root)
                 self.nats.start()
@@ -206,6 +211,10 @@ class EmbeddedBackends:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _urls_given(self) -> dict[str, str]:
+        values = settings.load(UP, self._env, only=("redis_url", "nats_url"))
+        return {key: values[key] for key in values if values.given(key)}
 
     def __exit__(self, *exc: object) -> None:
         for server in (self.nats, self.redis):

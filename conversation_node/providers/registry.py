@@ -16,110 +16,102 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 Model and voice: ``CALLMESH_LLM_MODEL``, ``CALLMESH_OPENAI_TTS_MODEL``,
 ``CALLMESH_OPENAI_TTS_VOICE``, ``CALLMESH_DEEPGRAM_STT_MODEL``,
 ``CALLMESH_DEEPGRAM_TTS_MODEL``. Timing: ``CALLMESH_LLM_TIMEOUT_MS``,
-``CALLMESH_STT_ENDPOINTING_MS``, ``CALLMESH_SIM_LATENCY_SCALE``.
+``CALLMESH_STT_ENDPOINTING_MS``, ``CALLMESH_SIM_LATENCY_SCALE``. Each is declared, with
+its default and bounds, in :mod:`callmesh.settings.table` (docs/configuration.md).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from callmesh import settings
 from callmesh.config import ConfigError, SimulatedLatency
+from callmesh.settings.table import NODE
 from conversation_node.providers.base import LLM, STT, TTS
 
 __all__ = ["ProviderSettings", "Providers", "build_providers"]
 
-STT_CHOICES = ("simulated", "deepgram")
-LLM_CHOICES = ("simulated", "openai")
-TTS_CHOICES = ("simulated", "deepgram", "openai")
 # Local OpenAI-compatible servers ignore the key, but the client insists on one.
 _NO_KEY = "sk-no-key-needed"
 
 
+def _default(key: str) -> Any:
+    return settings.default(NODE, key)
+
+
 @dataclass(frozen=True)
 class ProviderSettings:
-    """Provider choice and options. Validated at construction; see :meth:`from_env`."""
+    """Provider choice and options. Validated at construction; see :meth:`from_env`.
+    Built directly, every role is simulated."""
 
     stt: str = "simulated"
     llm: str = "simulated"
     tts: str = "simulated"
     backup_tts: str = "simulated"
-    deepgram_api_key: str = ""
-    deepgram_url: str = ""  # http(s):// base of a Deepgram-compatible API; "" = Deepgram
-    openai_api_key: str = ""
-    openai_base_url: str = ""  # "" = api.openai.com
-    llm_model: str = "gpt-4o-mini"
-    llm_timeout_ms: int = 10_000
-    openai_tts_model: str = "gpt-4o-mini-tts"
-    openai_tts_voice: str = "coral"
-    deepgram_stt_model: str = "nova-3"
-    deepgram_tts_model: str = "aura-2-thalia-en"
-    stt_endpointing_ms: int = 300
-    tts_chunk_ms: int = 100
+    deepgram_api_key: str = field(default=_default("deepgram_api_key"), repr=False)
+    deepgram_url: str = _default("deepgram_url")  # "" = Deepgram
+    openai_api_key: str = field(default=_default("openai_api_key"), repr=False)
+    openai_base_url: str = _default("openai_base_url")  # "" = api.openai.com
+    llm_model: str = _default("llm_model")
+    llm_timeout_ms: int = _default("llm_timeout_ms")
+    openai_tts_model: str = _default("openai_tts_model")
+    openai_tts_voice: str = _default("openai_tts_voice")
+    deepgram_stt_model: str = _default("deepgram_stt_model")
+    deepgram_tts_model: str = _default("deepgram_tts_model")
+    stt_endpointing_ms: int = _default("stt_endpointing_ms")
+    tts_chunk_ms: int = _default("tts_chunk_ms")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
 
     def __post_init__(self) -> None:
-        for role, value, choices in (
-            ("stt", self.stt, STT_CHOICES),
-            ("llm", self.llm, LLM_CHOICES),
-            ("tts", self.tts, TTS_CHOICES),
-            ("backup_tts", self.backup_tts, TTS_CHOICES),
-        ):
-            if value not in choices:
-                raise ConfigError(f"{role} must be one of {'|'.join(choices)}, got {value!r}")
+        settings.check_fields(self, NODE)  # choices, URLs and bounds of the table
         uses = {self.stt, self.tts, self.backup_tts, self.llm}
         if "deepgram" in uses and not self.deepgram_api_key:
             raise ConfigError("a Deepgram provider is selected but DEEPGRAM_API_KEY is not set")
         if "openai" in uses and not (self.openai_api_key or self.openai_base_url):
             raise ConfigError("an OpenAI provider is selected but OPENAI_API_KEY is not set")
-        if self.deepgram_url and not self.deepgram_url.startswith(("http://", "https://")):
-            raise ConfigError(f"deepgram_url must be http(s)://, got {self.deepgram_url!r}")
-        for name in ("llm_timeout_ms", "stt_endpointing_ms", "tts_chunk_ms"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
-        """Settings from environment variables (``os.environ`` when ``env`` is None)."""
-        env = os.environ if env is None else env
-        dg_key = env.get("DEEPGRAM_API_KEY", "")
-        oa_key = env.get("OPENAI_API_KEY", "")
-        default_tts = "deepgram" if dg_key else ("openai" if oa_key else "simulated")
-        tts = env.get("CALLMESH_TTS", default_tts)
-        default_backup = "openai" if oa_key and tts != "openai" else "simulated"
-        values: dict[str, Any] = {
-            "stt": env.get("CALLMESH_STT", "deepgram" if dg_key else "simulated"),
-            "llm": env.get("CALLMESH_LLM", "openai" if oa_key else "simulated"),
+        """Settings from environment variables (``os.environ`` when ``env`` is None), as
+        declared in :mod:`callmesh.settings.table`; a role left unset follows the keys."""
+        values = settings.load(NODE, env, only=_FROM_TABLE)
+        dg_key, oa_key = values["deepgram_api_key"], values["openai_api_key"]
+        tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else "simulated"))
+        auto = {
+            "stt": "deepgram" if dg_key else "simulated",
+            "llm": "openai" if oa_key else "simulated",
             "tts": tts,
-            "backup_tts": env.get("CALLMESH_BACKUP_TTS", default_backup),
-            "deepgram_api_key": dg_key,
-            "deepgram_url": env.get("CALLMESH_DEEPGRAM_URL", ""),
-            "openai_api_key": oa_key,
-            "openai_base_url": env.get("OPENAI_BASE_URL", ""),
+            "backup_tts": "openai" if oa_key and tts != "openai" else "simulated",
         }
-        strings = {
-            "llm_model": "CALLMESH_LLM_MODEL",
-            "openai_tts_model": "CALLMESH_OPENAI_TTS_MODEL",
-            "openai_tts_voice": "CALLMESH_OPENAI_TTS_VOICE",
-            "deepgram_stt_model": "CALLMESH_DEEPGRAM_STT_MODEL",
-            "deepgram_tts_model": "CALLMESH_DEEPGRAM_TTS_MODEL",
-        }
-        values.update({k: env[v] for k, v in strings.items() if env.get(v)})
-        integers = {
-            "llm_timeout_ms": "CALLMESH_LLM_TIMEOUT_MS",
-            "stt_endpointing_ms": "CALLMESH_STT_ENDPOINTING_MS",
-            "tts_chunk_ms": "CALLMESH_TTS_CHUNK_MS",
-        }
-        try:
-            values.update({k: int(env[v]) for k, v in integers.items() if env.get(v)})
-            if env.get("CALLMESH_SIM_LATENCY_SCALE"):
-                scale = float(env["CALLMESH_SIM_LATENCY_SCALE"])
-                values["sim_latency"] = SimulatedLatency().scaled(scale)
-        except ValueError as exc:
-            raise ConfigError(f"bad number in provider settings: {exc}") from exc
-        return cls(**values)
+        chosen: dict[str, Any] = {role: values[role] or auto[role] for role in auto}
+        scale = values["sim_latency_scale"]
+        rest = {k: v for k, v in values.items() if k not in auto and k != "sim_latency_scale"}
+        return cls(**chosen, **rest, sim_latency=SimulatedLatency().scaled(scale))
+
+
+# The node settings a ProviderSettings is made of (all its fields but sim_latency, which
+# comes from sim_latency_scale).
+_FROM_TABLE = (
+    "stt",
+    "llm",
+    "tts",
+    "backup_tts",
+    "deepgram_api_key",
+    "deepgram_url",
+    "openai_api_key",
+    "openai_base_url",
+    "llm_model",
+    "llm_timeout_ms",
+    "openai_tts_model",
+    "openai_tts_voice",
+    "deepgram_stt_model",
+    "deepgram_tts_model",
+    "stt_endpointing_ms",
+    "tts_chunk_ms",
+    "sim_latency_scale",
+)
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""A setting's declaration, and reading a process's settings: flag, then environment, then
+default. Every value is parsed and checked here, and a bad one is a :class:`ConfigError`
+naming the variable or flag (its value masked when the setting is secret).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from callmesh.settings.kinds import MASK, ConfigError, Kind, Url, mask_url
+
+Source = Literal["flag", "env", "default"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of one or more processes.
+
+    ``key`` names it in code (a config field, an argparse dest); two settings may share a
+    key only when no process reads both (``port`` is one setting per process). ``default``
+    None means computed at run time, which ``default_doc`` then describes.
+    """
+
+    key: str
+    kind: Kind
+    default: Any
+    meaning: str
+    processes: tuple[str, ...]
+    section: str
+    env: str | None = None
+    flag: str | None = None
+    secret: bool = False
+    default_doc: str = ""
+    # The flag belongs to the top-level ``callmesh`` parser (``callmesh --log-level ...``).
+    top_level_flag: bool = False
+
+    @property
+    def label(self) -> str:
+        """How an error names it: the environment variable, else the flag."""
+        return self.env or self.flag or self.key
+
+    def shown(self, value: Any) -> str:
+        """``value`` as help, docs and errors may show it."""
+        if value is None:
+            return self.default_doc
+        if self.secret and value and not isinstance(self.kind, Url):
+            return MASK
+        if self.secret and isinstance(value, str):
+            return mask_url(value)
+        return str(value)
+
+    def shown_default(self) -> str:
+        return self.default_doc or (self.shown(self.default) if self.default != "" else "unset")
+
+    def parse(self, text: str, label: str) -> Any:
+        try:
+            return self.kind.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{label}={self.shown(text)!r}: {exc}") from None
+
+    def check(self, value: Any, label: str) -> None:
+        try:
+            self.kind.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{label}={self.shown(value)!r}: {exc}") from None
+
+
+class Values(Mapping[str, Any]):
+    """A process's settings, read once: value and source (flag, env or default) per key."""
+
+    def __init__(self, process: str, items: Mapping[str, tuple[Setting, Any, Source]]) -> None:
+        self.process = process
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def source(self, key: str) -> Source:
+        return self._items[key][2]
+
+    def given(self, key: str) -> bool:
+        """True when a flag or the environment set it (not left to its default)."""
+        return key in self._items and self._items[key][2] != "default"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={s.shown(v)!r}" for k, (s, v, _) in self._items.items())
+        return f"<Values {self.process}: {shown}>"
+
+
+def settings_for(process: str, table: Collection[Setting] | None = None) -> list[Setting]:
+    from callmesh.settings.table import SETTINGS
+
+    return [s for s in (SETTINGS if table is None else table) if process in s.processes]
+
+
+def setting(process: str, key: str) -> Setting:
+    for s in settings_for(process):
+        if s.key == key:
+            return s
+    raise KeyError(f"no setting {key!r} for {process}")
+
+
+def default(process: str, key: str) -> Any:
+    """The declared default of one setting (for the dataclasses' field defaults)."""
+    return setting(process, key).default
+
+
+def load(
+    process: str,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    only: Collection[str] | None = None,
+) -> Values:
+    """Read ``process``'s settings: ``flags`` (by key; None = not given), then ``env``
+    (``os.environ`` when None; an empty variable counts as unset), then the default."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    items: dict[str, tuple[Setting, Any, Source]] = {}
+    for s in settings_for(process):
+        if only is not None and s.key not in only:
+            continue
+        raw = flags.get(s.key)
+        if raw is not None:
+            label = s.flag or s.key
+            if isinstance(raw, str):
+                items[s.key] = (s, s.parse(raw, label), "flag")
+            else:
+                s.check(raw, label)
+                items[s.key] = (s, raw, "flag")
+        elif s.env and env.get(s.env):
+            items[s.key] = (s, s.parse(env[s.env], s.env), "env")
+        else:
+            items[s.key] = (s, s.default, "default")
+    values = Values(process, items)
+    for check_process, keys, check in _checks():
+        if check_process == process and all(k in values for k in keys):
+            check(values)
+    return values
+
+
+def _checks() -> tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], None]], ...]:
+    from callmesh.settings.table import CHECKS
+
+    return CHECKS
+
+
+def check_fields(obj: Any, process: str) -> None:
+    """Check every field of a config dataclass that is a setting of ``process`` against the
+    setting's kind, so a config built in code meets the same bounds as one read from env."""
+    declared = {s.key: s for s in settings_for(process)}
+    for f in dataclasses.fields(obj):
+        s = declared.get(f.name)
+        value = getattr(obj, f.name)
+        if s is not None and value is not None:
+            s.check(value, s.label)

@@ -1,0 +1,305 @@
+"""The node's settings: its listener, budgets and speech and language providers.
+
+Part of the table (:mod:`callmesh.settings.table`), kept apart for size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
+from callmesh.settings.model import Setting
+from callmesh.settings.processes import HTTP, ID, NODE, PORT
+
+_NODE = "Node"
+_BUDGETS = "Node: budgets and thresholds"
+_PROVIDERS = "Node: speech and language providers"
+
+NODE_SETTINGS: tuple[Setting, ...] = (
+    # ------------------------------------------------------------------ node
+    Setting(
+        "host",
+        Text(empty_ok=False),
+        "127.0.0.1",
+        "address to listen on",
+        (NODE,),
+        _NODE,
+        flag="--host",
+    ),
+    Setting("port", PORT, 8090, "port to listen on", (NODE,), _NODE, flag="--port"),
+    Setting(
+        "node_id",
+        ID,
+        None,
+        "this node's id in membership and placement",
+        (NODE,),
+        _NODE,
+        flag="--node-id",
+        default_doc="node-<8 random hex digits>",
+    ),
+    Setting(
+        "advertise_url",
+        Url(("http", "https", "ws", "wss"), empty_ok=True),
+        "",
+        "URL routers use to reach this node",
+        (NODE,),
+        _NODE,
+        flag="--advertise-url",
+        default_doc="http://HOST:PORT",
+    ),
+    Setting(
+        "drain_timeout_s",
+        Number(float, ge=0),
+        20.0,
+        "on SIGTERM, how long live calls get to reach a turn boundary and be handed off (s)",
+        (NODE,),
+        _NODE,
+        flag="--drain-timeout",
+    ),
+    Setting(
+        "tts_chunk_ms",
+        Number(int, gt=0),
+        100,
+        "audio per simulated TTS chunk (ms)",
+        (NODE,),
+        _NODE,
+        env="CALLMESH_TTS_CHUNK_MS",
+    ),
+    Setting(
+        "sim_latency_scale",
+        Number(float, ge=0),
+        1.0,
+        "factor on the simulated providers' latencies (0: instant)",
+        (NODE,),
+        _NODE,
+        env="CALLMESH_SIM_LATENCY_SCALE",
+    ),
+    Setting(
+        "tiktoken_cache_dir",
+        Text(),
+        "",
+        "a pre-filled tiktoken cache: lets prompts be counted exactly with cl100k_base "
+        "offline (tiktoken reads it too)",
+        (NODE,),
+        _NODE,
+        env="TIKTOKEN_CACHE_DIR",
+    ),
+    # ------------------------------------------------------------------ node budgets
+    Setting(
+        "stt_min_confidence",
+        Number(float, ge=0, le=1),
+        0.5,
+        "below this STT confidence the caller is asked to repeat",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_STT_MIN_CONFIDENCE",
+    ),
+    Setting(
+        "llm_first_token_budget_ms",
+        Number(float, gt=0),
+        1500.0,
+        "LLM first-token budget; a breach triggers the fallback (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_LLM_FIRST_TOKEN_BUDGET_MS",
+    ),
+    Setting(
+        "llm_total_budget_ms",
+        Number(float, gt=0),
+        8000.0,
+        "LLM whole-answer budget (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_LLM_TOTAL_BUDGET_MS",
+    ),
+    Setting(
+        "tts_first_chunk_budget_ms",
+        Number(float, gt=0),
+        1000.0,
+        "TTS first-chunk budget; a breach switches to the backup voice (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_TTS_FIRST_CHUNK_BUDGET_MS",
+    ),
+    Setting(
+        "turn_budget_ms",
+        Number(float, gt=0),
+        800.0,
+        "a turn's end-to-end budget, end of speech to first audio (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_TURN_BUDGET_MS",
+    ),
+    Setting(
+        "overhead_budget_ms",
+        Number(float, gt=0),
+        5.0,
+        "callmesh's own share of a turn: routing, state, memory, orchestration (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_OVERHEAD_BUDGET_MS",
+    ),
+    # ------------------------------------------------------------------ node providers
+    Setting(
+        "stt",
+        Choice(("simulated", "deepgram")),
+        None,
+        "speech-to-text provider",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT",
+        default_doc="deepgram if DEEPGRAM_API_KEY is set, else simulated",
+    ),
+    Setting(
+        "llm",
+        Choice(("simulated", "openai")),
+        None,
+        "language model provider",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_LLM",
+        default_doc="openai if OPENAI_API_KEY is set, else simulated",
+    ),
+    Setting(
+        "tts",
+        Choice(("simulated", "deepgram", "openai")),
+        None,
+        "primary voice",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_TTS",
+        default_doc="deepgram if DEEPGRAM_API_KEY is set, else openai if OPENAI_API_KEY is "
+        "set, else simulated",
+    ),
+    Setting(
+        "backup_tts",
+        Choice(("simulated", "deepgram", "openai")),
+        None,
+        "voice used when the primary one misses its budget",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_BACKUP_TTS",
+        default_doc="openai if OPENAI_API_KEY is set and the primary is not openai, else simulated",
+    ),
+    Setting(
+        "deepgram_api_key",
+        Text(),
+        "",
+        "Deepgram API key; switches STT and TTS to Deepgram",
+        (NODE,),
+        _PROVIDERS,
+        env="DEEPGRAM_API_KEY",
+        secret=True,
+    ),
+    Setting(
+        "deepgram_url",
+        Url(HTTP, empty_ok=True),
+        "",
+        "base URL of a Deepgram-compatible API (unset: Deepgram's)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_DEEPGRAM_URL",
+    ),
+    Setting(
+        "openai_api_key",
+        Text(),
+        "",
+        "OpenAI API key; switches the LLM to OpenAI",
+        (NODE,),
+        _PROVIDERS,
+        env="OPENAI_API_KEY",
+        secret=True,
+    ),
+    Setting(
+        "openai_base_url",
+        Url(HTTP, empty_ok=True),
+        "",
+        "an OpenAI-compatible server (vLLM, Ollama, ...); with CALLMESH_LLM=openai it needs "
+        "no key (unset: api.openai.com)",
+        (NODE,),
+        _PROVIDERS,
+        env="OPENAI_BASE_URL",
+    ),
+    Setting(
+        "llm_model",
+        Text(empty_ok=False),
+        "gpt-4o-mini",
+        "LLM model",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_LLM_MODEL",
+    ),
+    Setting(
+        "llm_timeout_ms",
+        Number(int, gt=0),
+        10_000,
+        "LLM request timeout (ms)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_LLM_TIMEOUT_MS",
+    ),
+    Setting(
+        "openai_tts_model",
+        Text(empty_ok=False),
+        "gpt-4o-mini-tts",
+        "OpenAI TTS model",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_OPENAI_TTS_MODEL",
+    ),
+    Setting(
+        "openai_tts_voice",
+        Text(empty_ok=False),
+        "coral",
+        "OpenAI TTS voice",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_OPENAI_TTS_VOICE",
+    ),
+    Setting(
+        "deepgram_stt_model",
+        Text(empty_ok=False),
+        "nova-3",
+        "Deepgram STT model",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_DEEPGRAM_STT_MODEL",
+    ),
+    Setting(
+        "deepgram_tts_model",
+        Text(empty_ok=False),
+        "aura-2-thalia-en",
+        "Deepgram TTS voice model",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_DEEPGRAM_TTS_MODEL",
+    ),
+    Setting(
+        "stt_endpointing_ms",
+        Number(int, gt=0),
+        300,
+        "silence that ends an utterance (ms)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_ENDPOINTING_MS",
+    ),
+)
+
+
+def providers_have_keys(values: Mapping[str, Any]) -> None:
+    # A role left unset follows the keys; one set by name needs its vendor's key (a local
+    # OpenAI-compatible server, OPENAI_BASE_URL, needs none).
+    have = {
+        "deepgram": ("DEEPGRAM_API_KEY", bool(values["deepgram_api_key"])),
+        "openai": ("OPENAI_API_KEY", bool(values["openai_api_key"] or values["openai_base_url"])),
+    }
+    for role, env in (
+        ("stt", "CALLMESH_STT"),
+        ("llm", "CALLMESH_LLM"),
+        ("tts", "CALLMESH_TTS"),
+        ("backup_tts", "CALLMESH_BACKUP_TTS"),
+    ):
+        key_env, ok = have.get(values[role], ("", True))
+        if not ok:
+            raise ConfigError(f"{env}={values[role]!r}: needs {key_env}, which is not set")

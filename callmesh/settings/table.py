@@ -1,0 +1,310 @@
+"""Every setting of every callmesh process, declared once.
+
+Add a setting here (and, if a config dataclass holds it, a field of the same name whose
+default is ``default(process, key)``); help, validation and docs/configuration.md follow.
+Regenerate the docs with ``.venv/bin/python -m callmesh.settings.docs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from callmesh.gc_tuning import DEFAULT_GEN0_THRESHOLD
+from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
+from callmesh.settings.model import Setting
+from callmesh.settings.node_table import NODE_SETTINGS, providers_have_keys
+from callmesh.settings.processes import (
+    CALL,
+    HTTP,
+    ID,
+    NODE,
+    PORT,
+    PROCESSES,
+    REPLAY,
+    ROUTER,
+    SERVICES,
+    STATUS,
+    UP,
+    WORKER,
+)
+
+# The process names are re-exported: callers import them with the table.
+__all__ = [
+    "CALL",
+    "CHECKS",
+    "NODE",
+    "PROCESSES",
+    "REPLAY",
+    "ROUTER",
+    "SETTINGS",
+    "STATUS",
+    "UP",
+    "WORKER",
+    "dead_after_two_heartbeats",
+]
+
+_ID_OR_EMPTY = Text(r"[A-Za-z0-9_-]{1,64}", "empty or an id matching [A-Za-z0-9_-]{1,64}")
+_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")
+
+_BACKENDS = "Backends"
+_CLUSTER = "Membership and node links"
+_ROUTER = "Router"
+_WORKER = "Effects worker"
+_TOOLS = "Tools"
+
+SETTINGS: tuple[Setting, ...] = (
+    # ------------------------------------------------------------------ backends
+    Setting(
+        "redis_url",
+        Url(("redis", "rediss", "unix")),
+        "redis://127.0.0.1:6379/0",
+        "Redis-compatible server holding checkpoints, pins and membership "
+        "(callmesh up: unset starts an embedded server)",
+        (ROUTER, NODE, REPLAY, UP),
+        _BACKENDS,
+        env="REDIS_URL",
+        flag="--redis",
+        secret=True,
+    ),
+    Setting(
+        "nats_url",
+        Url(("nats", "tls")),
+        "nats://127.0.0.1:4222",
+        "NATS server with JetStream for the event log and side effects "
+        "(callmesh up: unset starts an embedded server)",
+        (ROUTER, NODE, WORKER, REPLAY, UP),
+        _BACKENDS,
+        env="NATS_URL",
+        flag="--nats",
+        secret=True,
+    ),
+    Setting(
+        "log_level",
+        Choice(_LEVELS, upper=True),
+        "INFO",
+        "log level (case-insensitive)",
+        PROCESSES,
+        _BACKENDS,
+        env="CALLMESH_LOG_LEVEL",
+        flag="--log-level",
+        top_level_flag=True,
+    ),
+    # ------------------------------------------------------------------ membership, links
+    Setting(
+        "heartbeat_ms",
+        Number(int, gt=0),
+        100,
+        "how often a node refreshes its heartbeat (ms)",
+        SERVICES,
+        _CLUSTER,
+        env="CALLMESH_HEARTBEAT_MS",
+    ),
+    Setting(
+        "dead_after_ms",
+        Number(int, gt=0),
+        500,
+        "a node whose heartbeat has not advanced for this long is dead (ms; at least two "
+        "heartbeats)",
+        SERVICES,
+        _CLUSTER,
+        env="CALLMESH_DEAD_AFTER_MS",
+    ),
+    Setting(
+        "poll_ms",
+        Number(int, gt=0),
+        100,
+        "how often membership is read (ms)",
+        SERVICES,
+        _CLUSTER,
+        env="CALLMESH_MEMBERSHIP_POLL_MS",
+    ),
+    Setting(
+        "link_flush_ms",
+        Number(float, ge=0, le=20),
+        2.0,
+        "how long a router-node link holds a frame so frames of other calls share its write "
+        "(ms; 0 writes on the next turn of the event loop)",
+        SERVICES,
+        _CLUSTER,
+        env="CALLMESH_LINK_FLUSH_MS",
+    ),
+    Setting(
+        "gc_gen0_threshold",
+        Number(int, ge=0),
+        DEFAULT_GEN0_THRESHOLD,
+        "the garbage collector's generation-0 threshold after start-up (0 keeps CPython's 700)",
+        SERVICES,
+        _CLUSTER,
+        env="CALLMESH_GC_GEN0_THRESHOLD",
+    ),
+    # ------------------------------------------------------------------ router
+    Setting(
+        "host",
+        Text(empty_ok=False),
+        "127.0.0.1",
+        "address to listen on",
+        (ROUTER,),
+        _ROUTER,
+        flag="--host",
+    ),
+    Setting("port", PORT, 8080, "port to listen on", (ROUTER,), _ROUTER, flag="--port"),
+    Setting(
+        "balance_epsilon",
+        Number(float, gt=0),
+        0.25,
+        "bounded-load factor ε: a node takes at most ceil((1 + ε) · calls / nodes) calls",
+        (ROUTER,),
+        _ROUTER,
+        flag="--epsilon",
+    ),
+    Setting(
+        "max_unacked_audio_ms",
+        Number(int, gt=0),
+        30000,
+        "caller audio kept for replay to a new node; beyond it the oldest is dropped (ms)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_MAX_UNACKED_AUDIO_MS",
+    ),
+    Setting(
+        "public_url",
+        Url(HTTP, empty_ok=True),
+        "",
+        "public base URL of this router, for Twilio stream URLs and signatures "
+        "(unset: derived from each request's Host and X-Forwarded-Proto)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_PUBLIC_URL",
+    ),
+    Setting(
+        "twilio_auth_token",
+        Text(),
+        "",
+        "Twilio auth token that signs webhooks (unset: signatures are not checked)",
+        (ROUTER,),
+        _ROUTER,
+        env="TWILIO_AUTH_TOKEN",
+        secret=True,
+    ),
+    Setting(
+        "twilio_default_tenant",
+        _ID_OR_EMPTY,
+        "",
+        "tenant of Twilio calls whose webhook URL names none",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_TWILIO_TENANT",
+    ),
+    *NODE_SETTINGS,
+    # ------------------------------------------------------------------ effects worker
+    Setting(
+        "webhook_url",
+        Url(HTTP, empty_ok=True),
+        "",
+        "CRM endpoint; may contain {tenant} and {kind} (unset: effects are only logged)",
+        (WORKER,),
+        _WORKER,
+        env="CALLMESH_WEBHOOK_URL",
+        flag="--webhook-url",
+        secret=True,
+    ),
+    Setting(
+        "durable",
+        ID,
+        "callmesh-effects",
+        "JetStream durable consumer; workers with the same one share the work",
+        (WORKER,),
+        _WORKER,
+        env="CALLMESH_EFFECTS_DURABLE",
+        flag="--durable",
+    ),
+    Setting(
+        "events_max_age_s",
+        Number(float, gt=0),
+        float(7 * 24 * 3600),
+        "event log retention if this worker creates the streams (s)",
+        (WORKER,),
+        _WORKER,
+        env="CALLMESH_EVENTS_MAX_AGE_S",
+        flag="--events-max-age-s",
+    ),
+    Setting(
+        "host",
+        Text(empty_ok=False),
+        "0.0.0.0",
+        "bind address of /metrics and /healthz",
+        (WORKER,),
+        _WORKER,
+        flag="--host",
+    ),
+    Setting(
+        "port",
+        PORT,
+        0,
+        "port of /metrics and /healthz (0: any free port)",
+        (WORKER,),
+        _WORKER,
+        env="CALLMESH_WORKER_PORT",
+        flag="--port",
+    ),
+    # ------------------------------------------------------------------ tools
+    Setting(
+        "port",
+        PORT,
+        8080,
+        "the local cluster's router port",
+        (UP,),
+        _TOOLS,
+        env="CALLMESH_PORT",
+        flag="--port",
+    ),
+    Setting(
+        "nodes",
+        Number(int, ge=1),
+        2,
+        "conversation nodes of the local cluster",
+        (UP,),
+        _TOOLS,
+        flag="--nodes",
+    ),
+    Setting(
+        "router",
+        Url(HTTP),
+        "http://127.0.0.1:8080",
+        "the router to call or ask",
+        (CALL, STATUS),
+        _TOOLS,
+        env="CALLMESH_ROUTER",
+        flag="--router",
+    ),
+)
+
+
+def dead_after_two_heartbeats(values: Mapping[str, Any]) -> None:
+    if values["dead_after_ms"] < 2 * values["heartbeat_ms"]:
+        raise ConfigError(
+            f"CALLMESH_DEAD_AFTER_MS={values['dead_after_ms']}: must be at least two "
+            f"heartbeats (CALLMESH_HEARTBEAT_MS={values['heartbeat_ms']})"
+        )
+
+
+# Checks across settings: (process, the keys they read, the check). ``load`` runs those
+# whose keys it read.
+CHECKS: tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], None]], ...] = (
+    (ROUTER, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
+    (NODE, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
+    (
+        NODE,
+        (
+            "stt",
+            "llm",
+            "tts",
+            "backup_tts",
+            "deepgram_api_key",
+            "openai_api_key",
+            "openai_base_url",
+        ),
+        providers_have_keys,
+    ),
+)
