@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from callmesh import settings
-from callmesh.servers import free_port
 from callmesh.settings.table import NODE, ROUTER
+from localcluster.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,8 @@ a parsed command line, and generate its ``--help``. See docs/configuration.md.
 """
 
 from callmesh.settings.kinds import ConfigError, mask_url
-from callmesh.settings.model import Setting, Values, check_fields, default, load, settings_for
+from callmesh.settings.model import Setting, Values
+from callmesh.settings.reading import check_fields, default, load, settings_for
 
 __all__ = [
     "ConfigError",

@@ -12,7 +12,9 @@ import textwrap
 from collections.abc import Mapping
 
 from callmesh.settings.kinds import Url
-from callmesh.settings.model import Setting, Values, load, settings_for
+from callmesh.settings.model import Setting, Values
+from callmesh.settings.reading import load, settings_for
+from callmesh.settings.table import SETTINGS
 
 _PROCESS_DEST = "settings_process"
 
@@ -60,8 +62,6 @@ def add_top_level_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _top_level() -> list[Setting]:
-    from callmesh.settings.table import SETTINGS
-
     return [s for s in SETTINGS if s.top_level_flag]
 
 

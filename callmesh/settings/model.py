@@ -1,13 +1,12 @@
-"""A setting's declaration, and reading a process's settings: flag, then environment, then
-default. Every value is parsed and checked here, and a bad one is a :class:`ConfigError`
-naming the variable or flag (its value masked when the setting is secret).
+"""A setting's declaration, and the values of one process's settings once read.
+
+A value is parsed and checked here, and a bad one is a :class:`ConfigError` naming the
+variable or flag (its value masked when the setting is secret).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,72 +94,3 @@ class Values(Mapping[str, Any]):
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={s.shown(v)!r}" for k, (s, v, _) in self._items.items())
         return f"<Values {self.process}: {shown}>"
-
-
-def settings_for(process: str, table: Collection[Setting] | None = None) -> list[Setting]:
-    from callmesh.settings.table import SETTINGS
-
-    return [s for s in (SETTINGS if table is None else table) if process in s.processes]
-
-
-def setting(process: str, key: str) -> Setting:
-    for s in settings_for(process):
-        if s.key == key:
-            return s
-    raise KeyError(f"no setting {key!r} for {process}")
-
-
-def default(process: str, key: str) -> Any:
-    """The declared default of one setting (for the dataclasses' field defaults)."""
-    return setting(process, key).default
-
-
-def load(
-    process: str,
-    env: Mapping[str, str] | None = None,
-    flags: Mapping[str, Any] | None = None,
-    *,
-    only: Collection[str] | None = None,
-) -> Values:
-    """Read ``process``'s settings: ``flags`` (by key; None = not given), then ``env``
-    (``os.environ`` when None; an empty variable counts as unset), then the default."""
-    env = os.environ if env is None else env
-    flags = flags or {}
-    items: dict[str, tuple[Setting, Any, Source]] = {}
-    for s in settings_for(process):
-        if only is not None and s.key not in only:
-            continue
-        raw = flags.get(s.key)
-        if raw is not None:
-            label = s.flag or s.key
-            if isinstance(raw, str):
-                items[s.key] = (s, s.parse(raw, label), "flag")
-            else:
-                s.check(raw, label)
-                items[s.key] = (s, raw, "flag")
-        elif s.env and env.get(s.env):
-            items[s.key] = (s, s.parse(env[s.env], s.env), "env")
-        else:
-            items[s.key] = (s, s.default, "default")
-    values = Values(process, items)
-    for check_process, keys, check in _checks():
-        if check_process == process and all(k in values for k in keys):
-            check(values)
-    return values
-
-
-def _checks() -> tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], None]], ...]:
-    from callmesh.settings.table import CHECKS
-
-    return CHECKS
-
-
-def check_fields(obj: Any, process: str) -> None:
-    """Check every field of a config dataclass that is a setting of ``process`` against the
-    setting's kind, so a config built in code meets the same bounds as one read from env."""
-    declared = {s.key: s for s in settings_for(process)}
-    for f in dataclasses.fields(obj):
-        s = declared.get(f.name)
-        value = getattr(obj, f.name)
-        if s is not None and value is not None:
-            s.check(value, s.label)

@@ -90,6 +90,16 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--log-level",
         top_level_flag=True,
     ),
+    Setting(
+        "jetstream_replicas",
+        Number(int, ge=1, le=5),
+        1,
+        "copies JetStream keeps of each stream when this process creates them: 3 on a "
+        "3-server NATS cluster, 1 for a single server (JetStream allows 1 to 5)",
+        (NODE, WORKER),
+        _BACKENDS,
+        env="CALLMESH_JETSTREAM_REPLICAS",
+    ),
     # ------------------------------------------------------------------ membership, links
     Setting(
         "heartbeat_ms",
