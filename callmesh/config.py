@@ -170,6 +170,9 @@ class NodeConfig:
     # As RouterConfig.link_flush_ms, for what the node sends the router.
     link_flush_ms: float = _node("link_flush_ms")
     gc_gen0_threshold: int = _node("gc_gen0_threshold")
+    # Every node setting as read once at start-up (settings.load), for the parts the node
+    # builds from them above this module (its providers); empty when built in code.
+    settings: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         settings.check_fields(self, NODE)
@@ -195,6 +198,8 @@ def from_values(cls: type[T], values: Mapping[str, Any]) -> T:
     )
     if "sim_latency" in names:
         kwargs["sim_latency"] = SimulatedLatency().scaled(values["sim_latency_scale"])
+    if "settings" in names:
+        kwargs["settings"] = values
     return cls(**kwargs)
 
 

@@ -107,8 +107,9 @@ class ConversationNode:
         if self._providers is None:
             # Real providers where keys are set (registry); the node's own latency flags
             # drive the simulated ones.
+            read = ProviderSettings.from_values(cfg.settings) if cfg.settings else None
             settings = dataclasses.replace(
-                ProviderSettings.from_env(),
+                read or ProviderSettings.from_env(),
                 sim_latency=cfg.sim_latency,
                 tts_chunk_ms=cfg.tts_chunk_ms,
             )

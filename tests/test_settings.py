@@ -237,3 +237,17 @@ def test_provider_keys_check_allows_a_local_openai_server() -> None:
                   openai_base_url="http://127.0.0.1:9/v1"))  # fmt: skip
     with pytest.raises(ConfigError, match="CALLMESH_LLM='openai': needs OPENAI_API_KEY"):
         check(_values(stt="simulated", llm="openai", tts="simulated", backup_tts="simulated"))
+
+
+def test_the_node_builds_its_providers_from_the_settings_it_read_once() -> None:
+    env = {"OPENAI_API_KEY": "k", "CALLMESH_LLM_MODEL": "llama", "CALLMESH_TTS": "simulated"}
+    config = cfg.from_values(cfg.NodeConfig, settings.load(NODE, env))
+    from_config = ProviderSettings.from_values(config.settings)
+    assert from_config == ProviderSettings.from_env(env)
+    assert (from_config.llm, from_config.llm_model, from_config.tts) == (
+        "openai",
+        "llama",
+        "simulated",
+    )
+    assert from_config.backup_tts == "openai"  # a key, and the primary voice is not OpenAI's
+    assert cfg.NodeConfig().settings == {}  # built in code: the node reads the environment

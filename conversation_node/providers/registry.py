@@ -76,7 +76,13 @@ class ProviderSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
         """Settings from environment variables (``os.environ`` when ``env`` is None), as
         declared in :mod:`callmesh.settings.table`; a role left unset follows the keys."""
-        values = settings.load(NODE, env, only=_FROM_TABLE)
+        return cls.from_values(settings.load(NODE, env, only=_FROM_TABLE))
+
+    @classmethod
+    def from_values(cls, node_settings: Mapping[str, Any]) -> ProviderSettings:
+        """From a node's settings as read (``settings.load``); a role left unset (None)
+        follows the keys."""
+        values = {key: node_settings[key] for key in _FROM_TABLE}
         dg_key, oa_key = values["deepgram_api_key"], values["openai_api_key"]
         tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else "simulated"))
         auto = {
