@@ -135,7 +135,7 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         "overhead_budget_ms",
         Number(float, gt=0),
         5.0,
-        "callmesh's own share of a turn: routing, state, memory, orchestration (ms)",
+        "the share of a turn that is callmesh's own: routing, state, memory, orchestration (ms)",
         (NODE,),
         _BUDGETS,
         env="CALLMESH_OVERHEAD_BUDGET_MS",
