@@ -27,6 +27,7 @@ _SECTIONS = {
     "meta",
     "error_samples",
     "resource_samples",
+    "samples",
     "failover_gap_definition",
 }
 # Counts that must be zero for a run to be clean, in whichever scenario has them.
@@ -93,8 +94,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     one level of nested dicts is spread into ``outer.inner`` rows."""
     rows: list[tuple[str, str]] = []
     for key, value in report.items():
-        if key in _SECTIONS:
-            continue
+        if key in _SECTIONS or (
+            isinstance(value, list) and any(isinstance(v, dict) for v in value)
+        ):
+            continue  # drawn elsewhere, or raw samples: the JSON report has them
         if (
             isinstance(value, dict)
             and value
@@ -242,11 +245,17 @@ def _charts(report: dict[str, Any]) -> list[str]:
                     "Memory over completed calls",
                     [float(v) for v in res["completed_calls"]],
                     series,
-                    y_label=str(res.get("unit", "MiB")),
+                    y_label=str(res.get("unit", "")),
                     x_label="completed calls",
                     buckets=False,
                 ),
-                "Sampled while the calls ran; the slopes are in the summary.",
+                "Sampled while the calls ran. Growth per completed call (least squares, after "
+                "the warm-up): "
+                + ", ".join(
+                    f"{k} {_num(v)} B"
+                    for k, v in (report.get("slopes_bytes_per_call") or {}).items()
+                )
+                + ".",
             )
         )
     return out

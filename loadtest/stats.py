@@ -38,6 +38,18 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> 
     return out
 
 
+def slope(x: list[float], y: list[float]) -> float:
+    """Least-squares slope of y over x (0 when x does not vary)."""
+    n = len(x)
+    if n < 2 or len(y) != n:
+        return 0.0
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx == 0:
+        return 0.0
+    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

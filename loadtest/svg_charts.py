@@ -47,6 +47,11 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
+def _round3(v: float) -> float:
+    """About three significant digits, never in exponent form: 73.978 -> 74.0, 1460 -> 1460."""
+    return round(v) if abs(v) >= 100 else round(v, 1) if abs(v) >= 10 else round(v, 2)
+
+
 def fmt(v: float) -> str:
     if abs(v) >= 1_000_000:
         return f"{v / 1_000_000:g}M"
@@ -61,7 +66,7 @@ class _Frame:
     def __init__(self, width: int, height: int, x_max: float, y_max: float, y2_max: float):
         self.w, self.h = width, height
         self.left, self.right, self.top, self.bottom = 64, 64, 34, 40
-        self.x_ticks = nice_ticks(0, max(x_max, 1))
+        self.x_ticks = nice_ticks(0, max(x_max, 1), count=8)
         # An all-zero series (no errors) still gets a readable 0..1 scale.
         self.y_ticks = nice_ticks(0, y_max if y_max > 0 else 1.0)
         self.y2_ticks = nice_ticks(0, y2_max if y2_max > 0 else 1.0)
@@ -249,7 +254,8 @@ def histogram_chart(
             body.append(
                 f'<g class="marker"><line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" '
                 f'y2="{f.top + f.ph:.1f}" stroke="#18181b" stroke-dasharray="3 3"/>'
-                f'<text x="{x + 4:.1f}" y="{f.top + 14 + 14 * i}">{esc(name)} {fmt(v)}</text></g>'
+                f'<text x="{x + 4:.1f}" y="{f.top + 14 + 14 * i}">{esc(name)} {fmt(_round3(v))}'
+                "</text></g>"
             )
     body.append(f'<text x="{f.left}" y="{f.top - 12}">turns</text>')
     body.append(

@@ -54,8 +54,13 @@ def synthetic_report() -> dict[str, Any]:
         "meta": {
             "command": f"python -m loadtest chaos --calls 20 --label '{EVIL_CALL}'",
             "date": "2026-12-02T06:00:00Z",
-            "machine": {"cpus": 2, "cpu_model": "AMD EPYC", "memory_gib": 23.5,
-                        "kernel": "6.1", "python": "3.11.7"},
+            "machine": {
+                "cpus": 2,
+                "cpu_model": "AMD EPYC",
+                "memory_gib": 23.5,
+                "kernel": "6.1",
+                "python": "3.11.7",
+            },
             "commit": "abc1234",
         },
     }
