@@ -87,7 +87,8 @@ class _Frame:
         return self.top + self.ph * (1 - v / top)
 
 
-def _axes(f: _Frame, y_label: str, x_label: str, y2_label: str | None) -> list[str]:
+def _plot_area(f: _Frame) -> list[str]:
+    """The white plot area with the left scale's grid lines and labels."""
     out = [
         f'<rect x="{f.left}" y="{f.top}" width="{f.pw:.1f}" height="{f.ph:.1f}" '
         'fill="#fff" stroke="#d4d4d8"/>'
@@ -99,6 +100,11 @@ def _axes(f: _Frame, y_label: str, x_label: str, y2_label: str | None) -> list[s
             'stroke="#f0f0f3"/>'
         )
         out.append(f'<text x="{f.left - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
+    return out
+
+
+def _axes(f: _Frame, y_label: str, x_label: str, y2_label: str | None) -> list[str]:
+    out = _plot_area(f)
     if y2_label is not None:
         for t in f.y2_ticks:
             y = f.y(t, "right")
@@ -173,7 +179,8 @@ def time_chart(
     x_max = max([*(v + width_x for v in x), *(float(e.get("t_s", 0)) for e in events), 1.0])
     left = [v for s in series if s.axis == "left" for v in s.values]
     right = [v for s in series if s.axis == "right" for v in s.values]
-    f = _Frame(width, height, x_max, max(left, default=0.0), max(right, default=0.0))
+    # A little headroom, so a line at its maximum does not run along the top border.
+    f = _Frame(width, height, x_max, 1.05 * max(left, default=0.0), 1.05 * max(right, default=0.0))
     body = _axes(f, y_label, x_label, y2_label)
     for s in series:
         if s.kind == "bar":
@@ -220,25 +227,20 @@ def histogram_chart(
     def xpos(v: float) -> float:
         return f.left + f.pw * (math.log10(v) - lo) / max(hi - lo, 1e-9)
 
-    body = [
-        f'<rect x="{f.left}" y="{f.top}" width="{f.pw:.1f}" height="{f.ph:.1f}" '
-        'fill="#fff" stroke="#d4d4d8"/>'
+    body = _plot_area(f)
+    ticks = [
+        m * 10.0**decade
+        for decade in range(math.floor(lo), math.ceil(hi) + 1)
+        for m in (1, 2, 3, 5)
+        if edges[0] <= m * 10.0**decade <= edges[-1]
     ]
-    for t in f.y_ticks:
-        y = f.y(t)
+    if len(ticks) < 4:  # a narrow range: label some bin edges themselves
+        ticks = [_round3(e) for e in edges[:: max(1, len(edges) // 6)]]
+    for v in ticks:
         body.append(
-            f'<line x1="{f.left}" x2="{f.left + f.pw:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
-            'stroke="#f0f0f3"/>'
+            f'<text x="{xpos(v):.1f}" y="{f.top + f.ph + 16:.1f}" '
+            f'text-anchor="middle">{fmt(v)}</text>'
         )
-        body.append(f'<text x="{f.left - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
-    for decade in range(math.floor(lo), math.ceil(hi) + 1):
-        for m in (1, 2, 5):
-            v = m * 10.0**decade
-            if edges[0] <= v <= edges[-1]:
-                body.append(
-                    f'<text x="{xpos(v):.1f}" y="{f.top + f.ph + 16:.1f}" '
-                    f'text-anchor="middle">{fmt(v)}</text>'
-                )
     for a, b, c in zip(edges, edges[1:], counts, strict=False):
         if c:
             y = f.y(c)
