@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.stats import describe_machine
-from loadtest.svg_charts import Series, esc, histogram_chart, time_chart
+from loadtest.svg_charts import Series, as_float, esc, histogram_chart, time_chart
 
 # Keys drawn as charts or sections of their own, not repeated in the summary table.
 _SECTIONS = {
@@ -169,96 +169,113 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f'<table class="kv">{body}</table>'
 
 
+def _floats(values: Any) -> list[float]:
+    return [as_float(v) for v in values] if isinstance(values, list) else []
+
+
 def _charts(report: dict[str, Any]) -> list[str]:
-    ts = report.get("timeseries") or {}
+    """Every chart the report has data for. The report may have been read back from disk,
+    so every number is checked on the way in, not trusted to be one."""
+    return [*_time_charts(report), *_histogram(report), *_resource_chart(report)]
+
+
+def _time_charts(report: dict[str, Any]) -> list[str]:
+    ts = report.get("timeseries")
+    ts = ts if isinstance(ts, dict) else {}
+    x = _floats(ts.get("t_s"))
+    if not x:
+        return []
     events = [e for e in report.get("events") or [] if isinstance(e, dict)]
-    x = [float(v) for v in ts.get("t_s", [])]
-    out = []
-    if x:
-        out.append(
-            _figure(
-                time_chart(
-                    "Turn latency over time",
-                    x,
-                    [
-                        Series("p50", ts.get("latency_p50_ms", []), "#2563eb"),
-                        Series("p99", ts.get("latency_p99_ms", []), "#ea580c"),
-                    ],
-                    events=events,
-                    y_label="turn latency, ms (per second)",
-                ),
-                "Turn latency of the turns answered in each second; dashed red lines are the "
-                "injected faults.",
-            )
-        )
-        out.append(
-            _figure(
-                time_chart(
-                    "Throughput and live calls",
-                    x,
-                    [
-                        Series("turns/s", ts.get("turns", []), "#64748b", kind="bar"),
-                        Series("calls up", ts.get("calls_up", []), "#16a34a", axis="right"),
-                    ],
-                    events=events,
-                    y_label="turns answered per second",
-                    y2_label="calls up",
-                ),
-                "",
-            )
-        )
-        out.append(
-            _figure(
-                time_chart(
-                    "Errors",
-                    x,
-                    [Series("errors/s", ts.get("errors", []), "#dc2626", kind="bar")],
-                    events=events,
-                    y_label="errors per second",
-                    height=200,
-                ),
-                f"Errors in all: {_num(sum(ts.get('errors', [])))}.",
-            )
-        )
-    hist = report.get("turn_latency_histogram") or {}
-    if hist.get("counts"):
-        lat = report.get("turn_latency_ms") or {}
-        marks = [(k, float(lat[k])) for k in ("p50", "p99") if isinstance(lat.get(k), int | float)]
-        out.append(
-            _figure(
-                histogram_chart(
-                    "Turn latency histogram", hist["edges_ms"], hist["counts"], markers=marks
-                ),
-                "Log-spaced bins, 8 a decade.",
-            )
-        )
-    res = report.get("resource_samples") or {}
-    if res.get("completed_calls") and res.get("series"):
-        palette = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#ca8a04"]
-        series = [
-            Series(str(name), [float(v) for v in vals], palette[i % len(palette)])
-            for i, (name, vals) in enumerate(res["series"].items())
-        ]
-        out.append(
-            _figure(
-                time_chart(
-                    "Memory over completed calls",
-                    [float(v) for v in res["completed_calls"]],
-                    series,
-                    y_label=str(res.get("unit", "")),
-                    x_label="completed calls",
-                    buckets=False,
-                ),
-                "Sampled while the calls ran. Growth per completed call (least squares, after "
-                "the warm-up): "
-                + ", ".join(
-                    f"{k} {_num(v)} B"
-                    for k, v in (report.get("slopes_bytes_per_call") or {}).items()
-                )
-                + ".",
-            )
-        )
-    return out
+    latency = [
+        Series("p50", _floats(ts.get("latency_p50_ms")), "#2563eb"),
+        Series("p99", _floats(ts.get("latency_p99_ms")), "#ea580c"),
+    ]
+    load = [
+        Series("turns/s", _floats(ts.get("turns")), "#64748b", kind="bar"),
+        Series("calls up", _floats(ts.get("calls_up")), "#16a34a", axis="right"),
+    ]
+    errors = _floats(ts.get("errors"))
+    return [
+        _figure(
+            time_chart(
+                "Turn latency over time",
+                x,
+                latency,
+                events=events,
+                y_label="turn latency, ms (per second)",
+            ),
+            "Turn latency of the turns answered in each second; dashed red lines are the "
+            "injected faults.",
+        ),
+        _figure(
+            time_chart(
+                "Throughput and live calls",
+                x,
+                load,
+                events=events,
+                y_label="turns answered per second",
+                y2_label="calls up",
+            ),
+            "",
+        ),
+        _figure(
+            time_chart(
+                "Errors",
+                x,
+                [Series("errors/s", errors, "#dc2626", kind="bar")],
+                events=events,
+                y_label="errors per second",
+                height=200,
+            ),
+            f"Errors in all: {_num(int(sum(errors)))}.",
+        ),
+    ]
+
+
+def _histogram(report: dict[str, Any]) -> list[str]:
+    hist = report.get("turn_latency_histogram")
+    hist = hist if isinstance(hist, dict) else {}
+    edges, counts = _floats(hist.get("edges_ms")), _floats(hist.get("counts"))
+    if not counts or len(edges) != len(counts) + 1 or min(edges) <= 0:
+        return []
+    lat = report.get("turn_latency_ms")
+    lat = lat if isinstance(lat, dict) else {}
+    marks = [(k, as_float(lat[k])) for k in ("p50", "p99") if k in lat]
+    chart = histogram_chart(
+        "Turn latency histogram", edges, [int(c) for c in counts], markers=marks
+    )
+    return [_figure(chart, "Log-spaced bins, 8 a decade.")]
+
+
+def _resource_chart(report: dict[str, Any]) -> list[str]:
+    res = report.get("resource_samples")
+    res = res if isinstance(res, dict) else {}
+    x = _floats(res.get("completed_calls"))
+    named = res.get("series")
+    if not x or not isinstance(named, dict):
+        return []
+    palette = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#ca8a04"]
+    series = [
+        Series(str(name), _floats(vals), palette[i % len(palette)])
+        for i, (name, vals) in enumerate(named.items())
+    ]
+    slopes = report.get("slopes_bytes_per_call")
+    slopes = slopes if isinstance(slopes, dict) else {}
+    chart = time_chart(
+        "Memory over completed calls",
+        x,
+        series,
+        y_label=str(res.get("unit", "")),
+        events=[m for m in res.get("marks") or [] if isinstance(m, dict)],
+        x_label="completed calls",
+        x_unit="calls",
+        buckets=False,
+    )
+    caption = (
+        "Sampled while the calls ran. Growth per completed call (least squares, after the "
+        "warm-up): " + ", ".join(f"{k} {_num(v)} B" for k, v in slopes.items()) + "."
+    )
+    return [_figure(chart, caption)]
 
 
 def _figure(svg: str, caption: str) -> str:
@@ -272,7 +289,7 @@ def _events_table(report: dict[str, Any]) -> str:
         return "<p>No faults were injected.</p>"
     head = "<tr><th>at, s</th><th>fault</th><th>target</th><th>detail</th></tr>"
     rows = "".join(
-        f"<tr><td>{esc(_num(float(e.get('t_s', 0))))}</td>"
+        f"<tr><td>{esc(_num(as_float(e.get('t_s'))))}</td>"
         f"<td class=event-kind>{esc(e.get('kind', ''))}</td><td>{esc(e.get('target', ''))}</td>"
         f"<td>{esc(e.get('detail', ''))}</td></tr>"
         for e in events[:_MAX_ROWS]

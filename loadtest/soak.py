@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=50, help="callers placing calls")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--turns", type=int, default=2, help="turns per call")
-    p.add_argument("--latency-scale", type=float, default=0.1, help="simulated providers")
+    p.add_argument("--latency-scale", type=float, default=1.0, help="simulated providers")
     p.add_argument("--sample-every", type=float, default=5.0, help="s between samples")
     p.add_argument("--warmup", type=float, help="s left out of the fit (default: a fifth)")
     p.add_argument("--json", dest="json_path", help="write the report here")
@@ -142,6 +142,7 @@ def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
     rss = {k.removesuffix("_rss_b"): v for k, v in per_call.items() if k.endswith("_rss_b")}
     nodes = [v for k, v in rss.items() if k != "router"]
     return {
+        "fit_from_calls": int(x[0]) if x else 0,
         "fitted_samples": len(kept),
         "fitted_calls": int(x[-1] - x[0]) if len(x) > 1 else 0,
         "slopes_bytes_per_call": {
@@ -189,6 +190,7 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
         "resource_samples": {
             "unit": "growth since the first sample, KiB",
             "completed_calls": [s["completed_calls"] for s in soak.samples],
+            "marks": [{"t_s": fitted["fit_from_calls"], "kind": "fit starts", "target": ""}],
             "series": {
                 **{f"{k.removesuffix('_rss_b')} RSS": _growth_kib(soak.samples, k) for k in rss},
                 "Redis used_memory": _growth_kib(soak.samples, "redis_used_memory_b"),

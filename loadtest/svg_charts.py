@@ -20,6 +20,15 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def as_float(value: object) -> float:
+    """A number from a report read back from disk: anything else (or NaN) counts as 0."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) else 0.0
+
+
 @dataclass(frozen=True)
 class Series:
     name: str
@@ -132,14 +141,15 @@ def _legend(series: list[Series], f: _Frame, y_label: str) -> list[str]:
     return out
 
 
-def _events(events: list[dict[str, Any]], f: _Frame) -> list[str]:
+def _events(events: list[dict[str, Any]], f: _Frame, x_unit: str) -> list[str]:
     out = []
     for i, ev in enumerate(events):
-        x = f.x(min(float(ev.get("t_s", 0)), f.x_ticks[-1]))
+        t = as_float(ev.get("t_s"))
+        x = f.x(min(max(t, 0.0), f.x_ticks[-1]))
         label = f"{ev.get('kind', '')} {ev.get('target', '')}".strip()
         y = f.top + 14 + 14 * (i % 3)  # staggered so close events stay legible
         out.append(
-            f'<g class="event"><title>{esc(label)} at {float(ev.get("t_s", 0)):.1f} s'
+            f'<g class="event"><title>{esc(label)} at {t:g} {esc(x_unit)}'
             f"{': ' + esc(ev['detail']) if ev.get('detail') else ''}</title>"
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" y2="{f.top + f.ph:.1f}" '
             f'stroke="{EVENT_COLOR}" stroke-width="1.5" stroke-dasharray="5 3"/>'
@@ -166,6 +176,7 @@ def time_chart(
     y_label: str = "",
     y2_label: str | None = None,
     x_label: str = "seconds since start",
+    x_unit: str = "s",
     buckets: bool = True,
     width: int = 1040,
     height: int = 300,
@@ -176,7 +187,7 @@ def time_chart(
     the bucket and its line point sits in the middle."""
     events = events or []
     width_x = 1.0 if buckets else 0.0
-    x_max = max([*(v + width_x for v in x), *(float(e.get("t_s", 0)) for e in events), 1.0])
+    x_max = max([*(v + width_x for v in x), *(as_float(e.get("t_s")) for e in events), 1.0])
     left = [v for s in series if s.axis == "left" for v in s.values]
     right = [v for s in series if s.axis == "right" for v in s.values]
     # A little headroom, so a line at its maximum does not run along the top border.
@@ -202,7 +213,7 @@ def time_chart(
                     f'<polyline points="{pts}" fill="none" stroke="{s.color}" '
                     'stroke-width="1.8" stroke-linejoin="round"/>'
                 )
-    body += _events(events, f) + _legend(series, f, y_label)
+    body += _events(events, f, x_unit) + _legend(series, f, y_label)
     return _svg(width, height, title, body)
 
 

@@ -165,3 +165,18 @@ def test_a_saved_json_report_renders_and_a_report_without_series_still_renders(
     assert "<svg" in (tmp_path / "out" / "r.html").read_text()
     bare = render_html({"scenario": "run", "calls": 1, "errors": 0})
     assert "<svg" not in bare and "No faults were injected." in bare
+
+
+def test_a_malformed_report_renders_without_its_bad_numbers() -> None:
+    report = synthetic_report()
+    report["timeseries"]["latency_p99_ms"][3] = "<b>NaN</b>"
+    report["timeseries"]["turns"] = None
+    report["events"].append({"t_s": "<i>soon</i>", "kind": "kill", "target": "node-9"})
+    report["turn_latency_histogram"] = {"edges_ms": [-1, 0, 1], "counts": [1, 1]}
+    page = render_html(report)
+    assert "<b>NaN</b>" not in page and "<i>" not in page
+    assert "Turn latency histogram" not in page  # bins that cannot be drawn are left out
+    svgs = re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+    for svg in svgs:
+        ET.fromstring(svg)  # still well-formed
+    assert page.count('class="event"') == 9  # three events on each of the three time charts
