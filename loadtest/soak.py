@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -201,7 +202,22 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
     return rep
 
 
+def check(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot make a soak (None when they can)."""
+    if not 0 < args.minutes <= 24 * 60:
+        return "--minutes must be in (0, 1440]"
+    if not 1 <= args.concurrency <= 10_000:
+        return "--concurrency must be in [1, 10000]"
+    if not 0.1 <= args.sample_every <= 600 or args.turns < 1 or args.nodes < 1:
+        return "--sample-every must be in [0.1, 600] s, --turns and --nodes at least 1"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    problem = check(args)
+    if problem is not None:
+        print(f"loadtest soak: {problem}", file=sys.stderr)
+        return 2
     env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
     with LocalCluster(nodes=args.nodes, env=env) as cluster:
         soak = Soak(args, cluster)

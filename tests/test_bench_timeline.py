@@ -3,6 +3,7 @@ all driven by a fake clock or synthetic samples (no cluster)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import itertools
@@ -11,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from loadtest.progress import LiveProgress, progress_wanted, render
-from loadtest.soak import fit
+from loadtest.soak import check, fit
 from loadtest.stats import percentile, percentiles, slope
 from loadtest.timeline import MAX_EVENTS, MAX_TEXT, Timeline, latency_histogram
 
@@ -153,3 +154,10 @@ def test_soak_slopes_are_bytes_per_completed_call_after_the_warm_up() -> None:
     assert slopes["node-1"] == pytest.approx(30) and slopes["nodes_max"] == pytest.approx(60)
     assert slopes["redis"] == pytest.approx(1000)
     assert fitted["redis_keys_per_call"] == pytest.approx(2)
+
+
+def test_soak_refuses_arguments_that_make_no_soak() -> None:
+    good = argparse.Namespace(minutes=1.0, concurrency=5, sample_every=5.0, turns=2, nodes=2)
+    assert check(good) is None
+    for change in ({"minutes": 0}, {"concurrency": 0}, {"sample_every": 0.0}, {"turns": 0}):
+        assert check(argparse.Namespace(**{**vars(good), **change})) is not None
