@@ -58,10 +58,11 @@ def render(timeline: Timeline, title: str, total_turns: int | None = None) -> Re
         (f"{timeline.errors:,}", errors_style),
     )
     fault = timeline.last_fault()
-    if fault is not None:
-        # Text objects are never parsed as markup, so a node name cannot restyle the line.
-        line.append(f"  last fault +{fault.t_s:.1f}s {fault.kind} {fault.target}", "red")
-    return Group(head, line)
+    if fault is None:
+        return Group(head, line)
+    # Text objects are never parsed as markup, so a node name cannot restyle the line.
+    last = Text(f"last fault +{fault.t_s:.1f}s {fault.kind} {fault.target}", style="red")
+    return Group(head, line, last)
 
 
 class LiveProgress:
