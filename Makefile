@@ -38,8 +38,10 @@ pytest: install
 
 test: lint typecheck pytest
 
+# The standard scenarios (bench/suite.py --list), about 10 minutes here: reports in
+# out/bench/, figures in bench/results.json, tables of docs/benchmarks.md regenerated.
 bench: install
-	$(BIN)/python -m loadtest run --calls 50 --turns 6 --json out/run.json
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -17,6 +17,7 @@ SCENARIOS = [
     "loadtest.effects_bench",
     "loadtest.capacity",
     "loadtest.placement_sim",
+    "loadtest.soak",
 ]
 
 

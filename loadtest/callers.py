@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from callmesh_client.client import CallClient, CallError, Reply
+from loadtest.timeline import Timeline
 
 NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Gus", "Hana", "Ivan", "June"]
 BOOKING = [
@@ -46,15 +47,25 @@ async def scripted_call(
     seed: int = 0,
     think_s: float = 0.0,
     on_turn: Callable[[], None] | None = None,
+    timeline: Timeline | None = None,
 ) -> CallResult:
+    """One call of ``turns`` scripted lines; ``timeline`` (if given) sees it start, each
+    answered turn with its latency, its error and its end."""
     rng = random.Random(f"{seed}:{call_id}")
     name = rng.choice(NAMES)
     result = CallResult(call_id, name)
+    started = False
     try:
         async with CallClient(router_url, call_id, timeout_s=60) as client:
             await client.start(tenant, f"caller-{call_id}")
+            if timeline is not None:
+                timeline.call_started()
+                started = True
             for line in script(turns):
-                result.replies.append(await client.say(line.format(name=name)))
+                reply = await client.say(line.format(name=name))
+                result.replies.append(reply)
+                if timeline is not None:
+                    timeline.turn(reply.latency_ms)
                 if on_turn is not None:
                     on_turn()
                 if think_s:
@@ -64,4 +75,9 @@ async def scripted_call(
             result.completed = client.ended
     except (CallError, OSError, TimeoutError) as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
+        if timeline is not None:
+            timeline.error()
+    finally:
+        if started and timeline is not None:
+            timeline.call_ended()
     return result

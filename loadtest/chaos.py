@@ -25,15 +25,18 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
-from tqdm import tqdm
 
 from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
 from loadtest.callers import NAMES, script
-from loadtest.stats import percentiles, write_report
+from loadtest.html_report import write_html
+from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
+from loadtest.stats import percentiles, run_meta, write_report
+from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
 
 
@@ -49,6 +52,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--latency-scale", type=float, default=1.0)
     p.add_argument("--tts-chunk-ms", type=int, default=500)
     p.add_argument("--json", dest="json_path")
+    p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    add_progress_flag(p)
     p.set_defaults(func=main)
 
 
@@ -73,7 +78,7 @@ class Chaos:
         self.trigger = asyncio.Event()
         self.kill_at: float | None = None
         self.victims: list[Proc] = []
-        self.bar = tqdm(total=self.total_turns, desc="turns", unit="turn", leave=False)
+        self.timeline = Timeline()
 
     async def caller(self, call_id: str, seed: int) -> ChaosCall:
         rng = random.Random(seed)
@@ -81,12 +86,13 @@ class Chaos:
         try:
             async with CallClient(self.cluster.router_url, call_id, timeout_s=60) as client:
                 call.ready_node = (await client.start("demo", f"caller-{call_id}"))["node"]
+                self.timeline.call_started()
                 await asyncio.sleep(rng.uniform(0, self.args.think))
                 for line in script(self.args.turns):
                     call.sent += 1
                     call.replies.append(await client.say(line.format(name=call.name)))
+                    self.timeline.turn(call.replies[-1].latency_ms)
                     self.done_turns += 1
-                    self.bar.update(1)
                     if self.done_turns >= 0.4 * self.total_turns:
                         self.trigger.set()
                     await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
@@ -95,6 +101,9 @@ class Chaos:
                 call.duplicates = client.duplicates
         except (CallError, OSError, TimeoutError) as exc:
             call.errors.append(f"{type(exc).__name__}: {exc}")
+            self.timeline.error()
+        if call.ready_node:
+            self.timeline.call_ended()
         return call
 
     async def strike(self) -> None:
@@ -112,16 +121,29 @@ class Chaos:
         self.kill_at = time.monotonic()
         for victim in self.victims:
             victim.signal(sig)
+            kind = "kill" if self.args.kill else "drain"
+            self.timeline.fault(kind, victim.name, sig.name, at=self.kill_at)
+        # A drained node's exit marks the end of its drain on the report's time line.
+        draining = list(self.victims) if self.args.drain else []
+        while draining:
+            await asyncio.sleep(0.1)
+            for v in [v for v in draining if not v.alive()]:
+                draining.remove(v)
+                code = v.popen.returncode if v.popen else None
+                self.timeline.fault("exited", v.name, f"exit code {code}")
 
     async def run(self) -> list[ChaosCall]:
         prefix = uuid.uuid4().hex[:6]
         striker = asyncio.create_task(self.strike(), name="chaos-strike")
+        show = progress_wanted(self.args.no_progress)
         try:
-            calls = await asyncio.gather(
-                *(self.caller(f"chaos-{prefix}-{i}", i) for i in range(self.args.calls))
-            )
+            async with LiveProgress(
+                self.timeline, "chaos", total_turns=self.total_turns, enabled=show
+            ):
+                calls = await asyncio.gather(
+                    *(self.caller(f"chaos-{prefix}-{i}", i) for i in range(self.args.calls))
+                )
         finally:
-            self.bar.close()
             if not striker.done():
                 striker.cancel()
             await asyncio.gather(striker, return_exceptions=True)
@@ -174,7 +196,9 @@ async def count_effects(nats_url: str) -> tuple[int, int]:
         js = nc.jetstream()
         info = await js.stream_info(subjects.EFFECTS_STREAM)
         per_call: Counter[str] = Counter()
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        # An empty stream reports first_seq 0, which get_msg refuses (no call booked yet).
+        first = max(1, info.state.first_seq)
+        for seq in range(first, info.state.last_seq + 1):
             msg = await js.get_msg(subjects.EFFECTS_STREAM, seq)
             if msg.data:
                 per_call[json.loads(msg.data)["call_id"]] += 1
@@ -226,10 +250,14 @@ def main(args: argparse.Namespace) -> int:
                 "per affected call: from max(kill, caller's next utterance) to the first reply "
                 "frame from the new owner"
             )
+            rep.update(chaos.timeline.report())
             return rep
 
         report = asyncio.run(go())
+    report["meta"] = run_meta()
     write_report(report, args.json_path)
+    if args.html_path:
+        write_html(report, Path(args.html_path))
     ok = all(
         report[k] == 0
         for k in ("lost_turns", "duplicate_replies", "duplicate_effects", "context_lost")

@@ -7,12 +7,14 @@ import asyncio
 import time
 import uuid
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from loadtest.callers import CallResult, scripted_call
-from loadtest.stats import percentiles, write_report
+from loadtest.html_report import write_html
+from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
+from loadtest.stats import percentiles, run_meta, write_report
+from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster
 
 
@@ -30,27 +32,29 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--think", type=float, default=0.0, help="mean pause between turns, s")
     p.add_argument("--json", dest="json_path", help="write the report here")
+    p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    add_progress_flag(p)
     p.set_defaults(func=main)
 
 
-async def drive(router_url: str, calls: int, turns: int, think_s: float) -> list[CallResult]:
+async def drive(
+    router_url: str,
+    calls: int,
+    turns: int,
+    think_s: float,
+    timeline: Timeline | None = None,
+    progress: bool = False,
+) -> list[CallResult]:
     prefix = uuid.uuid4().hex[:6]
-    bar = tqdm(total=calls * turns, desc="turns", unit="turn", leave=False)
+    timeline = Timeline() if timeline is None else timeline
 
     async def one(i: int) -> CallResult:
         return await scripted_call(
-            router_url,
-            f"lt-{prefix}-{i}",
-            turns,
-            seed=i,
-            think_s=think_s,
-            on_turn=lambda: bar.update(1),
+            router_url, f"lt-{prefix}-{i}", turns, seed=i, think_s=think_s, timeline=timeline
         )
 
-    try:
+    async with LiveProgress(timeline, "run", total_turns=calls * turns, enabled=progress):
         return list(await asyncio.gather(*(one(i) for i in range(calls))))
-    finally:
-        bar.close()
 
 
 def report(results: list[CallResult], elapsed_s: float) -> dict[str, Any]:
@@ -75,7 +79,13 @@ def main(args: argparse.Namespace) -> int:
     with ctx as cluster:
         url = args.router or cluster.router_url  # type: ignore[union-attr]
         t0 = time.monotonic()
-        results = asyncio.run(drive(url, args.calls, args.turns, args.think))
+        timeline = Timeline()
+        show = progress_wanted(args.no_progress)
+        results = asyncio.run(drive(url, args.calls, args.turns, args.think, timeline, show))
         rep = report(results, time.monotonic() - t0)
+    rep.update(timeline.report())
+    rep["meta"] = run_meta()
     write_report(rep, args.json_path)
+    if args.html_path:
+        write_html(rep, Path(args.html_path))
     return 0 if rep["errors"] == 0 else 1

@@ -1,0 +1,231 @@
+"""``python -m loadtest soak``: what an ended call leaves behind.
+
+``--concurrency`` callers place short scripted calls back to back for ``--minutes``
+through a local cluster. Every ``--sample-every`` seconds the RSS of the router and of
+each node (VmRSS) and Redis's ``used_memory`` and key count are sampled against the number
+of calls completed so far. The growth per completed call is the least-squares slope of
+each series over the completed calls, fitted after a warm-up (``--warmup``, by default the
+first fifth of the run: allocators, caches and pools fill once, and that is not a leak).
+
+Target: no process grows more than 100 bytes per completed call (``pass``). Redis is
+reported, not judged: an ended call keeps what replay needs for the retention period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from loadtest.callers import scripted_call
+from loadtest.html_report import write_html
+from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
+from loadtest.stats import percentiles, run_meta, slope, write_report
+from loadtest.timeline import Timeline
+from localcluster.cluster import LocalCluster
+
+TARGET_BYTES_PER_CALL = 100.0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("soak", help="calls back to back for N minutes; memory slopes per call")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=50, help="callers placing calls")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--turns", type=int, default=2, help="turns per call")
+    p.add_argument("--latency-scale", type=float, default=1.0, help="simulated providers")
+    p.add_argument("--sample-every", type=float, default=5.0, help="s between samples")
+    p.add_argument("--warmup", type=float, help="s left out of the fit (default: a fifth)")
+    p.add_argument("--json", dest="json_path", help="write the report here")
+    p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    add_progress_flag(p)
+    p.set_defaults(func=main)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process, from /proc/PID/status (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, cluster: LocalCluster) -> None:
+        self.args = args
+        self.cluster = cluster
+        self.timeline = Timeline()
+        self.calls = 0
+        self.completed = 0
+        self.errors: list[str] = []
+        self.latencies: list[float] = []
+        self.samples: list[dict[str, float]] = []
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:6]
+
+    async def caller(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            i = next(self._ids)
+            res = await scripted_call(
+                self.cluster.router_url,
+                f"soak-{self._prefix}-{i}",
+                self.args.turns,
+                seed=i,
+                timeline=self.timeline,
+            )
+            # Figures only: this process runs for minutes and must not hold every reply.
+            self.calls += 1
+            self.completed += 1 if res.completed and not res.errors else 0
+            self.errors += res.errors
+            self.latencies += [r.latency_ms for r in res.replies]
+
+    async def sample(self, redis: aioredis.Redis) -> None:
+        info = await redis.info("memory")
+        row: dict[str, float] = {
+            "t_s": round(self.timeline.elapsed_s(), 2),
+            "completed_calls": self.completed,
+            "router_rss_b": rss_bytes(self.cluster.router.pid) if self.cluster.router else 0,
+            "redis_used_memory_b": int(info["used_memory"]),
+            "redis_keys": int(await redis.dbsize()),
+        }
+        for node in self.cluster.nodes:
+            row[f"{node.name}_rss_b"] = rss_bytes(node.pid)
+        self.samples.append(row)
+
+    async def sampler(self, stop: asyncio.Event) -> None:
+        redis = aioredis.Redis.from_url(self.cluster.redis_url)
+        try:
+            while True:
+                await self.sample(redis)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.args.sample_every)
+                    await self.sample(redis)  # the state at the end of the run
+                    return
+                except TimeoutError:
+                    continue
+        finally:
+            await redis.aclose()
+
+    async def run(self) -> None:
+        deadline = time.monotonic() + self.args.minutes * 60
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(self.sampler(stop), name="soak-sampler")
+        show = progress_wanted(self.args.no_progress)
+        try:
+            async with (
+                LiveProgress(self.timeline, "soak", enabled=show),
+                asyncio.TaskGroup() as tg,
+            ):
+                for n in range(self.args.concurrency):
+                    tg.create_task(self.caller(deadline), name=f"soak-caller-{n}")
+        finally:
+            stop.set()
+            await asyncio.gather(sampler, return_exceptions=True)
+
+
+def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
+    """Bytes (or keys) per completed call of every sampled series, by least squares over
+    the samples after ``warmup_s``."""
+    kept = [s for s in samples if s["t_s"] >= warmup_s] or samples
+    x = [float(s["completed_calls"]) for s in kept]
+    names = [k for k in (kept[0] if kept else {}) if k not in ("t_s", "completed_calls")]
+    per_call = {k: round(slope(x, [float(s[k]) for s in kept]), 2) for k in names}
+    rss = {k.removesuffix("_rss_b"): v for k, v in per_call.items() if k.endswith("_rss_b")}
+    nodes = [v for k, v in rss.items() if k != "router"]
+    return {
+        "fit_from_calls": int(x[0]) if x else 0,
+        "fitted_samples": len(kept),
+        "fitted_calls": int(x[-1] - x[0]) if len(x) > 1 else 0,
+        "slopes_bytes_per_call": {
+            **rss,
+            "nodes_max": max(nodes, default=0.0),
+            "redis": per_call.get("redis_used_memory_b", 0.0),
+        },
+        "redis_keys_per_call": per_call.get("redis_keys", 0.0),
+    }
+
+
+def _growth_kib(samples: list[dict[str, float]], key: str) -> list[float]:
+    return [round((s[key] - samples[0][key]) / 1024, 1) for s in samples]
+
+
+def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict[str, Any]:
+    warmup = args.warmup if args.warmup is not None else args.minutes * 60 / 5
+    fitted = fit(soak.samples, warmup)
+    slopes = fitted["slopes_bytes_per_call"]
+    rss = [k for k in (soak.samples[0] if soak.samples else {}) if k.endswith("_rss_b")]
+    rep: dict[str, Any] = {
+        "scenario": "soak",
+        "minutes": args.minutes,
+        "concurrency": args.concurrency,
+        "nodes": args.nodes,
+        "turns_per_call": args.turns,
+        "calls": soak.calls,
+        "completed_calls": soak.completed,
+        "calls_per_s": round(soak.completed / max(elapsed_s, 1e-9), 1),
+        "errors": len(soak.errors),
+        "error_samples": soak.errors[:5],
+        "turn_latency_ms": percentiles(soak.latencies),
+        "warmup_s": round(warmup, 1),
+        **fitted,
+        "slopes_kib_per_1000_calls": {k: round(v * 1000 / 1024, 2) for k, v in slopes.items()},
+        "target_bytes_per_call": TARGET_BYTES_PER_CALL,
+        "pass": {
+            "router_flat": slopes.get("router", 0.0) <= TARGET_BYTES_PER_CALL,
+            "nodes_flat": slopes["nodes_max"] <= TARGET_BYTES_PER_CALL,
+        },
+        "elapsed_s": round(elapsed_s, 2),
+        "samples": soak.samples,
+        # Growth since the first sample: absolute sizes (50-120 MB) would flatten a leak of
+        # a few hundred KB into a straight line.
+        "resource_samples": {
+            "unit": "growth since the first sample, KiB",
+            "completed_calls": [s["completed_calls"] for s in soak.samples],
+            "marks": [{"t_s": fitted["fit_from_calls"], "kind": "fit starts", "target": ""}],
+            "series": {
+                **{f"{k.removesuffix('_rss_b')} RSS": _growth_kib(soak.samples, k) for k in rss},
+                "Redis used_memory": _growth_kib(soak.samples, "redis_used_memory_b"),
+            },
+        },
+    }
+    rep.update(soak.timeline.report())
+    return rep
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot make a soak (None when they can)."""
+    if not 0 < args.minutes <= 24 * 60:
+        return "--minutes must be in (0, 1440]"
+    if not 1 <= args.concurrency <= 10_000:
+        return "--concurrency must be in [1, 10000]"
+    if not 0.1 <= args.sample_every <= 600 or args.turns < 1 or args.nodes < 1:
+        return "--sample-every must be in [0.1, 600] s, --turns and --nodes at least 1"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = check(args)
+    if problem is not None:
+        print(f"loadtest soak: {problem}", file=sys.stderr)
+        return 2
+    env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
+    with LocalCluster(nodes=args.nodes, env=env) as cluster:
+        soak = Soak(args, cluster)
+        t0 = time.monotonic()
+        asyncio.run(soak.run())
+        rep = build_report(soak, args, time.monotonic() - t0)
+    rep["meta"] = run_meta()
+    write_report(rep, args.json_path)
+    if args.html_path:
+        write_html(rep, Path(args.html_path))
+    return 0 if rep["errors"] == 0 and all(rep["pass"].values()) else 1
