@@ -13,7 +13,6 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from callmesh import settings
@@ -182,41 +181,6 @@ class NodeConfig:
         _positive("checkpoint_ttl_s", self.checkpoint_ttl_s)
         if not self.advertise_url:
             object.__setattr__(self, "advertise_url", f"http://{self.host}:{self.port}")
-
-
-class RedactionMode(StrEnum):
-    MASK = "mask"  # [phone ••••0123]
-    HASH = "hash"  # [phone#a1b2c3d4]: HMAC-SHA256 with ``key``, stable per value
-
-
-# A key shorter than this could be brute-forced together with the small space of phone
-# numbers; 16 bytes of randomness is 128 bits.
-MIN_REDACTION_KEY_BYTES = 16
-
-
-@dataclass(frozen=True)
-class RedactionConfig:
-    """How PII is redacted where text leaves a call (callmesh.redaction). Every process of
-    a cluster must use the same settings, or replay verification reports divergences."""
-
-    mode: RedactionMode = RedactionMode.MASK
-    key: str = field(default="", repr=False)
-
-    def __post_init__(self) -> None:
-        if self.mode is RedactionMode.HASH and len(self.key.encode()) < MIN_REDACTION_KEY_BYTES:
-            raise ConfigError(
-                f"redaction mode hash needs a key of >= {MIN_REDACTION_KEY_BYTES} bytes "
-                "(CALLMESH_REDACTION_KEY)"
-            )
-
-
-def redaction_from_env(env: Mapping[str, str]) -> RedactionConfig:
-    mode = env.get("CALLMESH_REDACTION_MODE") or RedactionMode.MASK.value
-    try:
-        parsed = RedactionMode(mode.lower())
-    except ValueError as exc:
-        raise ConfigError(f"CALLMESH_REDACTION_MODE must be mask or hash, got {mode!r}") from exc
-    return RedactionConfig(mode=parsed, key=env.get("CALLMESH_REDACTION_KEY", ""))
 
 
 T = TypeVar("T")

@@ -27,13 +27,12 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from callmesh.config import RedactionConfig, RedactionMode
-
+ENV_MODE = "CALLMESH_REDACTION_MODE"
+ENV_KEY = "CALLMESH_REDACTION_KEY"
 MASK_CHAR = "•"
 SECRET_MASK = "***"
 HASH_HEX_CHARS = 8
@@ -61,6 +60,37 @@ ID_FIELDS = frozenset(
         "prompt_digest",
     }
 )
+
+
+class RedactionMode(StrEnum):
+    MASK = "mask"  # [phone ••••0123]
+    HASH = "hash"  # [phone#a1b2c3d4]: HMAC-SHA256 with the key, stable per value
+
+
+# A shorter key could be brute-forced together with the small space of phone numbers.
+MIN_KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class RedactionConfig:
+    """How PII is redacted. Every process of a cluster must use the same settings, or
+    replay verification reports divergences (:mod:`events.replay_verify`)."""
+
+    mode: RedactionMode = RedactionMode.MASK
+    key: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode is RedactionMode.HASH and len(self.key.encode()) < MIN_KEY_BYTES:
+            raise ValueError(f"redaction mode hash needs a key of >= {MIN_KEY_BYTES} bytes")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RedactionConfig:
+        mode = env.get(ENV_MODE) or RedactionMode.MASK.value
+        try:
+            parsed = RedactionMode(mode.lower())
+        except ValueError as exc:
+            raise ValueError(f"{ENV_MODE} must be mask or hash, got {mode!r}") from exc
+        return cls(mode=parsed, key=env.get(ENV_KEY, ""))
 
 
 class PiiKind(StrEnum):
@@ -245,13 +275,9 @@ class Redactor:
     """Replaces PII in text and in JSON-like values, by mask or by keyed hash."""
 
     def __init__(self, config: RedactionConfig | None = None) -> None:
-        # Imported here: callmesh.config imports (through gc_tuning) the telemetry module
-        # whose log filter uses this one.
-        from callmesh.config import RedactionConfig
-
         self.config = config or RedactionConfig()
         self._key = self.config.key.encode()
-        self._hash = self.config.mode == "hash"
+        self._hash = self.config.mode is RedactionMode.HASH
 
     @property
     def mode(self) -> RedactionMode:
@@ -306,9 +332,7 @@ def default_redactor() -> Redactor:
     hand (a log filter, the event-log encoder)."""
     global _default
     if _default is None:
-        from callmesh.config import redaction_from_env
-
-        _default = Redactor(redaction_from_env(os.environ))
+        _default = Redactor(RedactionConfig.from_env(os.environ))
     return _default
 
 

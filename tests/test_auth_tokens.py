@@ -43,7 +43,7 @@ from callmesh.auth.twilio import (
     verify_request,
     verify_stream_token,
 )
-from callmesh.servers import free_port
+from localcluster.servers import free_port
 
 SECRET = "dev-secret-" + "x" * 32
 NOW = int(time.time())
