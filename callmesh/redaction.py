@@ -188,17 +188,22 @@ def _phones(text: str) -> list[Finding]:
     return out
 
 
+# Eight digits close together: the least any phone number or card has. Found at C speed,
+# it spares the detectors the text of almost every turn.
+_DENSE_DIGITS = re.compile(r"\d(?:\D{0,3}\d){7}")
+
+
 def find_pii(text: str) -> list[Finding]:
     """Every phone number, e-mail address and card number in ``text``, in order. Where
     findings overlap the stronger one wins: an e-mail over the digits in it, a
     Luhn-checked card over a phone-shaped part of it."""
-    if not any(c.isdigit() for c in text) and "@" not in text:
-        return []
+    found = _emails(text)
+    if _DENSE_DIGITS.search(text):
+        found += _cards(text) + _phones(text)
     chosen: list[Finding] = []
-    for found in (_emails(text), _cards(text), _phones(text)):
-        for f in found:
-            if all(f.end <= c.start or f.start >= c.end for c in chosen):
-                chosen.append(f)
+    for f in found:  # in order of strength: e-mails, cards, phones
+        if all(f.end <= c.start or f.start >= c.end for c in chosen):
+            chosen.append(f)
     return sorted(chosen, key=lambda f: f.start)
 
 

@@ -20,7 +20,7 @@ from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
 from callmesh import redaction
-from callmesh.config import ConfigError, redaction_from_env
+from callmesh.config import Backends, ConfigError, RouterConfig, redaction_from_env
 from callmesh.redaction import (
     PiiKind,
     RedactionConfig,
@@ -439,3 +439,12 @@ async def test_the_outbox_boundary_redacts_in_hash_mode() -> None:
     text = eventlog.decode(entry.data)["text"]
     assert text.startswith("call me on [phone#") and "0123" not in text
     assert PiiKind.PHONE.value in text
+
+
+def test_backend_urls_never_show_their_passwords() -> None:
+    backends = Backends(redis_url="redis://:s3cr3t@h:6379/0", nats_url="nats://u:n4ts@h:4222")
+    shown = repr(backends) + repr(RouterConfig(backends=backends))
+    assert "s3cr3t" not in shown and "n4ts" not in shown and "redis://:***@h:6379/0" in shown
+    with pytest.raises(ConfigError) as info:
+        Backends(redis_url="http://:s3cr3t@h")
+    assert "s3cr3t" not in str(info.value)
