@@ -133,13 +133,15 @@ _PHONE_TRUNK = re.compile(r"(?<![\w+\-./#$])0\d{1,4}(?:[ \-]?\d{2,4}){2,4}" + _P
 
 
 def _digits(text: str) -> str:
-    return "".join(c for c in text if c.isdigit())
+    # isdecimal: what the patterns' \d matches (any script's decimal digits), in ASCII so
+    # one number has one hash however it was written.
+    return "".join(str(int(c)) for c in text if c.isdecimal())
 
 
 def luhn_valid(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
+        d = ord(ch) - 48  # ASCII digits (_digits)
         if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
@@ -152,7 +154,7 @@ def _cards_in_run(text: str, start: int, end: int) -> list[Finding]:
     while i < len(groups):
         best, digits = None, ""
         for j in range(i, len(groups)):
-            digits += text[groups[j][0] : groups[j][1]]
+            digits += _digits(text[groups[j][0] : groups[j][1]])
             if len(digits) > 19:
                 break
             if len(digits) >= 13 and luhn_valid(digits):

@@ -448,3 +448,9 @@ def test_backend_urls_never_show_their_passwords() -> None:
     with pytest.raises(ConfigError) as info:
         Backends(redis_url="http://:s3cr3t@h")
     assert "s3cr3t" not in str(info.value)
+
+
+def test_digits_of_any_script() -> None:
+    arabic = "٤٢٤٢ ٤٢٤٢ ٤٢٤٢ ٤٢٤٢"  # 4242 4242 4242 4242 in Arabic-Indic digits
+    assert MASK.redact_text(f"card {arabic}") == "card [card ••••4242]"
+    assert HASH.redact_text(arabic) == HASH.redact_text("4242 4242 4242 4242")
