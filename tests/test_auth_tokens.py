@@ -248,6 +248,13 @@ async def test_bad_signatures(verifier: TokenVerifier) -> None:
     for token in (
         hs(secret="another-secret-" + "y" * 32),
         rs(key=OTHER_RSA),  # the right kid, the wrong private key
+        # ... and its public key embedded in the header, for a verifier naive enough
+        jwt.encode(
+            claims(),
+            OTHER_RSA,
+            algorithm="RS256",
+            headers={"kid": "rsa-1", "jwk": jwk(OTHER_RSA, "rsa-1"), "jku": "http://evil/"},
+        ),
         hs()[:-4] + ("AAAA" if not hs().endswith("AAAA") else "BBBB"),
     ):
         with pytest.raises(TokenBadSignature):
@@ -644,8 +651,9 @@ def test_stream_token_is_bound_to_its_call_sid() -> None:
     assert (grant.call_sid, grant.tenant, grant.caller) == ("CA0123", "acme", "14155550100")
     with pytest.raises(TokenForbidden):
         verify_stream_token(SECRET, token, "CA9999")
-    with pytest.raises(TokenForbidden):
-        verify_stream_token(SECRET, token, "CA0123é")
+    for wrong_sid in ("CA0123é", None, 123, ""):
+        with pytest.raises(TokenForbidden):
+            verify_stream_token(SECRET, token, wrong_sid)
     with pytest.raises(TokenBadSignature):
         verify_stream_token("another-secret-" + "z" * 32, token, "CA0123")
     expired = mint_stream_token(SECRET, "CA0123", "acme", "c", ttl_s=60, now=time.time() - 300)

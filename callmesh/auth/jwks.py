@@ -3,7 +3,8 @@
 Every key is pinned to one algorithm, and a token is checked only with a key of the
 algorithm its header names: an HS256 token is never checked against a public key (the
 HS/RS confusion), ``none`` is never accepted, and a JWKS may only hold RSA and EC keys
-(a symmetric ``oct`` key served from a URL is skipped).
+(a symmetric ``oct`` key served from a URL is skipped). Keys come from configuration
+only: a token's own ``jwk``, ``jku`` or ``x5u`` header is never followed.
 
 The key set is fetched over HTTP (aiohttp), cached for ``ttl_s`` and refreshed when a
 token names a key id it does not hold, at most once per ``min_refresh_interval_s``: a
