@@ -46,7 +46,12 @@ from callmesh.auth.twilio import (
 from localcluster.servers import free_port
 
 SECRET = "dev-secret-" + "x" * 32
-NOW = int(time.time())
+
+
+def now() -> int:
+    # Read at each use: a module-level "now" goes stale in a long test session.
+    return int(time.time())
+
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -60,8 +65,8 @@ def claims(**over: Any) -> dict[str, Any]:
         "call_id": "call-1",
         "scope": SCOPE_CALL,
         "aud": "callmesh",
-        "iat": NOW,
-        "exp": NOW + 600,
+        "iat": now(),
+        "exp": now() + 600,
     }
     base.update(over)
     return {k: v for k, v in base.items() if v is not None}
@@ -194,8 +199,8 @@ async def test_a_call_prefix_covers_its_calls_only(verifier: TokenVerifier) -> N
 
 
 async def test_clock_skew_within_the_leeway_is_tolerated(verifier: TokenVerifier) -> None:
-    await verifier.verify(hs(exp=NOW - 10, iat=NOW - 600))
-    await verifier.verify(hs(iat=NOW + 10, nbf=NOW + 10))
+    await verifier.verify(hs(exp=now() - 10, iat=now() - 600))
+    await verifier.verify(hs(iat=now() + 10, nbf=now() + 10))
 
 
 # ----------------------------------------------------------------------------- refused
@@ -203,10 +208,10 @@ async def test_clock_skew_within_the_leeway_is_tolerated(verifier: TokenVerifier
 
 async def test_expired_and_not_yet_valid_tokens(verifier: TokenVerifier) -> None:
     for token in (
-        hs(exp=NOW - 120, iat=NOW - 600),
-        rs(exp=NOW - 120, iat=NOW - 600),
-        hs(nbf=NOW + 600),
-        es(iat=NOW + 600, exp=NOW + 1200),
+        hs(exp=now() - 120, iat=now() - 600),
+        rs(exp=now() - 120, iat=now() - 600),
+        hs(nbf=now() + 600),
+        es(iat=now() + 600, exp=now() + 1200),
     ):
         with pytest.raises(TokenExpired) as info:
             await verifier.verify(token)
@@ -216,7 +221,7 @@ async def test_expired_and_not_yet_valid_tokens(verifier: TokenVerifier) -> None
 
 async def test_a_token_valid_too_long_is_refused(verifier: TokenVerifier) -> None:
     with pytest.raises(TokenExpired):
-        await verifier.verify(hs(exp=NOW + 30 * 24 * 3600))
+        await verifier.verify(hs(exp=now() + 30 * 24 * 3600))
 
 
 async def test_tenant_a_token_cannot_open_tenant_b_call(verifier: TokenVerifier) -> None:
