@@ -10,9 +10,9 @@ two calls gave the same number without anyone being able to read it).
 Redaction is idempotent (a redacted text has nothing left to find), so a boundary may
 redact what an earlier one already did, and replay may redact an old log again.
 
-The same module masks credentials in URLs (``redis://:pw@host`` → ``redis://:***@host``,
-``?token=...`` → ``?token=***``) and the values of secret settings: text is cleaned of
-those before PII is looked for.
+The same pass masks credentials of URLs anywhere in the text (``redis://:pw@host`` →
+``redis://:***@host``, ``?token=...`` → ``?token=***``), so a log line that quotes a URL
+does not leak it (settings themselves are shown masked by :mod:`callmesh.settings`).
 
 Detection is conservative where a false positive would mangle data the call needs:
 cards must be 13-19 digits that pass the Luhn check; national phone numbers must have a
@@ -85,9 +85,10 @@ class RedactionConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RedactionConfig:
+        """The settings as every process reads them (declared in callmesh.settings.table)."""
         mode = env.get(ENV_MODE) or RedactionMode.MASK.value
         try:
-            parsed = RedactionMode(mode.lower())
+            parsed = RedactionMode(mode)
         except ValueError as exc:
             raise ValueError(f"{ENV_MODE} must be mask or hash, got {mode!r}") from exc
         return cls(mode=parsed, key=env.get(ENV_KEY, ""))
@@ -217,7 +218,6 @@ _URL_USERINFO = re.compile(
 )
 _SECRET_WORDS = r"(?:token|secret|passw(?:or)?d|pwd|api[_\-]?key|key|sig|signature|auth|credential)"
 _URL_SECRET_PARAM = re.compile(rf"(?P<name>[?&][^=&\s#]*{_SECRET_WORDS}[^=&\s#]*=)[^&\s#]+", re.I)
-_SECRET_SETTING = re.compile(rf"{_SECRET_WORDS}", re.I)
 
 
 def _userinfo(m: re.Match[str]) -> str:
@@ -234,30 +234,6 @@ def mask_secrets(text: str) -> str:
         return text
     text = _URL_USERINFO.sub(_userinfo, text)
     return _URL_SECRET_PARAM.sub(lambda m: m.group("name") + SECRET_MASK, text)
-
-
-def mask_url(url: str) -> str:
-    """A URL fit for a log: ``redis://:pw@host/0`` → ``redis://:***@host/0``."""
-    return mask_secrets(url)
-
-
-def is_secret_setting(name: str) -> bool:
-    """Whether a setting's name says it holds a secret (``TWILIO_AUTH_TOKEN``,
-    ``redaction_key``, ``CALLMESH_JWT_SECRET``...)."""
-    return bool(_SECRET_SETTING.search(name))
-
-
-def mask_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings fit for a log: secret ones masked, URLs' credentials masked."""
-    out: dict[str, Any] = {}
-    for name, value in settings.items():
-        if is_secret_setting(name) and value not in ("", None):
-            out[name] = SECRET_MASK
-        elif isinstance(value, str):
-            out[name] = mask_secrets(value)
-        else:
-            out[name] = value
-    return out
 
 
 # --------------------------------------------------------------------------- redactor

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from callmesh.redaction import default_redactor, mask_url
+from callmesh.redaction import default_redactor, mask_secrets
+from callmesh.settings import mask_url
 from events.errors import EventsError
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class WebhookSink:
                 # Read the body so the connection goes back to the pool in a clean state.
                 await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            detail = f"{type(exc).__name__}: {mask_url(str(exc))}"
+            detail = f"{type(exc).__name__}: {mask_secrets(str(exc))}"
             raise SinkRetryable(f"POST {self._where(effect)}: {detail}") from exc
         if 200 <= status < 300:
             return DeliveryResult(status)

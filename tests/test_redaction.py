@@ -20,16 +20,17 @@ from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
 from callmesh import redaction
-from callmesh.config import Backends, ConfigError, RouterConfig, redaction_from_env
+from callmesh import settings as callmesh_settings
 from callmesh.redaction import (
     PiiKind,
     RedactionConfig,
     RedactionMode,
     Redactor,
     find_pii,
-    mask_settings,
-    mask_url,
+    mask_secrets,
 )
+from callmesh.settings import ConfigError
+from callmesh.settings.table import NODE, REPLAY, ROUTER, WORKER
 from callmesh.telemetry import JsonFormatter, RedactingFilter, setup_logging
 from conversation_node.providers.base import LLMDelta, LLMRequest, ToolCall
 from conversation_node.providers.simulated import SimulatedLLM
@@ -171,11 +172,13 @@ def test_hash_mode_is_keyed_stable_and_normalised() -> None:
 def test_hash_mode_needs_a_long_key() -> None:
     with pytest.raises(ValueError):
         RedactionConfig(RedactionMode.HASH, "short")
-    with pytest.raises(ConfigError):
-        redaction_from_env({"CALLMESH_REDACTION_MODE": "plain"})
-    cfg = redaction_from_env({"CALLMESH_REDACTION_MODE": "HASH", "CALLMESH_REDACTION_KEY": KEY})
+    with pytest.raises(ValueError):
+        RedactionConfig.from_env({"CALLMESH_REDACTION_MODE": "plain"})
+    cfg = RedactionConfig.from_env(
+        {"CALLMESH_REDACTION_MODE": "hash", "CALLMESH_REDACTION_KEY": KEY}
+    )
     assert cfg.mode is RedactionMode.HASH and KEY not in repr(cfg)
-    assert redaction_from_env({}).mode is RedactionMode.MASK
+    assert RedactionConfig.from_env({}).mode is RedactionMode.MASK
 
 
 @pytest.mark.parametrize("redactor", [MASK, HASH], ids=["mask", "hash"])
@@ -230,34 +233,25 @@ def test_long_input_is_handled() -> None:
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
     ],
 )
-def test_credentials_in_urls_are_masked(url: str, masked: str) -> None:
-    assert mask_url(url) == masked
+def test_credentials_of_urls_in_text_are_masked(url: str, masked: str) -> None:
+    assert mask_secrets(url) == masked
     assert MASK.redact_text(f"connecting to {url} now") == f"connecting to {masked} now"
 
 
-def test_secret_settings_are_masked() -> None:
-    out = mask_settings(
-        {
-            "TWILIO_AUTH_TOKEN": "abc",
-            "CALLMESH_REDACTION_KEY": KEY,
-            "CALLMESH_JWT_SECRET": "s3cret",
-            "REDIS_URL": "redis://:pw@h:6379",
-            "CALLMESH_PUBLIC_URL": "https://voice.example.com",
-            "twilio_default_tenant": "acme",
-            "empty_token": "",
-            "port": 8080,
-        }
-    )
-    assert out == {
-        "TWILIO_AUTH_TOKEN": "***",
-        "CALLMESH_REDACTION_KEY": "***",
-        "CALLMESH_JWT_SECRET": "***",
-        "REDIS_URL": "redis://:***@h:6379",
-        "CALLMESH_PUBLIC_URL": "https://voice.example.com",
-        "twilio_default_tenant": "acme",
-        "empty_token": "",
-        "port": 8080,
-    }
+def test_redaction_settings_are_declared_and_checked() -> None:
+    for process in (ROUTER, NODE, WORKER, REPLAY):
+        assert callmesh_settings.load(process, {})["redaction_mode"] == "mask"
+        with pytest.raises(ConfigError):
+            callmesh_settings.load(process, {"CALLMESH_REDACTION_MODE": "hash"})  # no key
+        with pytest.raises(ConfigError):
+            callmesh_settings.load(process, {"CALLMESH_REDACTION_MODE": "plain"})
+        values = callmesh_settings.load(
+            process, {"CALLMESH_REDACTION_MODE": "hash", "CALLMESH_REDACTION_KEY": KEY}
+        )
+        assert KEY not in repr(values)
+        # The redactor reads the same variables the same way.
+        env = {"CALLMESH_REDACTION_MODE": "hash", "CALLMESH_REDACTION_KEY": KEY}
+        assert RedactionConfig.from_env(env) == RedactionConfig(RedactionMode.HASH, KEY)
 
 
 # ----------------------------------------------------------------------------- boundaries
@@ -439,15 +433,6 @@ async def test_the_outbox_boundary_redacts_in_hash_mode() -> None:
     text = eventlog.decode(entry.data)["text"]
     assert text.startswith("call me on [phone#") and "0123" not in text
     assert PiiKind.PHONE.value in text
-
-
-def test_backend_urls_never_show_their_passwords() -> None:
-    backends = Backends(redis_url="redis://:s3cr3t@h:6379/0", nats_url="nats://u:n4ts@h:4222")
-    shown = repr(backends) + repr(RouterConfig(backends=backends))
-    assert "s3cr3t" not in shown and "n4ts" not in shown and "redis://:***@h:6379/0" in shown
-    with pytest.raises(ConfigError) as info:
-        Backends(redis_url="http://:s3cr3t@h")
-    assert "s3cr3t" not in str(info.value)
 
 
 def test_digits_of_any_script() -> None:

@@ -26,7 +26,7 @@ import aiohttp
 import jwt
 
 from callmesh.auth.errors import KeysUnavailable, TokenBadSignature, TokenUnknownKey
-from callmesh.redaction import mask_url
+from callmesh.settings import mask_url
 
 log = logging.getLogger(__name__)
 
