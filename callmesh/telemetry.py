@@ -9,7 +9,9 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
+
+from callmesh import redaction
 
 
 @dataclass
@@ -151,12 +153,44 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             out.update(fields)
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            # The redacting filter leaves a redacted traceback in exc_text.
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO", *, json_logs: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class RedactingFilter(logging.Filter):
+    """Redacts PII and credentials in every record a handler emits: the message with its
+    arguments (rendered first, so a number passed as ``%s`` is seen), structured
+    ``fields`` and the traceback. Installed on the handler, not a logger, because a
+    logger's filters do not see records propagated from its children."""
+
+    def __init__(self, redactor: redaction.Redactor | None = None) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        r = self._redactor or redaction.default_redactor()
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a broken format string: the handler reports it as usual
+        record.msg, record.args = r.redact_text(message), None
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = r.redact_value(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = r.redact_text(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = r.redact_text(record.stack_info)
+        return True
+
+
+def setup_logging(
+    level: str = "INFO", *, json_logs: bool = True, stream: IO[str] | None = None
+) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr), redacted; returns the handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RedactingFilter())
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
@@ -164,6 +198,7 @@ def setup_logging(level: str = "INFO", *, json_logs: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    return handler
 
 
 def now_ms() -> int:

@@ -22,9 +22,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from callmesh.protocol import valid_id
+from callmesh.redaction import default_redactor
 from events import subjects
 from events.errors import EventsError, translate
-from events.eventlog import EventType, encode, record
+from events.eventlog import EventType, encode, encode_for_log, record
 from events.sinks import Effect, Sink, SinkRejected, SinkRetryable
 from events.worker_config import WorkerConfig
 
@@ -83,7 +84,8 @@ class Delivery:
             effect = parse_effect(msg)
         except ValueError as exc:
             self.metrics.malformed += 1
-            await self._dead_letter(msg, None, "malformed", attempt, 0, str(exc))
+            error = default_redactor().redact_text(str(exc))
+            await self._dead_letter(msg, None, "malformed", attempt, 0, error)
             return
         # attempt > max: earlier attempts ended without a verdict (a worker died mid-way).
         reason = give_up_reason(cfg, attempt - 1, published_s)
@@ -96,7 +98,8 @@ class Delivery:
                 result = await self._sink.deliver(effect)
         except SinkRejected as exc:
             self.metrics.rejected += 1
-            await self._dead_letter(msg, effect, "rejected", attempt, exc.status, str(exc))
+            error = default_redactor().redact_text(str(exc))
+            await self._dead_letter(msg, effect, "rejected", attempt, exc.status, error)
             return
         except Exception as exc:
             # SinkRetryable and our attempt timeout are the expected causes. Anything else
@@ -118,7 +121,9 @@ class Delivery:
     ) -> None:
         cfg = self._config
         status = exc.status if isinstance(exc, SinkRetryable) else 0
-        error = str(exc) or type(exc).__name__
+        # A sink's error may quote what it was sent (or a URL): it goes to logs and the
+        # dead-letter stream, so it is redacted like any text leaving the call.
+        error = default_redactor().redact_text(str(exc) or type(exc).__name__)
         reason = give_up_reason(cfg, attempt, published_s)
         if reason:
             await self._dead_letter(msg, effect, reason, attempt, status, error)
@@ -158,7 +163,8 @@ class Delivery:
             tenant, kind = (parts[1], parts[2]) if len(parts) == 3 else ("_unknown", "malformed")
             call_id, msg_id = "?", f"malformed:{meta.sequence.stream}"
             body = {
-                "raw": msg.data.decode(errors="replace"),
+                # Not an effect, so nothing can deliver it: only an operator reads it.
+                "raw": default_redactor().redact_text(msg.data.decode(errors="replace")),
                 "subject": msg.subject,
                 "dead_letter": info,
             }
@@ -213,7 +219,7 @@ class Delivery:
             with translate():
                 await self._js.publish(
                     subjects.call_events(effect.tenant, effect.call_id),
-                    encode(rec),
+                    encode_for_log(rec),
                     headers={"Nats-Msg-Id": f"{effect.id}:delivery"},
                 )
         except EventsError as exc:

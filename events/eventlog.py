@@ -4,6 +4,11 @@ Records are JSON objects on ``calls.{tenant}.{call_id}.events``; each has ``type
 ``turn``, ``ts_ms`` and type-specific fields. They are produced by the node as part of a
 turn, travel through the same outbox as side effects (so a committed turn's records are
 never lost and never doubled), and are read back by :mod:`events.replay`.
+
+The log is kept for days and read by operators, so PII never enters it: every record is
+redacted (:mod:`callmesh.redaction`) when it is encoded for the log, here, before it
+reaches the outbox. The checkpoint's own state (working memory, facts) is not a record
+and keeps what the conversation needs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
+from callmesh import redaction
 from events import subjects
 from state_store.checkpoint import OutboxEntry
 
@@ -41,6 +47,12 @@ def encode(rec: dict[str, Any]) -> bytes:
     return json.dumps(rec, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
+def encode_for_log(rec: dict[str, Any]) -> bytes:
+    """A record as the event log stores it: redacted with the process's redactor (ids in
+    ``redaction.ID_FIELDS`` are kept so records stay joinable)."""
+    return encode(redaction.default_redactor().redact_value(rec))
+
+
 def decode(data: bytes) -> dict[str, Any]:
     rec = json.loads(data)
     if not isinstance(rec, dict) or "type" not in rec:
@@ -55,7 +67,10 @@ def to_outbox(
     subject = subjects.call_events(tenant, call_id)
     return [
         OutboxEntry(
-            subject, subjects.event_msg_id(call_id, first_index + i), encode(r), int(r["turn"])
+            subject,
+            subjects.event_msg_id(call_id, first_index + i),
+            encode_for_log(r),
+            int(r["turn"]),
         )
         for i, r in enumerate(records)
     ]

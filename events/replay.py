@@ -9,6 +9,10 @@ This module reads the log and assembles the :class:`ReplayReport`; the state is 
 by :mod:`events.replay_state`, checked by :mod:`events.replay_verify` and shown by
 :mod:`events.replay_text` and :mod:`events.replay_html`. Everything is scoped by tenant:
 a tenant's replay reads only that tenant's subject and key.
+
+Replay shows the redacted form only (:mod:`callmesh.redaction`): the log is redacted when
+written, and the report redacts again what it takes from elsewhere (the checkpoint's
+working memory and facts, pending records, a log written before redaction existed).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from callmesh.protocol import valid_id
+from callmesh.redaction import Redactor, default_redactor
 from events import subjects
 from events.errors import translate
 from events.eventlog import EventType, decode
@@ -179,8 +184,10 @@ def build_report(
     records: list[dict[str, Any]],
     ckpt: Checkpoint | None,
     at: int | None = None,
+    redactor: Redactor | None = None,
 ) -> ReplayReport:
     """Rebuild, verify the final state against ``ckpt`` and collect warnings."""
+    redact = (redactor or default_redactor()).redact_value
     warnings: list[str] = []
     if ckpt is not None and (ckpt.tenant != tenant or ckpt.call_id != call_id):
         raise ValueError("checkpoint belongs to another call")
@@ -192,6 +199,7 @@ def build_report(
                 "shown from the checkpoint's outbox"
             )
             records = records + pending
+    records = [redact(rec) for rec in records]
     own = [r for r in records if r.get("type") != EventType.EFFECT_DELIVERY]
     if records and records[0].get("type") != EventType.CALL_STARTED:
         warnings.append("the log does not start with call_started (expired by retention?)")
@@ -221,10 +229,10 @@ def build_report(
         "turn": ckpt.turn,
         "last_seq": ckpt.last_seq,
         "status": ckpt.status,
-        "working": ckpt.working,
-        "facts": ckpt.facts,
+        "working": redact(ckpt.working),
+        "facts": redact(ckpt.facts),
         "event_cursor": ckpt.event_cursor,
         "pending_outbox": len(ckpt.outbox),
     }
-    report.divergences = compare(final, ckpt)
+    report.divergences = compare(final, ckpt, redactor)
     return report

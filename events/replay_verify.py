@@ -2,6 +2,14 @@
 
 Any divergence means the log does not explain the state the call continued from, which
 is itself an incident.
+
+The log is redacted (:mod:`callmesh.redaction`) and the checkpoint is not, so both sides
+are compared as the log would state them: the checkpoint's fields redacted with the same
+redactor, the rebuilt ones too (a no-op for a redacted log, since redaction is
+idempotent; it makes a log written before redaction verify as well). Turn, sequence and
+status are compared exactly; a text or fact value is compared up to what redaction keeps
+of it (the whole value in hash mode; in mask mode all but the digits a mask hides).
+Nodes and replay must share the redaction settings, or every redacted value diverges.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from callmesh.redaction import Redactor, default_redactor
 from events.replay_state import CallState
 from state_store.checkpoint import Checkpoint
 
@@ -30,18 +39,23 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def compare(state: CallState, ckpt: Checkpoint) -> list[Divergence]:
+def compare(
+    state: CallState, ckpt: Checkpoint, redactor: Redactor | None = None
+) -> list[Divergence]:
     """Every field of the checkpoint the rebuilt state does not reproduce; facts are
     compared slot by slot so a wrong correction names its slot."""
-    rebuilt = _plain(state.verified_fields())
+    r = redactor or default_redactor()
+    rebuilt = _plain(r.redact_value(state.verified_fields()))
     stored = _plain(
-        {
-            "turn": ckpt.turn,
-            "last_seq": ckpt.last_seq,
-            "status": ckpt.status,
-            "working": ckpt.working,
-            "facts": ckpt.facts,
-        }
+        r.redact_value(
+            {
+                "turn": ckpt.turn,
+                "last_seq": ckpt.last_seq,
+                "status": ckpt.status,
+                "working": ckpt.working,
+                "facts": ckpt.facts,
+            }
+        )
     )
     out = []
     for name in VERIFIED_FIELDS:

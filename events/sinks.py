@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from callmesh.redaction import default_redactor, mask_secrets
+from callmesh.settings import mask_url
 from events.errors import EventsError
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,10 @@ class WebhookSink:
     def url_for(self, effect: Effect) -> str:
         return self._url.format(tenant=effect.tenant, kind=effect.kind)
 
+    def _where(self, effect: Effect) -> str:
+        # For error messages, which reach logs and dead letters: no credentials.
+        return mask_url(self.url_for(effect))
+
     async def deliver(self, effect: Effect) -> DeliveryResult:
         headers = {
             **self._headers,
@@ -175,16 +181,18 @@ class WebhookSink:
                 # Read the body so the connection goes back to the pool in a clean state.
                 await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise SinkRetryable(f"POST {url}: {type(exc).__name__}: {exc}") from exc
+            detail = f"{type(exc).__name__}: {mask_secrets(str(exc))}"
+            raise SinkRetryable(f"POST {self._where(effect)}: {detail}") from exc
         if 200 <= status < 300:
             return DeliveryResult(status)
         if status == _ALREADY_APPLIED:
             return DeliveryResult(status, already_applied=True)
+        where = self._where(effect)
         if status >= 500 or status in _RETRYABLE_4XX:
             raise SinkRetryable(
-                f"POST {url}: HTTP {status}", status=status, retry_after_s=retry_after
+                f"POST {where}: HTTP {status}", status=status, retry_after_s=retry_after
             )
-        raise SinkRejected(f"POST {url}: HTTP {status}", status=status)
+        raise SinkRejected(f"POST {where}: HTTP {status}", status=status)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -193,12 +201,13 @@ class WebhookSink:
             await asyncio.shield(session.close())
 
     def __repr__(self) -> str:
-        return f"<WebhookSink {self._url}>"
+        return f"<WebhookSink {mask_url(self._url)}>"
 
 
 class LogSink:
     """Logs each effect instead of delivering it: for local runs with no CRM configured,
-    so effects still flow through the outbox, the worker and the event log."""
+    so effects still flow through the outbox, the worker and the event log. The payload
+    is redacted here, whatever handler the process logs to."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or log
@@ -210,7 +219,9 @@ class LogSink:
             effect.tenant,
             effect.call_id,
             effect.kind,
-            json.dumps(effect.payload, ensure_ascii=False, default=str),
+            default_redactor().redact_text(
+                json.dumps(effect.payload, ensure_ascii=False, default=str)
+            ),
         )
         return DeliveryResult(200)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from callmesh import redaction
 from callmesh.gc_tuning import DEFAULT_GEN0_THRESHOLD
 from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
 from callmesh.settings.model import Setting
@@ -52,6 +53,10 @@ _CLUSTER = "Membership and node links"
 _ROUTER = "Router"
 _WORKER = "Effects worker"
 _TOOLS = "Tools"
+_PRIVACY = "Privacy"
+# Every process that writes logs or the event log redacts the same way (callmesh.redaction
+# reads these variables itself: its log filter sits below this package).
+_REDACTING = (ROUTER, NODE, WORKER, REPLAY)
 
 SETTINGS: tuple[Setting, ...] = (
     # ------------------------------------------------------------------ backends
@@ -207,6 +212,28 @@ SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_TWILIO_TENANT",
     ),
     *NODE_SETTINGS,
+    # ------------------------------------------------------------------ privacy
+    Setting(
+        "redaction_mode",
+        Choice(tuple(m.value for m in redaction.RedactionMode)),
+        redaction.RedactionMode.MASK.value,
+        "how phone numbers, e-mail addresses and card numbers are redacted in the event "
+        "log and logs: mask ([phone ••••0123]) or hash ([phone#a1b2c3d4], HMAC-SHA256 with "
+        "the redaction key, stable per value)",
+        _REDACTING,
+        _PRIVACY,
+        env=redaction.ENV_MODE,
+    ),
+    Setting(
+        "redaction_key",
+        Text(rf".{{{redaction.MIN_KEY_BYTES},}}", f"{redaction.MIN_KEY_BYTES}+ characters"),
+        "",
+        "HMAC key of the hash redaction mode (the same in every process of a cluster)",
+        _REDACTING,
+        _PRIVACY,
+        env=redaction.ENV_KEY,
+        secret=True,
+    ),
     # ------------------------------------------------------------------ effects worker
     Setting(
         "webhook_url",
@@ -299,10 +326,16 @@ def dead_after_two_heartbeats(values: Mapping[str, Any]) -> None:
         )
 
 
+def hash_redaction_has_a_key(values: Mapping[str, Any]) -> None:
+    if values["redaction_mode"] == redaction.RedactionMode.HASH and not values["redaction_key"]:
+        raise ConfigError(f"{redaction.ENV_MODE}=hash needs {redaction.ENV_KEY}")
+
+
 # Checks across settings: (process, the keys they read, the check). ``load`` runs those
 # whose keys it read.
 CHECKS: tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], None]], ...] = (
     (ROUTER, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
+    *((p, ("redaction_mode", "redaction_key"), hash_redaction_has_a_key) for p in _REDACTING),
     (NODE, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
     (
         NODE,
