@@ -122,6 +122,8 @@ class CallCore:
         self.node_id = node_id
         self._memory_config = memory_config
         self.state = CallState.NEW
+        # ``state is ACTIVE``, kept as a plain attribute: read for every audio frame.
+        self.active = False
         self.epoch = 0
         self.turn = 0
         self.last_seq = 0
@@ -142,10 +144,7 @@ class CallCore:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"{self.call_id}: {self.state} → {new}")
         self.state = new
-
-    @property
-    def active(self) -> bool:
-        return self.state is CallState.ACTIVE
+        self.active = new is CallState.ACTIVE
 
     def fence(self) -> None:
         """A newer owner holds the call."""

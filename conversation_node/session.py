@@ -226,7 +226,7 @@ class CallSession:
         through :meth:`handle` as usual."""
         # 50 frames a second per call: the core's checks inline, no call, no allocation.
         core = self.core
-        if msg.type is not In.AUDIO or core.state is not CallState.ACTIVE or self._link_lost:
+        if msg.type is not In.AUDIO or not core.active or self._link_lost:
             return False
         return msg.seq > core.last_seq and self.vt.on_audio_now(msg)
 
