@@ -27,6 +27,13 @@ import contextlib
 import logging
 import time
 
+from callmesh.metric_names import (
+    CALLS_ENDED,
+    CALLS_HANDED_OFF,
+    CALLS_RESUMED,
+    CALLS_STARTED,
+    FENCED_OUT,
+)
 from callmesh.protocol import In, Inbound
 from callmesh.telemetry import now_ms
 from conversation_node.audio.convert import Transcoder
@@ -188,7 +195,7 @@ class CallSession:
         core.to(CallState.ACTIVE)
         await self.commit(records)
         await self._out(core.ready(resumed=opening.resumed))
-        self._svc.metrics.inc("calls_resumed" if opening.resumed else "calls_started")
+        self._svc.metrics.inc(CALLS_RESUMED if opening.resumed else CALLS_STARTED)
         if greeting is not None:
             async with self._turn_lock:
                 await self.turns.greet(greeting, started, history_ms)
@@ -249,7 +256,7 @@ class CallSession:
             if self.ckpt.dirty and not await self._persist():
                 return  # cannot hand off unsaved state; the drain bound decides what next
             await self._out(self.core.hand_off())
-            self._svc.metrics.inc("calls_handed_off")
+            self._svc.metrics.inc(CALLS_HANDED_OFF)
 
     def _prefetch(self, interim_text: str) -> None:
         """Start retrieval on an interim transcript; the turn's final transcript reuses it
@@ -280,7 +287,7 @@ class CallSession:
             await self._svc.store.release(core.tenant, core.call_id, core.epoch)
         await save_history(self._svc, core.memory, core.caller, core.call_id)
         await self._out(core.ended())
-        self._svc.metrics.inc("calls_ended")
+        self._svc.metrics.inc(CALLS_ENDED)
 
     # ------------------------------------------------------------------ persistence
     # What the turn runner sees of the checkpoint (turn_runner.Durability); a fence is
@@ -312,7 +319,7 @@ class CallSession:
 
     def _fence(self, exc: Fenced) -> None:
         self.core.fence()
-        self._svc.metrics.inc("fenced_out")
+        self._svc.metrics.inc(FENCED_OUT)
         log.warning(
             "fenced out: dropping call",
             extra={

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from callmesh.telemetry import TurnMetrics
+from conversation_node.booking import BOOKED_FACT, describe_booking
 from conversation_node.pipeline import TurnOutput
-from conversation_node.prompt import BOOKED_FACT, Greeting, describe_booking
+from conversation_node.prompt import Greeting
 from conversation_node.providers.base import LLMRequest
 from conversation_node.turn_records import (
     FactOp,

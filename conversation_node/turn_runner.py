@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from callmesh.metric_names import GREETINGS, GREETINGS_RETURNING, TURNS_RESPOKEN
 from callmesh.protocol import Out, encode
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
@@ -235,7 +236,7 @@ class TurnRunner:
         )
         metrics.set_latency(started, output.first_audio_at)
         await self._finish(core.greeted(output.fallbacks), metrics)
-        self._counters.inc("greetings_returning" if greeting.returning else "greetings")
+        self._counters.inc(GREETINGS_RETURNING if greeting.returning else GREETINGS)
 
     async def respeak(self, text: str) -> None:
         """Say the last committed reply again (:meth:`CallCore.reply_to_repeat`), frame for
@@ -254,7 +255,7 @@ class TurnRunner:
             epoch=core.epoch,
         )
         await self._send(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
-        self._counters.inc("turns_respoken")
+        self._counters.inc(TURNS_RESPOKEN)
 
     async def amend_heard(self, turn: int, heard: str) -> None:
         """A barge-in after ``turn`` was committed: a small follow-up commit so memory (and

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from callmesh.metric_names import BARGE_INS, DTMF
 from callmesh.protocol import ErrorCode, Inbound, Out, encode, error_frame, parse_mark_name
 from conversation_node.call_core import CallCore
 from conversation_node.errors import CallDropped
@@ -178,7 +179,7 @@ class VoiceTurns:
         self.replies.on_mark(name)
 
     async def on_dtmf(self, msg: Inbound) -> None:
-        self._counters.inc("dtmf")
+        self._counters.inc(DTMF)
         if self.lane is not None:
             await self.lane.finalize()
 
@@ -191,7 +192,7 @@ class VoiceTurns:
             return  # nothing is being heard: the caller may speak while the agent thinks
         pb.cleared = True  # from here on, marks are the client flushing: not heard
         await self._send(encode({"type": Out.CLEAR.value, "turn": pb.turn, "reason": "barge_in"}))
-        self._counters.inc("barge_ins")
+        self._counters.inc(BARGE_INS)
         # A reply still being sent stops talking and its turn commits what was heard;
         # one already committed is amended.
         if pb.finished_sending or not replies.stop():
