@@ -5,6 +5,7 @@ and the wiring of the parts that decide. State changes are synchronous and guard
 call core (:mod:`conversation_node.call_core`, no I/O); a turn is run by
 :mod:`conversation_node.turn_runner`, and a call's audio turn-taking by
 :mod:`conversation_node.voice_turns`; each gets its collaborators explicitly.
+
 Every turn ends in one compare-and-set checkpoint that also records the turn's side
 effects and event-log records (:mod:`conversation_node.checkpointing`); only after it
 succeeds is the router told (``ack``). If a newer owner fenced us out, the call is dropped.
@@ -59,6 +60,9 @@ __all__ = ["CallDropped", "CallSession", "CallState", "IllegalTransition"]
 
 
 class CallSession:
+    """One live call: the I/O around its :class:`CallCore` (link, turn lock, tasks,
+    checkpoint writes). ``open`` once, ``handle`` each inbound frame, ``aclose`` at the end."""
+
     def __init__(
         self, services: NodeServices, tenant: str, call_id: str, caller: str, send: Send
     ) -> None:
