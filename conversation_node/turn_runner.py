@@ -1,0 +1,279 @@
+"""What a turn does between the caller's words and its commit, and the replies said
+without the model (the greeting, a committed reply said again after a failover).
+
+A :class:`TurnRunner` composes a turn from memory, retrieval, the prompt and the pipeline;
+the call core (:class:`conversation_node.call_core.CallCore`) keeps the accounting and
+names what the turn did in event-log records. Its collaborators come in explicitly, each
+behind the narrow interface below; the caller (the session, or the voice side for a
+spoken turn) holds the turn lock around every method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from callmesh.metric_names import GREETINGS, GREETINGS_RETURNING, TURNS_RESPOKEN
+from callmesh.protocol import Out, encode
+from callmesh.telemetry import TurnMetrics
+from conversation_node.call_core import CallCore
+from conversation_node.pipeline import TEXT_MODE, Emit, TurnOutput, Voice
+from conversation_node.prompt import Greeting, build_request
+from conversation_node.providers.base import LLMRequest
+from conversation_node.turn_outcomes import Answer, Record, Reply
+from conversation_node.voice import Playback
+from memory.prompt import Prompt
+from memory.retrieval import RetrievalResult
+from memory.session import SessionMemory
+from state_store.checkpoint import OutboxEntry
+
+# The per-turn log record keeps the logger it always had: log pipelines select on it.
+log = logging.getLogger("callmesh.node.session")
+
+Send = Callable[[str], Awaitable[None]]
+
+
+class Pipeline(Protocol):
+    """Speaks replies (:class:`conversation_node.pipeline.TurnPipeline`)."""
+
+    async def run(
+        self, request: LLMRequest, emit: Emit, voice: Voice, interrupt: asyncio.Event | None
+    ) -> TurnOutput: ...
+
+    async def speak(
+        self, text: str, emit: Emit, voice: Voice, interrupt: asyncio.Event | None = None
+    ) -> TurnOutput: ...
+
+
+class Retrieval(Protocol):
+    """The call's retrieval (:class:`memory.retrieval.CallRetriever`)."""
+
+    async def retrieve(self, final_text: str) -> RetrievalResult: ...
+
+
+class Prompts(Protocol):
+    """Builds a turn's prompt (:class:`memory.prompt.PromptBuilder`)."""
+
+    def build(
+        self, memory: SessionMemory, user_text: str, retrieval: RetrievalResult | None = None
+    ) -> Prompt: ...
+
+
+class Durability(Protocol):
+    """The call's checkpoint as turns use it (the session, over its checkpointer)."""
+
+    def effects_waiting(self, before_turn: int) -> bool:
+        """Effects of turns before this one are still unpublished."""
+        ...
+
+    def queue_effects(self, effects: list[OutboxEntry]) -> None:
+        """Side effects to publish with the next commit."""
+        ...
+
+    async def commit(self, records: list[Record]) -> None:
+        """Write the checkpoint with these records (CAS); raises CallDropped if fenced."""
+        ...
+
+
+class Replies(Protocol):
+    """Follows replies as the caller plays them (:class:`voice_turns.Replies`)."""
+
+    def start_reply(self, turn: int) -> tuple[Playback, asyncio.Event]: ...
+
+    def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]: ...
+
+    def follow(self, frame: dict[str, Any], turn: int, bytes_per_ms: float) -> None: ...
+
+
+class Counters(Protocol):
+    """The node's counters (:class:`callmesh.telemetry.Metrics`)."""
+
+    def inc(self, name: str, value: float = 1.0) -> None: ...
+
+
+class TurnRunner:
+    """Runs one call's turns. ``voice`` is how replies are voiced (text mode until the
+    call's start declares audio)."""
+
+    def __init__(
+        self,
+        core: CallCore,
+        *,
+        pipeline: Pipeline,
+        retrieval: Retrieval,
+        prompts: Prompts,
+        durability: Durability,
+        replies: Replies,
+        send: Send,
+        counters: Counters,
+        observe_turn: Callable[[TurnMetrics], None],
+    ) -> None:
+        self._core = core
+        self._pipeline = pipeline
+        self._retrieval = retrieval
+        self._prompts = prompts
+        self._durability = durability
+        self._replies = replies
+        self._send = send
+        self._counters = counters
+        self._observe_turn = observe_turn
+        self.voice = TEXT_MODE
+
+    async def emit(self, frame: dict[str, Any]) -> None:
+        """Send a reply frame of the current turn, following it in the playback."""
+        core = self._core
+        turn = core.stamp_reply(frame)
+        self._replies.follow(frame, turn, core.bytes_per_ms)
+        await self._send(encode(frame))
+
+    # ------------------------------------------------------------------ turns
+
+    async def user_turn(
+        self, seq: int, text: str, *, confidence: float, started: float, stt_ms: float = 0.0
+    ) -> None:
+        """One user turn: memory → retrieval → prompt → pipeline, then its commit."""
+        savepoint = self._core.savepoint()
+        try:
+            answer, metrics = await self._answer(seq, text, confidence, started)
+        except BaseException:
+            self._core.rollback(savepoint)
+            raise
+        # Speech-to-text (the endpoint wait included) is provider time too.
+        metrics.stt_ms = stt_ms
+        metrics.provider_ms += stt_ms
+        metrics.update_overhead()
+        self._durability.queue_effects(answer.effects)
+        await self._finish(answer.records, metrics)
+
+    async def _answer(
+        self, seq: int, text: str, confidence: float, started: float
+    ) -> tuple[Answer, TurnMetrics]:
+        core = self._core
+        t = core.begin_user_turn(seq, text, confidence)
+        t0 = time.monotonic()
+        retrieval = await self._retrieval.retrieve(text)
+        retrieval_ms = (time.monotonic() - t0) * 1000
+        prompt = self._prompts.build(core.memory, text, retrieval)
+        request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
+        pb, interrupt = self._replies.start_reply(t.turn)
+        output = await self._pipeline.run(request, self.emit, self.voice, interrupt)
+        heard, interrupted = self._replies.heard(pb, output.text, output.interrupted)
+        answer = core.answered(
+            t, Reply(retrieval, retrieval_ms, prompt, request, output, heard, interrupted)
+        )
+        # Retrieval is on the critical path, like the model's first sentence and the voice.
+        provider_ms = retrieval_ms + output.first_sentence_s * 1000 + output.tts_first_chunk_ms
+        metrics = TurnMetrics(
+            call_id=core.call_id,
+            turn=t.turn,
+            retrieval_ms=retrieval_ms,
+            llm_first_token_ms=output.llm_first_token_ms,
+            tts_first_chunk_ms=output.tts_first_chunk_ms,
+            provider_ms=provider_ms,
+            intent=t.intent,
+            fallbacks=answer.fallbacks,
+            interrupted=interrupted,
+            node=core.node_id,
+            epoch=core.epoch,
+        )
+        metrics.set_latency(started, output.first_audio_at)
+        return answer, metrics
+
+    async def repeat_turn(
+        self,
+        seq: int,
+        text: str,
+        *,
+        line: str,
+        confidence: float,
+        started: float,
+        stt_ms: float,
+    ) -> None:
+        """Low STT confidence: say ``line`` (asking again), taking nothing from ``text``."""
+        core = self._core
+        t = core.begin_repeat_turn(seq, text, confidence)
+        pb, interrupt = self._replies.start_reply(t.turn)
+        output = await self._pipeline.speak(line, self.emit, self.voice, interrupt)
+        heard, interrupted = self._replies.heard(pb, line, output.interrupted)
+        fallbacks = ["stt_low_confidence", *output.fallbacks]
+        records = core.repeated(
+            t, line=line, heard=heard, interrupted=interrupted, fallbacks=fallbacks
+        )
+        metrics = TurnMetrics(
+            call_id=core.call_id,
+            turn=t.turn,
+            stt_ms=stt_ms,
+            tts_first_chunk_ms=output.tts_first_chunk_ms,
+            provider_ms=stt_ms + output.tts_first_chunk_ms,
+            intent=t.intent,
+            fallbacks=fallbacks,
+            interrupted=interrupted,
+            node=core.node_id,
+            epoch=core.epoch,
+        )
+        metrics.set_latency(started, output.first_audio_at)
+        await self._finish(records, metrics)
+
+    async def greet(self, greeting: Greeting, started: float, history_ms: float) -> None:
+        """Speak the committed greeting, then complete turn 0 like any other turn."""
+        core = self._core
+        pb, _ = self._replies.start_reply(0)
+        output = await self._pipeline.speak(greeting.text, self.emit, self.voice)
+        pb.finished_sending = True
+        metrics = TurnMetrics(
+            call_id=core.call_id,
+            turn=0,
+            retrieval_ms=history_ms,
+            tts_first_chunk_ms=output.tts_first_chunk_ms,
+            provider_ms=history_ms + output.tts_first_chunk_ms,
+            intent="greeting",
+            fallbacks=list(output.fallbacks),
+            node=core.node_id,
+            epoch=core.epoch,
+        )
+        metrics.set_latency(started, output.first_audio_at)
+        await self._finish(core.greeted(output.fallbacks), metrics)
+        self._counters.inc(GREETINGS_RETURNING if greeting.returning else GREETINGS)
+
+    async def respeak(self, text: str) -> None:
+        """Say the last committed reply again (:meth:`CallCore.reply_to_repeat`), frame for
+        frame as the first time; nothing is committed."""
+        core = self._core
+        pb, _ = self._replies.start_reply(core.turn)
+        output = await self._pipeline.speak(text, self.emit, self.voice)
+        pb.finished_sending = True
+        metrics = TurnMetrics(
+            call_id=core.call_id,
+            turn=core.turn,
+            tts_first_chunk_ms=output.tts_first_chunk_ms,
+            intent="replayed",
+            fallbacks=output.fallbacks,
+            node=core.node_id,
+            epoch=core.epoch,
+        )
+        await self._send(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
+        self._counters.inc(TURNS_RESPOKEN)
+
+    async def amend_heard(self, turn: int, heard: str) -> None:
+        """A barge-in after ``turn`` was committed: a small follow-up commit so memory (and
+        replay) keep only what was heard."""
+        records = self._core.amend_heard(turn, heard)
+        if records is not None:
+            await self._durability.commit(records)
+
+    async def _finish(self, records: list[Record], metrics: TurnMetrics) -> None:
+        """Commit the turn, then tell the client it is complete (``turn_metrics``)."""
+        core = self._core
+        effects_waiting = self._durability.effects_waiting(metrics.turn)
+        t0 = time.monotonic()
+        core.close_turn(records, metrics, effects_waiting=effects_waiting)
+        await self._durability.commit(records)
+        metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
+        fields = metrics.to_dict()
+        await self._send(encode({"type": Out.TURN_METRICS.value, "turn": metrics.turn, **fields}))
+        self._observe_turn(metrics)
+        # The same record in the node's log, for log pipelines (one JSON object per turn).
+        log.info("turn", extra={"fields": {"tenant": core.tenant, **fields}})
