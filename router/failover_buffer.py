@@ -29,8 +29,8 @@ from callmesh.protocol import AudioEncoding, Inbound, Out, encode
 
 _SEQ = attrgetter("seq")
 
-# A held reply frame, as it is sent: (kind, raw, parsed).
-HeldFrame = tuple[str, str, dict[str, Any]]
+# A reply frame as it is sent: (kind, raw, parsed).
+ReplyFrame = tuple[str, str, dict[str, Any]]
 
 
 def audio_bytes(frame: Inbound) -> int:
@@ -155,8 +155,9 @@ class ReplyDedup:
         # -1: not even turn 0 (the greeting) is complete yet.
         self.completed_turn = -1
         self._delivered: dict[tuple[int, int], int] = {}  # (turn, n) → digest of its content
-        # Frames the caller has already, re-said by the current owner: (kind, raw, parsed).
-        self._held: list[HeldFrame] = []
+        # Frames the caller has already, re-said by the current owner:
+        # ((turn, n), digest, kind, raw, parsed).
+        self._held: list[tuple[tuple[int, int], int, str, str, dict[str, Any]]] = []
 
     def __repr__(self) -> str:
         return (
@@ -176,18 +177,22 @@ class ReplyDedup:
             self._delivered[key] = digest
             return SEND
         if seen == digest:
-            self._held.append((kind, raw, frame))
+            self._held.append((key, digest, kind, raw, frame))
             return HOLD
         # The caller drops what it heard of this turn and hears it anew: the held frames
-        # (sent again) and this one are all it will have heard of it.
-        self._delivered = {k: v for k, v in self._delivered.items() if k[0] != turn}
-        self._delivered[key] = digest
+        # (sent again) and this one are what it has of it, should yet another owner say
+        # the turn again.
+        delivered = {k: v for k, v in self._delivered.items() if k[0] != turn}
+        for held_key, held_digest, *_ in self._held:
+            delivered[held_key] = held_digest
+        delivered[key] = digest
+        self._delivered = delivered
         return CLEAR
 
-    def take_held(self) -> list[HeldFrame]:
+    def take_held(self) -> list[ReplyFrame]:
         """The held frames, to send after a ``clear`` (they are no longer held)."""
         held, self._held = self._held, []
-        return held
+        return [(kind, raw, frame) for _, _, kind, raw, frame in held]
 
     def complete(self, turn: int) -> bool:
         """The owner says ``turn`` is over (``turn_metrics``); True when that is news, and
