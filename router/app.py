@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from callmesh import metric_names as names
 from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode, valid_id
 from callmesh.telemetry import Metrics
@@ -152,7 +153,7 @@ class Router:
             for session in list(self.calls.values()):
                 link = session.link
                 if isinstance(link, TwilioLink) and link.idle_since_last_check():
-                    self.metrics.inc("twilio_streams_idle_closed")
+                    self.metrics.inc(names.TWILIO_STREAMS_IDLE_CLOSED)
                     log.info("Twilio stream idle", extra={"fields": {"call_id": link.call_id}})
                     self._spawn(link.close(CloseCode.GOING_AWAY, b"no media"), "close-idle")
 
@@ -176,7 +177,7 @@ class Router:
         # frame and the call goes on.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
         await ws.prepare(request)
-        self.metrics.inc("calls_accepted")
+        self.metrics.inc(names.CALLS_ACCEPTED)
         link = NativeLink(ws, call_id, self.metrics, self.config.max_frame_bytes)
         return await self._serve(ws, link)
 
@@ -185,7 +186,7 @@ class Router:
         # No heartbeat: see TWILIO_IDLE_S.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
         await ws.prepare(request)
-        self.metrics.inc("twilio_streams_accepted")
+        self.metrics.inc(names.TWILIO_STREAMS_ACCEPTED)
         return await self._serve(ws, TwilioLink(ws, self.metrics, self.config.max_frame_bytes))
 
     async def twilio_voice(self, request: web.Request) -> web.Response:
@@ -238,7 +239,7 @@ class Router:
         )
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.set("live_calls", len(self.calls))
+        self.metrics.set(names.LIVE_CALLS, len(self.calls))
         return web.Response(text=self.metrics.render(), content_type="text/plain")
 
 

@@ -13,8 +13,8 @@ keeps two things across a relink:
   says something else, the caller is told to ``clear`` the dead node's partial reply and
   hears the new one from its start.
 
-Both are on the path of every frame (~50 a second per call), so they allocate nothing
-per frame beyond the deque slot that holds it.
+Both are on the path of every frame (~50 a second per call): a frame costs what keeping
+it costs (a deque slot; a reply's ``(turn, n)`` entry), never a copy or a wait.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from enum import Enum
 from operator import attrgetter
 from typing import Any
 
-from callmesh.protocol import AudioEncoding, Inbound, Out, encode
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_ms
+from callmesh.protocol import Inbound, Out, encode
 
 _SEQ = attrgetter("seq")
 
@@ -78,9 +79,9 @@ class UnackedFrames:
         """Keep at most ``max_ms`` of unacknowledged audio in the format of the call's
         ``start`` (its ``audio`` object; none: mu-law at 8 kHz)."""
         audio = audio or {}
-        rate = int(audio.get("sample_rate", 8000))
-        width = 2 if audio.get("encoding") == AudioEncoding.PCM16 else 1
-        self.max_audio_bytes = max_ms * max(1, width * rate // 1000)
+        encoding = AudioEncoding(audio.get("encoding", AudioEncoding.MULAW))
+        rate = int(audio.get("sample_rate", TELEPHONY_RATE))
+        self.max_audio_bytes = max_ms * max(1, int(bytes_per_ms(encoding, rate)))
 
     def keep_audio(self, frame: Inbound) -> int:
         """Keep caller audio for replay. Live audio is never refused, so past the bound

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from callmesh import metric_names as names
 from callmesh.mux import Channel
 from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
 from callmesh.telemetry import Metrics
@@ -155,7 +156,7 @@ class ProxySession:
                     continue
                 if inbound.type is In.AUDIO:
                     if dropped := unacked.keep_audio(inbound):
-                        metrics.inc("unacked_audio_frames_dropped", dropped)
+                        metrics.inc(names.UNACKED_AUDIO_FRAMES_DROPPED, dropped)
                 elif inbound.type is In.START:
                     await link.refuse(ErrorCode.ALREADY_STARTED, "call already started", seq)
                     continue
@@ -265,13 +266,13 @@ class ProxySession:
         if verdict is SEND:
             await self.send_client(kind, raw, frame)
         elif verdict is HOLD:
-            self._metrics.inc("replies_deduplicated")
+            self._metrics.inc(names.REPLIES_DEDUPLICATED)
         elif verdict is CLEAR:
             # The new owner says something else: the caller drops the partial reply first,
             # then hears the new one from its start.
             clear_raw, clear = clear_frame(int(frame.get("turn", 0)))
             await self.send_client(Out.CLEAR.value, clear_raw, clear)
-            self._metrics.inc("replies_cleared")
+            self._metrics.inc(names.REPLIES_CLEARED)
             for held in self.replies.take_held():
                 await self.send_client(*held)
             await self.send_client(kind, raw, frame)
@@ -332,8 +333,9 @@ class ProxySession:
         while True:
             if node is not None and await self.attach(node, reason):
                 if gap_started is not None:
-                    self._metrics.inc("failovers")
-                    self._metrics.inc("failover_gap_ms_sum", (time.monotonic() - gap_started) * 1e3)
+                    gap_ms = (time.monotonic() - gap_started) * 1000
+                    self._metrics.inc(names.FAILOVERS)
+                    self._metrics.inc(names.FAILOVER_GAP_MS_SUM, gap_ms)
                     gap_started = None
                 deadline = time.monotonic() + self._limits.connect_timeout_s
                 self._placement.track(self, node)
@@ -343,7 +345,7 @@ class ProxySession:
                     return
                 gap_started = time.monotonic()
                 self.failovers += 1
-                self._metrics.inc(f"relinks_{outcome.value}")
+                self._metrics.inc(names.relinks(outcome.value))
                 log.info(
                     "call relinking",
                     extra={

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from callmesh.config import MembershipConfig
-from callmesh.servers import free_port
+from localcluster.servers import free_port
 from router.membership import MembershipView
 from router.placement import Placement, http_health_probe
 from router.ring import BoundedLoadRing, NoNodeAvailable
