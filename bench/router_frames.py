@@ -45,6 +45,8 @@ from callmesh.telemetry import Metrics
 from localcluster.servers import free_port
 from router.app import Router
 from router.node_links import NodeLinks
+from router.placement import Placement
+from router.ring import BoundedLoadRing
 from router.twilio import TwilioLink
 
 PAYLOAD = base64.b64encode(bytes(range(160))).decode()
@@ -114,6 +116,10 @@ class _Pins:
         pass
 
 
+async def _healthy(url: str) -> bool:
+    return True
+
+
 class _Membership:
     redis_ok = True
     nodes: dict[str, Any] = {}
@@ -166,8 +172,9 @@ def relay_app(node_url: str, http: aiohttp.ClientSession) -> web.Application:
 async def router_process(calls: int, seconds: float, *, relay: bool = False) -> dict[str, Any]:
     node_port, router_port = free_port(), free_port()
     router = Router(RouterConfig(port=router_port))
-    router._pins = _Pins()  # type: ignore[assignment]
-    router._membership = _Membership(f"http://127.0.0.1:{node_port}")  # type: ignore[assignment]
+    membership = _Membership(f"http://127.0.0.1:{node_port}")
+    router._membership = membership  # type: ignore[assignment]
+    router._placement = Placement(membership, _Pins(), _healthy, BoundedLoadRing())
     router._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     router._node_links = NodeLinks(
         router._http, router.metrics, router.config.router_id, router.config.link_flush_ms / 1000

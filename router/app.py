@@ -14,20 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from callmesh import metric_names as names
 from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode, valid_id
 from callmesh.telemetry import Metrics
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
-from router.proxy import ProxySession
+from router.placement import Placement, http_health_probe
+from router.proxy import CallLimits, ProxySession
 from router.ring import BoundedLoadRing, NoNodeAvailable
 from router.twilio import TwilioLink
 from router.twilio_webhook import MEDIA_PATH, VOICE_PATH, voice_webhook
@@ -38,7 +39,6 @@ from state_store.pins import PinStore
 
 log = logging.getLogger("callmesh.router")
 
-CONFIRM_TIMEOUT_S = 0.25
 # Twilio streams media without a pause for the whole call (silence included), so a stream
 # with no message for this long is dead; checked by one sweep instead of a WebSocket
 # heartbeat, whose per-message timer reset costs more than the rest of the frame's path.
@@ -46,19 +46,22 @@ TWILIO_IDLE_S = 10.0
 
 
 class Router:
-    """Owns the membership view, pins, the node-link HTTP session and live proxy sessions."""
+    """Owns the membership view, placement, the node links and live proxy sessions."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.metrics = Metrics("callmesh_router")
-        self.ring = BoundedLoadRing(config.balance_epsilon)
+        self.limits = CallLimits(
+            max_unacked_frames=config.max_unacked_frames,
+            max_unacked_audio_ms=config.max_unacked_audio_ms,
+            connect_timeout_s=config.connect_timeout_ms / 1000,
+        )
         self._redis: Any = None
         self._http: aiohttp.ClientSession | None = None
         self._membership: MembershipView | None = None
-        self._pins: PinStore | None = None
+        self._placement: Placement | None = None
         self._node_links: NodeLinks | None = None
         self.calls: dict[tuple[str, str], ProxySession] = {}
-        self._by_node: dict[str, set[ProxySession]] = defaultdict(set)
         self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -69,6 +72,12 @@ class Router:
         if self._membership is None:
             raise RuntimeError("router not started")
         return self._membership
+
+    @property
+    def placement(self) -> Placement:
+        if self._placement is None:
+            raise RuntimeError("router not started")
+        return self._placement
 
     @property
     def node_links(self) -> NodeLinks:
@@ -84,11 +93,16 @@ class Router:
 
     async def start(self) -> None:
         self._redis = redis_connect(self.config.backends.redis_url)
-        self._pins = PinStore(self._redis)
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
         self._membership.on_dead(self._node_dead)
         # Health checks and the node links (one multiplexed WebSocket per node).
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._placement = Placement(
+            self._membership,
+            PinStore(self._redis),
+            http_health_probe(self._http),
+            BoundedLoadRing(self.config.balance_epsilon),
+        )
         self._node_links = NodeLinks(
             self._http, self.metrics, self.config.router_id, self.config.link_flush_ms / 1000
         )
@@ -117,69 +131,16 @@ class Router:
             await asyncio.shield(self._redis.aclose())
             self._redis = None
 
-    # ------------------------------------------------------------------ placement
-
-    def _loads(self) -> dict[str, int]:
-        # A node's own count lags by a heartbeat; our own placements since are added.
-        reported = self.membership.loads()
-        return {n: max(c, len(self._by_node.get(n, ()))) for n, c in reported.items()}
-
-    async def place(
-        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None = None
-    ) -> str:
-        """The node for a call: its live pin if that node is alive, else a new choice."""
-        pins = self._pins
-        if pins is None:
-            raise RuntimeError("router not started")
-        if prefer_pin:
-            pinned = await pins.get(tenant, call_id)
-            if pinned and pinned != exclude and pinned in self.membership.routable():
-                return pinned
-        candidates = [n for n in self.membership.routable() if n != exclude]
-        node = self.ring.choose(f"{tenant}/{call_id}", candidates, self._loads())
-        await pins.set(tenant, call_id, node)
-        return node
-
-    async def forget_pin(self, tenant: str, call_id: str, node: str) -> None:
-        if self._pins is not None:
-            with contextlib.suppress(StateStoreError):
-                await self._pins.clear(tenant, call_id, node)
-
-    async def confirm_alive(self, node: str) -> bool:
-        """Confirm a suspicion: a dead process refuses connections at once; a draining
-        node answers 503; a paused one does not answer within the timeout."""
-        url = self.membership.url(node)
-        if url is None:
-            return False
-        try:
-            async with self.http.get(
-                f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=CONFIRM_TIMEOUT_S)
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
-
-    def track(self, session: ProxySession, node: str) -> None:
-        self._by_node[node].add(session)
-
-    def untrack(self, session: ProxySession, node: str) -> None:
-        calls = self._by_node.get(node)
-        if calls is not None:
-            calls.discard(session)
-            if not calls:
-                del self._by_node[node]
+    # ------------------------------------------------------------------ nodes
 
     def _node_dead(self, node: str) -> None:
         # Sessions first: they must see the death, not merely a lost link, so they do not
         # spend a health check on a node that is known to be gone.
-        for session in list(self._by_node.get(node, ())):
-            session.node_died()
+        if self._placement is not None:
+            for call in self._placement.calls_on(node):
+                call.node_died()
         if self._node_links is not None:
             self._node_links.drop(node, "declared dead")
-
-    def observe_failover(self, gap_s: float) -> None:
-        self.metrics.inc("failovers")
-        self.metrics.inc("failover_gap_ms_sum", gap_s * 1000)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -192,7 +153,7 @@ class Router:
             for session in list(self.calls.values()):
                 link = session.link
                 if isinstance(link, TwilioLink) and link.idle_since_last_check():
-                    self.metrics.inc("twilio_streams_idle_closed")
+                    self.metrics.inc(names.TWILIO_STREAMS_IDLE_CLOSED)
                     log.info("Twilio stream idle", extra={"fields": {"call_id": link.call_id}})
                     self._spawn(link.close(CloseCode.GOING_AWAY, b"no media"), "close-idle")
 
@@ -216,7 +177,7 @@ class Router:
         # frame and the call goes on.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
         await ws.prepare(request)
-        self.metrics.inc("calls_accepted")
+        self.metrics.inc(names.CALLS_ACCEPTED)
         link = NativeLink(ws, call_id, self.metrics, self.config.max_frame_bytes)
         return await self._serve(ws, link)
 
@@ -225,14 +186,14 @@ class Router:
         # No heartbeat: see TWILIO_IDLE_S.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
         await ws.prepare(request)
-        self.metrics.inc("twilio_streams_accepted")
+        self.metrics.inc(names.TWILIO_STREAMS_ACCEPTED)
         return await self._serve(ws, TwilioLink(ws, self.metrics, self.config.max_frame_bytes))
 
     async def twilio_voice(self, request: web.Request) -> web.Response:
         return await voice_webhook(request, self.config, self.metrics)
 
     async def _serve(self, ws: web.WebSocketResponse, link: ClientLink) -> web.WebSocketResponse:
-        session = ProxySession(self, link)
+        session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
         key: tuple[str, str] | None = None
         try:
             if not await session.wait_start():
@@ -278,7 +239,7 @@ class Router:
         )
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.set("live_calls", len(self.calls))
+        self.metrics.set(names.LIVE_CALLS, len(self.calls))
         return web.Response(text=self.metrics.render(), content_type="text/plain")
 
 

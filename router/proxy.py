@@ -1,51 +1,32 @@
 """One client call through the router: placement, the node link, and failover.
 
 The client's connection lives here for the whole call; the link to the owner node may be
-replaced underneath it. What makes a replacement invisible to the caller (invariant 5):
-
-- inbound frames are kept until the node acknowledges them (``ack`` after its checkpoint)
-  and replayed, in order, to a new owner, which skips what its checkpoint already applied;
-- reply frames of a turn not yet acknowledged are remembered by ``(turn, n)``: a re-answer
-  that says the same thing is not sent twice; one that says something else is preceded by
-  ``clear`` so the caller drops the dead node's partial reply first.
-
-The client side is a :class:`~router.links.ClientLink` (native protocol or Twilio Media
-Streams), so all of the above works the same for every kind of client. Caller audio is
-kept apart from the other frames: it is never refused, and only the oldest of it is
-dropped when more than ``max_unacked_audio_ms`` waits for an acknowledgement.
+replaced underneath it, invisibly to the caller (invariant 5): the caller's frames are
+kept until the node acknowledges them and replayed to a new owner, and a turn the new
+owner says again is de-duplicated (:mod:`router.failover_buffer`). The client side is a
+:class:`~router.links.ClientLink` (native protocol or Twilio Media Streams), so all of it
+works the same for every kind of client. Where the call runs is :class:`CallPlacement`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import json
 import logging
 import time
-from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from callmesh import metric_names as names
 from callmesh.mux import Channel
-from callmesh.protocol import (
-    REPLY_TYPES,
-    AudioEncoding,
-    CloseCode,
-    Ctl,
-    ErrorCode,
-    In,
-    Inbound,
-    Out,
-    encode,
-)
+from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
+from callmesh.telemetry import Metrics
+from router.failover_buffer import CLEAR, HOLD, SEND, ReplyDedup, UnackedFrames, clear_frame
 from router.links import ClientLink
+from router.node_frames import kind_of, parse
 from router.node_links import NodeLinkError
 from router.ring import NoNodeAvailable
 from state_store.errors import StateStoreError
-
-if TYPE_CHECKING:
-    from router.app import Router
 
 log = logging.getLogger("callmesh.router.proxy")
 
@@ -58,38 +39,62 @@ class Outcome(StrEnum):
     CLIENT_GONE = "client_gone"
 
 
-_SEQ = attrgetter("seq")
-_TYPE_PREFIX = '{"type":"'
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    """The router's bounds on one call (from :class:`callmesh.config.RouterConfig`)."""
+
+    max_unacked_frames: int  # unacknowledged frames other than audio, refused beyond
+    max_unacked_audio_ms: int  # unacknowledged audio, the oldest dropped beyond
+    connect_timeout_s: float  # without a node for this long, the call is refused
 
 
-def _kind_of(raw: str) -> str | None:
-    """The type of a node frame without parsing it: nodes encode ``type`` first."""
-    if raw.startswith(_TYPE_PREFIX):
-        end = raw.find('"', 9)
-        if end > 9:
-            return raw[9:end]
-    return None
+class CallPlacement(Protocol):
+    """Where the call runs (:class:`router.placement.Placement`)."""
+
+    async def place(
+        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None = None
+    ) -> str:
+        """A node for the call; raises :class:`~router.ring.NoNodeAvailable`."""
+        ...
+
+    async def forget(self, tenant: str, call_id: str, node: str) -> None: ...
+
+    async def confirm_alive(self, node: str) -> bool: ...
+
+    def url(self, node: str) -> str | None: ...
+
+    def suspect(self, node: str) -> None: ...
+
+    def track(self, call: ProxySession, node: str) -> None: ...
+
+    def untrack(self, call: ProxySession, node: str) -> None: ...
 
 
-def _parse(raw: str) -> dict[str, Any] | None:
-    try:
-        frame = json.loads(raw)
-    except ValueError:
-        return None
-    return frame if isinstance(frame, dict) else None
+class NodeLinkOpener(Protocol):
+    """Channels to nodes (:class:`router.node_links.NodeLinks`)."""
 
-
-def _audio_bytes_per_ms(start: dict[str, Any]) -> int:
-    audio = start.get("audio") or {}
-    rate = int(audio.get("sample_rate", 8000))
-    width = 2 if audio.get("encoding") == AudioEncoding.PCM16 else 1
-    return max(1, width * rate // 1000)
+    async def open(self, node_id: str, url: str, call_id: str, start: str) -> Channel:
+        """A channel for ``call_id`` whose first frame is ``start``; raises
+        :class:`~router.node_links.NodeLinkError`."""
+        ...
 
 
 class ProxySession:
-    def __init__(self, router: Router, link: ClientLink) -> None:
-        self._r = router
+    """One caller's call, from its ``start`` until it ends, across any number of owners."""
+
+    def __init__(
+        self,
+        link: ClientLink,
+        placement: CallPlacement,
+        node_links: NodeLinkOpener,
+        metrics: Metrics,
+        limits: CallLimits,
+    ) -> None:
         self.link = link
+        self._placement = placement
+        self._node_links = node_links
+        self._metrics = metrics
+        self._limits = limits
         # The native path names the call; a Twilio call is named by its ``start``.
         self.call_id = link.call_id
         self.tenant = ""
@@ -97,21 +102,10 @@ class ProxySession:
         self.node_id: str | None = None
         # This call's channel on the owner node's link.
         self.upstream: Channel | None = None
-        # Unacknowledged frames, kept for replay: audio apart (it is bounded by duration,
-        # oldest dropped first), everything else by count (refused beyond it).
-        self.unacked: deque[Inbound] = deque()
-        self.unacked_audio: deque[Inbound] = deque()
-        self._audio_sizes: deque[int] = deque()  # bytes of each unacked_audio frame
-        self.unacked_audio_bytes = 0
-        self._max_audio_bytes = 0
-        self._audio_bytes_per_ms = 8
+        # Unacknowledged frames, kept for replay (the audio bound is set by ``start``).
+        self.unacked = UnackedFrames(limits.max_unacked_frames)
         self.last_client_seq = 0
-        # Highest turn whose ``turn_metrics`` the client received: that reply is complete.
-        # -1: not even turn 0 (the greeting) is complete yet.
-        self.completed_turn = -1
-        self.delivered: dict[tuple[int, int], int] = {}
-        # duplicate frames of the in-flight turn, held back: (kind, raw, parsed)
-        self._held: list[tuple[str, str, dict[str, Any]]] = []
+        self.replies = ReplyDedup()
         self._ready_sent = False
         self._ended = False
         self._client_gone = asyncio.Event()
@@ -121,8 +115,8 @@ class ProxySession:
     def __repr__(self) -> str:
         return (
             f"<ProxySession {self.link.kind} {self.tenant}/{self.call_id} node={self.node_id} "
-            f"unacked={len(self.unacked) + len(self.unacked_audio)} "
-            f"turn={self.completed_turn} failovers={self.failovers}>"
+            f"unacked={len(self.unacked)} "
+            f"turn={self.replies.completed_turn} failovers={self.failovers}>"
         )
 
     # ------------------------------------------------------------------ client side
@@ -146,15 +140,13 @@ class ProxySession:
             self.call_id = self.link.call_id
             self.tenant = inbound.body["tenant"]
             self.last_client_seq = inbound.seq
-            self._audio_bytes_per_ms = _audio_bytes_per_ms(inbound.body)
-            self._max_audio_bytes = self._r.config.max_unacked_audio_ms * self._audio_bytes_per_ms
+            self.unacked.bound_audio(self._limits.max_unacked_audio_ms, inbound.body.get("audio"))
             return True
         return False
 
     async def read_client(self) -> None:
         """Client → node: validate, keep until acknowledged, forward if a link is up."""
-        link = self.link
-        max_frames = self._r.config.max_unacked_frames
+        link, unacked, metrics = self.link, self.unacked, self._metrics
         try:
             while (inbound := await link.receive()) is not None:
                 seq = inbound.seq
@@ -163,17 +155,16 @@ class ProxySession:
                     await link.refuse(ErrorCode.BAD_SEQ, why, seq)
                     continue
                 if inbound.type is In.AUDIO:
-                    self._keep_audio(inbound)
+                    if dropped := unacked.keep_audio(inbound):
+                        metrics.inc(names.UNACKED_AUDIO_FRAMES_DROPPED, dropped)
                 elif inbound.type is In.START:
                     await link.refuse(ErrorCode.ALREADY_STARTED, "call already started", seq)
                     continue
-                elif len(self.unacked) >= max_frames:
+                elif not unacked.keep(inbound):
                     await link.refuse(
                         ErrorCode.UNAVAILABLE, "too many unacknowledged frames; slow down", seq
                     )
                     continue
-                else:
-                    self.unacked.append(inbound)
                 self.last_client_seq = seq
                 up = self.upstream
                 if up is not None and not up.closed:
@@ -187,59 +178,37 @@ class ProxySession:
             if up is not None and not self._ended:
                 await up.close()
 
-    def _keep_audio(self, frame: Inbound) -> None:
-        """Keep caller audio for replay; live audio is never refused, so past the bound the
-        oldest unacknowledged audio goes (a new owner hears the most recent of it)."""
-        size = _data_bytes(frame)
-        self.unacked_audio.append(frame)
-        self._audio_sizes.append(size)
-        self.unacked_audio_bytes += size
-        if self.unacked_audio_bytes <= self._max_audio_bytes:
-            return
-        dropped = 0
-        while self.unacked_audio_bytes > self._max_audio_bytes and len(self.unacked_audio) > 1:
-            self.unacked_audio.popleft()
-            self.unacked_audio_bytes -= self._audio_sizes.popleft()
-            dropped += 1
-        self._r.metrics.inc("unacked_audio_frames_dropped", dropped)
-
-    def unacked_frames(self) -> list[Inbound]:
-        """Every unacknowledged frame in ``seq`` order (a copy: the reader may append)."""
-        return list(heapq.merge(list(self.unacked), list(self.unacked_audio), key=_SEQ))
-
     # ------------------------------------------------------------------ node side
 
     async def attach(self, node_id: str, reason: str) -> bool:
         """Open a link to ``node_id`` and replay the start and unacknowledged frames."""
         if self.start is None:
             raise RuntimeError("attach before start")
-        url = self._r.membership.url(node_id)
+        url = self._placement.url(node_id)
         if url is None:
             return False
         # A new owner learns what the caller already has: a turn it restores as committed
         # but whose reply the caller never fully received is spoken again (de-duplicated).
         # (A new client connection is not a relink: nothing is known of what it heard.)
+        delivered = self.replies.completed_turn
         start = (
             self.start.raw
             if reason == "start"
-            else encode(
-                {**self.start.body, "resume": reason, "delivered_turn": self.completed_turn}
-            )
+            else encode({**self.start.body, "resume": reason, "delivered_turn": delivered})
         )
         try:
-            channel = await self._r.node_links.open(node_id, url, self.call_id, start)
+            channel = await self._node_links.open(node_id, url, self.call_id, start)
         except NodeLinkError as exc:
             log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
             return False
         self.node_id = node_id
         self._node_dead.clear()
         self.upstream = channel
-        # Held frames are what the previous link re-said; the new one starts its reply over.
-        self._held.clear()
+        self.replies.relink()
         try:
             # Frames the client reader appends while we replay are forwarded by it
             # directly, because ``self.upstream`` is already set.
-            for frame in self.unacked_frames():
+            for frame in self.unacked.replay():
                 await channel.send_str(frame.raw)
         except (ConnectionError, RuntimeError):
             return False
@@ -252,20 +221,20 @@ class ProxySession:
             return Outcome.LOST
         while (raw := await channel.receive()) is not None:
             frame: dict[str, Any] | None = None
-            kind = _kind_of(raw)
+            kind = kind_of(raw)
             if kind is None:
-                frame = _parse(raw)
+                frame = parse(raw)
                 if frame is None:
                     log.error("node sent invalid JSON", extra={"fields": {"node": self.node_id}})
                     continue
                 kind = str(frame.get("type"))
             if kind in REPLY_TYPES:
-                frame = frame or _parse(raw)
+                frame = frame or parse(raw)
                 if frame is not None:
                     await self._forward_reply(kind, frame, raw)
             elif kind == Ctl.ACK:
-                frame = frame or _parse(raw) or {}
-                self._on_ack(int(frame.get("seq", 0)))
+                frame = frame or parse(raw) or {}
+                self.unacked.ack(int(frame.get("seq", 0)))
             elif kind == Ctl.HANDOFF:
                 return Outcome.HANDOFF
             elif kind == Out.READY:
@@ -273,10 +242,8 @@ class ProxySession:
                     self._ready_sent = True
                     await self.send_client(kind, raw, frame)
             elif kind == Out.TURN_METRICS:
-                frame = frame or _parse(raw) or {}
-                turn = int(frame.get("turn", 0))
-                if turn > self.completed_turn:
-                    self._complete(turn)
+                frame = frame or parse(raw) or {}
+                if self.replies.complete(int(frame.get("turn", 0))):
                     await self.send_client(kind, raw, frame)
             elif kind == Out.CALL_ENDED:
                 self._ended = True
@@ -284,7 +251,7 @@ class ProxySession:
                 return Outcome.ENDED
             else:
                 if kind == Out.ERROR:
-                    frame = frame or _parse(raw) or {}
+                    frame = frame or parse(raw) or {}
                     if frame.get("code") == ErrorCode.CALL_ENDED:
                         self._ended = True
                         await self.send_client(kind, raw, frame)
@@ -294,43 +261,20 @@ class ProxySession:
             return Outcome.CLIENT_GONE
         return Outcome.LOST
 
-    def _on_ack(self, seq: int) -> None:
-        while self.unacked and self.unacked[0].seq <= seq:
-            self.unacked.popleft()
-        audio, sizes = self.unacked_audio, self._audio_sizes
-        while audio and audio[0].seq <= seq:
-            audio.popleft()
-            self.unacked_audio_bytes -= sizes.popleft()
-
-    def _complete(self, turn: int) -> None:
-        self.completed_turn = turn
-        self.delivered = {k: v for k, v in self.delivered.items() if k[0] > turn}
-        self._held.clear()
-
     async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
-        turn, n = int(frame.get("turn", 0)), int(frame.get("n", 0))
-        if turn <= self.completed_turn:
-            return  # the caller has this turn's whole reply already
-        digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
-        key = (turn, n)
-        seen = self.delivered.get(key)
-        if seen is None:
-            self.delivered[key] = digest
+        verdict = self.replies.offer(kind, raw, frame)
+        if verdict is SEND:
             await self.send_client(kind, raw, frame)
-        elif seen == digest:
-            self._held.append((kind, raw, frame))  # the caller has this already
-            self._r.metrics.inc("replies_deduplicated")
-        else:
+        elif verdict is HOLD:
+            self._metrics.inc(names.REPLIES_DEDUPLICATED)
+        elif verdict is CLEAR:
             # The new owner says something else: the caller drops the partial reply first,
             # then hears the new one from its start.
-            clear = {"type": Out.CLEAR.value, "turn": turn, "reason": "failover"}
-            await self.send_client(Out.CLEAR.value, encode(clear), clear)
-            self._r.metrics.inc("replies_cleared")
-            self.delivered = {k: v for k, v in self.delivered.items() if k[0] != turn}
-            held, self._held = self._held, []
-            for h in held:
-                await self.send_client(*h)
-            self.delivered[key] = digest
+            clear_raw, clear = clear_frame(int(frame.get("turn", 0)))
+            await self.send_client(Out.CLEAR.value, clear_raw, clear)
+            self._metrics.inc(names.REPLIES_CLEARED)
+            for held in self.replies.take_held():
+                await self.send_client(*held)
             await self.send_client(kind, raw, frame)
 
     def node_died(self) -> None:
@@ -375,31 +319,33 @@ class ProxySession:
             if self.upstream is not None and not self.upstream.closed:
                 await asyncio.shield(self.upstream.close())
             if self._ended and self.node_id:
-                await self._r.forget_pin(self.tenant, self.call_id, self.node_id)
+                await self._placement.forget(self.tenant, self.call_id, self.node_id)
 
     async def _drive(self) -> None:
         reason = "start"
         node: str | None
         try:
-            node = await self._r.place(self.tenant, self.call_id, prefer_pin=True)
+            node = await self._placement.place(self.tenant, self.call_id, prefer_pin=True)
         except NoNodeAvailable:
             node = None
-        deadline = time.monotonic() + self._r.config.connect_timeout_ms / 1000
+        deadline = time.monotonic() + self._limits.connect_timeout_s
         gap_started: float | None = None
         while True:
             if node is not None and await self.attach(node, reason):
                 if gap_started is not None:
-                    self._r.observe_failover(time.monotonic() - gap_started)
+                    gap_ms = (time.monotonic() - gap_started) * 1000
+                    self._metrics.inc(names.FAILOVERS)
+                    self._metrics.inc(names.FAILOVER_GAP_MS_SUM, gap_ms)
                     gap_started = None
-                deadline = time.monotonic() + self._r.config.connect_timeout_ms / 1000
-                self._r.track(self, node)
+                deadline = time.monotonic() + self._limits.connect_timeout_s
+                self._placement.track(self, node)
                 outcome = await self._pump_or_death()
-                self._r.untrack(self, node)
+                self._placement.untrack(self, node)
                 if outcome in (Outcome.ENDED, Outcome.CLIENT_GONE) or self._client_gone.is_set():
                     return
                 gap_started = time.monotonic()
                 self.failovers += 1
-                self._r.metrics.inc(f"relinks_{outcome.value}")
+                self._metrics.inc(names.relinks(outcome.value))
                 log.info(
                     "call relinking",
                     extra={
@@ -409,14 +355,14 @@ class ProxySession:
                 reason, node = await self._after(outcome, node)
                 continue
             if node is not None:
-                self._r.membership.suspect(node)
+                self._placement.suspect(node)
             if time.monotonic() > deadline:
                 await self.link.refuse(ErrorCode.UNAVAILABLE, "no conversation node available")
                 await self.link.close(CloseCode.UNAVAILABLE)
                 return
             await asyncio.sleep(0.05)
             try:
-                node = await self._r.place(self.tenant, self.call_id, prefer_pin=False)
+                node = await self._placement.place(self.tenant, self.call_id, prefer_pin=False)
             except NoNodeAvailable:
                 node = None
             reason = "failover" if self._ready_sent else "start"
@@ -424,21 +370,14 @@ class ProxySession:
     async def _after(self, outcome: Outcome, node: str) -> tuple[str, str | None]:
         """Where the call goes after its link ended: the same node if it is confirmed
         alive (the link broke, not the node), otherwise a new owner."""
-        if outcome is Outcome.LOST and await self._r.confirm_alive(node):
+        if outcome is Outcome.LOST and await self._placement.confirm_alive(node):
             return "reconnect", node
         if outcome is not Outcome.HANDOFF:
-            self._r.membership.suspect(node)
+            self._placement.suspect(node)
         try:
-            new = await self._r.place(self.tenant, self.call_id, prefer_pin=False, exclude=node)
+            new = await self._placement.place(
+                self.tenant, self.call_id, prefer_pin=False, exclude=node
+            )
         except NoNodeAvailable:
             return "failover", None
         return ("handoff" if outcome is Outcome.HANDOFF else "failover"), new
-
-
-def _data_bytes(frame: Inbound) -> int:
-    """Bytes of audio in an ``audio`` frame, from its base64 length (never decoded)."""
-    data: str = frame.body["data"]
-    n = len(data) * 3 >> 2
-    if data.endswith("="):
-        n -= 2 if data.endswith("==") else 1
-    return n

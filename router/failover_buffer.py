@@ -1,0 +1,211 @@
+"""What makes a change of owner node invisible to the caller (invariant 5), without I/O.
+
+A proxied call (:class:`router.proxy.ProxySession`, for native and Twilio callers alike)
+keeps two things across a relink:
+
+- :class:`UnackedFrames`: the caller's frames the owner has not acknowledged yet (a node
+  acknowledges a ``seq`` once its checkpoint holds everything up to it), replayed in
+  ``seq`` order to the next owner, which skips what its checkpoint already applied. Caller
+  audio is kept apart: it is never refused, and only the oldest of it is dropped when
+  more than a bound of it waits; any other frame is refused beyond a count.
+- :class:`ReplyDedup`: the reply frames of turns the caller has not heard to the end,
+  remembered by ``(turn, n)``. A new owner re-saying such a turn is not heard twice; if it
+  says something else, the caller is told to ``clear`` the dead node's partial reply and
+  hears the new one from its start.
+
+Both are on the path of every frame (~50 a second per call): a frame costs what keeping
+it costs (a deque slot; a reply's ``(turn, n)`` entry), never a copy or a wait.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from enum import Enum
+from operator import attrgetter
+from typing import Any
+
+from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_ms
+from callmesh.protocol import Inbound, Out, encode
+
+_SEQ = attrgetter("seq")
+
+# A reply frame as it is sent: (kind, raw, parsed).
+ReplyFrame = tuple[str, str, dict[str, Any]]
+
+
+def audio_bytes(frame: Inbound) -> int:
+    """Bytes of audio in an ``audio`` frame, from its base64 length (never decoded)."""
+    data: str = frame.body["data"]
+    n = len(data) * 3 >> 2
+    if data.endswith("="):
+        n -= 2 if data.endswith("==") else 1
+    return n
+
+
+class UnackedFrames:
+    """The caller's frames not yet acknowledged by the owner node, kept for replay."""
+
+    __slots__ = (
+        "_audio",
+        "_audio_sizes",
+        "_frames",
+        "audio_bytes",
+        "max_audio_bytes",
+        "max_frames",
+    )
+
+    def __init__(self, max_frames: int, max_audio_bytes: int = 0) -> None:
+        # Beyond ``max_frames`` unacknowledged non-audio frames, more are refused.
+        self.max_frames = max_frames
+        # Beyond this much unacknowledged audio the oldest goes (set once the call's
+        # audio format is known: its ``start``).
+        self.max_audio_bytes = max_audio_bytes
+        self._frames: deque[Inbound] = deque()
+        self._audio: deque[Inbound] = deque()
+        self._audio_sizes: deque[int] = deque()  # bytes of each frame in ``_audio``
+        self.audio_bytes = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<UnackedFrames [{len(self._frames)} frames, {len(self._audio)} audio "
+            f"({self.audio_bytes}/{self.max_audio_bytes} bytes)]>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._frames) + len(self._audio)
+
+    def bound_audio(self, max_ms: int, audio: dict[str, Any] | None) -> None:
+        """Keep at most ``max_ms`` of unacknowledged audio in the format of the call's
+        ``start`` (its ``audio`` object; none: mu-law at 8 kHz)."""
+        audio = audio or {}
+        encoding = AudioEncoding(audio.get("encoding", AudioEncoding.MULAW))
+        rate = int(audio.get("sample_rate", TELEPHONY_RATE))
+        self.max_audio_bytes = max_ms * max(1, int(bytes_per_ms(encoding, rate)))
+
+    def keep_audio(self, frame: Inbound) -> int:
+        """Keep caller audio for replay. Live audio is never refused, so past the bound
+        the oldest unacknowledged audio goes (a new owner hears the most recent of it);
+        returns how many frames went (the newest frame always stays)."""
+        size = audio_bytes(frame)
+        self._audio.append(frame)
+        self._audio_sizes.append(size)
+        self.audio_bytes += size
+        if self.audio_bytes <= self.max_audio_bytes:
+            return 0
+        audio, sizes = self._audio, self._audio_sizes
+        dropped = 0
+        while self.audio_bytes > self.max_audio_bytes and len(audio) > 1:
+            audio.popleft()
+            self.audio_bytes -= sizes.popleft()
+            dropped += 1
+        return dropped
+
+    def keep(self, frame: Inbound) -> bool:
+        """Keep a frame other than audio; False (not kept) when ``max_frames`` of them
+        wait already: the caller is refused and must slow down."""
+        if len(self._frames) >= self.max_frames:
+            return False
+        self._frames.append(frame)
+        return True
+
+    def ack(self, seq: int) -> None:
+        """The owner acknowledged every frame up to ``seq``: they are no longer needed."""
+        frames = self._frames
+        while frames and frames[0].seq <= seq:
+            frames.popleft()
+        audio, sizes = self._audio, self._audio_sizes
+        while audio and audio[0].seq <= seq:
+            audio.popleft()
+            self.audio_bytes -= sizes.popleft()
+
+    def replay(self) -> list[Inbound]:
+        """Every unacknowledged frame in ``seq`` order (a copy: more may be kept while the
+        replay is sent)."""
+        return list(heapq.merge(list(self._frames), list(self._audio), key=_SEQ))
+
+
+class Verdict(Enum):
+    """What to do with one reply frame of the owner node."""
+
+    SEND = "send"  # new to the caller
+    DROP = "drop"  # the caller heard the whole turn already
+    HOLD = "hold"  # the caller heard this frame already; held in case the turn changes
+    # The owner re-says the turn differently: send ``clear_frame(turn)``, then
+    # ``take_held()``, then this frame.
+    CLEAR = "clear"
+
+
+SEND, DROP, HOLD, CLEAR = Verdict.SEND, Verdict.DROP, Verdict.HOLD, Verdict.CLEAR
+
+
+def clear_frame(turn: int) -> tuple[str, dict[str, Any]]:
+    """The ``clear`` that makes the caller drop a turn's partial reply: (raw, parsed)."""
+    clear = {"type": Out.CLEAR.value, "turn": turn, "reason": "failover"}
+    return encode(clear), clear
+
+
+class ReplyDedup:
+    """Reply frames the caller heard, by ``(turn, n)``, for the turns it has not heard to
+    the end: so a turn that a new owner says again reaches the caller once."""
+
+    __slots__ = ("_delivered", "_held", "completed_turn")
+
+    def __init__(self) -> None:
+        # Highest turn whose ``turn_metrics`` the caller received: its reply is complete.
+        # -1: not even turn 0 (the greeting) is complete yet.
+        self.completed_turn = -1
+        self._delivered: dict[tuple[int, int], int] = {}  # (turn, n) → digest of its content
+        # Frames the caller has already, re-said by the current owner:
+        # ((turn, n), digest, kind, raw, parsed).
+        self._held: list[tuple[tuple[int, int], int, str, str, dict[str, Any]]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"<ReplyDedup [turn {self.completed_turn} complete, "
+            f"{len(self._delivered)} delivered, {len(self._held)} held]>"
+        )
+
+    def offer(self, kind: str, raw: str, frame: dict[str, Any]) -> Verdict:
+        """Judge one reply frame (``agent_text``, ``agent_audio``, ``mark``) of the owner."""
+        turn = int(frame.get("turn", 0))
+        if turn <= self.completed_turn:
+            return DROP
+        digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
+        key = (turn, int(frame.get("n", 0)))
+        seen = self._delivered.get(key)
+        if seen is None:
+            self._delivered[key] = digest
+            return SEND
+        if seen == digest:
+            self._held.append((key, digest, kind, raw, frame))
+            return HOLD
+        # The caller drops what it heard of this turn and hears it anew: the held frames
+        # (sent again) and this one are what it has of it, should yet another owner say
+        # the turn again.
+        delivered = {k: v for k, v in self._delivered.items() if k[0] != turn}
+        for held_key, held_digest, *_ in self._held:
+            delivered[held_key] = held_digest
+        delivered[key] = digest
+        self._delivered = delivered
+        return CLEAR
+
+    def take_held(self) -> list[ReplyFrame]:
+        """The held frames, to send after a ``clear`` (they are no longer held)."""
+        held, self._held = self._held, []
+        return [(kind, raw, frame) for _, _, kind, raw, frame in held]
+
+    def complete(self, turn: int) -> bool:
+        """The owner says ``turn`` is over (``turn_metrics``); True when that is news, and
+        the caller should get the ``turn_metrics``."""
+        if turn <= self.completed_turn:
+            return False
+        self.completed_turn = turn
+        self._delivered = {k: v for k, v in self._delivered.items() if k[0] > turn}
+        self._held.clear()
+        return True
+
+    def relink(self) -> None:
+        """A new link: what the previous one re-said and held is moot, since the new owner
+        starts its reply over."""
+        self._held.clear()
