@@ -61,6 +61,8 @@ class Out(StrEnum):
     CLEAR = "clear"
     ERROR = "error"
     CALL_ENDED = "call_ended"
+    # The router is going away: connect to another router now and resume the call.
+    RECONNECT = "reconnect"
 
 
 class Ctl(StrEnum):
@@ -105,7 +107,12 @@ class CloseCode(IntEnum):
     ABNORMAL = 1006  # the connection was lost (never sent on the wire)
     TOO_LARGE = 1009
     # 4000-4999 are application codes (RFC 6455 §7.4.2).
+    ROUTER_DRAINING = 4012  # reconnect to another router and resume
     BAD_REQUEST = 4400
+    UNAUTHORIZED = 4401  # no token, or one that is malformed, expired or badly signed
+    FORBIDDEN = 4403  # the token does not cover this tenant or call; resume secret wrong
+    START_TIMEOUT = 4408  # no ``start`` within the bound
+    OVER_LIMIT = 4429  # connections, calls per tenant or frame rate over their bound
     UNAVAILABLE = 4503
 
 
