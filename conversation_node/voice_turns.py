@@ -23,7 +23,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from callmesh.protocol import Ctl, ErrorCode, Inbound, Out, encode, error_frame, parse_mark_name
+from callmesh.protocol import (
+    Ctl,
+    ErrorCode,
+    Inbound,
+    Out,
+    encode,
+    error_frame,
+    parse_mark_name,
+    transcript_frame,
+)
 from callmesh.telemetry import TurnMetrics
 from conversation_node.errors import CallDropped
 from conversation_node.turn_records import memory_record
@@ -135,6 +144,10 @@ class VoiceTurns:
 
     def on_interim(self, text: str) -> None:
         self.s.prefetch(text)
+
+    async def on_transcript(self, text: str, final: bool, confidence: float) -> None:
+        """Show the caller what was heard (``transcript``): for display only."""
+        await self.s._out(transcript_frame(self.s.turn, text, final, confidence))
 
     async def on_utterance(
         self, text: str, confidence: float, speech_end_at: float, seq: int

@@ -79,6 +79,18 @@ def _parse(raw: str) -> dict[str, Any] | None:
     return frame if isinstance(frame, dict) else None
 
 
+def owner_frame(ready: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The ``owner`` frame for a new owner's ``ready`` (``reason``: failover, handoff or
+    reconnect)."""
+    return {
+        "type": Out.OWNER.value,
+        "turn": ready.get("turn", 0),
+        "node": ready.get("node", ""),
+        "epoch": ready.get("epoch", 0),
+        "reason": reason,
+    }
+
+
 def _audio_bytes_per_ms(start: dict[str, Any]) -> int:
     audio = start.get("audio") or {}
     rate = int(audio.get("sample_rate", 8000))
@@ -113,6 +125,7 @@ class ProxySession:
         # duplicate frames of the in-flight turn, held back: (kind, raw, parsed)
         self._held: list[tuple[str, str, dict[str, Any]]] = []
         self._ready_sent = False
+        self.relink_reason = ""
         self._ended = False
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
@@ -232,6 +245,7 @@ class ProxySession:
             log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
             return False
         self.node_id = node_id
+        self.relink_reason = reason
         self._node_dead.clear()
         self.upstream = channel
         # Held frames are what the previous link re-said; the new one starts its reply over.
@@ -272,6 +286,9 @@ class ProxySession:
                 if not self._ready_sent:
                     self._ready_sent = True
                     await self.send_client(kind, raw, frame)
+                else:  # a relink: the client learns its call's new owner (docs/protocol.md)
+                    owner = owner_frame(frame or _parse(raw) or {}, self.relink_reason)
+                    await self.send_client(Out.OWNER.value, encode(owner), owner)
             elif kind == Out.TURN_METRICS:
                 frame = frame or _parse(raw) or {}
                 turn = int(frame.get("turn", 0))

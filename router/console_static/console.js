@@ -1,0 +1,575 @@
+// callmesh console: one call over the native protocol (docs/protocol.md), from a browser.
+//
+// Microphone → AudioWorklet (mic-worklet.js: 16 kHz pcm16, 20 ms frames) → `audio` frames
+// with seq and ts. Agent audio → Web Audio buffers scheduled back to back; each `mark` is
+// echoed when playback reaches it; `clear` stops playback at once and echoes the pending
+// marks (what Twilio does). The page shows `transcript`, `agent_text`, `turn_metrics`
+// (latency split by stage, fallbacks), and the owner from `ready` and then `owner` frames.
+'use strict';
+
+const RATE = 16000;
+const FRAME_SAMPLES = 320; // 20 ms
+const LEAD_S = 0.04; // scheduling margin for the first chunk after a gap
+const STAGES = [
+  ['stt', 'stt_ms', 'STT'],
+  ['retrieval', 'retrieval_ms', 'retrieval'],
+  ['llm', 'llm_first_token_ms', 'LLM'],
+  ['tts', 'tts_first_chunk_ms', 'TTS'],
+  ['callmesh', 'overhead_ms', 'callmesh'],
+];
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
+// Everything a test (or a curious person in devtools) may want to read.
+const state = {
+  config: null, token: null, tenant: 'demo', callId: null, ws: null, seq: 0, live: false,
+  ctx: null, stream: null, worklet: null, out: null, playhead: 0, sources: new Set(),
+  marks: [], muted: false, owner: null, owners: [], killAt: null, framesSent: 0,
+  turns: new Map(), metrics: [], userBubble: null, lastFinal: null, agentSpeaking: false,
+  stats: { framesSent: 0, chunksReceived: 0, chunksPlayed: 0, marksEchoed: 0, clears: 0,
+    turnsAnswered: 0, finals: 0, interims: 0, owners: 0 },
+};
+window.callmeshConsole = state;
+
+// ---------------------------------------------------------------- token
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({}, opts.headers || {});
+  if (state.token) headers.Authorization = `Bearer ${state.token.token}`;
+  const resp = await fetch(path, Object.assign({}, opts, { headers }));
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(body.message || `${resp.status} ${resp.statusText}`);
+  return body;
+}
+
+async function ensureToken() {
+  const tenant = $('tenant').value.trim() || 'demo';
+  const now = Date.now() / 1000;
+  if (state.token && state.token.tenant === tenant && state.token.expires_at - now > 60) return;
+  if (!state.config.dev) {
+    throw new Error('This router is not in development mode, and the console has no other way to get a token yet.');
+  }
+  // Development only: the router signs a short-lived token for the tenant asked for.
+  state.token = null;
+  state.token = await api('/console/dev-token', {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ tenant, caller: 'console' }),
+  });
+  sessionStorage.setItem('callmesh.console.token', JSON.stringify(state.token));
+}
+
+// ---------------------------------------------------------------- UI helpers
+
+function notice(text, kind) {
+  const n = $('notice');
+  n.textContent = text || '';
+  n.className = `notice ${kind || ''}`;
+  if (!text) n.classList.add('hidden');
+}
+
+function setConn(text, cls) {
+  $('conn').textContent = text;
+  $('conn').className = `conn ${cls}`;
+}
+
+function scrollDown() {
+  const t = $('transcript');
+  t.scrollTop = t.scrollHeight;
+}
+
+function addMessage(node) {
+  $('empty').classList.add('hidden');
+  $('transcript').appendChild(node);
+  scrollDown();
+  return node;
+}
+
+function systemLine(html, cls) {
+  const m = el('div', `msg system ${cls || ''}`);
+  m.innerHTML = html; // callers pass only escaped text
+  return addMessage(m);
+}
+
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+}
+
+function renderStats() {
+  const s = state.stats;
+  $('st-frames').textContent = s.framesSent;
+  $('st-played').textContent = s.chunksPlayed;
+  $('st-marks').textContent = s.marksEchoed;
+  $('st-clears').textContent = s.clears;
+}
+
+// ---------------------------------------------------------------- owner
+
+function showOwner(node, epoch, reason) {
+  const changed = state.owner && state.owner.node !== node;
+  state.owner = { node, epoch };
+  state.owners.push({ node, epoch, reason, at: Date.now() });
+  state.stats.owners = state.owners.length;
+  $('owner-node').textContent = node;
+  $('owner-epoch').textContent = epoch;
+  const list = $('owners');
+  const li = el('li');
+  li.innerHTML = `<span><b>${esc(node)}</b> · epoch ${esc(epoch)}</span><span>${esc(reason)}</span>`;
+  list.prepend(li);
+  if (changed) {
+    const owner = $('owner-node');
+    owner.classList.remove('moved');
+    void owner.offsetWidth; // restart the animation
+    owner.classList.add('moved');
+    const gap = state.killAt ? ` ${Math.round(Date.now() - state.killAt)} ms after the kill` : '';
+    const banner = $('failover-banner');
+    banner.className = 'banner ok';
+    banner.textContent = `The call moved to ${node} (epoch ${epoch}, ${reason})${gap}. It carries on.`;
+    systemLine(`call moved to <b>${esc(node)}</b> · epoch ${esc(epoch)} · ${esc(reason)}`, 'failover');
+    state.killAt = null;
+  }
+  $('kill-btn').disabled = !state.live;
+  refreshNodes();
+}
+
+// ---------------------------------------------------------------- transcript
+
+function userTranscript(frame) {
+  const text = (frame.text || '').trim();
+  if (!text) return;
+  if (frame.final) {
+    state.stats.finals++;
+    // After a failover the new owner hears the replayed utterance again: show it once.
+    if (!state.userBubble && state.lastFinal === text) return;
+    state.lastFinal = text;
+  } else {
+    state.stats.interims++;
+  }
+  let b = state.userBubble;
+  if (!b) {
+    b = addMessage(el('div', 'msg user interim'));
+    b.appendChild(el('div', 'who', 'you'));
+    b.appendChild(el('div', 'text'));
+    state.userBubble = b;
+  }
+  b.querySelector('.text').textContent = text;
+  if (frame.final) {
+    b.classList.remove('interim');
+    b.classList.add('final');
+    const low = typeof frame.confidence === 'number' && frame.confidence < 0.5;
+    b.querySelector('.who').textContent = low ? `you · heard with low confidence (${frame.confidence})` : 'you';
+    state.userBubble = null;
+  } else {
+    b.querySelector('.who').textContent = 'you · hearing…';
+  }
+  scrollDown();
+}
+
+function agentTurn(turn) {
+  let t = state.turns.get(turn);
+  if (!t) {
+    const m = el('div', 'msg agent');
+    m.dataset.turn = turn;
+    m.appendChild(el('div', 'who', turn === 0 ? 'agent · greeting' : `agent · turn ${turn}`));
+    m.appendChild(el('div', 'text'));
+    t = { el: m, texts: new Map() };
+    state.turns.set(turn, t);
+    if (state.userBubble && !state.userBubble.classList.contains('final')) {
+      // An interim that never became final (noise, or cut off): it is not a turn.
+      state.userBubble.remove();
+      state.userBubble = null;
+    }
+    addMessage(m);
+  }
+  return t;
+}
+
+function agentText(frame) {
+  const t = agentTurn(frame.turn);
+  t.texts.set(frame.n, frame.text);
+  const ordered = [...t.texts.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]);
+  t.el.querySelector('.text').textContent = ordered.join(' ');
+  scrollDown();
+}
+
+function turnMetrics(m) {
+  state.stats.turnsAnswered++;
+  state.metrics.push(m);
+  const t = agentTurn(m.turn);
+  if (t.el.querySelector('.latency')) return;
+  const box = el('div', 'latency');
+  const total = m.latency_ms || 0;
+  if (m.spoke !== false && total > 0) {
+    const parts = STAGES.map(([cls, key, label]) => [cls, Number(m[key] || 0), label]);
+    const sum = parts.reduce((a, p) => a + p[1], 0) || 1;
+    const scale = Math.max(total, sum);
+    const bar = el('div', 'bar');
+    bar.title = `${Math.round(total)} ms from the end of your speech to the agent's first audio`;
+    for (const [cls, ms, label] of parts) {
+      if (ms <= 0) continue;
+      const seg = el('div', `seg ${cls}`);
+      seg.style.width = `${(100 * ms) / scale}%`;
+      seg.title = `${label} ${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
+      bar.appendChild(seg);
+    }
+    box.appendChild(el('div', '', `${Math.round(total)} ms to first audio`));
+    box.appendChild(bar);
+    const legend = el('div', 'parts');
+    for (const [, ms, label] of parts) {
+      legend.appendChild(el('span', '', `${label} ${ms.toFixed(ms < 10 ? 1 : 0)}`));
+    }
+    box.appendChild(legend);
+  } else {
+    box.appendChild(el('div', '', m.interrupted ? 'cut off before it spoke' : 'no audio'));
+  }
+  const chips = el('div', 'chips');
+  chips.appendChild(el('span', 'chip node', `${m.node} · epoch ${m.epoch}`));
+  if (m.intent) chips.appendChild(el('span', 'chip node', `intent ${m.intent}`));
+  for (const f of m.fallbacks || []) chips.appendChild(el('span', 'chip', `fallback: ${f}`));
+  box.appendChild(chips);
+  t.el.appendChild(box);
+  if (m.interrupted) t.el.classList.add('interrupted');
+  if (state.owner && m.epoch > state.owner.epoch) showOwner(m.node, m.epoch, 'turn');
+  scrollDown();
+}
+
+// ---------------------------------------------------------------- playback
+
+function b64ToBytes(b64) {
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function bytesToB64(bytes) {
+  let bin = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    bin += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(bin);
+}
+
+function playChunk(frame) {
+  state.stats.chunksReceived++;
+  const ctx = state.ctx;
+  const bytes = b64ToBytes(frame.data);
+  const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
+  if (!pcm.length) return;
+  const buf = ctx.createBuffer(1, pcm.length, frame.sample_rate || RATE);
+  const ch = buf.getChannelData(0);
+  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
+  const src = ctx.createBufferSource();
+  src.buffer = buf;
+  src.connect(state.out);
+  const at = Math.max(state.playhead, ctx.currentTime + LEAD_S);
+  src.start(at);
+  state.playhead = at + buf.duration;
+  state.sources.add(src);
+  src.onended = () => {
+    // A source stopped by `clear` was removed first: it does not count as played.
+    if (state.sources.delete(src)) {
+      state.stats.chunksPlayed++;
+      renderStats();
+    }
+  };
+}
+
+function queueMark(name) {
+  // Everything scheduled so far ends at the playhead: the mark is played then.
+  state.marks.push({ name, at: state.playhead });
+  tickMarks();
+}
+
+function echoMark(name) {
+  send({ type: 'mark', name });
+  state.stats.marksEchoed++;
+}
+
+function tickMarks() {
+  const now = state.ctx ? state.ctx.currentTime : 0;
+  while (state.marks.length && state.marks[0].at <= now) echoMark(state.marks.shift().name);
+  const speaking = state.ctx && state.playhead > now;
+  if (speaking !== state.agentSpeaking) {
+    state.agentSpeaking = speaking;
+    $('speaking').textContent = speaking ? 'agent speaking' : 'agent silent';
+    $('speaking').className = `pill ${speaking ? 'on' : 'off'}`;
+  }
+  renderStats();
+}
+
+function clearPlayback(frame) {
+  const stopped = [...state.sources];
+  state.sources.clear();
+  for (const s of stopped) {
+    try { s.stop(); } catch (e) { /* not started yet */ }
+  }
+  state.playhead = state.ctx ? state.ctx.currentTime : 0;
+  // What was queued was not heard; pending marks go back at once.
+  const pending = state.marks.splice(0);
+  for (const m of pending) echoMark(m.name);
+  state.stats.clears++;
+  const t = state.turns.get(frame.turn);
+  if (frame.reason === 'barge_in') {
+    if (t) {
+      t.el.classList.add('interrupted');
+      if (!t.el.querySelector('.tag')) t.el.querySelector('.who').appendChild(el('span', 'tag', 'you interrupted'));
+    }
+  } else if (t) {
+    // A failover whose new owner says something else: its reply starts over.
+    t.texts.clear();
+    t.el.querySelector('.text').textContent = '';
+  }
+  tickMarks();
+}
+
+// ---------------------------------------------------------------- the call
+
+function send(frame) {
+  const ws = state.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  // Keys in this order (type, seq, data, ts): the router's fast path for audio frames.
+  const msg = Object.assign({ type: frame.type, seq: ++state.seq }, frame);
+  ws.send(JSON.stringify(msg));
+}
+
+function onFrame(frame) {
+  switch (frame.type) {
+    case 'ready':
+      state.live = true;
+      setConn('live', 'live');
+      showOwner(frame.node, frame.epoch, frame.resumed ? 'resumed' : 'start');
+      break;
+    case 'owner':
+      showOwner(frame.node, frame.epoch, frame.reason || 'moved');
+      break;
+    case 'transcript':
+      userTranscript(frame);
+      break;
+    case 'agent_text':
+      agentText(frame);
+      break;
+    case 'agent_audio':
+      playChunk(frame);
+      break;
+    case 'mark':
+      queueMark(frame.name);
+      break;
+    case 'clear':
+      clearPlayback(frame);
+      break;
+    case 'turn_metrics':
+      turnMetrics(frame);
+      break;
+    case 'error':
+      systemLine(`error <b>${esc(frame.code)}</b>: ${esc(frame.message)}`);
+      break;
+    case 'call_ended':
+      endCall('the call ended');
+      break;
+    default:
+      break; // frames added later are ignored, as the protocol asks
+  }
+}
+
+async function startCall() {
+  notice('');
+  $('start-btn').disabled = true;
+  try {
+    await ensureToken();
+    state.tenant = state.token.tenant;
+    state.callId = `console-${Math.random().toString(36).slice(2, 12)}`;
+    state.ctx = new AudioContext({ latencyHint: 'interactive' });
+    await state.ctx.resume();
+    await state.ctx.audioWorklet.addModule('/console/static/mic-worklet.js');
+    // Echo cancellation is what lets the caller talk over the agent (barge-in) without
+    // the agent hearing itself; the recognizer wants the voice otherwise untouched.
+    state.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: false, channelCount: 1 },
+    });
+    state.out = state.ctx.createGain();
+    state.out.connect(state.ctx.destination);
+    const source = state.ctx.createMediaStreamSource(state.stream);
+    const worklet = new AudioWorkletNode(state.ctx, 'mic-downsampler', {
+      numberOfOutputs: 1,
+      processorOptions: { targetRate: RATE, frameSamples: FRAME_SAMPLES },
+    });
+    const sink = state.ctx.createGain();
+    sink.gain.value = 0; // keeps the worklet pulled by the graph; nothing is heard
+    source.connect(worklet).connect(sink).connect(state.ctx.destination);
+    state.worklet = worklet;
+    let frames = 0;
+    worklet.port.onmessage = (e) => {
+      $('mic-level').style.width = `${Math.min(100, e.data.level * 400)}%`;
+      if (!state.live && !(state.ws && state.ws.readyState === WebSocket.OPEN)) return;
+      const bytes = new Uint8Array(e.data.pcm.buffer);
+      send({ type: 'audio', data: bytesToB64(bytes), ts: frames * 20 });
+      frames++;
+      state.stats.framesSent++;
+      if (frames % 10 === 0) renderStats();
+    };
+    connect();
+  } catch (err) {
+    notice(`Could not start the call: ${err.message}`, 'error');
+    teardown();
+    $('start-btn').disabled = false;
+  }
+}
+
+function connect() {
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const url = `${proto}//${location.host}/console/api/calls/${state.callId}/stream?token=${encodeURIComponent(state.token.token)}`;
+  setConn('connecting…', 'connecting');
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  ws.onopen = () => {
+    state.seq = 0;
+    send({ type: 'start', tenant: state.tenant, caller: 'console', audio: { encoding: 'pcm16', sample_rate: RATE } });
+    $('call-id').textContent = state.callId;
+    const link = $('inspect-link');
+    link.href = `/console/calls/${state.callId}`;
+    link.classList.remove('hidden');
+    $('hangup-btn').disabled = false;
+    $('mute-btn').disabled = false;
+  };
+  ws.onmessage = (e) => {
+    let frame;
+    try { frame = JSON.parse(e.data); } catch (err) { return; }
+    onFrame(frame);
+  };
+  ws.onclose = (e) => {
+    if (state.ws === ws && state.live) endCall(`connection closed (${e.code}${e.reason ? ': ' + e.reason : ''})`);
+    else if (state.ws === ws) {
+      notice(`The router refused the call (${e.code}${e.reason ? ': ' + e.reason : ''}).`, 'error');
+      teardown();
+      $('start-btn').disabled = false;
+    }
+  };
+}
+
+function hangup() {
+  send({ type: 'hangup' });
+  $('hangup-btn').disabled = true;
+}
+
+function endCall(why) {
+  systemLine(esc(why));
+  setConn('ended', 'ended');
+  teardown();
+  $('start-btn').disabled = false;
+  $('start-btn').textContent = 'New call';
+}
+
+function teardown() {
+  state.live = false;
+  if (state.ws && state.ws.readyState <= WebSocket.OPEN) state.ws.close(1000);
+  state.ws = null;
+  if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
+  state.stream = null;
+  if (state.ctx) state.ctx.close();
+  state.ctx = null;
+  state.sources.clear();
+  state.marks = [];
+  state.playhead = 0;
+  $('hangup-btn').disabled = true;
+  $('mute-btn').disabled = true;
+  $('kill-btn').disabled = true;
+  $('mic-level').style.width = '0';
+}
+
+function toggleMute() {
+  state.muted = !state.muted;
+  if (state.worklet) state.worklet.port.postMessage({ muted: state.muted });
+  $('mute-btn').textContent = state.muted ? 'Unmute' : 'Mute';
+}
+
+async function killOwner() {
+  if (!state.owner) return;
+  const victim = state.owner.node;
+  const btn = $('kill-btn');
+  btn.disabled = true;
+  const banner = $('failover-banner');
+  banner.className = 'banner';
+  banner.textContent = `Killing ${victim}…`;
+  state.killAt = Date.now();
+  systemLine(`<b>${esc(victim)}</b> killed from the console`, 'failover');
+  try {
+    const r = await api(`/console/api/calls/${state.callId}/kill-owner`, { method: 'POST' });
+    // The call may already have moved (the owner frame can beat this answer).
+    if (state.owner && state.owner.node === victim) {
+      banner.textContent = `${r.killed} was killed (SIGKILL). The router notices and moves the call…`;
+    }
+    refreshNodes();
+  } catch (err) {
+    state.killAt = null;
+    banner.textContent = `Could not kill the owner: ${err.message}`;
+    btn.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- cluster
+
+async function refreshNodes() {
+  let st;
+  try {
+    const r = await fetch('/v1/status');
+    st = await r.json();
+  } catch (e) {
+    return;
+  }
+  $('router-id').textContent = st.router || '';
+  const ul = $('nodes');
+  ul.textContent = '';
+  for (const n of st.nodes || []) {
+    const li = el('li');
+    const dead = !n.alive;
+    const cls = dead ? 'dead' : n.suspect ? 'suspect' : n.state !== 'active' ? 'draining' : '';
+    li.appendChild(el('span', `dot ${cls}`));
+    li.appendChild(el('span', 'name', n.node));
+    li.appendChild(el('span', 'muted small', dead ? 'dead' : n.suspect ? 'suspect' : n.state));
+    li.appendChild(el('span', 'calls', `${n.calls} call${n.calls === 1 ? '' : 's'}`));
+    if (state.owner && n.node === state.owner.node) li.classList.add('owner-row');
+    if (dead) li.classList.add('gone');
+    ul.appendChild(li);
+  }
+  if (!(st.nodes || []).length) ul.appendChild(el('li', 'muted small', 'no nodes'));
+}
+
+// ---------------------------------------------------------------- start
+
+async function init() {
+  $('start-btn').onclick = startCall;
+  $('hangup-btn').onclick = hangup;
+  $('mute-btn').onclick = toggleMute;
+  $('kill-btn').onclick = killOwner;
+  try {
+    state.config = await api('/console/api/config');
+  } catch (err) {
+    notice(`The router did not answer: ${err.message}`, 'error');
+    return;
+  }
+  const badge = $('mode-badge');
+  badge.textContent = state.config.dev ? 'development' : 'production';
+  if (state.config.dev) badge.classList.add('dev');
+  if (state.config.kill) {
+    $('kill-btn').classList.remove('hidden');
+    $('kill-note').classList.remove('hidden');
+  }
+  if (!state.config.dev) {
+    notice('This router is not in development mode: the console cannot get a call token here yet.');
+    $('start-btn').disabled = true;
+  }
+  if (!window.isSecureContext) {
+    notice('The microphone needs a secure page: open the console on http://127.0.0.1 or localhost, or over https.', 'error');
+  }
+  refreshNodes();
+  setInterval(refreshNodes, 1000);
+  setInterval(() => { if (state.ctx) tickMarks(); }, 20);
+}
+
+init();
