@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,19 @@ CHROMIUM_FLAGS = [
 WAIT_MS = 40_000
 
 
-def write_mic_wav(path: Path) -> None:
-    """Silence and simulated speech, 16 kHz mono pcm16, as Chromium's fake microphone."""
+def tone_speech(text: str) -> np.ndarray:
+    """What the simulated recognizer understands: ``text`` in tones, at 16 kHz."""
+    return tones_for_text(text, RATE)
+
+
+def write_mic_wav(path: Path, speech: Callable[[str], np.ndarray] = tone_speech) -> None:
+    """Silence and speech (int16 samples at 16 kHz from ``speech``), 16 kHz mono pcm16, as
+    Chromium's fake microphone. A real-speech variant passes a synthesizer's voice."""
     parts = []
     for pause_s, text in SCRIPT:
         parts.append(np.zeros(int(RATE * pause_s), dtype=np.int16))
         if text:
-            parts.append(tones_for_text(text, RATE))
+            parts.append(speech(text).astype(np.int16))
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

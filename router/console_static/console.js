@@ -10,21 +10,6 @@
 const RATE = 16000;
 const FRAME_SAMPLES = 320; // 20 ms
 const LEAD_S = 0.04; // scheduling margin for the first chunk after a gap
-const STAGES = [
-  ['stt', 'stt_ms', 'STT'],
-  ['retrieval', 'retrieval_ms', 'retrieval'],
-  ['llm', 'llm_first_token_ms', 'LLM'],
-  ['tts', 'tts_first_chunk_ms', 'TTS'],
-  ['callmesh', 'overhead_ms', 'callmesh'],
-];
-
-const $ = (id) => document.getElementById(id);
-const el = (tag, cls, text) => {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-};
 
 // Everything a test (or a curious person in devtools) may want to read.
 const state = {
@@ -66,13 +51,6 @@ async function ensureToken() {
 
 // ---------------------------------------------------------------- UI helpers
 
-function notice(text, kind) {
-  const n = $('notice');
-  n.textContent = text || '';
-  n.className = `notice ${kind || ''}`;
-  if (!text) n.classList.add('hidden');
-}
-
 function setConn(text, cls) {
   $('conn').textContent = text;
   $('conn').className = `conn ${cls}`;
@@ -94,10 +72,6 @@ function systemLine(html, cls) {
   const m = el('div', `msg system ${cls || ''}`);
   m.innerHTML = html; // callers pass only escaped text
   return addMessage(m);
-}
-
-function esc(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 }
 
 function renderStats() {
@@ -205,24 +179,12 @@ function turnMetrics(m) {
   const box = el('div', 'latency');
   const total = m.latency_ms || 0;
   if (m.spoke !== false && total > 0) {
-    const parts = STAGES.map(([cls, key, label]) => [cls, Number(m[key] || 0), label]);
-    const sum = parts.reduce((a, p) => a + p[1], 0) || 1;
-    const scale = Math.max(total, sum);
-    const bar = el('div', 'bar');
+    const bar = latencyBar(m, Math.max(total, stagesSum(m)));
     bar.title = `${Math.round(total)} ms from the end of your speech to the agent's first audio`;
-    for (const [cls, ms, label] of parts) {
-      if (ms <= 0) continue;
-      const seg = el('div', `seg ${cls}`);
-      seg.style.width = `${(100 * ms) / scale}%`;
-      seg.title = `${label} ${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
-      bar.appendChild(seg);
-    }
     box.appendChild(el('div', '', `${Math.round(total)} ms to first audio`));
     box.appendChild(bar);
     const legend = el('div', 'parts');
-    for (const [, ms, label] of parts) {
-      legend.appendChild(el('span', '', `${label} ${ms.toFixed(ms < 10 ? 1 : 0)}`));
-    }
+    for (const text of stagesText(m)) legend.appendChild(el('span', '', text));
     box.appendChild(legend);
   } else {
     box.appendChild(el('div', '', m.interrupted ? 'cut off before it spoke' : 'no audio'));

@@ -2,30 +2,9 @@
 // router with events.replay, as `callmesh replay` does), for the token's tenant only.
 'use strict';
 
-const STAGES = [
-  ['stt', 'stt_ms', 'STT'],
-  ['retrieval', 'retrieval_ms', 'retrieval'],
-  ['llm', 'llm_first_token_ms', 'LLM'],
-  ['tts', 'tts_first_chunk_ms', 'TTS'],
-  ['callmesh', 'overhead_ms', 'callmesh'],
-];
-const $ = (id) => document.getElementById(id);
-const el = (tag, cls, text) => {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-};
 const callId = decodeURIComponent(location.pathname.split('/').pop());
 const inspector = { token: null, report: null, timer: null };
 window.callmeshInspector = inspector;
-
-function notice(text, kind) {
-  const n = $('notice');
-  n.textContent = text || '';
-  n.className = `notice ${kind || ''}`;
-  if (!text) n.classList.add('hidden');
-}
 
 async function token() {
   const saved = JSON.parse(sessionStorage.getItem('callmesh.console.token') || 'null');
@@ -85,19 +64,6 @@ function summary(r) {
   $('live-badge').className = `pill ${r.live ? 'on' : 'off'}${r.live ? '' : ' hidden'}`;
 }
 
-function bar(m, scale) {
-  const b = el('div', 'bar');
-  for (const [cls, key, label] of STAGES) {
-    const ms = Number(m[key] || 0);
-    if (ms <= 0) continue;
-    const seg = el('div', `seg ${cls}`);
-    seg.style.width = `${(100 * ms) / scale}%`;
-    seg.title = `${label} ${ms.toFixed(1)} ms`;
-    b.appendChild(seg);
-  }
-  return b;
-}
-
 function chart(r) {
   const c = $('chart');
   c.textContent = '';
@@ -106,11 +72,11 @@ function chart(r) {
     c.appendChild(el('p', 'muted', 'No turn metrics in the log yet.'));
     return;
   }
-  const peak = Math.max(...rows.map((m) => Math.max(m.latency_ms, STAGES.reduce((a, s) => a + Number(m[s[1]] || 0), 0))));
+  const peak = Math.max(...rows.map((m) => Math.max(m.latency_ms, stagesSum(m))));
   for (const m of rows) {
     const row = el('div', 'row');
     row.appendChild(el('span', 'muted', `turn ${m.turn}`));
-    row.appendChild(bar(m, peak));
+    row.appendChild(latencyBar(m, peak));
     row.appendChild(el('span', 'ms', `${Math.round(m.latency_ms)} ms`));
     c.appendChild(row);
   }
@@ -165,7 +131,10 @@ function turnCard(r, group) {
     if (a.interrupted) p.appendChild(el('span', 'chip', `interrupted; said "${a.text}"`));
     left.appendChild(p);
   }
-  for (const b of of('barge_in')) left.appendChild(el('p', 'muted small', `caller barged in; had heard "${b.heard}"`));
+  for (const b of of('barge_in')) {
+    const heard = b.heard ? `after hearing "${b.heard}"` : 'before any of it was heard';
+    left.appendChild(el('p', 'muted small', `the caller barged in ${heard}`));
+  }
   const ret = one('retrieval');
   const llm = one('llm');
   const facts = one('memory');
@@ -206,8 +175,8 @@ function turnCard(r, group) {
     right.appendChild(table);
   }
   if (metrics) {
-    right.appendChild(bar(m, Math.max(m.latency_ms || 1, 1)));
-    right.appendChild(el('div', 'muted small', STAGES.map(([, k, label]) => `${label} ${Number(m[k] || 0).toFixed(0)}`).join(' · ')));
+    right.appendChild(latencyBar(m, Math.max(m.latency_ms || 1, stagesSum(m))));
+    right.appendChild(el('div', 'muted small', stagesText(m).join(' · ')));
   }
   body.appendChild(right);
   card.appendChild(body);
