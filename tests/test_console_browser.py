@@ -43,7 +43,7 @@ RATE = 16000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "console-test"
 # The first words come while the greeting plays (a barge-in), the next ones after a pause.
 SCRIPT: list[tuple[float, str]] = [
-    (2.0, "Hi, my name is Alice"),
+    (3.0, "Hi, my name is Alice"),
     (7.0, "I'd like a cleaning"),
     (7.0, ""),
 ]
