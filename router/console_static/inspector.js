@@ -154,7 +154,10 @@ function turnCard(r, group) {
   const effects = (r.final_state.effects || []).filter((e) => e.turn === turn);
   for (const e of effects) {
     const lag = e.lag_ms !== null && e.lag_ms !== undefined ? `, lag ${e.lag_ms} ms` : '';
-    details.push([`effect ${e.kind}`, `${e.outcome} after ${e.attempts} attempt(s)${e.status ? ', status ' + e.status : ''}${lag}`]);
+    const how = e.outcome === 'pending'
+      ? 'pending: not delivered yet (is an effects worker running?)'
+      : `${e.outcome.replace('_', ' ')} after ${e.attempts} attempt(s)${e.status ? ', status ' + e.status : ''}${lag}`;
+    details.push([`effect ${e.kind}`, how]);
   }
   left.appendChild(kv(details));
   body.appendChild(left);
