@@ -3,19 +3,18 @@
 // Microphone → AudioWorklet (mic-worklet.js: 16 kHz pcm16, 20 ms frames) → `audio` frames
 // with seq and ts. Agent audio → Web Audio buffers scheduled back to back; each `mark` is
 // echoed when playback reaches it; `clear` stops playback at once and echoes the pending
-// marks (what Twilio does). The page shows `transcript`, `agent_text`, `turn_metrics`
-// (latency split by stage, fallbacks), and the owner from `ready` and then `owner` frames.
+// marks (what Twilio does); both in audio.js. The page shows `transcript`, `agent_text`,
+// `turn_metrics` (latency split by stage, fallbacks), and the owner from `ready`, then
+// from `owner` frames.
 'use strict';
 
 const RATE = 16000;
 const FRAME_SAMPLES = 320; // 20 ms
-const LEAD_S = 0.04; // scheduling margin for the first chunk after a gap
 
 // Everything a test (or a curious person in devtools) may want to read.
 const state = {
   config: null, token: null, tenant: 'demo', callId: null, ws: null, seq: 0, live: false,
-  ctx: null, stream: null, worklet: null, out: null, playhead: 0, sources: new Set(),
-  marks: [], muted: false, owner: null, owners: [], killAt: null, framesSent: 0,
+  ctx: null, mic: null, player: null, muted: false, owner: null, owners: [], killAt: null,
   turns: new Map(), metrics: [], userBubble: null, lastFinal: null, agentSpeaking: false,
   stats: { framesSent: 0, chunksReceived: 0, chunksPlayed: 0, marksEchoed: 0, clears: 0,
     turnsAnswered: 0, finals: 0, interims: 0, owners: 0 },
@@ -202,61 +201,15 @@ function turnMetrics(m) {
 
 // ---------------------------------------------------------------- playback
 
-function b64ToBytes(b64) {
-  const bin = atob(b64);
-  const out = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-  return out;
-}
-
-function bytesToB64(bytes) {
-  let bin = '';
-  for (let i = 0; i < bytes.length; i += 0x8000) {
-    bin += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
-  }
-  return btoa(bin);
-}
-
-function playChunk(frame) {
-  state.stats.chunksReceived++;
-  const ctx = state.ctx;
-  const bytes = b64ToBytes(frame.data);
-  const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
-  if (!pcm.length) return;
-  const buf = ctx.createBuffer(1, pcm.length, frame.sample_rate || RATE);
-  const ch = buf.getChannelData(0);
-  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
-  const src = ctx.createBufferSource();
-  src.buffer = buf;
-  src.connect(state.out);
-  const at = Math.max(state.playhead, ctx.currentTime + LEAD_S);
-  src.start(at);
-  state.playhead = at + buf.duration;
-  state.sources.add(src);
-  src.onended = () => {
-    // A source stopped by `clear` was removed first: it does not count as played.
-    if (state.sources.delete(src)) {
-      state.stats.chunksPlayed++;
-      renderStats();
-    }
-  };
-}
-
-function queueMark(name) {
-  // Everything scheduled so far ends at the playhead: the mark is played then.
-  state.marks.push({ name, at: state.playhead });
-  tickMarks();
-}
-
 function echoMark(name) {
   send({ type: 'mark', name });
   state.stats.marksEchoed++;
 }
 
-function tickMarks() {
-  const now = state.ctx ? state.ctx.currentTime : 0;
-  while (state.marks.length && state.marks[0].at <= now) echoMark(state.marks.shift().name);
-  const speaking = state.ctx && state.playhead > now;
+function tick() {
+  if (!state.player) return;
+  state.player.tick();
+  const speaking = state.player.speaking;
   if (speaking !== state.agentSpeaking) {
     state.agentSpeaking = speaking;
     $('speaking').textContent = speaking ? 'agent speaking' : 'agent silent';
@@ -266,15 +219,7 @@ function tickMarks() {
 }
 
 function clearPlayback(frame) {
-  const stopped = [...state.sources];
-  state.sources.clear();
-  for (const s of stopped) {
-    try { s.stop(); } catch (e) { /* not started yet */ }
-  }
-  state.playhead = state.ctx ? state.ctx.currentTime : 0;
-  // What was queued was not heard; pending marks go back at once.
-  const pending = state.marks.splice(0);
-  for (const m of pending) echoMark(m.name);
+  if (state.player) state.player.clear();
   state.stats.clears++;
   const t = state.turns.get(frame.turn);
   if (frame.reason === 'barge_in') {
@@ -287,7 +232,7 @@ function clearPlayback(frame) {
     t.texts.clear();
     t.el.querySelector('.text').textContent = '';
   }
-  tickMarks();
+  tick();
 }
 
 // ---------------------------------------------------------------- the call
@@ -317,10 +262,11 @@ function onFrame(frame) {
       agentText(frame);
       break;
     case 'agent_audio':
-      playChunk(frame);
+      state.stats.chunksReceived++;
+      if (state.player) state.player.play(frame);
       break;
     case 'mark':
-      queueMark(frame.name);
+      if (state.player) state.player.mark(frame.name);
       break;
     case 'clear':
       clearPlayback(frame);
@@ -348,33 +294,23 @@ async function startCall() {
     state.callId = `console-${Math.random().toString(36).slice(2, 12)}`;
     state.ctx = new AudioContext({ latencyHint: 'interactive' });
     await state.ctx.resume();
-    await state.ctx.audioWorklet.addModule('/console/static/mic-worklet.js');
-    // Echo cancellation is what lets the caller talk over the agent (barge-in) without
-    // the agent hearing itself; the recognizer wants the voice otherwise untouched.
-    state.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: false, channelCount: 1 },
+    state.player = new AgentPlayer(state.ctx, {
+      onMark: echoMark,
+      onPlayed: () => { state.stats.chunksPlayed++; renderStats(); },
     });
-    state.out = state.ctx.createGain();
-    state.out.connect(state.ctx.destination);
-    const source = state.ctx.createMediaStreamSource(state.stream);
-    const worklet = new AudioWorkletNode(state.ctx, 'mic-downsampler', {
-      numberOfOutputs: 1,
-      processorOptions: { targetRate: RATE, frameSamples: FRAME_SAMPLES },
-    });
-    const sink = state.ctx.createGain();
-    sink.gain.value = 0; // keeps the worklet pulled by the graph; nothing is heard
-    source.connect(worklet).connect(sink).connect(state.ctx.destination);
-    state.worklet = worklet;
     let frames = 0;
-    worklet.port.onmessage = (e) => {
-      $('mic-level').style.width = `${Math.min(100, e.data.level * 400)}%`;
-      if (!state.live && !(state.ws && state.ws.readyState === WebSocket.OPEN)) return;
-      const bytes = new Uint8Array(e.data.pcm.buffer);
-      send({ type: 'audio', data: bytesToB64(bytes), ts: frames * 20 });
-      frames++;
-      state.stats.framesSent++;
-      if (frames % 10 === 0) renderStats();
-    };
+    state.mic = await openMicrophone(state.ctx, {
+      rate: RATE,
+      frameSamples: FRAME_SAMPLES,
+      onFrame: ({ pcm, level }) => {
+        $('mic-level').style.width = `${Math.min(100, level * 400)}%`;
+        if (!(state.ws && state.ws.readyState === WebSocket.OPEN)) return;
+        send({ type: 'audio', data: bytesToB64(new Uint8Array(pcm.buffer)), ts: frames * 20 });
+        frames++;
+        state.stats.framesSent++;
+        if (frames % 10 === 0) renderStats();
+      },
+    });
     connect();
   } catch (err) {
     notice(`Could not start the call: ${err.message}`, 'error');
@@ -431,13 +367,12 @@ function teardown() {
   state.live = false;
   if (state.ws && state.ws.readyState <= WebSocket.OPEN) state.ws.close(1000);
   state.ws = null;
-  if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
-  state.stream = null;
+  if (state.mic) state.mic.close();
+  state.mic = null;
+  if (state.player) state.player.clear();
+  state.player = null;
   if (state.ctx) state.ctx.close();
   state.ctx = null;
-  state.sources.clear();
-  state.marks = [];
-  state.playhead = 0;
   $('hangup-btn').disabled = true;
   $('mute-btn').disabled = true;
   $('kill-btn').disabled = true;
@@ -446,7 +381,7 @@ function teardown() {
 
 function toggleMute() {
   state.muted = !state.muted;
-  if (state.worklet) state.worklet.port.postMessage({ muted: state.muted });
+  if (state.mic) state.mic.setMuted(state.muted);
   $('mute-btn').textContent = state.muted ? 'Unmute' : 'Mute';
 }
 
@@ -531,7 +466,7 @@ async function init() {
   }
   refreshNodes();
   setInterval(refreshNodes, 1000);
-  setInterval(() => { if (state.ctx) tickMarks(); }, 20);
+  setInterval(tick, 20);
 }
 
 init();
