@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from callmesh.config import RouterConfig
+from callmesh.metric_names import CONSOLE_CALLS_ACCEPTED, CONSOLE_NODES_KILLED
 from callmesh.protocol import ErrorCode, In, Inbound, valid_id
 from callmesh.telemetry import Metrics
 from router.console_auth import ConsoleAuthError, ConsoleClaims, issue, verify
@@ -202,7 +203,7 @@ class Console:
         cfg = self._config
         ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, heartbeat=20)
         await ws.prepare(request)
-        self._r.metrics.inc("console_calls_accepted")
+        self._r.metrics.inc(CONSOLE_CALLS_ACCEPTED)
         link = TenantBoundLink(ws, call_id, claims, self._r.metrics, cfg.max_frame_bytes)
         return await self._r._serve(ws, link)
 
@@ -257,6 +258,7 @@ class Console:
         if status != 200:
             reason = str(answer.get("message") if isinstance(answer, dict) else answer)
             raise web.HTTPBadGateway(reason=f"local cluster control refused: {reason}")
+        self._r.metrics.inc(CONSOLE_NODES_KILLED)
         log.warning("owner node killed from the console", extra={"fields": {"node": node}})
         return web.json_response({"killed": node, **answer})
 
