@@ -143,6 +143,9 @@ def test_a_call_from_the_browser_survives_its_node(cluster: LocalCluster, page: 
     assert "Alice" in page.inner_text('.msg.agent[data-turn="1"] .text')
     assert page.locator('.msg.agent[data-turn="1"] .bar .seg').count() >= 2
     assert _stat(page, "framesSent") > 100
+    # The page measured when the reply was heard after the caller stopped speaking.
+    assert page.evaluate("window.callmeshConsole.heard.get(1)") > 0
+    assert "heard here" in page.inner_text('.msg.agent[data-turn="1"] .latency')
     page.screenshot(path=str(ARTIFACTS / "02-call.png"))
 
     # Kill the owner from the page: the call moves, the page says so, the next turn is

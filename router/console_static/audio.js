@@ -58,10 +58,11 @@ class AgentPlayer {
     return this.playhead > this.ctx.currentTime;
   }
 
+  // Schedules one chunk; returns when it starts to be heard (ms, performance.now()).
   play(frame) {
     const bytes = b64ToBytes(frame.data);
     const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
-    if (!pcm.length) return;
+    if (!pcm.length) return performance.now();
     const buf = this.ctx.createBuffer(1, pcm.length, frame.sample_rate);
     const ch = buf.getChannelData(0);
     for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
@@ -76,6 +77,8 @@ class AgentPlayer {
       // A source stopped by clear() was removed first: it does not count as played.
       if (this.sources.delete(src)) this.onPlayed();
     };
+    // When the chunk starts to be heard, on the page's clock (performance.now()).
+    return performance.now() + (at - this.ctx.currentTime) * 1000;
   }
 
   // Everything scheduled so far ends at the playhead: the mark is played then.

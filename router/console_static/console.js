@@ -10,12 +10,15 @@
 
 const RATE = 16000;
 const FRAME_SAMPLES = 320; // 20 ms
+// Microphone RMS (full scale 1) above which a frame counts as the caller's voice, for the
+// time from the end of their speech to the reply's first sound, as this browser sees it.
+const VOICE_LEVEL = 0.02;
 
 // Everything a test (or a curious person in devtools) may want to read.
 const state = {
   config: null, token: null, tenant: 'demo', callId: null, ws: null, seq: 0, live: false,
   ctx: null, mic: null, player: null, muted: false, owner: null, owners: [], killAt: null,
-  turns: new Map(), metrics: [], userBubble: null, lastFinal: null, agentSpeaking: false,
+  turns: new Map(), metrics: [], heard: new Map(), lastVoiceAt: 0, userBubble: null, lastFinal: null, agentSpeaking: false,
   stats: { framesSent: 0, chunksReceived: 0, chunksPlayed: 0, marksEchoed: 0, clears: 0,
     turnsAnswered: 0, finals: 0, interims: 0, owners: 0 },
 };
@@ -170,6 +173,14 @@ function agentText(frame) {
   scrollDown();
 }
 
+// The first chunk of a reply to the caller: how long after they stopped speaking it is
+// heard here (network, router, node and playback scheduling included).
+function firstAudio(frame, startsAt) {
+  if (frame.turn < 1 || state.heard.has(frame.turn) || !state.lastVoiceAt) return;
+  const ms = startsAt - state.lastVoiceAt;
+  if (ms > 0) state.heard.set(frame.turn, ms);
+}
+
 function turnMetrics(m) {
   state.stats.turnsAnswered++;
   state.metrics.push(m);
@@ -180,7 +191,9 @@ function turnMetrics(m) {
   if (m.spoke !== false && total > 0) {
     const bar = latencyBar(m, Math.max(total, stagesSum(m)));
     bar.title = `${Math.round(total)} ms from the end of your speech to the agent's first audio`;
-    box.appendChild(el('div', '', `${Math.round(total)} ms to first audio`));
+    const heard = state.heard.get(m.turn);
+    const here = heard ? ` · heard here ${Math.round(heard)} ms after you stopped` : '';
+    box.appendChild(el('div', '', `${Math.round(total)} ms to first audio${here}`));
     box.appendChild(bar);
     const legend = el('div', 'parts');
     for (const text of stagesText(m)) legend.appendChild(el('span', '', text));
@@ -263,7 +276,7 @@ function onFrame(frame) {
       break;
     case 'agent_audio':
       state.stats.chunksReceived++;
-      if (state.player) state.player.play(frame);
+      if (state.player) firstAudio(frame, state.player.play(frame));
       break;
     case 'mark':
       if (state.player) state.player.mark(frame.name);
@@ -304,6 +317,7 @@ async function startCall() {
       frameSamples: FRAME_SAMPLES,
       onFrame: ({ pcm, level }) => {
         $('mic-level').style.width = `${Math.min(100, level * 400)}%`;
+        if (level >= VOICE_LEVEL) state.lastVoiceAt = performance.now();
         if (!(state.ws && state.ws.readyState === WebSocket.OPEN)) return;
         send({ type: 'audio', data: bytesToB64(new Uint8Array(pcm.buffer)), ts: frames * 20 });
         frames++;
