@@ -77,8 +77,15 @@ class TenantBoundLink(NativeLink):
 
     kind = "console"
 
-    def __init__(self, ws: web.WebSocketResponse, call_id: str, claims: ConsoleClaims, *a: Any):
-        super().__init__(ws, call_id, *a)
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        call_id: str,
+        claims: ConsoleClaims,
+        metrics: Metrics,
+        max_frame_bytes: int,
+    ) -> None:
+        super().__init__(ws, call_id, metrics, max_frame_bytes)
         self.claims = claims
 
     async def receive(self) -> Inbound | None:
@@ -101,7 +108,8 @@ class Console:
         self._r = router
         self._config = router.config
         self._replay = ReplayReader(router.config.backends)
-        self._files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
+        # A few small files, read once: serving them never touches the disk.
+        self._files = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.is_file()}
 
     @property
     def dev(self) -> bool:
@@ -127,13 +135,13 @@ class Console:
     # ------------------------------------------------------------------ pages
 
     def _file(self, name: str) -> web.Response:
-        path = self._files.get(name)
-        if path is None:
+        body = self._files.get(name)
+        if body is None:
             raise web.HTTPNotFound(reason="no such console file")
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if ctype.startswith("text/") or ctype.endswith("javascript"):
             ctype += "; charset=utf-8"
-        resp = web.Response(body=path.read_bytes(), headers={"Content-Type": ctype})
+        resp = web.Response(body=body, headers={"Content-Type": ctype})
         _secure(resp)
         return resp
 

@@ -302,10 +302,12 @@ async function startCall() {
   notice('');
   $('start-btn').disabled = true;
   try {
+    // Created before anything is awaited: browsers let a page play sound when the
+    // context comes from the click itself.
+    state.ctx = new AudioContext({ latencyHint: 'interactive' });
     await ensureToken();
     state.tenant = state.token.tenant;
     state.callId = `console-${Math.random().toString(36).slice(2, 12)}`;
-    state.ctx = new AudioContext({ latencyHint: 'interactive' });
     await state.ctx.resume();
     state.player = new AgentPlayer(state.ctx, {
       onMark: echoMark,
