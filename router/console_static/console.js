@@ -298,8 +298,27 @@ function onFrame(frame) {
   }
 }
 
+// A new call starts on a clean page.
+function resetCallView() {
+  for (const m of [...$('transcript').querySelectorAll('.msg')]) m.remove();
+  state.turns.clear();
+  state.metrics = [];
+  state.heard.clear();
+  state.userBubble = null;
+  state.lastFinal = null;
+  state.owner = null;
+  state.owners = [];
+  for (const k of Object.keys(state.stats)) state.stats[k] = 0;
+  $('owners').textContent = '';
+  $('owner-node').textContent = '—';
+  $('owner-epoch').textContent = '—';
+  $('failover-banner').className = 'banner hidden';
+  renderStats();
+}
+
 async function startCall() {
   notice('');
+  if (state.callId) resetCallView();
   $('start-btn').disabled = true;
   try {
     // Created before anything is awaited: browsers let a page play sound when the
@@ -393,6 +412,9 @@ function teardown() {
   $('mute-btn').disabled = true;
   $('kill-btn').disabled = true;
   $('mic-level').style.width = '0';
+  state.agentSpeaking = false;
+  $('speaking').textContent = 'agent silent';
+  $('speaking').className = 'pill off';
 }
 
 function toggleMute() {
