@@ -6,16 +6,17 @@ Pages (static files in ``router/console_static``, no build step, no external ass
   transcript, per-turn latency, fallbacks, the owner node and epoch, failover);
 - ``GET /console/calls/{call_id}``: the call inspector (the replay of its event log).
 
-API (JSON; a console token in ``Authorization: Bearer``, the tenant is the token's):
+API (JSON; a call token in ``Authorization: Bearer``, router/console_auth.py; the tenant
+and caller are the token's):
 
-- ``POST /console/dev-token`` ``{"tenant": T}``: a short-lived token (router/console_auth.py).
+- ``POST /console/dev-token`` ``{"tenant": T, "caller": C}``: a short-lived token.
   **Development mode only** (the router has ``CALLMESH_DEV_SECRET``, which ``callmesh up``
   generates) and only to loopback clients; elsewhere it does not exist (404);
-- ``GET /console/api/calls/{call_id}/stream?token=...`` (WebSocket): the native call
-  protocol (docs/protocol.md), bound to the token's tenant: a ``start`` for another tenant
-  is refused and the connection closed (4403);
-- ``GET /console/api/calls`` and ``GET /console/api/calls/{call_id}``: the tenant's calls
-  and one call's replay (router/console_replay.py);
+- ``GET /console/api/calls/{call_id}/stream?token=...`` (WebSocket; scope ``call``, a call
+  id the token covers): the native call protocol (docs/protocol.md), bound to the token's
+  tenant and caller: a ``start`` naming others is refused and the connection closed (4403);
+- ``GET /console/api/calls`` and ``GET /console/api/calls/{call_id}`` (scope ``inspect``):
+  the tenant's calls and one call's replay (router/console_replay.py);
 - ``POST /console/api/calls/{call_id}/kill-owner``: development mode with the local
   cluster's control (``CALLMESH_DEV_CONTROL_URL``) only: the router asks the local
   cluster (localcluster/devcontrol.py) to SIGKILL the node that owns the call.
@@ -33,11 +34,12 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from callmesh.auth import SCOPE_CALL, AuthError, CallGrant
 from callmesh.config import RouterConfig
 from callmesh.metric_names import CONSOLE_CALLS_ACCEPTED, CONSOLE_NODES_KILLED
 from callmesh.protocol import ErrorCode, In, Inbound, valid_id
 from callmesh.telemetry import Metrics
-from router.console_auth import ConsoleAuthError, ConsoleClaims, issue, verify
+from router.console_auth import SCOPE_INSPECT, ConsoleTokens
 from router.console_replay import ReplayReader, ReplayUnavailable
 from router.links import ClientLink, NativeLink
 
@@ -73,7 +75,8 @@ class Router(Protocol):
 
 
 class TenantBoundLink(NativeLink):
-    """The native protocol, for one tenant: a ``start`` naming another is refused."""
+    """The native protocol, for one tenant and caller: a ``start`` naming others is
+    refused."""
 
     kind = "console"
 
@@ -81,21 +84,26 @@ class TenantBoundLink(NativeLink):
         self,
         ws: web.WebSocketResponse,
         call_id: str,
-        claims: ConsoleClaims,
+        grant: CallGrant,
         metrics: Metrics,
         max_frame_bytes: int,
     ) -> None:
         super().__init__(ws, call_id, metrics, max_frame_bytes)
-        self.claims = claims
+        self.grant = grant
 
     async def receive(self) -> Inbound | None:
         inbound = await super().receive()
-        if (
-            inbound is not None
-            and inbound.type is In.START
-            and inbound.body.get("tenant") != self.claims.tenant
-        ):
-            await self.refuse(ErrorCode.BAD_MESSAGE, "the token is for another tenant", inbound.seq)
+        # Tenant and caller are the token's, never what the client writes in ``start``.
+        if inbound is not None and inbound.type is In.START:
+            body, grant = inbound.body, self.grant
+            if (body.get("tenant"), body.get("caller", "anonymous")) == (
+                grant.tenant,
+                grant.caller,
+            ):
+                return inbound
+            await self.refuse(
+                ErrorCode.BAD_MESSAGE, "the token is for another tenant or caller", inbound.seq
+            )
             await self.close(CLOSE_WRONG_TENANT, b"wrong tenant")
             return None
         return inbound
@@ -108,6 +116,7 @@ class Console:
         self._r = router
         self._config = router.config
         self._replay = ReplayReader(router.config.backends)
+        self._token_keys: ConsoleTokens | None = None
         # A few small files, read once: serving them never touches the disk.
         self._files = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.is_file()}
 
@@ -181,25 +190,44 @@ class Console:
         caller = body.get("caller", "console")
         if not (valid_id(tenant) and valid_id(caller)):
             raise web.HTTPBadRequest(reason="tenant and caller must match [A-Za-z0-9_-]{1,64}")
-        token = issue(self._config.dev_secret, tenant, caller)
-        claims = verify(self._config.dev_secret, token)
+        tokens = self._tokens()
+        token = tokens.mint(tenant, caller)
+        grant = await tokens.verify(token, scope=SCOPE_CALL)
         return web.json_response(
-            {"token": token, "tenant": tenant, "caller": caller, "expires_at": claims.expires_at},
+            {
+                "token": token,
+                "tenant": tenant,
+                "caller": caller,
+                "call_prefix": grant.call_prefix,
+                "expires_at": int(grant.expires_at),
+            },
             headers={"Cache-Control": "no-store"},
         )
 
-    def _claims(self, request: web.Request, token: str | None = None) -> ConsoleClaims:
+    def _tokens(self) -> ConsoleTokens:
         if not self.dev:
-            # No signing key yet outside development mode (the auth issue adds one).
+            # No signing key outside development mode yet (see router/console_auth.py).
             raise web.HTTPUnauthorized(reason="console tokens need development mode for now")
+        if self._token_keys is None:
+            self._token_keys = ConsoleTokens(self._config.dev_secret)
+        return self._token_keys
+
+    async def _grant(
+        self,
+        request: web.Request,
+        scope: str,
+        call_id: str | None = None,
+        token: str | None = None,
+    ) -> CallGrant:
+        tokens = self._tokens()
         if token is None:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer":
+            kind, _, token = request.headers.get("Authorization", "").partition(" ")
+            if kind.lower() != "bearer":
                 raise web.HTTPUnauthorized(reason="send Authorization: Bearer TOKEN")
         try:
-            return verify(self._config.dev_secret, token)
-        except ConsoleAuthError as exc:
-            raise web.HTTPUnauthorized(reason=str(exc)) from None
+            return await tokens.verify(token, scope=scope, call_id=call_id)
+        except AuthError as exc:
+            raise _refused(exc.refusal.http_status, exc.refusal.reason) from None
 
     # ------------------------------------------------------------------ calls
 
@@ -207,37 +235,37 @@ class Console:
         call_id = request.match_info["call_id"]
         if not valid_id(call_id):
             raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
-        claims = self._claims(request, request.query.get("token", ""))
+        grant = await self._grant(request, SCOPE_CALL, call_id, request.query.get("token", ""))
         cfg = self._config
         ws = web.WebSocketResponse(max_msg_size=cfg.max_frame_bytes * 4, heartbeat=20)
         await ws.prepare(request)
         self._r.metrics.inc(CONSOLE_CALLS_ACCEPTED)
-        link = TenantBoundLink(ws, call_id, claims, self._r.metrics, cfg.max_frame_bytes)
+        link = TenantBoundLink(ws, call_id, grant, self._r.metrics, cfg.max_frame_bytes)
         return await self._r._serve(ws, link)
 
     async def api_calls(self, request: web.Request) -> web.Response:
-        claims = self._claims(request)
+        tenant = (await self._grant(request, SCOPE_INSPECT)).tenant
         try:
-            calls = await self._replay.calls(claims.tenant)
+            calls = await self._replay.calls(tenant)
         except ReplayUnavailable as exc:
             raise web.HTTPServiceUnavailable(reason=str(exc)) from None
-        live = {cid for (tenant, cid) in self._r.calls if tenant == claims.tenant}
+        live = {cid for (t, cid) in self._r.calls if t == tenant}
         rows = [{"call_id": c, "records": n, "live": c in live} for c, n in calls.items()]
-        return web.json_response({"tenant": claims.tenant, "calls": rows})
+        return web.json_response({"tenant": tenant, "calls": rows})
 
     async def api_call(self, request: web.Request) -> web.Response:
-        claims = self._claims(request)
         call_id = request.match_info["call_id"]
         if not valid_id(call_id):
             raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
+        tenant = (await self._grant(request, SCOPE_INSPECT)).tenant
         try:
-            report = await self._replay.report(claims.tenant, call_id)
+            report = await self._replay.report(tenant, call_id)
         except ReplayUnavailable as exc:
             raise web.HTTPServiceUnavailable(reason=str(exc)) from None
         if report is None:
             # Another tenant's call is as unknown as a call that never was.
-            raise web.HTTPNotFound(reason=f"no call {call_id} for tenant {claims.tenant}")
-        report["live"] = (claims.tenant, call_id) in self._r.calls
+            raise web.HTTPNotFound(reason=f"no call {call_id} for tenant {tenant}")
+        report["live"] = (tenant, call_id) in self._r.calls
         return web.Response(
             text=json.dumps(report, ensure_ascii=False, default=str),
             content_type="application/json",
@@ -245,11 +273,12 @@ class Console:
 
     async def kill_owner(self, request: web.Request) -> web.Response:
         self._dev_only(request)
-        claims = self._claims(request)
+        call_id = request.match_info["call_id"]
+        grant = await self._grant(request, SCOPE_CALL, call_id if valid_id(call_id) else None)
         control = self._config.dev_control_url
         if not control:
             raise web.HTTPNotFound(reason="no local cluster control: run `callmesh up`")
-        session = self._r.calls.get((claims.tenant, request.match_info["call_id"]))
+        session = self._r.calls.get((grant.tenant, call_id))
         node = session.node_id if session is not None else None
         if not node or not valid_id(node):
             raise web.HTTPNotFound(reason="no live call with an owner on this router")
@@ -286,6 +315,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(reason="body must be a JSON object")
     return body
+
+
+def _refused(status: int, reason: str) -> web.HTTPException:
+    return (
+        web.HTTPForbidden(reason=reason) if status == 403 else web.HTTPUnauthorized(reason=reason)
+    )
 
 
 def _secure(resp: web.Response) -> None:

@@ -1,73 +1,46 @@
-"""Console tokens: short-lived HS256 JWTs that name the tenant a browser console acts for.
+"""Console tokens: call tokens (callmesh.auth) that a browser console gets in development.
 
-Development only for now: the router signs them with the development secret that
-``callmesh up`` generates at start (``RouterConfig.dev_secret``) and hands them out at
-``POST /console/dev-token`` (router/console.py). The shared JWT primitives (callmesh/auth/)
-are meant to replace :func:`issue` and :func:`verify`; nothing else here needs to change.
+A console token is an ordinary HS256 call token (:mod:`callmesh.auth.tokens`): the tenant
+and the caller, the calls it may place (``call_prefix`` ``console-``: a console makes many
+calls), and its scopes: ``call``, and ``inspect`` for the call inspector. Development only
+for now: the router signs them with the development secret that ``callmesh up`` generates at
+start (``RouterConfig.dev_secret``) and hands them out at ``POST /console/dev-token``
+(router/console.py). When the router verifies call tokens from an identity provider, the
+console's API can take those through the same :class:`ConsoleTokens` interface.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import dataclass
+from callmesh.auth import SCOPE_CALL, CallGrant, TokenPolicy, TokenVerifier, mint_dev_token
 
-import jwt
-
-from callmesh.protocol import valid_id
-
-ALGORITHM = "HS256"
-ISSUER = "callmesh-dev"
-AUDIENCE = "callmesh-console"
+# Read a tenant's call logs in the inspector (the console's own scope).
+SCOPE_INSPECT = "inspect"
+CALL_PREFIX = "console-"
 TOKEN_TTL_S = 15 * 60
-# Tokens come from a header or a query string: anything longer is not one of ours.
-MAX_TOKEN_CHARS = 2048
 
 
-class ConsoleAuthError(Exception):
-    """A token that is missing, malformed, expired or signed with another key."""
+class ConsoleTokens:
+    """Mints (development) and verifies console tokens with one HS256 secret."""
 
-
-@dataclass(frozen=True)
-class ConsoleClaims:
-    tenant: str
-    subject: str
-    expires_at: int
-
-
-def issue(secret: str, tenant: str, subject: str, ttl_s: int = TOKEN_TTL_S) -> str:
-    if not (valid_id(tenant) and valid_id(subject)):
-        raise ValueError("tenant and subject must match [A-Za-z0-9_-]{1,64}")
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": subject,
-        "tenant": tenant,
-        "iat": now,
-        "exp": now + ttl_s,
-        "jti": uuid.uuid4().hex,
-    }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
-
-
-def verify(secret: str, token: str) -> ConsoleClaims:
-    if not token or len(token) > MAX_TOKEN_CHARS:
-        raise ConsoleAuthError("missing or oversized token")
-    try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            audience=AUDIENCE,
-            issuer=ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self._verifier = TokenVerifier(
+            hs256_secret=secret, policy=TokenPolicy(max_lifetime_s=TOKEN_TTL_S)
         )
-    except jwt.ExpiredSignatureError:
-        raise ConsoleAuthError("token expired") from None
-    except jwt.InvalidTokenError as exc:
-        raise ConsoleAuthError(f"invalid token: {type(exc).__name__}") from None
-    tenant, subject = claims.get("tenant"), claims.get("sub")
-    if not (valid_id(tenant) and valid_id(subject)):
-        raise ConsoleAuthError("invalid token: bad tenant or subject")
-    return ConsoleClaims(str(tenant), str(subject), int(claims["exp"]))
+
+    def mint(self, tenant: str, caller: str) -> str:
+        """A development token; ValueError for a bad tenant or caller."""
+        return mint_dev_token(
+            self._secret,
+            tenant,
+            None,
+            caller,
+            TOKEN_TTL_S,
+            call_prefix=CALL_PREFIX,
+            scopes=(SCOPE_CALL, SCOPE_INSPECT),
+        )
+
+    async def verify(self, token: str, *, scope: str, call_id: str | None = None) -> CallGrant:
+        """The token's grant, checked for ``scope`` (and ``call_id``); raises
+        :class:`callmesh.auth.AuthError` (its ``refusal`` says what to answer)."""
+        return await self._verifier.verify(token, call_id=call_id, scope=scope)

@@ -15,14 +15,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from nats.js import JetStreamContext
 
+from callmesh.auth import SCOPE_CALL, AuthError, TokenBadSignature, TokenForbidden
 from callmesh.config import Backends, ConfigError, RouterConfig, build
 from events import eventlog, subjects
 from events.eventlog import EventType
 from events.streams import ensure_streams
 from localcluster.devcontrol import DevControl, new_secret
-from router import console_auth
 from router.app import Router
-from router.console_auth import ConsoleAuthError
+from router.console_auth import CALL_PREFIX, SCOPE_INSPECT, ConsoleTokens
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,34 +68,38 @@ async def _token(base: str, http: aiohttp.ClientSession, tenant: str) -> str:
 # ---------------------------------------------------------------- tokens and settings
 
 
-def test_tokens_carry_the_tenant_and_refuse_anything_else() -> None:
-    token = console_auth.issue(SECRET, "acme", "console")
-    claims = console_auth.verify(SECRET, token)
-    assert (claims.tenant, claims.subject) == ("acme", "console")
-    with pytest.raises(ConsoleAuthError, match="invalid"):
-        console_auth.verify("t" * 40, token)
-    with pytest.raises(ConsoleAuthError, match="expired"):
-        console_auth.verify(SECRET, console_auth.issue(SECRET, "acme", "c", ttl_s=-5))
-    with pytest.raises(ConsoleAuthError):
-        console_auth.verify(SECRET, token[:-3] + "AAA")
-    with pytest.raises(ConsoleAuthError, match="oversized"):
-        console_auth.verify(SECRET, "x" * 5000)
+async def test_console_tokens_are_call_tokens_for_console_calls() -> None:
+    tokens = ConsoleTokens(SECRET)
+    token = tokens.mint("acme", "ana")
+    grant = await tokens.verify(token, scope=SCOPE_INSPECT)
+    assert (grant.tenant, grant.caller, grant.call_prefix) == ("acme", "ana", CALL_PREFIX)
+    await tokens.verify(token, scope=SCOPE_CALL, call_id=f"{CALL_PREFIX}x1")
+    with pytest.raises(TokenForbidden):
+        await tokens.verify(token, scope=SCOPE_CALL, call_id="someone-elses")
+    with pytest.raises(TokenBadSignature):
+        await ConsoleTokens("t" * 40).verify(token, scope=SCOPE_CALL)
+    with pytest.raises(AuthError):
+        await tokens.verify(token[:-3] + "AAA", scope=SCOPE_CALL)
     with pytest.raises(ValueError):
-        console_auth.issue(SECRET, "acme.*", "console")
+        tokens.mint("acme.*", "ana")
 
 
 def test_development_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="at least"):
+    with pytest.raises(ConfigError, match="CALLMESH_DEV_SECRET"):
         RouterConfig(dev_secret="short")
-    with pytest.raises(ConfigError, match="needs dev_secret"):
+    with pytest.raises(ConfigError, match="needs CALLMESH_DEV_SECRET"):
         RouterConfig(dev_control_url="http://127.0.0.1:9")
     with pytest.raises(ConfigError, match="loopback"):
         RouterConfig(dev_secret=SECRET, dev_control_url="http://10.0.0.5:9")
-    env = {"CALLMESH_CONSOLE": "0", "CALLMESH_DEV_SECRET": SECRET}
+    with pytest.raises(ConfigError, match="loopback"):
+        build(
+            RouterConfig, {"CALLMESH_DEV_SECRET": SECRET, "CALLMESH_DEV_CONTROL_URL": "http://x:1"}
+        )
+    env = {"CALLMESH_CONSOLE": "off", "CALLMESH_DEV_SECRET": SECRET}
     config = build(RouterConfig, env)
-    assert config.console is False and config.dev_secret == SECRET
+    assert config.console == "off" and config.dev_secret == SECRET
     assert SECRET not in repr(config)
-    assert build(RouterConfig, {}).console is True
+    assert build(RouterConfig, {}).console == "on"
 
 
 # ---------------------------------------------------------------- outside development mode
@@ -125,7 +129,7 @@ async def test_outside_development_mode_there_are_pages_and_no_tokens(
 
 
 async def test_the_console_can_be_turned_off(redis_url: str, nats_url: str) -> None:
-    async for base, http in _serve(_config(redis_url, nats_url, console=False)):
+    async for base, http in _serve(_config(redis_url, nats_url, console="off")):
         async with http.get(f"{base}/console") as resp:
             assert resp.status == 404
 
@@ -138,17 +142,22 @@ async def test_the_call_socket_is_bound_to_the_tokens_tenant(
 ) -> None:
     base, http = dev
     ws_base = base.replace("http", "ws", 1)
+    stream = f"{ws_base}/console/api/calls/{CALL_PREFIX}c1/stream"
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await http.ws_connect(f"{ws_base}/console/api/calls/c1/stream?token=nonsense")
+        await http.ws_connect(f"{stream}?token=nonsense")
     assert refused.value.status == 401
     token = await _token(base, http, "acme")
-    async with http.ws_connect(f"{ws_base}/console/api/calls/c1/stream?token={token}") as ws:
-        start = {"type": "start", "seq": 1, "tenant": "other", "caller": "x"}
-        await ws.send_str(json.dumps(start))
-        error = json.loads((await ws.receive()).data)
-        assert error["type"] == "error" and "another tenant" in error["message"]
-        closed = await ws.receive()
-        assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(f"{ws_base}/console/api/calls/other-c1/stream?token={token}")
+    assert refused.value.status == 403  # not a call id the token covers
+    for tenant, caller in (("other", "console"), ("acme", "someone")):
+        async with http.ws_connect(f"{stream}?token={token}") as ws:
+            start = {"type": "start", "seq": 1, "tenant": tenant, "caller": caller}
+            await ws.send_str(json.dumps(start))
+            error = json.loads((await ws.receive()).data)
+            assert error["type"] == "error" and "another tenant or caller" in error["message"]
+            closed = await ws.receive()
+            assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 4403
 
 
 async def test_the_inspector_shows_a_tenant_its_own_calls_only(
@@ -189,7 +198,9 @@ async def test_tokens_need_a_valid_request(dev: tuple[str, aiohttp.ClientSession
         assert resp.status == 413
     # Without the local cluster's control there is nothing to kill with.
     headers = {"Authorization": f"Bearer {await _token(base, http, 'acme')}"}
-    async with http.post(f"{base}/console/api/calls/c1/kill-owner", headers=headers) as resp:
+    async with http.post(
+        f"{base}/console/api/calls/{CALL_PREFIX}c1/kill-owner", headers=headers
+    ) as resp:
         assert resp.status == 404
 
 

@@ -326,7 +326,8 @@ async function startCall() {
     state.ctx = new AudioContext({ latencyHint: 'interactive' });
     await ensureToken();
     state.tenant = state.token.tenant;
-    state.callId = `console-${Math.random().toString(36).slice(2, 12)}`;
+    // The token covers calls whose id starts with its prefix.
+    state.callId = `${state.token.call_prefix || 'console-'}${Math.random().toString(36).slice(2, 12)}`;
     await state.ctx.resume();
     state.player = new AgentPlayer(state.ctx, {
       onMark: echoMark,
@@ -362,7 +363,8 @@ function connect() {
   state.ws = ws;
   ws.onopen = () => {
     state.seq = 0;
-    send({ type: 'start', tenant: state.tenant, caller: 'console', audio: { encoding: 'pcm16', sample_rate: RATE } });
+    // Tenant and caller are the token's: the router refuses any others.
+    send({ type: 'start', tenant: state.tenant, caller: state.token.caller, audio: { encoding: 'pcm16', sample_rate: RATE } });
     $('call-id').textContent = state.callId;
     const link = $('inspect-link');
     link.href = `/console/calls/${state.callId}`;
