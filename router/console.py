@@ -274,7 +274,9 @@ class Console:
     async def kill_owner(self, request: web.Request) -> web.Response:
         self._dev_only(request)
         call_id = request.match_info["call_id"]
-        grant = await self._grant(request, SCOPE_CALL, call_id if valid_id(call_id) else None)
+        if not valid_id(call_id):
+            raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
+        grant = await self._grant(request, SCOPE_CALL, call_id)
         control = self._config.dev_control_url
         if not control:
             raise web.HTTPNotFound(reason="no local cluster control: run `callmesh up`")
