@@ -18,7 +18,12 @@ from typing import Any, TypeVar
 from callmesh import settings
 from callmesh.protocol import DEFAULT_MAX_FRAME_BYTES
 from callmesh.settings import ConfigError
-from callmesh.settings.table import NODE, ROUTER, dead_after_two_heartbeats
+from callmesh.settings.table import (
+    NODE,
+    ROUTER,
+    dead_after_two_heartbeats,
+    dev_control_is_local,
+)
 
 __all__ = [
     "LINK_FLUSH_MS",
@@ -114,9 +119,19 @@ class RouterConfig:
     # The collector's generation-0 threshold after start-up (callmesh.gc_tuning); 0 keeps
     # CPython's default of 700.
     gc_gen0_threshold: int = _router("gc_gen0_threshold")
+    # The browser console (/console, router/console.py): "on" or "off".
+    console: str = _router("console")
+    # Development mode, and only there: the secret that signs the console's development
+    # tokens, and the local cluster's control that can kill a node (localcluster/
+    # devcontrol.py). `callmesh up` sets both; a deployment sets neither.
+    dev_secret: str = field(default=_router("dev_secret"), repr=False)
+    dev_control_url: str = _router("dev_control_url")
 
     def __post_init__(self) -> None:
         settings.check_fields(self, ROUTER)
+        dev_control_is_local(
+            {"dev_secret": self.dev_secret, "dev_control_url": self.dev_control_url}
+        )
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("connect_timeout_ms", self.connect_timeout_ms)
 

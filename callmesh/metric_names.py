@@ -112,6 +112,10 @@ TWILIO_WEBHOOK_CALLS = "twilio_webhook_calls"
 TWILIO_WEBHOOK_BAD_SIGNATURE = "twilio_webhook_bad_signature"
 TWILIO_WEBHOOK_NO_TENANT = "twilio_webhook_no_tenant"
 
+# The browser console (router/console.py).
+CONSOLE_CALLS_ACCEPTED = "console_calls_accepted"
+CONSOLE_NODES_KILLED = "console_nodes_killed"  # development mode only
+
 
 def twilio_refused(code: str) -> str:
     """Counter of the Twilio streams refused, by error code."""

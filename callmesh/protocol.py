@@ -58,6 +58,12 @@ class Out(StrEnum):
     # After a sentence's audio: echo it back (``mark`` inbound) once it has been played.
     MARK = "mark"
     TURN_METRICS = "turn_metrics"
+    # What the recognizer heard of the caller: interim (``final`` false) while they speak,
+    # then the utterance the turn answers. For display; nothing to echo.
+    TRANSCRIPT = "transcript"
+    # Sent by the router when a live call moved to another node (the connection's ``ready``
+    # named the first owner).
+    OWNER = "owner"
     CLEAR = "clear"
     ERROR = "error"
     CALL_ENDED = "call_ended"
@@ -247,6 +253,18 @@ def parse_mark_name(name: str) -> tuple[int, int] | None:
 def encode(msg: dict[str, Any]) -> str:
     """Encode an outbound or control frame compactly."""
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False)
+
+
+def transcript_frame(turn: int, text: str, final: bool, confidence: float) -> str:
+    return encode(
+        {
+            "type": Out.TRANSCRIPT.value,
+            "turn": turn,
+            "text": text,
+            "final": final,
+            "confidence": round(confidence, 3),
+        }
+    )
 
 
 def error_frame(

@@ -86,9 +86,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     print("callmesh: starting Redis, NATS, a router and", args.nodes, "nodes ...", flush=True)
-    with LocalCluster(nodes=args.nodes, router_port=args.port) as cluster:
+    # Development mode: console tokens and the console's kill button (localcluster/devcontrol.py).
+    with LocalCluster(nodes=args.nodes, router_port=args.port, dev=True) as cluster:
         print(
-            f"\n  router     {cluster.router_url}"
+            f"\n  console    {cluster.console_url}   (open it in a browser and talk)\n"
+            f"  router     {cluster.router_url}"
             f"   (WebSocket: {cluster.router_url.replace('http', 'ws')}/v1/calls/CALL_ID)\n"
             f"  redis      {mask_url(cluster.redis_url)}\n"
             f"  nats       {mask_url(cluster.nats_url)}\n"

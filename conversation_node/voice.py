@@ -144,6 +144,8 @@ class VoiceEvents(Protocol):
 
     def on_interim(self, text: str) -> None: ...
 
+    async def on_transcript(self, text: str, final: bool, confidence: float) -> None: ...
+
     async def on_utterance(
         self, text: str, confidence: float, speech_end_at: float, seq: int
     ) -> None: ...
@@ -272,9 +274,12 @@ class VoiceLane:
                 elif ev.kind is STTEventKind.INTERIM:
                     self.in_utterance = True
                     self._events.on_interim(ev.text)
+                    await self._events.on_transcript(ev.text, False, ev.confidence)
                 elif ev.kind is STTEventKind.UTTERANCE_END:
                     self.in_utterance = False
                     ended = ev.speech_end_at or time.monotonic()
+                    if ev.text.strip():
+                        await self._events.on_transcript(ev.text, True, ev.confidence)
                     await self._events.on_utterance(ev.text, ev.confidence, ended, self.fed_seq)
         except ProviderError as exc:
             self._fail(exc)

@@ -26,7 +26,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from callmesh.metric_names import BARGE_INS, DTMF
-from callmesh.protocol import ErrorCode, Inbound, Out, encode, error_frame, parse_mark_name
+from callmesh.protocol import (
+    ErrorCode,
+    Inbound,
+    Out,
+    encode,
+    error_frame,
+    parse_mark_name,
+    transcript_frame,
+)
 from conversation_node.call_core import CallCore
 from conversation_node.errors import CallDropped
 from conversation_node.providers.base import STT
@@ -203,6 +211,10 @@ class VoiceTurns:
 
     def on_interim(self, text: str) -> None:
         self._prefetch(text)
+
+    async def on_transcript(self, text: str, final: bool, confidence: float) -> None:
+        """Show the caller what was heard (``transcript``): for display only."""
+        await self._send(transcript_frame(self._core.turn, text, final, confidence))
 
     async def on_utterance(
         self, text: str, confidence: float, speech_end_at: float, seq: int

@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localcluster.devcontrol import KILL_SIGNAL, DevControl, new_secret
 from localcluster.servers import EmbeddedBackends, ServerError, die_with_parent, free_port
 
 
@@ -90,6 +92,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         force_embedded: bool = False,
         log_dir: Path | None = None,
+        dev: bool = False,
     ) -> None:
         self.n_nodes = nodes
         self._router_port = router_port
@@ -102,12 +105,22 @@ class LocalCluster:
         self.nodes: list[Proc] = []
         self.routers: list[Proc] = []  # extra router instances
         self._env: dict[str, str] = {}
+        # Development mode (callmesh up): the routers get a secret for console tokens and
+        # the control that lets the console kill a node (localcluster/devcontrol.py).
+        self.dev = dev
+        self.dev_control: DevControl | None = None
+        self._router_env: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     @property
     def router_url(self) -> str:
         if self.router is None:
             raise RuntimeError("cluster not started")
         return self.router.url
+
+    @property
+    def console_url(self) -> str:
+        return f"{self.router_url}/console"
 
     @property
     def redis_url(self) -> str:
@@ -141,18 +154,36 @@ class LocalCluster:
             "NATS_URL": self.backends.nats_url,
             "PYTHONUNBUFFERED": "1",
         }
+        self._router_env = dict(self._env)
+        if self.dev:
+            self.dev_control = DevControl(new_secret(), self._kill_node).__enter__()
+            self._router_env["CALLMESH_DEV_SECRET"] = self.dev_control.secret
+            self._router_env["CALLMESH_DEV_CONTROL_URL"] = self.dev_control.url
         port = self._router_port or free_port()
         self.router = Proc(
             "router",
             [sys.executable, "-m", "callmesh", "router", "--port", str(port)],
             port,
             self.log_dir / "router.log",
-            self._env,
+            self._router_env,
         )
         self.router.start()
         for _ in range(self.n_nodes):
             self.add_node(wait=False)
         self.wait_ready()
+
+    def _kill_node(self, name: str) -> dict[str, object] | None:
+        """The development control's kill: SIGKILL a node (a crash, no drain), then start
+        a fresh one in its place so the cluster keeps its size."""
+        with self._lock:
+            node = next((n for n in self.nodes if n.name == name and n.alive()), None)
+            if node is None or node.popen is None:
+                return None
+            pid = node.pid
+            node.signal(KILL_SIGNAL)
+            node.popen.wait()
+            replacement = self.add_node(wait=False)
+        return {"node": name, "pid": pid, "replacement": replacement.name}
 
     def add_node(self, *, wait: bool = True) -> Proc:
         index = len(self.nodes) + 1
@@ -188,7 +219,7 @@ class LocalCluster:
             [sys.executable, "-m", "callmesh", "router", "--port", str(port)],
             port,
             (self.log_dir or Path(os.devnull)) / f"router-{index}.log",
-            self._env,
+            self._router_env,
         )
         proc.start()
         self.routers.append(proc)
@@ -238,6 +269,9 @@ class LocalCluster:
         for proc in [self.router, *self.routers]:
             if proc is not None:
                 proc.stop()
+        if self.dev_control is not None:
+            self.dev_control.close()
+            self.dev_control = None
         for node in self.nodes:
             node.stop()
         if self.backends is not None:

@@ -5,7 +5,8 @@ Routes:
 - ``GET /v1/twilio/media`` (WebSocket): Twilio Media Streams (``router.twilio``);
 - ``POST /v1/twilio/voice``: Twilio's voice webhook, answered with TwiML
   (``router.twilio_webhook``);
-- ``GET /healthz``, ``GET /v1/status`` (nodes and live calls, JSON), ``GET /metrics``.
+- ``GET /healthz``, ``GET /v1/status`` (nodes and live calls, JSON), ``GET /metrics``;
+- ``/console``: the browser console and call inspector (``router.console``).
 Any other path answers 404 with a JSON error body.
 """
 
@@ -24,6 +25,7 @@ from callmesh import metric_names as names
 from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode, valid_id
 from callmesh.telemetry import Metrics
+from router.console import Console
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
@@ -167,6 +169,8 @@ class Router:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.metrics_endpoint)
+        if self.config.console == "on":
+            Console(self).register(app)  # /console and /console/api (router/console.py)
         return app
 
     async def call(self, request: web.Request) -> web.StreamResponse:

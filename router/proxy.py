@@ -79,6 +79,18 @@ class NodeLinkOpener(Protocol):
         ...
 
 
+def owner_frame(ready: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The ``owner`` frame for a new owner's ``ready`` (``reason``: failover, handoff or
+    reconnect)."""
+    return {
+        "type": Out.OWNER.value,
+        "turn": ready.get("turn", 0),
+        "node": ready.get("node", ""),
+        "epoch": ready.get("epoch", 0),
+        "reason": reason,
+    }
+
+
 class ProxySession:
     """One caller's call, from its ``start`` until it ends, across any number of owners."""
 
@@ -107,6 +119,7 @@ class ProxySession:
         self.last_client_seq = 0
         self.replies = ReplyDedup()
         self._ready_sent = False
+        self.relink_reason = ""
         self._ended = False
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
@@ -202,6 +215,7 @@ class ProxySession:
             log.info("node link failed", extra={"fields": {"node": node_id, "error": str(exc)}})
             return False
         self.node_id = node_id
+        self.relink_reason = reason
         self._node_dead.clear()
         self.upstream = channel
         self.replies.relink()
@@ -241,6 +255,9 @@ class ProxySession:
                 if not self._ready_sent:
                     self._ready_sent = True
                     await self.send_client(kind, raw, frame)
+                else:  # a relink: the client learns its call's new owner (docs/protocol.md)
+                    owner = owner_frame(frame or parse(raw) or {}, self.relink_reason)
+                    await self.send_client(Out.OWNER.value, encode(owner), owner)
             elif kind == Out.TURN_METRICS:
                 frame = frame or parse(raw) or {}
                 if self.replies.complete(int(frame.get("turn", 0))):

@@ -211,9 +211,13 @@ async def test_stt_close_is_idempotent_and_final() -> None:
         await stream.send_audio(AudioChunk(silence(20)))
 
 
-async def test_stt_rejects_other_sample_rates() -> None:
+async def test_stt_rejects_rates_it_cannot_decimate_to_8khz() -> None:
     with pytest.raises(ProviderError):
-        await SimulatedSTT().open(AudioEncoding.PCM16, 16000)
+        await SimulatedSTT().open(AudioEncoding.PCM16, 11025)
+    stream = await SimulatedSTT().open(AudioEncoding.PCM16, 16000)
+    with pytest.raises(ProviderError):  # a stream takes the rate it was opened with
+        await stream.send_audio(AudioChunk(b"\0\0" * 80, AudioEncoding.PCM16, 8000))
+    await stream.aclose()
     with pytest.raises(ValueError):
         SimulatedSTT(latency_ms=-1)
 

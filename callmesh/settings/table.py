@@ -43,6 +43,7 @@ __all__ = [
     "UP",
     "WORKER",
     "dead_after_two_heartbeats",
+    "dev_control_is_local",
 ]
 
 _ID_OR_EMPTY = Text(r"[A-Za-z0-9_-]{1,64}", "empty or an id matching [A-Za-z0-9_-]{1,64}")
@@ -211,6 +212,36 @@ SETTINGS: tuple[Setting, ...] = (
         _ROUTER,
         env="CALLMESH_TWILIO_TENANT",
     ),
+    Setting(
+        "console",
+        Choice(("on", "off")),
+        "on",
+        "the browser console and call inspector at /console (docs/console.md)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_CONSOLE",
+    ),
+    Setting(
+        "dev_secret",
+        Text(r".{32,}", "32+ characters"),
+        "",
+        "development mode: signs the console's development tokens (callmesh up generates "
+        "one per start; never set in a deployment)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_DEV_SECRET",
+        secret=True,
+    ),
+    Setting(
+        "dev_control_url",
+        Url(("http",), empty_ok=True),
+        "",
+        "development mode: the local cluster's control that kills a node for the console "
+        "(callmesh up sets it; loopback only)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_DEV_CONTROL_URL",
+    ),
     *NODE_SETTINGS,
     # ------------------------------------------------------------------ privacy
     Setting(
@@ -326,6 +357,18 @@ def dead_after_two_heartbeats(values: Mapping[str, Any]) -> None:
         )
 
 
+_LOOPBACK_HTTP = ("http://127.0.0.1:", "http://localhost:", "http://[::1]:")
+
+
+def dev_control_is_local(values: Mapping[str, Any]) -> None:
+    url = values["dev_control_url"]
+    if url and not values["dev_secret"]:
+        raise ConfigError("CALLMESH_DEV_CONTROL_URL needs CALLMESH_DEV_SECRET (development mode)")
+    # The control kills processes: it must be the local cluster's, on this machine.
+    if url and not url.startswith(_LOOPBACK_HTTP):
+        raise ConfigError(f"CALLMESH_DEV_CONTROL_URL must be a loopback http:// URL, got {url!r}")
+
+
 def hash_redaction_has_a_key(values: Mapping[str, Any]) -> None:
     if values["redaction_mode"] == redaction.RedactionMode.HASH and not values["redaction_key"]:
         raise ConfigError(f"{redaction.ENV_MODE}=hash needs {redaction.ENV_KEY}")
@@ -335,6 +378,7 @@ def hash_redaction_has_a_key(values: Mapping[str, Any]) -> None:
 # whose keys it read.
 CHECKS: tuple[tuple[str, tuple[str, ...], Callable[[Mapping[str, Any]], None]], ...] = (
     (ROUTER, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
+    (ROUTER, ("dev_secret", "dev_control_url"), dev_control_is_local),
     *((p, ("redaction_mode", "redaction_key"), hash_redaction_has_a_key) for p in _REDACTING),
     (NODE, ("heartbeat_ms", "dead_after_ms"), dead_after_two_heartbeats),
     (

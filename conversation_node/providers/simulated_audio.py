@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 import numpy as np
 import numpy.typing as npt
 
-from callmesh.audio.codec import SampleReader, mulaw_decode_array
+from callmesh.audio.codec import Downsampler, SampleReader, mulaw_decode_array
 from callmesh.audio.format import AudioChunk, AudioEncoding, samples_in
 from callmesh.audio.tones import ONSET_LEVEL, SAMPLE_RATE, SpeechDecoder
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
@@ -76,17 +76,24 @@ class SimulatedSTT:
         self.interim_interval_ms = interim_interval_ms
 
     async def open(self, encoding: AudioEncoding, sample_rate: int) -> SimulatedSTTStream:
-        if sample_rate != SAMPLE_RATE:
-            raise ProviderError(self.name, f"only {SAMPLE_RATE} Hz audio, got {sample_rate}")
-        return SimulatedSTTStream(self, encoding)
+        # Wide-band calls (a browser's 16 kHz) are decimated to the decoder's 8 kHz: the
+        # tones are below 2.4 kHz, so nothing of them is lost.
+        if sample_rate % SAMPLE_RATE:
+            why = f"needs a multiple of {SAMPLE_RATE} Hz, got {sample_rate}"
+            raise ProviderError(self.name, why)
+        return SimulatedSTTStream(self, encoding, sample_rate)
 
 
 class SimulatedSTTStream:
     """One recognition session of :class:`SimulatedSTT`. Implements ``STTStream``."""
 
-    def __init__(self, stt: SimulatedSTT, encoding: AudioEncoding) -> None:
+    def __init__(
+        self, stt: SimulatedSTT, encoding: AudioEncoding, sample_rate: int = SAMPLE_RATE
+    ) -> None:
         self._stt = stt
         self._encoding = encoding
+        self._rate = sample_rate
+        self._down = Downsampler(sample_rate // SAMPLE_RATE) if sample_rate != SAMPLE_RATE else None
         self._vad = EnergyVAD(stt.vad_config, sample_rate=SAMPLE_RATE)
         self._decoder = SpeechDecoder()
         self._frame = samples_in(stt.vad_config.frame_ms, SAMPLE_RATE)
@@ -106,14 +113,17 @@ class SimulatedSTTStream:
         """Decode ``chunk`` now (it never waits: decoding is synchronous)."""
         if self._closed:
             raise ProviderError(self._stt.name, "stream is closed")
-        if chunk.sample_rate != SAMPLE_RATE:
+        if chunk.sample_rate != self._rate:
             raise ProviderError(self._stt.name, f"unexpected sample rate {chunk.sample_rate}")
         if self._skip_if_quiet(chunk):
             return True
         if self._reader is None or chunk.encoding is not self._encoding:
             self._encoding = chunk.encoding
             self._reader = SampleReader(mulaw=chunk.encoding is AudioEncoding.MULAW)
-        samples = self._reader.read(chunk.data).astype(np.float64)
+        read = self._reader.read(chunk.data)
+        if self._down is not None:
+            read = self._down.process_array(read)
+        samples = read.astype(np.float64)
         # Decoder and VAD advance frame by frame together, so a burst holding several
         # utterances is split at the right places.
         buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
