@@ -13,6 +13,10 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 ``CALLMESH_DEEPGRAM_URL``  a Deepgram-compatible endpoint (e.g. a local double)
 =========================  =================================================
 
+Offline speech (the ``[speech]`` extra, no key, models in the wheels):
+``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing),
+``CALLMESH_TTS=espeak`` (``CALLMESH_ESPEAK_VOICE``, ``CALLMESH_ESPEAK_WPM``).
+
 Model and voice: ``CALLMESH_LLM_MODEL``, ``CALLMESH_OPENAI_TTS_MODEL``,
 ``CALLMESH_OPENAI_TTS_VOICE``, ``CALLMESH_DEEPGRAM_STT_MODEL``,
 ``CALLMESH_DEEPGRAM_TTS_MODEL``. Timing: ``CALLMESH_LLM_TIMEOUT_MS``,
@@ -31,9 +35,10 @@ from conversation_node.providers.base import LLM, STT, TTS
 
 __all__ = ["ProviderSettings", "Providers", "build_providers"]
 
-STT_CHOICES = ("simulated", "deepgram")
+STT_CHOICES = ("simulated", "deepgram", "pocketsphinx")
 LLM_CHOICES = ("simulated", "openai")
-TTS_CHOICES = ("simulated", "deepgram", "openai")
+TTS_CHOICES = ("simulated", "deepgram", "openai", "espeak")
+VAD_CHOICES = ("silero", "energy")
 # Local OpenAI-compatible servers ignore the key, but the client insists on one.
 _NO_KEY = "sk-no-key-needed"
 
@@ -58,6 +63,9 @@ class ProviderSettings:
     deepgram_tts_model: str = "aura-2-thalia-en"
     stt_endpointing_ms: int = 300
     tts_chunk_ms: int = 100
+    vad: str = "silero"  # endpointing of the offline recognizer
+    espeak_voice: str = "en-us"
+    espeak_wpm: int = 175
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
 
     def __post_init__(self) -> None:
@@ -66,6 +74,7 @@ class ProviderSettings:
             ("llm", self.llm, LLM_CHOICES),
             ("tts", self.tts, TTS_CHOICES),
             ("backup_tts", self.backup_tts, TTS_CHOICES),
+            ("vad", self.vad, VAD_CHOICES),
         ):
             if value not in choices:
                 raise ConfigError(f"{role} must be one of {'|'.join(choices)}, got {value!r}")
@@ -76,7 +85,7 @@ class ProviderSettings:
             raise ConfigError("an OpenAI provider is selected but OPENAI_API_KEY is not set")
         if self.deepgram_url and not self.deepgram_url.startswith(("http://", "https://")):
             raise ConfigError(f"deepgram_url must be http(s)://, got {self.deepgram_url!r}")
-        for name in ("llm_timeout_ms", "stt_endpointing_ms", "tts_chunk_ms"):
+        for name in ("llm_timeout_ms", "stt_endpointing_ms", "tts_chunk_ms", "espeak_wpm"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
 
@@ -105,12 +114,15 @@ class ProviderSettings:
             "openai_tts_voice": "CALLMESH_OPENAI_TTS_VOICE",
             "deepgram_stt_model": "CALLMESH_DEEPGRAM_STT_MODEL",
             "deepgram_tts_model": "CALLMESH_DEEPGRAM_TTS_MODEL",
+            "vad": "CALLMESH_VAD",
+            "espeak_voice": "CALLMESH_ESPEAK_VOICE",
         }
         values.update({k: env[v] for k, v in strings.items() if env.get(v)})
         integers = {
             "llm_timeout_ms": "CALLMESH_LLM_TIMEOUT_MS",
             "stt_endpointing_ms": "CALLMESH_STT_ENDPOINTING_MS",
             "tts_chunk_ms": "CALLMESH_TTS_CHUNK_MS",
+            "espeak_wpm": "CALLMESH_ESPEAK_WPM",
         }
         try:
             values.update({k: int(env[v]) for k, v in integers.items() if env.get(v)})
@@ -175,6 +187,14 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
 
         options = OpenAITTSOptions(model=settings.openai_tts_model, voice=settings.openai_tts_voice)
         return OpenAITTS(**_openai_kwargs(settings), options=options)
+    if kind == "espeak":
+        from conversation_node.providers.espeak_tts import EspeakTTS
+
+        return EspeakTTS(
+            voice=settings.espeak_voice,
+            words_per_minute=settings.espeak_wpm,
+            chunk_ms=settings.tts_chunk_ms,
+        )
     from conversation_node.providers.simulated import SimulatedTTS
 
     return SimulatedTTS(settings.sim_latency, chunk_ms=settings.tts_chunk_ms)
@@ -194,6 +214,10 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
             ),
             environment=_deepgram_environment(settings),
         )
+    elif settings.stt == "pocketsphinx":
+        from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT
+
+        stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
     else:
         from conversation_node.audio.vad import VadConfig
         from conversation_node.providers.simulated_audio import SimulatedSTT

@@ -1,0 +1,348 @@
+"""Speech to text with pocketsphinx, offline: the en-us acoustic model is in the wheel.
+
+Each stream endpoints with a VAD (Silero by default, energy as the light option) and
+decodes the speech between endpoints incrementally with the tenant's domain language model
+(:mod:`~conversation_node.providers.domain_lm`): ``SPEECH_STARTED`` when the VAD hears
+speech (barge-in), ``INTERIM`` every ``interim_ms`` of speech from the partial hypothesis,
+then ``FINAL`` and ``UTTERANCE_END`` at the endpoint.
+
+Decoding costs a few percent of a core per stream, too much for the event loop, so it runs
+on a small shared thread pool (one thread per core): ``send_audio_nowait`` only queues the
+samples, and at most one job per stream drains its queue, in order. A pool rather than a
+thread per stream keeps the thread count flat with the number of calls; pocketsphinx and
+the ONNX runtime work outside the GIL for most of a frame, so the loop stays responsive.
+
+Confidence: pocketsphinx's posteriors are near 1 for anything its search keeps, so the
+confidence is how much of the hypothesis the language model knew: the share of words
+scored by a bigram or trigram rather than a unigram backoff. Speech outside the domain is
+forced onto domain words in sequences nobody says, and scores low; the node then asks
+the caller to repeat instead of acting on a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from conversation_node.audio.codec import SampleReader
+from conversation_node.audio.resample import Resampler
+from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEventKind
+from conversation_node.providers.base import AudioChunk, Encoding, ProviderError, STTEvent
+from conversation_node.providers.base import STTEventKind as Kind
+from conversation_node.providers.domain_corpus import written
+from conversation_node.providers.domain_lm import DomainModel, DomainModels
+
+__all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available"]
+
+RATE = 16000  # the acoustic model's rate; 8 kHz calls are upsampled to it
+_BLOCK = 512  # samples a step (32 ms): Silero's window, and a fine grain for the decoder
+_PREROLL_MS = 300  # audio kept before the VAD's onset: its decision comes late
+_NON_WORDS = ("<s>", "</s>", "<sil>")
+# Settings tuned on eSpeak speech over the demo model (see bench/offline_speech.py):
+# more silence than the default so a pause is not forced into a word, and more
+# Gaussians scored per frame (topn) for synthetic voices' sharp spectra.
+_DECODER_SETTINGS = {"silprob": 0.1, "topn": 8, "loglevel": "ERROR"}
+
+
+def pocketsphinx_available() -> bool:
+    try:
+        import pocketsphinx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Endpointer(Protocol):
+    @property
+    def in_speech(self) -> bool: ...
+
+    def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]: ...
+
+    def flush(self) -> list[VadEvent]: ...
+
+
+def confidence_of(lm_orders: list[int]) -> float:
+    """Share of words (after the first, always a bigram with <s>) that the language model
+    scored with a bigram or trigram. One- and two-word answers count as known."""
+    rest = lm_orders[1:]
+    if not rest:
+        return 1.0 if lm_orders else 0.0
+    return round(sum(order >= 2 for order in rest) / len(rest), 3)
+
+
+class _DecoderPool:
+    """Decoders (acoustic model + a model's LM and dictionary, ~0.2 s to load) kept per
+    domain model digest and reused by the next stream of that model."""
+
+    def __init__(self) -> None:
+        self._free: dict[str, list[Any]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, model: DomainModel) -> Any:
+        with self._lock:
+            free = self._free.get(model.digest)
+            if free:
+                return free.pop()
+        from pocketsphinx import Decoder
+
+        return Decoder(lm=str(model.lm_path), dict=str(model.dict_path), **_DECODER_SETTINGS)
+
+    def give(self, model: DomainModel, decoder: Any) -> None:
+        with self._lock:
+            free = self._free[model.digest]
+            if len(free) < 32:
+                free.append(decoder)
+
+
+class PocketsphinxSTT:
+    """Offline recognizer. ``vad`` is ``"silero"`` or ``"energy"``; ``models`` holds the
+    per-tenant language models (the demo knowledge base's by default)."""
+
+    name = "pocketsphinx-stt"
+
+    def __init__(
+        self,
+        *,
+        models: DomainModels | None = None,
+        vad: str = "silero",
+        end_silence_ms: int = 300,
+        interim_ms: int = 300,
+        workers: int | None = None,
+    ) -> None:
+        if vad not in ("silero", "energy"):
+            raise ValueError(f"vad must be silero or energy, got {vad!r}")
+        self.models = models or DomainModels()
+        self.vad = vad
+        self.end_silence_ms = end_silence_ms
+        self.interim_ms = interim_ms
+        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._executor: ThreadPoolExecutor | None = None
+        self._decoders = _DecoderPool()
+
+    async def open(
+        self, encoding: Encoding, sample_rate: int, *, tenant: str = "demo"
+    ) -> PocketsphinxSTTStream:
+        if sample_rate not in (8000, RATE):
+            raise ProviderError(self.name, f"8 or 16 kHz audio only, got {sample_rate}")
+        model = await self.models.get(tenant)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="pocketsphinx")
+        decoder = await asyncio.wrap_future(self._executor.submit(self._decoders.take, model))
+        return PocketsphinxSTTStream(self, model, decoder, encoding, sample_rate)
+
+    def _endpointer(self) -> _Endpointer:
+        if self.vad == "silero":
+            from conversation_node.providers.silero_vad import SileroVAD, SileroVadConfig
+
+            return SileroVAD(SileroVadConfig(end_silence_ms=self.end_silence_ms), sample_rate=RATE)
+        config = VadConfig(end_silence_ms=self.end_silence_ms)
+        return EnergyVAD(config, encoding=Encoding.PCM16, sample_rate=RATE)
+
+    def submit(self, job: Any) -> Future[None]:
+        if self._executor is None:
+            raise ProviderError(self.name, "recognizer is closed")
+        return self._executor.submit(job)
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True)
+        await self.models.aclose()
+
+
+class PocketsphinxSTTStream:
+    """One call's recognition. Audio is queued by the event loop and decoded on the
+    recognizer's pool; events come back through an asyncio queue."""
+
+    def __init__(
+        self, stt: PocketsphinxSTT, model: DomainModel, decoder: Any, encoding: Encoding, rate: int
+    ) -> None:
+        self._stt, self._model, self._decoder = stt, model, decoder
+        self._encoding = encoding
+        self._reader = SampleReader(mulaw=encoding is Encoding.MULAW)
+        self._upsampler = Resampler(rate, RATE) if rate != RATE else None
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[STTEvent | ProviderError | None] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[npt.NDArray[np.int16] | str] = collections.deque()
+        self._job: Future[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+        # Worker state: touched only by the one job of this stream running at a time.
+        self._vad = stt._endpointer()
+        self._block = np.zeros(0, dtype=np.int16)
+        self._preroll: collections.deque[npt.NDArray[np.int16]] = collections.deque(
+            maxlen=max(1, _PREROLL_MS * RATE // 1000 // _BLOCK)
+        )
+        self._in_utterance = False
+        self._speech_samples = 0
+        self._last_interim = ""
+        self._last_voice_at: float | None = None
+        self.cpu_s = 0.0  # decoding CPU time of this stream (thread time), for measurement
+
+    # ------------------------------------------------------------------ event loop side
+
+    async def send_audio(self, chunk: AudioChunk) -> None:
+        self.send_audio_nowait(chunk)
+
+    def send_audio_nowait(self, chunk: AudioChunk) -> bool:
+        if self._closing is not None:
+            raise ProviderError(self._stt.name, "stream is closed")
+        if chunk.encoding is not self._encoding:
+            raise ProviderError(self._stt.name, "audio format differs from the stream's")
+        samples = self._reader.read(chunk.data)
+        if self._upsampler is not None:
+            samples = self._upsampler.process(samples)
+        self._post(samples)
+        return True
+
+    async def finalize(self) -> None:
+        if self._closing is None:
+            self._post("finalize")
+
+    def _post(self, item: npt.NDArray[np.int16] | str) -> None:
+        with self._lock:
+            self._inbox.append(item)
+            if self._job is None:
+                self._job = self._stt.submit(self._drain)
+
+    async def events(self) -> AsyncGenerator[STTEvent, None]:
+        while True:
+            item = await self._events.get()
+            if item is None:
+                self._events.put_nowait(None)  # later readers end too
+                return
+            if isinstance(item, ProviderError):
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        """Stop: pending audio is dropped, the decoder goes back to the pool (idempotent)."""
+        if self._closing is None:
+            self._closing = self._loop.create_future()
+            self._post("close")
+        await asyncio.shield(self._closing)
+
+    def _emit(self, item: STTEvent | ProviderError | None) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+
+    # ------------------------------------------------------------------ decoding thread
+
+    def _drain(self) -> None:
+        started = time.thread_time()
+        try:
+            while True:
+                with self._lock:
+                    if not self._inbox:
+                        self._job = None
+                        return
+                    item = self._inbox.popleft()
+                if isinstance(item, str):
+                    if item == "close":
+                        self._close_on_worker()
+                        return
+                    self._end_utterance()
+                    continue
+                if self._decoder is not None:
+                    self._feed(item)
+        except Exception as exc:  # a broken decoder ends the stream, reported once
+            self._emit(ProviderError(self._stt.name, f"decoding failed: {exc}"))
+            self._close_on_worker()
+        finally:
+            self.cpu_s += time.thread_time() - started
+
+    def _feed(self, samples: npt.NDArray[np.int16]) -> None:
+        buf = np.concatenate([self._block, samples]) if len(self._block) else samples
+        whole = len(buf) - len(buf) % _BLOCK
+        self._block = buf[whole:]
+        for start in range(0, whole, _BLOCK):
+            self._step(buf[start : start + _BLOCK])
+
+    def _step(self, block: npt.NDArray[np.int16]) -> None:
+        events = self._vad.push_samples(block)
+        if self._in_utterance:
+            self._decoder.process_raw(block.tobytes())
+            self._speech_samples += len(block)
+        else:
+            self._preroll.append(block)
+        for event in events:
+            if event.kind is VadEventKind.SPEECH_START and not self._in_utterance:
+                self._start_utterance()
+            elif event.kind is VadEventKind.SPEECH_END and self._in_utterance:
+                self._end_utterance()
+        if self._vad.in_speech:
+            self._last_voice_at = time.monotonic()
+            if self._speech_samples >= self._stt.interim_ms * RATE // 1000:
+                self._interim()
+
+    def _start_utterance(self) -> None:
+        self._in_utterance = True
+        self._emit(STTEvent(Kind.SPEECH_STARTED))
+        self._decoder.start_utt()
+        for block in self._preroll:
+            self._decoder.process_raw(block.tobytes())
+        self._preroll.clear()
+        self._speech_samples = 0
+
+    def _interim(self) -> None:
+        self._speech_samples = 0
+        hyp = self._decoder.hyp()
+        text = written(_words(hyp.hypstr.split())) if hyp is not None else ""
+        if text and text != self._last_interim:
+            self._last_interim = text
+            self._emit(STTEvent(Kind.INTERIM, text, 1.0))
+
+    def _end_utterance(self) -> None:
+        if not self._in_utterance:
+            return
+        self._in_utterance = False
+        self._last_interim = ""
+        self._vad.flush()
+        self._decoder.end_utt()
+        segments = [s for s in self._decoder.seg() if s.word not in _NON_WORDS]
+        words = [s for s in segments if not s.word.startswith("[")]
+        text = written(_words([s.word for s in words]))
+        confidence = confidence_of([s.lback for s in words]) if text else 0.0
+        if text:
+            self._emit(STTEvent(Kind.FINAL, text, confidence))
+        ended = self._last_voice_at or time.monotonic()
+        self._emit(STTEvent(Kind.UTTERANCE_END, text, confidence, speech_end_at=ended))
+
+    def _close_on_worker(self) -> None:
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            if self._in_utterance:
+                decoder.end_utt()
+            self._stt._decoders.give(self._model, decoder)
+        close_vad = getattr(self._vad, "close", None)
+        if close_vad is not None:
+            close_vad()
+        with self._lock:
+            self._inbox.clear()
+            self._job = None
+        self._emit(None)
+        closing = self._closing
+        if closing is not None:
+            self._loop.call_soon_threadsafe(_resolve, closing)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else ("speech" if self._in_utterance else "listening")
+        return f"<PocketsphinxSTTStream [{state}] lm={self._model.digest}>"
+
+
+def _words(tokens: list[str]) -> list[str]:
+    """Dictionary entries → words (``can(2)`` is an alternate pronunciation of ``can``)."""
+    return [t.split("(", 1)[0] for t in tokens if t not in _NON_WORDS and not t.startswith("[")]
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

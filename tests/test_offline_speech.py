@@ -1,0 +1,183 @@
+"""Offline speech on real speech: eSpeak NG speaks, Silero VAD hears, pocketsphinx recognises.
+
+Sentences a caller of the demo clinic would say are synthesised by the eSpeak provider and
+recognised back by the pocketsphinx provider with the demo tenant's domain language model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.offline_speech import (
+    CALLER_SENTENCES,
+    OUT_OF_DOMAIN,
+    edit_distance,
+    hear,
+    samples_of,
+    speak,
+    words,
+)
+from conversation_node.audio.codec import pcm16_to_array
+from conversation_node.providers.base import AudioChunk, Encoding, STTEventKind
+from conversation_node.providers.espeak_tts import EspeakTTS, espeak_available
+from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT, pocketsphinx_available
+from conversation_node.providers.silero_vad import SileroVAD, silero_available
+
+pytestmark = pytest.mark.skipif(
+    not (pocketsphinx_available() and espeak_available() and silero_available()),
+    reason="needs the [speech] extra: pip install -e '.[speech]'",
+)
+
+
+def test_edit_distance() -> None:
+    assert edit_distance(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
+    assert edit_distance([], ["a", "b"]) == 2
+    assert words("At 3:30 pm, I'd say.") == ["at", "3:30", "pm", "i'd", "say"]
+
+
+@pytest.fixture
+async def stt():
+    recognizer = PocketsphinxSTT()
+    yield recognizer
+    await recognizer.aclose()
+
+
+@pytest.mark.parametrize(("encoding", "rate"), [(Encoding.PCM16, 16000), (Encoding.MULAW, 8000)])
+async def test_tts_speaks_in_the_call_format(encoding: Encoding, rate: int) -> None:
+    tts = EspeakTTS(encoding=encoding, sample_rate=rate)
+    text = "Your cleaning is booked for Tuesday at 3 pm."
+    chunks = [chunk async for chunk in tts.synthesize(text)]
+    assert chunks and all(c.encoding is encoding and c.sample_rate == rate for c in chunks)
+    samples = samples_of(b"".join(c.data for c in chunks), encoding).astype(np.float64)
+    seconds = len(samples) / rate
+    assert 0.15 * len(text.split()) < seconds < 0.6 * len(text.split())
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean(samples**2)) / 32768)
+    assert rms_dbfs > -35, "speech, not silence"
+
+
+async def test_tts_stops_when_the_listener_stops() -> None:
+    tts = EspeakTTS()
+    stream = tts.synthesize("A long sentence. " * 20)
+    first = await anext(stream)
+    await stream.aclose()  # a barge-in: the rest is never synthesised into the void
+    assert first.data
+    assert [c async for c in tts.synthesize("Still speaking.")], "the engine is usable after"
+
+
+async def test_silero_vad_hears_speech_not_silence_or_noise() -> None:
+    pcm = pcm16_to_array(await speak(EspeakTTS(), "Hello, I would like to book a cleaning."))
+    vad = SileroVAD()
+    quiet = np.zeros(8000, dtype=np.int16)
+    kinds = [e.kind.value for e in vad.push_samples(np.concatenate([quiet, pcm, quiet, quiet]))]
+    assert kinds == ["speech_start", "speech_end"]
+    noise = np.random.default_rng(7).normal(0, 1500, 16000 * 3).astype(np.int16)
+    hum = (3000 * np.sin(2 * np.pi * 60 * np.arange(16000 * 2) / 16000)).astype(np.int16)
+    other = SileroVAD()
+    assert other.push_samples(np.concatenate([np.zeros(16000, np.int16), noise, hum])) == []
+    vad.close()
+    other.close()
+
+
+async def test_word_error_rate_over_caller_sentences(stt: PocketsphinxSTT) -> None:
+    tts = EspeakTTS()
+    errors = total = 0
+    misheard = []
+    for sentence in CALLER_SENTENCES:
+        events = await hear(stt, await speak(tts, sentence))
+        text = events[-1].text
+        ref = words(sentence)
+        errors += edit_distance(ref, words(text))
+        total += len(ref)
+        if words(text) != ref:
+            misheard.append((sentence, text))
+    wer = errors / total
+    assert wer <= 0.15, f"WER {wer:.3f}; misheard: {misheard}"
+
+
+async def test_interim_results_come_before_the_final(stt: PocketsphinxSTT) -> None:
+    audio = await speak(EspeakTTS(), "I'd like to book a consultation for Wednesday at 9 am.")
+    events = await hear(stt, audio)
+    kinds = [e.kind for e in events]
+    assert kinds[0] is STTEventKind.SPEECH_STARTED
+    assert STTEventKind.INTERIM in kinds
+    assert kinds.index(STTEventKind.INTERIM) < kinds.index(STTEventKind.FINAL)
+    assert kinds[-1] is STTEventKind.UTTERANCE_END
+    assert events[-1].speech_end_at is not None
+
+
+async def test_telephone_audio_goes_through_the_recognizer(stt: PocketsphinxSTT) -> None:
+    # 8 kHz mu-law is upsampled for the 16 kHz acoustic model, whose upper filters then
+    # hear nothing: narrow-band accuracy is far lower (bench/offline_speech.py measures it);
+    # this checks the path: decoding, upsampling, endpointing and events.
+    tts = EspeakTTS(encoding=Encoding.MULAW, sample_rate=8000)
+    events = await hear(stt, await speak(tts, "Do you take insurance?"), Encoding.MULAW, 8000)
+    kinds = [e.kind for e in events]
+    assert kinds[0] is STTEventKind.SPEECH_STARTED and kinds[-1] is STTEventKind.UTTERANCE_END
+    assert set(words(events[-1].text)) & {"do", "you", "take", "insurance"}
+
+
+async def test_out_of_domain_speech_has_low_confidence(stt: PocketsphinxSTT) -> None:
+    tts = EspeakTTS()
+    for sentence in OUT_OF_DOMAIN:
+        end = (await hear(stt, await speak(tts, sentence)))[-1]
+        assert end.confidence < 0.5, (sentence, end.text, end.confidence)
+    end = (await hear(stt, await speak(tts, "How much does a filling cost?")))[-1]
+    assert end.confidence >= 0.5, end
+
+
+async def test_closing_a_stream_releases_its_decoding(stt: PocketsphinxSTT) -> None:
+    audio = await speak(EspeakTTS(), "Can I come in on Tuesday?")
+    tasks_before = len(asyncio.all_tasks())
+    for _ in range(6):
+        stream = await stt.open(Encoding.PCM16, 16000)
+        for i in range(0, len(audio), 640):
+            stream.send_audio_nowait(AudioChunk(audio[i : i + 640], Encoding.PCM16, 16000))
+        await stream.aclose()  # mid-utterance: pending audio is dropped
+        assert stream._job is None and stream._decoder is None
+        async with asyncio.timeout(5):  # the event stream ends, it does not hang
+            left = [e async for e in stream.events()]
+        assert STTEventKind.FINAL not in [e.kind for e in left], "dropped, not decoded"
+    decoding = [t for t in threading.enumerate() if t.name.startswith("pocketsphinx")]
+    assert len(decoding) <= stt._workers, "a pool, not a thread per stream"
+    assert len(asyncio.all_tasks()) == tasks_before
+    await stt.aclose()
+    await asyncio.sleep(0)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pocketsphinx")]
+
+
+async def test_domain_model_follows_the_knowledge_base(tmp_path: Path) -> None:
+    from conversation_node.providers.domain_lm import DomainModels
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "services.md").write_text("# Services\n\n## Cleaning\nA cleaning takes an hour.\n")
+    models = DomainModels({"acme": kb}, check_every_s=0.0)
+    try:
+        first = await models.get("acme")
+        assert "orthodontist" not in first.vocabulary
+        assert {"cleaning", "tuesday", "yes"} <= first.vocabulary
+        (kb / "staff.md").write_text("# Staff\n\n## Team\nOur orthodontist sees children.\n")
+        second = await models.refresh("acme")
+        assert "orthodontist" in second.vocabulary and second.digest != first.digest
+        assert await models.get("acme") is second
+        assert (await models.get("other")).vocabulary >= {"riverside"}  # the demo KB
+    finally:
+        await models.aclose()
+
+
+def test_registry_selects_offline_providers() -> None:
+    from callmesh.config import ConfigError
+    from conversation_node.providers.registry import ProviderSettings, build_providers
+
+    env = {"CALLMESH_STT": "pocketsphinx", "CALLMESH_TTS": "espeak", "CALLMESH_VAD": "energy"}
+    providers = build_providers(ProviderSettings.from_env(env))
+    assert isinstance(providers.stt, PocketsphinxSTT) and providers.stt.vad == "energy"
+    assert isinstance(providers.tts, EspeakTTS)
+    assert build_providers(ProviderSettings.from_env({})).names()["stt"] == "simulated-stt"
+    with pytest.raises(ConfigError):
+        ProviderSettings.from_env({"CALLMESH_VAD": "psychic"})
