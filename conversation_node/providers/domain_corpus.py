@@ -69,6 +69,19 @@ def _time_words(hour: int, minute: int, suffix: str) -> list[str]:
     return [*words, suffix]
 
 
+_ORDINAL_LAST = {"one": "first", "two": "second", "three": "third", "five": "fifth",
+                 "eight": "eighth", "nine": "ninth", "twelve": "twelfth"}  # fmt: skip
+
+
+def ordinal_words(n: int) -> list[str]:
+    """``3`` → ``["third"]``, ``21`` → ``["twenty", "first"]``."""
+    *head, last = number_words(n)
+    if last in _ORDINAL_LAST:
+        return [*head, _ORDINAL_LAST[last]]
+    return [*head, last[:-1] + "ieth" if last.endswith("y") else last + "th"]
+
+
+_ORDINAL = re.compile(r"\b(\d{1,4})(?:st|nd|rd|th)\b", re.I)
 _TIME = re.compile(r"\b(\d{1,2})(?::(\d{2}))?\s*([ap])\.?\s?m\b\.?", re.I)
 _CLOCK = re.compile(r"\b(\d{1,2}):(\d{2})\b")
 _MONEY = re.compile(r"\$\s?(\d[\d,]*)")
@@ -89,6 +102,7 @@ def spoken(text: str) -> list[str]:
             return " ".join(_ONES[int(d)] for d in digits)  # phone numbers, ids
         return " ".join(number_words(int(digits)))
 
+    text = _ORDINAL.sub(lambda m: " ".join(ordinal_words(int(m.group(1)))), text)
     text = _TIME.sub(lambda m: f" {time(m)} ", text)
     text = _CLOCK.sub(lambda m: f"{m.group(1)} {m.group(2) if m.group(2) != '00' else ''}", text)
     text = _MONEY.sub(lambda m: f"{m.group(1)} dollars", text)
