@@ -160,11 +160,14 @@ async def test_closing_a_stream_releases_its_decoding(stt: PocketsphinxSTT) -> N
             left = [e async for e in stream.events()]
         assert STTEventKind.FINAL not in [e.kind for e in left], "dropped, not decoded"
     decoding = [t for t in threading.enumerate() if t.name.startswith("pocketsphinx")]
-    assert len(decoding) <= stt._workers, "a pool, not a thread per stream"
+    assert len(decoding) <= 2 * stt._workers, "a pool, not a thread per stream"
+    processes = list(stt._processes)
+    assert 1 <= len(processes) <= stt._workers
+    assert all(p.streams == 0 for p in processes), "every decoder handed back"
     assert len(asyncio.all_tasks()) == tasks_before
     await stt.aclose()
-    await asyncio.sleep(0)
     assert not [t for t in threading.enumerate() if t.name.startswith("pocketsphinx")]
+    assert all(p._proc.poll() is not None for p in processes), "worker processes ended"
 
 
 async def test_domain_model_follows_the_knowledge_base(tmp_path: Path) -> None:

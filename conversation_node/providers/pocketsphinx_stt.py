@@ -6,14 +6,15 @@ decodes the speech between endpoints incrementally with the tenant's domain lang
 speech (barge-in), ``INTERIM`` every ``interim_ms`` of speech from the partial hypothesis,
 then ``FINAL`` and ``UTTERANCE_END`` at the endpoint.
 
-Decoding costs several percent of a core per stream, too much for the event loop, so it
-runs on a small shared thread pool (at most one thread per core, 4 at most):
-``send_audio_nowait`` only queues the samples, and at most one job per stream drains its
-queue, in order. A pool rather than a thread per stream keeps the thread count flat with
-the number of calls. pocketsphinx's binding holds the GIL while it decodes, and the
-end-of-utterance second passes (``fwdflat``, ``bestpath``) are one long call each: with
-four streams the loop stalled up to 0.3 s. Without them the worst lag was ~40 ms but the
-word error rate rose from 0.07-0.11 to 0.12-0.2, so they stay on.
+Decoding costs several percent of a core per stream, and pocketsphinx's binding holds the
+GIL while it decodes (the end of an utterance, its second passes, is one call of up to
+0.3 s), so decoders live in a few worker processes (:mod:`.sphinx_worker`, one per core,
+4 at most, each hosting many streams). ``send_audio_nowait`` only queues the samples; a
+small thread pool runs at most one job per stream to drain its queue in order: Silero VAD
+(native, GIL released) then the decoder over the worker's pipe (GIL released while it
+waits). A pool rather than a thread per stream keeps threads flat with the number of calls.
+Measured with four streams at real-time pace: the event loop's worst lag went from 0.3 s
+(decoders on the threads) to ~30 ms (decoders in processes).
 
 Confidence: pocketsphinx's posteriors are near 1 for anything its search keeps, so the
 confidence is how much of the hypothesis the language model knew: the share of words
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import threading
 import time
@@ -44,8 +46,11 @@ from conversation_node.providers.base import AudioChunk, Encoding, ProviderError
 from conversation_node.providers.base import STTEventKind as Kind
 from conversation_node.providers.domain_corpus import written
 from conversation_node.providers.domain_lm import DomainModel, DomainModels
+from conversation_node.providers.sphinx_worker import DecoderProxy, SphinxWorker, WorkerError
 
 __all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available"]
+
+log = logging.getLogger("callmesh.node.speech")
 
 RATE = 16000  # the acoustic model's rate; 8 kHz calls are upsampled to it
 _BLOCK = 512  # samples a step (32 ms): Silero's window, and a fine grain for the decoder
@@ -87,30 +92,6 @@ def confidence_of(lm_orders: list[int]) -> float:
     return round(sum(order >= 3 for order in rest) / len(rest), 3)
 
 
-class _DecoderPool:
-    """Decoders (acoustic model + a model's LM and dictionary, ~0.2 s to load) kept per
-    domain model digest and reused by the next stream of that model."""
-
-    def __init__(self) -> None:
-        self._free: dict[str, list[Any]] = collections.defaultdict(list)
-        self._lock = threading.Lock()
-
-    def take(self, model: DomainModel) -> Any:
-        with self._lock:
-            free = self._free.get(model.digest)
-            if free:
-                return free.pop()
-        from pocketsphinx import Decoder
-
-        return Decoder(lm=str(model.lm_path), dict=str(model.dict_path), **_DECODER_SETTINGS)
-
-    def give(self, model: DomainModel, decoder: Any) -> None:
-        with self._lock:
-            free = self._free[model.digest]
-            if len(free) < 32:
-                free.append(decoder)
-
-
 class PocketsphinxSTT:
     """Offline recognizer. ``vad`` is ``"silero"`` or ``"energy"``; ``models`` holds the
     per-tenant language models (the demo knowledge base's by default)."""
@@ -134,7 +115,8 @@ class PocketsphinxSTT:
         self.interim_ms = interim_ms
         self._workers = workers or min(4, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None
-        self._decoders = _DecoderPool()
+        self._processes: list[SphinxWorker] = []
+        self._placing = threading.Lock()
 
     async def open(
         self, encoding: Encoding, sample_rate: int, *, tenant: str = "demo"
@@ -143,9 +125,24 @@ class PocketsphinxSTT:
             raise ProviderError(self.name, f"8 or 16 kHz audio only, got {sample_rate}")
         model = await self.models.get(tenant)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="pocketsphinx")
-        decoder = await asyncio.wrap_future(self._executor.submit(self._decoders.take, model))
+            # Threads block on a worker's pipe (GIL released): two per process keep each
+            # process busy while the other thread waits for its turn.
+            threads = 2 * self._workers
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="pocketsphinx")
+        decoder = await asyncio.wrap_future(self._executor.submit(self._decoder, model))
         return PocketsphinxSTTStream(self, model, decoder, encoding, sample_rate)
+
+    def _decoder(self, model: DomainModel) -> DecoderProxy:
+        """A decoder for ``model`` in the least loaded worker process (started on demand)."""
+        with self._placing:
+            if len(self._processes) < self._workers:
+                self._processes.append(SphinxWorker())
+            worker = min(self._processes, key=lambda w: w.streams)
+            return DecoderProxy(worker, str(model.lm_path), str(model.dict_path), _DECODER_SETTINGS)
+
+    def worker_cpu_s(self) -> float:
+        """CPU seconds used so far by the worker processes (blocking: for measurement)."""
+        return sum(float(w.call("cpu", 0)) for w in self._processes)
 
     def _endpointer(self) -> _Endpointer:
         if self.vad == "silero":
@@ -164,6 +161,9 @@ class PocketsphinxSTT:
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True)
+        processes, self._processes = self._processes, []
+        for worker in processes:
+            await asyncio.to_thread(worker.close)
         await self.models.aclose()
 
 
@@ -172,9 +172,15 @@ class PocketsphinxSTTStream:
     recognizer's pool; events come back through an asyncio queue."""
 
     def __init__(
-        self, stt: PocketsphinxSTT, model: DomainModel, decoder: Any, encoding: Encoding, rate: int
+        self,
+        stt: PocketsphinxSTT,
+        model: DomainModel,
+        decoder: DecoderProxy,
+        encoding: Encoding,
+        rate: int,
     ) -> None:
-        self._stt, self._model, self._decoder = stt, model, decoder
+        self._stt, self._model = stt, model
+        self._decoder: DecoderProxy | None = decoder
         self._encoding = encoding
         self._reader = SampleReader(mulaw=encoding is Encoding.MULAW)
         self._upsampler = Resampler(rate, RATE) if rate != RATE else None
@@ -275,6 +281,7 @@ class PocketsphinxSTTStream:
             self._step(buf[start : start + _BLOCK])
 
     def _step(self, block: npt.NDArray[np.int16]) -> None:
+        assert self._decoder is not None  # only fed while open
         events = self._vad.push_samples(block)
         if self._in_utterance:
             self._decoder.process_raw(block.tobytes())
@@ -292,6 +299,7 @@ class PocketsphinxSTTStream:
                 self._interim()
 
     def _start_utterance(self) -> None:
+        assert self._decoder is not None
         self._in_utterance = True
         self._emit(STTEvent(Kind.SPEECH_STARTED))
         self._decoder.start_utt()
@@ -302,23 +310,22 @@ class PocketsphinxSTTStream:
 
     def _interim(self) -> None:
         self._speech_samples = 0
-        hyp = self._decoder.hyp()
-        text = written(_words(hyp.hypstr.split())) if hyp is not None else ""
+        assert self._decoder is not None
+        text = written(_words(self._decoder.hyp().split()))
         if text and text != self._last_interim:
             self._last_interim = text
             self._emit(STTEvent(Kind.INTERIM, text, 1.0))
 
     def _end_utterance(self) -> None:
-        if not self._in_utterance:
+        if not self._in_utterance or self._decoder is None:
             return
         self._in_utterance = False
         self._last_interim = ""
         self._vad.flush()
-        self._decoder.end_utt()
-        segments = [s for s in self._decoder.seg() if s.word not in _NON_WORDS]
-        words = [s for s in segments if not s.word.startswith("[")]
-        text = written(_words([s.word for s in words]))
-        confidence = confidence_of([s.lback for s in words]) if text else 0.0
+        segments = self._decoder.end_utt()
+        heard = [(w, order) for w, order in segments if _words([w])]
+        text = written(_words([w for w, _ in heard]))
+        confidence = confidence_of([order for _, order in heard]) if text else 0.0
         if text:
             self._emit(STTEvent(Kind.FINAL, text, confidence))
         ended = self._last_voice_at or time.monotonic()
@@ -327,9 +334,12 @@ class PocketsphinxSTTStream:
     def _close_on_worker(self) -> None:
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
-            if self._in_utterance:
-                decoder.end_utt()
-            self._stt._decoders.give(self._model, decoder)
+            try:
+                if self._in_utterance:
+                    decoder.end_utt()
+                decoder.close()
+            except WorkerError as exc:  # the process is gone: nothing left to release
+                log.warning("pocketsphinx worker: %s", exc)
         close_vad = getattr(self._vad, "close", None)
         if close_vad is not None:
             close_vad()
