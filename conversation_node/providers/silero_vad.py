@@ -9,9 +9,9 @@ gigabyte for a 2 MB model.
 
 :class:`SileroVAD` has the interface of :class:`~conversation_node.audio.vad.EnergyVAD`
 that the offline recognizer uses (``push_samples`` → events in audio time), so either
-can endpoint an utterance. Probabilities get hysteresis: speech starts when ``start_ms``
-of windows score at least ``threshold`` and ends after ``end_silence_ms`` below
-``threshold - 0.15``, as Silero's own iterator does.
+can endpoint an utterance; it is that class's endpointing driven by probabilities, with
+hysteresis: speech starts when ``start_ms`` of windows score at least ``threshold`` and
+ends after ``end_silence_ms`` below ``threshold - 0.15``, as Silero's own iterator does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from conversation_node.audio.vad import VadEvent, VadEventKind
+from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent
+from conversation_node.providers.base import Encoding
 
 __all__ = ["SileroVAD", "SileroVadConfig", "silero_available"]
 
@@ -79,93 +80,46 @@ class _ModelPool:
 _POOL = _ModelPool()
 
 
-class SileroVAD:
-    """Streaming Silero VAD over int16 samples at 8 or 16 kHz. One instance per stream,
-    used from one thread at a time; :meth:`close` returns its model to a shared pool."""
+class SileroVAD(EnergyVAD):
+    """Streaming Silero VAD over int16 samples at 8 or 16 kHz: :class:`EnergyVAD`'s
+    endpointing (in 32 ms frames, Silero's window) driven by the model's speech
+    probability instead of frame energy. One instance per stream, used from one thread at
+    a time; :meth:`close` returns its model to a shared pool."""
 
     def __init__(self, config: SileroVadConfig | None = None, *, sample_rate: int = 16000) -> None:
         if sample_rate not in (8000, 16000):
             raise ValueError(f"Silero VAD takes 8 or 16 kHz audio, got {sample_rate}")
-        self.config = config or SileroVadConfig()
-        self.sample_rate = sample_rate
+        self.silero = config or SileroVadConfig()
         self._model: Any = _POOL.take(sample_rate)
         self._window = int(self._model.window_size_samples)
-        self.frame_ms = 1000 * self._window / sample_rate
-        self._samples = np.zeros(0, dtype=np.float32)
-        self._position_ms = 0.0
+        frame_ms = 1000 * self._window // sample_rate
+        endpointing = VadConfig(
+            start_ms=self.silero.start_ms,
+            end_silence_ms=self.silero.end_silence_ms,
+            frame_ms=frame_ms,
+        )
+        super().__init__(endpointing, encoding=Encoding.PCM16, sample_rate=sample_rate)
+        self._pending = np.zeros(0, dtype=np.float32)
         self.last_probability = 0.0
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget speech state (the audio clock and the model's context run on)."""
-        self._in_speech = False
-        self._voiced_run_ms = 0.0
-        self._run_start_ms = 0.0
-        self._silence_ms = 0.0
-        self._last_voiced_end_ms: float | None = None
-
-    @property
-    def in_speech(self) -> bool:
-        return self._in_speech
-
-    @property
-    def position_ms(self) -> float:
-        return self._position_ms
-
-    @property
-    def last_voiced_end_ms(self) -> float | None:
-        return self._last_voiced_end_ms
 
     def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]:
         """Feed int16 samples; returns the events they completed."""
         scaled = np.asarray(samples, dtype=np.float32) / 32768.0
-        buf = np.concatenate([self._samples, scaled]) if len(self._samples) else scaled
+        buf = np.concatenate([self._pending, scaled]) if len(self._pending) else scaled
         n = self._window
         whole = len(buf) - len(buf) % n
-        self._samples = buf[whole:].copy()
+        self._pending = buf[whole:].copy()
         events: list[VadEvent] = []
         for start in range(0, whole, n):
             # The model reads a writable float32 buffer in place (no copy in the wrapper).
             window = np.ascontiguousarray(buf[start : start + n])
             self.last_probability = float(self._model.process(memoryview(window.data)))
-            event = self._step(self.last_probability)
+            # Hysteresis: a word's quieter tail keeps the utterance going.
+            threshold = self.silero.threshold - (_HYSTERESIS if self.in_speech else 0.0)
+            event = self._step(self.last_probability >= threshold)
             if event is not None:
                 events.append(event)
         return events
-
-    def flush(self) -> list[VadEvent]:
-        """End of stream: close an utterance still in progress."""
-        if not self._in_speech:
-            return []
-        end = self._last_voiced_end_ms if self._last_voiced_end_ms is not None else 0.0
-        self.reset()
-        return [VadEvent(VadEventKind.SPEECH_END, end)]
-
-    def _step(self, probability: float) -> VadEvent | None:
-        cfg, frame = self.config, self.frame_ms
-        start, self._position_ms = self._position_ms, self._position_ms + frame
-        if not self._in_speech:
-            if probability < cfg.threshold:
-                self._voiced_run_ms = 0.0
-                return None
-            if not self._voiced_run_ms:
-                self._run_start_ms = start
-            self._voiced_run_ms += frame
-            self._last_voiced_end_ms = self._position_ms
-            if self._voiced_run_ms >= cfg.start_ms:
-                self._in_speech, self._silence_ms = True, 0.0
-                return VadEvent(VadEventKind.SPEECH_START, self._run_start_ms)
-            return None
-        if probability >= cfg.threshold - _HYSTERESIS:
-            self._silence_ms = 0.0
-            self._last_voiced_end_ms = self._position_ms
-            return None
-        self._silence_ms += frame
-        if self._silence_ms < cfg.end_silence_ms:
-            return None
-        end = self._last_voiced_end_ms if self._last_voiced_end_ms is not None else start
-        self.reset()
-        return VadEvent(VadEventKind.SPEECH_END, end)
 
     def close(self) -> None:
         model, self._model = self._model, None
@@ -173,7 +127,5 @@ class SileroVAD:
             _POOL.give(self.sample_rate, model)
 
     def __repr__(self) -> str:
-        state = "speech" if self._in_speech else "silence"
-        return (
-            f"<SileroVAD [{state}, at {self._position_ms:.0f} ms, p={self.last_probability:.2f}]>"
-        )
+        state = "speech" if self.in_speech else "silence"
+        return f"<SileroVAD [{state}, at {self.position_ms:.0f} ms, p={self.last_probability:.2f}]>"
