@@ -34,12 +34,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_confidence_is_the_share_of_words_the_model_knew_in_context() -> None:
-    from conversation_node.providers.pocketsphinx_stt import confidence_of
+async def test_confidence_is_the_share_of_words_callers_say_in_that_context() -> None:
+    from conversation_node.providers.domain_lm import DomainModels
 
-    assert confidence_of([2, 3, 3, 3]) == 1.0
-    assert confidence_of([2, 3, 1, 1, 2]) == 0.25
-    assert confidence_of([2]) == 1.0 and confidence_of([]) == 0.0
+    models = DomainModels(default_kb=None)
+    try:
+        model = await models.get("bare")
+        known, odd = "how much does a filling cost", "the week o'clock over the link"
+        assert model.context_share(known.split(" ")) == 1.0
+        assert model.context_share(["yes"]) == 1.0 and model.context_share(["cost"]) == 0.0
+        assert model.context_share(odd.split(" ")) < 0.5
+    finally:
+        await models.aclose()
 
 
 def test_spoken_and_written_forms() -> None:

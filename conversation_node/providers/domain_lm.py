@@ -40,18 +40,22 @@ BOS, EOS = "<s>", "</s>"
 _UNIGRAM_FLOOR = 0.5  # pseudo-count of every vocabulary word in the unigram distribution
 
 
-def arpa_trigram(sentences: Iterable[list[str]]) -> str:
-    """An ARPA trigram model of ``sentences`` with interpolated Witten-Bell smoothing.
-
-    Seen n-grams carry the interpolated probability; a history's backoff weight gives
-    unseen continuations the remaining mass in proportion to the lower order.
-    """
+def count_ngrams(sentences: Iterable[list[str]]) -> list[Counter[tuple[str, ...]]]:
+    """Unigram, bigram and trigram counts of ``sentences`` (padded with <s> and </s>)."""
     counts: list[Counter[tuple[str, ...]]] = [Counter(), Counter(), Counter()]
     for words in sentences:
         padded = [BOS, *words, EOS]
         for n in (1, 2, 3):
             for i in range(len(padded) - n + 1):
                 counts[n - 1][tuple(padded[i : i + n])] += 1
+    return counts
+
+
+def arpa_trigram(counts: list[Counter[tuple[str, ...]]]) -> str:
+    """An ARPA trigram model from :func:`count_ngrams` with interpolated Witten-Bell
+    smoothing. Seen n-grams carry the interpolated probability; a history's backoff weight
+    gives unseen continuations the remaining mass in proportion to the lower order.
+    """
     # Per history: total count and number of distinct followers (Witten-Bell's T).
     totals: list[Counter[tuple[str, ...]]] = [Counter(), Counter()]
     kinds: list[Counter[tuple[str, ...]]] = [Counter(), Counter()]
@@ -172,6 +176,17 @@ class DomainModel:
     sentences: int
     dropped_words: frozenset[str]  # corpus words without a pronunciation (left out)
     built_in_s: float
+    trigrams: frozenset[tuple[str, ...]] = frozenset()  # seen in the corpus, <s>-padded
+
+    def context_share(self, words: list[str]) -> float:
+        """Share of ``words`` after the first whose trigram (with the two words before,
+        <s>-padded) the corpus has: how much of an utterance is something callers say.
+        A one-word utterance counts if callers start with it ("yes", "Tuesday")."""
+        padded = [BOS, BOS, *words]
+        if len(words) == 1:
+            return 1.0 if (BOS, words[0]) in self.trigrams else 0.0
+        hits = [tuple(padded[i : i + 3]) in self.trigrams for i in range(1, len(words))]
+        return round(sum(hits) / len(hits), 3) if hits else 0.0
 
 
 def _pronounceable(
@@ -211,7 +226,10 @@ def build_domain_model(tenant: str, kb_dir: Path | None, out_dir: Path) -> Domai
     dropped: set[str] = set()
     known: dict[str, list[str]] = {}
     sentences = list(_pronounceable(corpus, lexicon, known, dropped))
-    arpa = arpa_trigram(sentences)
+    counts = count_ngrams(sentences)
+    arpa = arpa_trigram(counts)
+    # Trigrams, plus sentence-initial bigrams under the key (<s>, w) for one-word answers.
+    seen = frozenset(counts[2]) | frozenset(g for g in counts[1] if g[0] == BOS)
     vocabulary = frozenset(w for s in sentences for w in s)
     digest = hashlib.blake2b(arpa.encode(), digest_size=8).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +249,7 @@ def build_domain_model(tenant: str, kb_dir: Path | None, out_dir: Path) -> Domai
         vocabulary=vocabulary,
         sentences=len(sentences),
         dropped_words=frozenset(dropped),
+        trigrams=seen,
         built_in_s=time.perf_counter() - started,
     )
 

@@ -17,11 +17,12 @@ Measured with four streams at real-time pace: the event loop's worst lag went fr
 (decoders on the threads) to ~30 ms (decoders in processes).
 
 Confidence: pocketsphinx's posteriors are near 1 for anything its search keeps, so the
-confidence is how much of the hypothesis the language model knew: the share of words
-scored by a full trigram rather than a backoff. Speech outside the domain is forced onto
-domain words in sequences nobody says and scores low (0-0.33 on the bench's out-of-domain
-sentences, 0.6-1 on correctly heard caller sentences); so do badly misheard caller
-sentences. The node then asks the caller to repeat instead of acting on a guess.
+confidence is how much of the hypothesis the domain corpus knows: the share of words whose
+trigram (with the two words before) callers say (``DomainModel.context_share``). Speech
+outside the domain is forced onto domain words in sequences nobody says and scores low
+(0-0.375 on the bench's out-of-domain sentences, 0.6-1 on correctly heard caller
+sentences); so do badly misheard caller sentences. The node then asks the caller to
+repeat (``stt_low_confidence``) instead of acting on a guess.
 """
 
 from __future__ import annotations
@@ -81,15 +82,6 @@ class _Endpointer(Protocol):
     def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]: ...
 
     def flush(self) -> list[VadEvent]: ...
-
-
-def confidence_of(lm_orders: list[int]) -> float:
-    """Share of words (after the first, at best a bigram with <s>) that the language model
-    scored with a trigram, from each word's n-gram order. A one-word answer counts as known."""
-    rest = lm_orders[1:]
-    if not rest:
-        return 1.0 if lm_orders else 0.0
-    return round(sum(order >= 3 for order in rest) / len(rest), 3)
 
 
 class PocketsphinxSTT:
@@ -322,10 +314,9 @@ class PocketsphinxSTTStream:
         self._in_utterance = False
         self._last_interim = ""
         self._vad.flush()
-        segments = self._decoder.end_utt()
-        heard = [(w, order) for w, order in segments if _words([w])]
-        text = written(_words([w for w, _ in heard]))
-        confidence = confidence_of([order for _, order in heard]) if text else 0.0
+        heard = _words(self._decoder.end_utt())
+        text = written(heard)
+        confidence = self._model.context_share(heard) if heard else 0.0
         if text:
             self._emit(STTEvent(Kind.FINAL, text, confidence))
         ended = self._last_voice_at or time.monotonic()

@@ -10,7 +10,7 @@ The parent's side blocks on the pipe, which releases the GIL: callers run it on 
 
 Requests are ``[op, stream_id, arg]``; replies ``[ok, value]`` (``value`` is the error
 text when not ok). Ops: ``open`` (arg: lm path, dict path, settings), ``start``,
-``feed`` (raw PCM16 bytes), ``hyp``, ``end`` (→ ``[[word, lm order], ...]``), ``close``,
+``feed`` (raw PCM16 bytes), ``hyp``, ``end`` (→ the words of the best path), ``close``,
 ``cpu`` (→ the child's CPU seconds, for measurement).
 """
 
@@ -123,8 +123,9 @@ class DecoderProxy:
     def hyp(self) -> str:
         return str(self.worker.call("hyp", self.id))
 
-    def end_utt(self) -> list[tuple[str, int]]:
-        return [(str(w), int(order)) for w, order in self.worker.call("end", self.id)]
+    def end_utt(self) -> list[str]:
+        """End the utterance; the best hypothesis as dictionary entries, fillers included."""
+        return [str(w) for w in self.worker.call("end", self.id)]
 
     def close(self) -> None:
         self.worker.placed(-1)
@@ -168,7 +169,7 @@ class _Host:
             return hyp.hypstr if hyp is not None else ""
         if op == "end":
             decoder.end_utt()
-            return [[s.word, s.lback] for s in decoder.seg()]
+            return [s.word for s in decoder.seg()]
         if op == "close":  # the parent ended any utterance in progress first
             del self.decoders[stream_id]
             idle = self.idle.setdefault(key, [])
