@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redis.asyncio import Redis
 
 from bench.offline_speech import (
     CALLER_SENTENCES,
@@ -27,6 +28,7 @@ from conversation_node.providers.base import AudioChunk, Encoding, STTEventKind
 from conversation_node.providers.espeak_tts import EspeakTTS, espeak_available
 from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT, pocketsphinx_available
 from conversation_node.providers.silero_vad import SileroVAD, silero_available
+from state_store.store import StateStore
 
 pytestmark = pytest.mark.skipif(
     not (pocketsphinx_available() and espeak_available() and silero_available()),
@@ -207,3 +209,42 @@ def test_registry_selects_offline_providers() -> None:
     assert build_providers(ProviderSettings.from_env({})).names()["stt"] == "simulated-stt"
     with pytest.raises(ConfigError):
         ProviderSettings.from_env({"CALLMESH_VAD": "psychic"})
+
+
+async def test_a_node_call_is_heard_and_answered_offline(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    """A 16 kHz PCM call to a real node on the offline providers: an in-domain request is
+    understood (a fact is taken from it), an out-of-domain one makes the agent ask again."""
+    import base64
+
+    from node_harness import node_call, running_node, simulated_providers
+
+    stt = PocketsphinxSTT()
+    providers = simulated_providers(stt=stt, tts=EspeakTTS())
+    tts = EspeakTTS()
+    quiet = b"\x00\x00" * 8000  # 0.5 s
+    async with (
+        running_node(redis_url, nats_url, providers) as (_, url),
+        node_call(url, "offline-1", via="socket") as call,
+    ):
+        await call.send(
+            type="start", tenant="demo", audio={"encoding": "pcm16", "sample_rate": 16000}
+        )
+        await call.turn(0, timeout_s=30)
+        greeting = call.of_turn(0, "agent_audio")
+        assert greeting and all(a["encoding"] == "pcm16" for a in greeting)
+        await call.echo_marks(0)
+        for turn, sentence in ((1, "I'd like to book a cleaning."), (2, OUT_OF_DOMAIN[2])):
+            data = quiet + await speak(tts, sentence) + quiet * 2
+            for i in range(0, len(data), 640):  # 20 ms frames
+                await call.send(type="audio", data=base64.b64encode(data[i : i + 640]).decode())
+            metrics = await call.turn(turn, timeout_s=30)
+            await call.echo_marks(turn)
+            ckpt = await StateStore(redis).load("demo", "offline-1")
+            assert ckpt is not None
+            if turn == 1:
+                assert "stt_low_confidence" not in metrics["fallbacks"], metrics
+                assert ckpt.facts["service"][0] == "cleaning", "understood: a fact taken"
+            else:
+                assert "stt_low_confidence" in metrics["fallbacks"], metrics
