@@ -178,6 +178,25 @@ async def test_closing_a_stream_releases_its_decoding(stt: PocketsphinxSTT) -> N
     assert all(p._proc.poll() is not None for p in processes), "worker processes ended"
 
 
+async def test_a_dead_decoding_process_fails_its_streams_not_the_recognizer(
+    stt: PocketsphinxSTT,
+) -> None:
+    from conversation_node.providers.base import ProviderError
+
+    audio = await speak(EspeakTTS(), "Do you see children?")
+    stream = await stt.open(Encoding.PCM16, 16000)
+    stream._decoder.worker._proc.kill()  # type: ignore[union-attr]
+    stream._decoder.worker._proc.wait()  # type: ignore[union-attr]
+    stream.send_audio_nowait(AudioChunk(b"\x00\x00" * 8000 + audio, Encoding.PCM16, 16000))
+    with pytest.raises(ProviderError, match="decoding failed"):
+        async with asyncio.timeout(10):
+            async for _ in stream.events():
+                pass
+    await stream.aclose()
+    events = await hear(stt, audio)  # a new stream gets a live process
+    assert words(events[-1].text) == ["do", "you", "see", "children"]
+
+
 async def test_domain_model_follows_the_knowledge_base(tmp_path: Path) -> None:
     from conversation_node.providers.domain_lm import DomainModels
 

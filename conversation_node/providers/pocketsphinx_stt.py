@@ -130,6 +130,10 @@ class PocketsphinxSTT:
     def _decoder(self, model: DomainModel) -> DecoderProxy:
         """A decoder for ``model`` in the least loaded worker process (started on demand)."""
         with self._placing:
+            # A worker that died failed its streams (WorkerError); new ones go elsewhere.
+            for dead in [w for w in self._processes if not w.alive]:
+                self._processes.remove(dead)
+                dead.close()
             if len(self._processes) < self._workers:
                 self._processes.append(SphinxWorker())
             worker = min(self._processes, key=lambda w: w.streams)

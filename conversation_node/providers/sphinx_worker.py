@@ -86,14 +86,17 @@ class SphinxWorker:
         return value
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def alive(self) -> bool:
+        return self._proc.poll() is None
 
     def close(self, timeout_s: float = 5.0) -> None:
         """End the process (closing its stdin ends its loop); kill it if it lingers."""
         with self._lock:
             if self._proc.stdin is not None:
-                self._proc.stdin.close()
+                try:
+                    self._proc.stdin.close()
+                except OSError:  # a dead process's pipe: nothing was left to flush anyway
+                    pass
             try:
                 self._proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
