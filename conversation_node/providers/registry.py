@@ -188,7 +188,10 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
         options = OpenAITTSOptions(model=settings.openai_tts_model, voice=settings.openai_tts_voice)
         return OpenAITTS(**_openai_kwargs(settings), options=options)
     if kind == "espeak":
-        from conversation_node.providers.espeak_tts import EspeakTTS
+        from conversation_node.providers.espeak_tts import EspeakTTS, espeak_available
+
+        if not espeak_available():
+            raise ConfigError("the espeak voice needs the [speech] extra (espeakng-loader)")
 
         return EspeakTTS(
             voice=settings.espeak_voice,
@@ -215,7 +218,10 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
             environment=_deepgram_environment(settings),
         )
     elif settings.stt == "pocketsphinx":
-        from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT
+        from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT, speech_missing
+
+        if missing := speech_missing(settings.vad):
+            raise ConfigError(f"the pocketsphinx recognizer needs the [speech] extra ({missing})")
 
         stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
     else:
