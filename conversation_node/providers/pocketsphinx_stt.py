@@ -209,7 +209,6 @@ class PocketsphinxSTTStream:
         self._speech_samples = 0
         self._last_interim = ""
         self._last_voice_at: float | None = None
-        self.cpu_s = 0.0  # decoding CPU time of this stream (thread time), for measurement
 
     # ------------------------------------------------------------------ event loop side
 
@@ -260,7 +259,6 @@ class PocketsphinxSTTStream:
     # ------------------------------------------------------------------ decoding thread
 
     def _drain(self) -> None:
-        started = time.thread_time()
         try:
             while True:
                 with self._lock:
@@ -279,8 +277,6 @@ class PocketsphinxSTTStream:
         except Exception as exc:  # a broken decoder ends the stream, reported once
             self._emit(ProviderError(self._stt.name, f"decoding failed: {exc}"))
             self._close_on_worker()
-        finally:
-            self.cpu_s += time.thread_time() - started
 
     def _feed(self, samples: npt.NDArray[np.int16]) -> None:
         buf = np.concatenate([self._block, samples]) if len(self._block) else samples
