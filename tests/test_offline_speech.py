@@ -267,3 +267,22 @@ async def test_a_node_call_is_heard_and_answered_offline(
                 assert ckpt.facts["service"][0] == "cleaning", "understood: a fact taken"
             else:
                 assert "stt_low_confidence" in metrics["fallbacks"], metrics
+
+
+@pytest.mark.parametrize(("rate_in", "rate_out"), [(22050, 16000), (22050, 8000), (8000, 16000)])
+def test_resampler_is_chunking_independent_and_accurate(rate_in: int, rate_out: int) -> None:
+    from conversation_node.audio.resample import Resampler
+
+    t = np.arange(rate_in) / rate_in
+    tone = np.rint(8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
+    whole_r = Resampler(rate_in, rate_out)
+    whole = np.concatenate([whole_r.process(tone), whole_r.flush()])
+    parts_r = Resampler(rate_in, rate_out)
+    parts = [parts_r.process(tone[i : i + 777]) for i in range(0, len(tone), 777)]
+    assert np.array_equal(whole, np.concatenate([*parts, parts_r.flush()]))
+    assert len(whole) == rate_out  # one second in, one second out
+    expected = 8000 * np.sin(2 * np.pi * 1000 * np.arange(rate_out) / rate_out)
+    assert np.abs(whole[50:-50] - expected[50:-50]).max() < 50  # -44 dB of the tone
+    if rate_out == 8000:  # above the new Nyquist frequency: filtered out, not aliased
+        high = np.rint(8000 * np.sin(2 * np.pi * 5000 * t)).astype(np.int16)
+        assert np.abs(Resampler(rate_in, rate_out).process(high)[100:]).max() < 100
