@@ -13,6 +13,10 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 ``CALLMESH_DEEPGRAM_URL``  a Deepgram-compatible endpoint (e.g. a local double)
 =========================  =================================================
 
+Offline speech (the ``[speech]`` extra, no key, models in the wheels):
+``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing),
+``CALLMESH_TTS=espeak`` (``CALLMESH_ESPEAK_VOICE``, ``CALLMESH_ESPEAK_WPM``).
+
 Model and voice: ``CALLMESH_LLM_MODEL``, ``CALLMESH_OPENAI_TTS_MODEL``,
 ``CALLMESH_OPENAI_TTS_VOICE``, ``CALLMESH_DEEPGRAM_STT_MODEL``,
 ``CALLMESH_DEEPGRAM_TTS_MODEL``. Timing: ``CALLMESH_LLM_TIMEOUT_MS``,
@@ -62,6 +66,9 @@ class ProviderSettings:
     deepgram_tts_model: str = _default("deepgram_tts_model")
     stt_endpointing_ms: int = _default("stt_endpointing_ms")
     tts_chunk_ms: int = _default("tts_chunk_ms")
+    vad: str = _default("vad")  # endpointing of the offline recognizer
+    espeak_voice: str = _default("espeak_voice")
+    espeak_wpm: int = _default("espeak_wpm")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
 
     def __post_init__(self) -> None:
@@ -116,6 +123,9 @@ _FROM_TABLE = (
     "deepgram_tts_model",
     "stt_endpointing_ms",
     "tts_chunk_ms",
+    "vad",
+    "espeak_voice",
+    "espeak_wpm",
     "sim_latency_scale",
 )
 
@@ -173,6 +183,17 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
 
         options = OpenAITTSOptions(model=settings.openai_tts_model, voice=settings.openai_tts_voice)
         return OpenAITTS(**_openai_kwargs(settings), options=options)
+    if kind == "espeak":
+        from conversation_node.providers.espeak_tts import EspeakTTS, espeak_available
+
+        if not espeak_available():
+            raise ConfigError("the espeak voice needs the [speech] extra (espeakng-loader)")
+
+        return EspeakTTS(
+            voice=settings.espeak_voice,
+            words_per_minute=settings.espeak_wpm,
+            chunk_ms=settings.tts_chunk_ms,
+        )
     from conversation_node.providers.simulated import SimulatedTTS
 
     return SimulatedTTS(settings.sim_latency, chunk_ms=settings.tts_chunk_ms)
@@ -192,6 +213,13 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
             ),
             environment=_deepgram_environment(settings),
         )
+    elif settings.stt == "pocketsphinx":
+        from conversation_node.providers.pocketsphinx_stt import PocketsphinxSTT, speech_missing
+
+        if missing := speech_missing(settings.vad):
+            raise ConfigError(f"the pocketsphinx recognizer needs the [speech] extra ({missing})")
+
+        stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
     else:
         from conversation_node.audio.vad import VadConfig
         from conversation_node.providers.simulated_audio import SimulatedSTT
