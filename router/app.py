@@ -23,7 +23,7 @@ from aiohttp import web
 
 from callmesh import metric_names as names
 from callmesh.config import RouterConfig
-from callmesh.protocol import CloseCode, valid_id
+from callmesh.protocol import CloseCode, Out, valid_id
 from callmesh.telemetry import Metrics
 from router.console import Console
 from router.links import ClientLink, NativeLink
@@ -255,7 +255,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         if exc.status < 400:
             raise
         return web.json_response(
-            {"type": "error", "code": "http_" + str(exc.status), "message": exc.reason},
+            {"type": Out.ERROR.value, "code": "http_" + str(exc.status), "message": exc.reason},
             status=exc.status,
         )
 

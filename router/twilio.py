@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from callmesh import metric_names as names
+from callmesh.audio.format import TELEPHONY_RATE
 from callmesh.protocol import (
     DTMF_DIGITS,
     MAX_MARK_NAME,
@@ -37,8 +39,13 @@ from callmesh.telemetry import Metrics
 
 log = logging.getLogger("callmesh.router.twilio")
 
+# A media frame's native ``audio`` frame is formatted by hand: this is the router's hottest
+# path, and json.dumps of the dict costs several times more.
+_AUDIO = In.AUDIO.value
+_AUDIO_PREFIX = f'{{"type":"{_AUDIO}","seq":'
+
 TWILIO_ENCODING = "audio/x-mulaw"
-TWILIO_SAMPLE_RATE = 8000
+TWILIO_SAMPLE_RATE = TELEPHONY_RATE  # Twilio Media Streams are 8 kHz mu-law
 _B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 # A media message exactly as Twilio writes it (its key order, no spaces, nothing escaped):
 # validated and taken apart in one pass, without building the JSON object. It is most of
@@ -140,7 +147,7 @@ class TwilioLink:
         event = msg.get("event")
         if event == "media":  # the hot path: 50 a second per call
             if not self._started or self._stopped:
-                self._metrics.inc("twilio_media_outside_stream")
+                self._metrics.inc(names.TWILIO_MEDIA_OUTSIDE_STREAM)
                 return None
             media = msg.get("media")
             payload = media.get("payload") if type(media) is dict else None
@@ -152,11 +159,11 @@ class TwilioLink:
         if event == "connected":
             return None
         if event not in ("mark", "dtmf", "stop"):
-            self._metrics.inc("twilio_unknown_events")
+            self._metrics.inc(names.TWILIO_UNKNOWN_EVENTS)
             log.debug("unknown Twilio event", extra={"fields": {"call_id": self.call_id}})
             return None
         if not self._started or self._stopped:
-            self._metrics.inc("twilio_events_outside_stream")
+            self._metrics.inc(names.TWILIO_EVENTS_OUTSIDE_STREAM)
             return None
         if event == "mark":
             mark = msg.get("mark")
@@ -176,16 +183,16 @@ class TwilioLink:
     def _audio(self, payload: str, ts: int | None) -> Inbound:
         self._seq = seq = self._seq + 1
         if ts is None:
-            body = {"type": "audio", "seq": seq, "data": payload}
-            raw = f'{{"type":"audio","seq":{seq},"data":"{payload}"}}'
+            body = {"type": _AUDIO, "seq": seq, "data": payload}
+            raw = f'{_AUDIO_PREFIX}{seq},"data":"{payload}"}}'
         else:
-            body = {"type": "audio", "seq": seq, "data": payload, "ts": ts}
-            raw = f'{{"type":"audio","seq":{seq},"data":"{payload}","ts":{ts}}}'
+            body = {"type": _AUDIO, "seq": seq, "data": payload, "ts": ts}
+            raw = f'{_AUDIO_PREFIX}{seq},"data":"{payload}","ts":{ts}}}'
         return Inbound(In.AUDIO, seq, body, raw)
 
     def _start(self, msg: dict[str, Any]) -> Inbound | None:
         if self._started:
-            self._metrics.inc("twilio_duplicate_starts")
+            self._metrics.inc(names.TWILIO_DUPLICATE_STARTS)
             return None
         start = msg.get("start")
         if type(start) is not dict:
@@ -229,7 +236,7 @@ class TwilioLink:
 
     def _malformed(self, why: str) -> Inbound | None:
         self.malformed += 1
-        self._metrics.inc("twilio_malformed_messages")
+        self._metrics.inc(names.TWILIO_MALFORMED_MESSAGES)
         # The first one per stream is worth a look; a flood of them is worth a counter.
         level = logging.WARNING if self.malformed == 1 else logging.DEBUG
         fields = {"call_id": self.call_id, "why": why}
@@ -237,7 +244,7 @@ class TwilioLink:
         return None
 
     async def _refuse_call(self, reason: str) -> None:
-        self._metrics.inc("twilio_streams_refused")
+        self._metrics.inc(names.TWILIO_STREAMS_REFUSED)
         log.warning("Twilio stream refused", extra={"fields": {"reason": reason}})
         await self.close(CloseCode.BAD_REQUEST, reason.encode()[:120])
 
@@ -248,7 +255,7 @@ class TwilioLink:
             data = (frame if frame is not None else json.loads(raw)).get("data")
             # Spliced into JSON unescaped: node base64 never holds a quote or backslash.
             if type(data) is not str or '"' in data or "\\" in data:
-                self._metrics.inc("twilio_bad_agent_audio")
+                self._metrics.inc(names.TWILIO_BAD_AGENT_AUDIO)
                 return
             await self.ws.send_str(self._media_prefix + data + '"}}')
         elif kind == Out.MARK:
@@ -259,13 +266,13 @@ class TwilioLink:
             await self.ws.send_str(self._clear)
         else:
             # Twilio has no use for text, metrics, ready, errors...: they stay here.
-            self._metrics.inc("twilio_frames_not_forwarded")
+            self._metrics.inc(names.TWILIO_FRAMES_NOT_FORWARDED)
             if kind == Out.ERROR:
                 fields = {"call_id": self.call_id, "frame": raw[:200]}
                 log.info("node error on a Twilio call", extra={"fields": fields})
 
     async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
-        self._metrics.inc(f"twilio_refused_{code.value}")
+        self._metrics.inc(names.twilio_refused(code.value))
         log.info(
             "frame refused on a Twilio call",
             extra={"fields": {"call_id": self.call_id, "code": code.value, "message": message}},
