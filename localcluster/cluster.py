@@ -90,11 +90,16 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         force_embedded: bool = False,
         log_dir: Path | None = None,
+        redis_cluster: bool = False,
+        nats_cluster: bool = False,
     ) -> None:
         self.n_nodes = nodes
         self._router_port = router_port
         self._extra_env = env or {}
         self._force_embedded = force_embedded
+        # Clustered backends (localcluster.server_clusters) instead of one server each.
+        self._redis_cluster = redis_cluster
+        self._nats_cluster = nats_cluster
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_dir = log_dir
         self.backends: EmbeddedBackends | None = None
@@ -133,7 +138,11 @@ class LocalCluster:
             self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-logs-")
             self.log_dir = Path(self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.backends = EmbeddedBackends(force_embedded=self._force_embedded).__enter__()
+        self.backends = EmbeddedBackends(
+            force_embedded=self._force_embedded,
+            redis_cluster=self._redis_cluster,
+            nats_cluster=self._nats_cluster,
+        ).__enter__()
         self._env = {
             **os.environ,
             **self._extra_env,
@@ -141,6 +150,9 @@ class LocalCluster:
             "NATS_URL": self.backends.nats_url,
             "PYTHONUNBUFFERED": "1",
         }
+        if self._nats_cluster:
+            # One copy of each stream per server: losing one loses nothing.
+            self._env.setdefault("CALLMESH_JETSTREAM_REPLICAS", "3")
         port = self._router_port or free_port()
         self.router = Proc(
             "router",

@@ -22,6 +22,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from localcluster.server_clusters import NatsClusterServers, RedisClusterServers
 
 from callmesh import settings
 from callmesh.settings.table import UP
@@ -178,30 +182,56 @@ def nats_server(data_dir: Path, port: int | None = None) -> ManagedServer:
 
 
 class EmbeddedBackends:
-    """Context manager: Redis + NATS for a local cluster, honouring REDIS_URL / NATS_URL."""
+    """Context manager: Redis + NATS for a local cluster, honouring REDIS_URL / NATS_URL.
 
-    def __init__(self, env: dict[str, str] | None = None, *, force_embedded: bool = False) -> None:
+    ``redis_cluster`` / ``nats_cluster`` start clustered servers instead (three Valkey
+    masters with a replica each; three NATS servers with JetStream), for the cluster-mode
+    tests and chaos runs; they are then in :attr:`redis_nodes` / :attr:`nats_nodes`.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        force_embedded: bool = False,
+        redis_cluster: bool = False,
+        nats_cluster: bool = False,
+    ) -> None:
         self._env = dict(os.environ if env is None else env)
         self._force = force_embedded
+        self._redis_cluster = redis_cluster
+        self._nats_cluster = nats_cluster
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.redis: ManagedServer | None = None
         self.nats: ManagedServer | None = None
+        self.redis_nodes: RedisClusterServers | None = None
+        self.nats_nodes: NatsClusterServers | None = None
         self.redis_url = ""
         self.nats_url = ""
 
     def __enter__(self) -> EmbeddedBackends:
+        from localcluster.server_clusters import nats_cluster, redis_cluster
+
         self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-")
         root = Path(self._tmp.name)
         try:
             # Forced (tests): embedded servers whatever the environment says.
             urls = {} if self._force else self._urls_given()
-            if "redis_url" in urls:
+            if self._redis_cluster:
+                self.redis_nodes = redis_cluster(root)
+                self.redis_nodes.start()
+                self.redis_url = self.redis_nodes.url
+            elif "redis_url" in urls:
                 self.redis_url = urls["redis_url"]
             else:
                 self.redis = redis_server(root)
                 self.redis.start()
                 self.redis_url = self.redis.url
-            if "nats_url" in urls:
+            if self._nats_cluster:
+                self.nats_nodes = nats_cluster(root)
+                self.nats_nodes.start()
+                self.nats_url = self.nats_nodes.url
+            elif "nats_url" in urls:
                 self.nats_url = urls["nats_url"]
             else:
                 self.nats = nats_server(root)
@@ -217,7 +247,7 @@ class EmbeddedBackends:
         return {key: values[key] for key in values if values.given(key)}
 
     def __exit__(self, *exc: object) -> None:
-        for server in (self.nats, self.redis):
+        for server in (self.nats, self.redis, self.nats_nodes, self.redis_nodes):
             if server is not None:
                 server.stop()
         if self._tmp is not None:

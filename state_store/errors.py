@@ -20,6 +20,17 @@ class StoreUnavailable(StateStoreError):
     retryable = True
 
 
+class NotReplicated(StoreUnavailable):
+    """A checkpoint was written on the master but fewer replicas than required confirmed
+    it in time (``WAIT``). It must not be acknowledged yet: a failover now could lose it.
+    Writing it again later is safe (same epoch, same CAS)."""
+
+    def __init__(self, key: str, wanted: int, got: int) -> None:
+        super().__init__(f"{key}: {got} of {wanted} replicas confirmed the write")
+        self.wanted = wanted
+        self.got = got
+
+
 class FencedOut(StateStoreError):
     """A newer owner took the call: this node's epoch is stale and it must drop the call."""
 
@@ -35,10 +46,29 @@ class CorruptState(StateStoreError):
 
 @contextlib.contextmanager
 def translate() -> Iterator[None]:
-    """Turn redis-py's errors into ours."""
+    """Turn redis-py's errors into ours. On a Redis Cluster, a shard without a master
+    (CLUSTERDOWN, MASTERDOWN, TRYAGAIN, a slot nobody serves yet) is an outage like any
+    other: the same write succeeds once a replica has been promoted."""
     try:
         yield
-    except (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError) as exc:
+    except (
+        redis_exc.ConnectionError,
+        redis_exc.TimeoutError,
+        redis_exc.ClusterDownError,
+        redis_exc.TryAgainError,
+        redis_exc.SlotNotCoveredError,
+        # A master that was failed over and came back as a replica, before the client
+        # re-read the slot map.
+        redis_exc.ReadOnlyError,
+        OSError,
+    ) as exc:
         raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
-    except redis_exc.RedisError as exc:
+    except (redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
         raise StateStoreError(str(exc)) from exc
+    except RuntimeError as exc:
+        # uvloop raises RuntimeError, not OSError, for a write to a closed transport, and
+        # redis-py passes it on: a cluster client re-reading its slot map closes the
+        # connections of commands still in flight. That is a lost connection.
+        if "closed" not in str(exc):
+            raise
+        raise StoreUnavailable(str(exc)) from exc
