@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from redis import exceptions as redis_exc
@@ -65,10 +66,20 @@ def translate() -> Iterator[None]:
         raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
     except (redis_exc.RedisError, redis_exc.RedisClusterException) as exc:
         raise StateStoreError(str(exc)) from exc
-    except RuntimeError as exc:
-        # uvloop raises RuntimeError, not OSError, for a write to a closed transport, and
-        # redis-py passes it on: a cluster client re-reading its slot map closes the
-        # connections of commands still in flight. That is a lost connection.
-        if "closed" not in str(exc):
+    except (RuntimeError, AttributeError) as exc:
+        if not _torn_down(exc):
             raise
-        raise StoreUnavailable(str(exc)) from exc
+        raise StoreUnavailable(f"connection torn down: {exc}") from exc
+
+
+def _torn_down(exc: BaseException) -> bool:
+    """A cluster client re-reading its slot map closes the connections of commands still
+    in flight; redis-py then fails in them with uvloop's RuntimeError (a write to a closed
+    transport) or an AttributeError (its writer already None), not a ConnectionError.
+    Both raised inside redis-py's connection code are a lost connection."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    in_redis = f"{os.sep}redis{os.sep}" in where
+    return in_redis or (isinstance(exc, RuntimeError) and "closed" in str(exc))
