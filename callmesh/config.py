@@ -168,6 +168,10 @@ class NodeConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     working_memory_turns: int = 8
     checkpoint_ttl_s: int = 24 * 3600
+    # Replicas confirming a checkpoint before its turn is acknowledged (-1: by backend),
+    # and how long to wait for them (state_store.store.Durability).
+    checkpoint_replicas: int = _node("checkpoint_replicas")
+    checkpoint_wait_ms: int = _node("checkpoint_wait_ms")
     # SIGTERM: how long live calls get to reach a turn boundary and be handed off.
     drain_timeout_s: float = _node("drain_timeout_s")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)

@@ -46,13 +46,14 @@ from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, N
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.providers.registry import Providers, ProviderSettings, build_providers
 from conversation_node.session import CallDropped, CallSession, CallState
+from events.connection import server_urls
 from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
 from memory.history import RedisHistoryStore
 from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore, NodeState
-from state_store.store import StateStore
+from state_store.store import Durability, StateStore
 
 log = logging.getLogger("callmesh.node")
 
@@ -80,6 +81,7 @@ class ConversationNode:
         self._heartbeat: Heartbeat | None = None
         self._nc: NATS | None = None
         self._redis: Any = None
+        self._beat_redis: Any = None
         self._closed = False
 
     @property
@@ -95,8 +97,12 @@ class ConversationNode:
     async def start(self) -> None:
         cfg = self.config
         self._redis = redis_connect(cfg.backends.redis_url)
+        # The heartbeat has a client of its own: on a Redis Cluster, a shard failing over
+        # makes a client re-read its slot map, stalling and resetting every command in
+        # flight on it; a node must not look dead because another shard failed over.
+        self._beat_redis = redis_connect(cfg.backends.redis_url)
         self._nc = await nats.connect(
-            cfg.backends.nats_url,
+            server_urls(cfg.backends.nats_url),
             name=cfg.node_id,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,
@@ -129,14 +135,25 @@ class ConversationNode:
         )
         self._services = NodeServices(
             config=cfg,
-            store=StateStore(self._redis, ttl_s=cfg.checkpoint_ttl_s),
+            store=StateStore(
+                self._redis,
+                ttl_s=cfg.checkpoint_ttl_s,
+                durability=Durability.for_url(
+                    cfg.backends.redis_url,
+                    cfg.checkpoint_replicas,
+                    cfg.checkpoint_wait_ms,
+                ),
+            ),
             publisher=OutboxPublisher(js),
             pipeline=pipeline,
             memory=memory,
             stt=providers.stt,
         )
         self._heartbeat = Heartbeat(
-            MembershipStore(self._redis), cfg, lambda: len(self.sessions), self.services.metrics
+            MembershipStore(self._beat_redis),
+            cfg,
+            lambda: len(self.sessions),
+            self.services.metrics,
         )
         await self._heartbeat.beat_once()
         self._heartbeat.start()
@@ -194,8 +211,9 @@ class ConversationNode:
             if not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._nc.close())
-        if self._redis is not None:
-            await asyncio.shield(self._redis.aclose())
+        for client in (self._redis, self._beat_redis):
+            if client is not None:
+                await asyncio.shield(client.aclose())
 
     # ------------------------------------------------------------------ HTTP
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from callmesh.settings import flags as settings_flags
 from callmesh.settings import mask_url
 from callmesh.settings.table import REPLAY, WORKER
+from events.connection import server_urls
 from events.errors import EventsError
 from events.replay import build_report, list_calls, read_records
 from events.replay_text import format_text
@@ -135,7 +136,7 @@ async def run_effects_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"callmesh effects-worker: {exc}", file=sys.stderr)
         return 2
-    nc = await nats.connect(args.nats_url, name=args.name, max_reconnect_attempts=-1)
+    nc = await nats.connect(server_urls(args.nats_url), name=args.name, max_reconnect_attempts=-1)
     try:
         js = nc.jetstream()
         await ensure_streams(js, args.events_max_age_s)
@@ -177,7 +178,9 @@ async def run_replay(args: argparse.Namespace) -> int:
         print("callmesh replay: tenant and CALL_ID must match [A-Za-z0-9_-]{1,64}", file=sys.stderr)
         return EXIT_NOT_FOUND
     try:
-        nc = await nats.connect(args.nats_url, max_reconnect_attempts=2, connect_timeout=3)
+        nc = await nats.connect(
+            server_urls(args.nats_url), max_reconnect_attempts=2, connect_timeout=3
+        )
     except Exception as exc:
         print(f"callmesh replay: NATS unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -26,6 +26,7 @@ from callmesh.redaction import default_redactor
 from events import subjects
 from events.errors import EventsError, translate
 from events.eventlog import EventType, encode, encode_for_log, record
+from events.outbox import publish_deduplicated
 from events.sinks import Effect, Sink, SinkRejected, SinkRetryable
 from events.worker_config import WorkerConfig
 
@@ -216,12 +217,12 @@ class Delivery:
             **extra,
         )
         try:
-            with translate():
-                await self._js.publish(
-                    subjects.call_events(effect.tenant, effect.call_id),
-                    encode_for_log(rec),
-                    headers={"Nats-Msg-Id": f"{effect.id}:delivery"},
-                )
+            await publish_deduplicated(
+                self._js,
+                subjects.call_events(effect.tenant, effect.call_id),
+                encode_for_log(rec),
+                f"{effect.id}:delivery",
+            )
         except EventsError as exc:
             # The delivery itself happened; losing its log line must not cause a re-delivery.
             log.warning("%s: could not log delivery of %s: %s", self._name, effect.id, exc)

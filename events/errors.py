@@ -32,6 +32,8 @@ def translate() -> Iterator[None]:
         nats_errors.ConnectionClosedError,
         nats_errors.OutboundBufferLimitError,
         js_errors.ServiceUnavailableError,
+        # No stream leader answered: on a cluster, one is being elected after a server died.
+        js_errors.NoStreamResponseError,
         OSError,
     ) as exc:
         raise EventsUnavailable(str(exc) or type(exc).__name__) from exc

@@ -1,4 +1,13 @@
-"""JetStream stream definitions: created (or updated) idempotently at process start."""
+"""JetStream stream definitions: created (or updated) idempotently at process start.
+
+Durability is two settings: the streams' replicas (``CALLMESH_JETSTREAM_REPLICAS``) and the
+NATS servers' ``jetstream { sync_interval }``. A publish is acknowledged once a quorum of
+replicas has the message in its page cache, so with 3 replicas a server process dying loses
+nothing acknowledged; the fsync interval only matters when machines lose power together.
+Operators who run all servers in one failure domain set ``sync_interval: always`` (every
+message fsynced before the ack, at a cost in publish latency); NATS's 2-minute default is
+right for servers spread across zones.
+"""
 
 from __future__ import annotations
 
@@ -62,9 +71,12 @@ def stream_configs(
     ]
 
 
-async def ensure_streams(js: JetStreamContext, events_max_age_s: float = 7 * 24 * 3600) -> None:
-    """Create every stream, or update its config if it exists (many processes race here)."""
-    for cfg in stream_configs(events_max_age_s):
+async def ensure_streams(
+    js: JetStreamContext, events_max_age_s: float = 7 * 24 * 3600, *, replicas: int | None = None
+) -> None:
+    """Create every stream, or update its config if it exists (many processes race here;
+    an update may also change the replicas, which JetStream applies in place)."""
+    for cfg in stream_configs(events_max_age_s, replicas):
         try:
             await js.add_stream(cfg)
         except BadRequestError:

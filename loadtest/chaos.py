@@ -12,6 +12,12 @@ most calls. Every caller keeps talking; the report scores what the callers exper
   twice; ``duplicate_effects``: bookings applied twice at JetStream (per call);
 - ``context_lost``: affected calls whose first reply after failover lacks the caller's name,
   which they gave before the failure.
+
+Backends: ``--redis-cluster`` / ``--nats-cluster`` run on clustered backends (3 Valkey
+masters + 3 replicas; 3 NATS servers, streams at R3). At the same moment as the node,
+``--kill-redis-master`` SIGKILLs the Valkey master holding most calls' state (restarted once
+its replica is promoted, as Kubernetes would, so it rejoins as a replica) and
+``--kill-nats`` SIGKILLs one NATS server. The scoring is the same.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import json
 import random
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -32,12 +39,14 @@ import nats
 
 from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
+from events.connection import server_urls
 from loadtest.callers import NAMES, script
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
 from loadtest.stats import percentiles, run_meta, write_report
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
+from state_store import keys
 
 
 def add_parser(sub: Any) -> None:
@@ -51,6 +60,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--think", type=float, default=1.0, help="mean pause between turns, s")
     p.add_argument("--latency-scale", type=float, default=1.0)
     p.add_argument("--tts-chunk-ms", type=int, default=500)
+    p.add_argument("--redis-cluster", action="store_true", help="Valkey cluster, 3+3")
+    p.add_argument("--nats-cluster", action="store_true", help="3 NATS servers, R3 streams")
+    p.add_argument("--kill-redis-master", action="store_true", help="needs --redis-cluster")
+    p.add_argument("--kill-nats", action="store_true", help="needs --nats-cluster")
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
     add_progress_flag(p)
@@ -79,6 +92,8 @@ class Chaos:
         self.kill_at: float | None = None
         self.victims: list[Proc] = []
         self.timeline = Timeline()
+        self.backend_victims: list[str] = []
+        self.call_ids: list[str] = []
 
     async def caller(self, call_id: str, seed: int) -> ChaosCall:
         rng = random.Random(seed)
@@ -123,6 +138,8 @@ class Chaos:
             victim.signal(sig)
             kind = "kill" if self.args.kill else "drain"
             self.timeline.fault(kind, victim.name, sig.name, at=self.kill_at)
+        for name in await asyncio.to_thread(self.strike_backends):
+            self.timeline.fault("kill", name, "SIGKILL", at=self.kill_at)
         # A drained node's exit marks the end of its drain on the report's time line.
         draining = list(self.victims) if self.args.drain else []
         while draining:
@@ -132,8 +149,29 @@ class Chaos:
                 code = v.popen.returncode if v.popen else None
                 self.timeline.fault("exited", v.name, f"exit code {code}")
 
+    def strike_backends(self) -> list[str]:
+        """Kill what --kill-nats / --kill-redis-master name; their names."""
+        backends = self.cluster.backends
+        if backends is None:
+            return []
+        killed = []
+        if self.args.kill_nats and backends.nats_nodes is not None:
+            backends.nats_nodes.servers[0].stop(signal.SIGKILL)
+            killed.append(backends.nats_nodes.servers[0].name)
+        if self.args.kill_redis_master and backends.redis_nodes is not None:
+            servers = backends.redis_nodes
+            masters = [servers.master_of(keys.checkpoint("demo", c)) for c in self.call_ids]
+            master = max(masters, key=masters.count)
+            master.stop(signal.SIGKILL)
+            killed.append(master.name)
+            servers.wait_promoted(master)
+            master.start()
+        self.backend_victims = killed
+        return killed
+
     async def run(self) -> list[ChaosCall]:
         prefix = uuid.uuid4().hex[:6]
+        self.call_ids = [f"chaos-{prefix}-{i}" for i in range(self.args.calls)]
         striker = asyncio.create_task(self.strike(), name="chaos-strike")
         show = progress_wanted(self.args.no_progress)
         try:
@@ -141,7 +179,7 @@ class Chaos:
                 self.timeline, "chaos", total_turns=self.total_turns, enabled=show
             ):
                 calls = await asyncio.gather(
-                    *(self.caller(f"chaos-{prefix}-{i}", i) for i in range(self.args.calls))
+                    *(self.caller(call_id, i) for i, call_id in enumerate(self.call_ids))
                 )
         finally:
             if not striker.done():
@@ -191,7 +229,7 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
 
 async def count_effects(nats_url: str) -> tuple[int, int]:
     """(bookings stored, bookings beyond one per call) in the effects stream."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(server_urls(nats_url))
     try:
         js = nc.jetstream()
         info = await js.stream_info(subjects.EFFECTS_STREAM)
@@ -216,7 +254,17 @@ def main(args: argparse.Namespace) -> int:
         "CALLMESH_TTS_CHUNK_MS": str(args.tts_chunk_ms),
         "CALLMESH_LOG_LEVEL": "WARNING",
     }
-    with LocalCluster(nodes=args.nodes, env=env) as cluster:
+    if (args.kill_redis_master and not args.redis_cluster) or (
+        args.kill_nats and not args.nats_cluster
+    ):
+        print(
+            "loadtest chaos: --kill-redis-master needs --redis-cluster, --kill-nats needs "
+            "--nats-cluster",
+            file=sys.stderr,
+        )
+        return 2
+    clustered = {"redis_cluster": args.redis_cluster, "nats_cluster": args.nats_cluster}
+    with LocalCluster(nodes=args.nodes, env=env, **clustered) as cluster:
 
         async def go() -> dict[str, Any]:
             chaos = Chaos(args, cluster)
@@ -230,6 +278,8 @@ def main(args: argparse.Namespace) -> int:
                 "calls": len(calls),
                 "nodes": args.nodes,
                 "victims": sorted(victims),
+                "backends": {k: v for k, v in clustered.items() if v} or "single",
+                "backend_victims": chaos.backend_victims,
                 "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
                 "turns": sum(len(c.replies) for c in calls),
             }

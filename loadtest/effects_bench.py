@@ -138,12 +138,23 @@ def run_scenario(scenario: EffectsScenario, *, log_dir: Path | None = None) -> d
     # force_embedded: the benchmark never touches the machine's own Redis or NATS.
     with ExitStack() as stack:
         cluster = stack.enter_context(
-            LocalCluster(nodes=scenario.nodes, env=env, force_embedded=True, log_dir=log_dir)
+            LocalCluster(
+                nodes=scenario.nodes,
+                env=env,
+                force_embedded=True,
+                log_dir=log_dir,
+                redis_cluster=scenario.redis_cluster,
+                nats_cluster=scenario.nats_cluster,
+            )
         )
         logs = cluster.log_dir
         if logs is None:
             raise RuntimeError("the local cluster has no log directory")
         proc_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if scenario.nats_cluster:
+            # The workers create the streams too: with the nodes' replicas, or they would
+            # scale them back down.
+            proc_env["CALLMESH_JETSTREAM_REPLICAS"] = "3"
         crm_port = free_port()
         crm = Proc(
             "fake-crm",

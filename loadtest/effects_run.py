@@ -22,6 +22,7 @@ import nats
 from tqdm import tqdm
 
 from events import subjects
+from events.connection import server_urls
 from loadtest.callers import BOOKING, CallResult, scripted_call
 from loadtest.effects_audit import Booking, Ledger, expected_keys, read_ledger, score
 from localcluster.cluster import LocalCluster, Proc
@@ -49,6 +50,9 @@ class EffectsScenario:
     tts_chunk_ms: int = 500
     settle_timeout_s: float = 120.0
     seed: int = 0
+    # Clustered backends (3 Valkey masters + 3 replicas; 3 NATS servers, streams at R3).
+    redis_cluster: bool = False
+    nats_cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.calls < 1 or self.nodes < 2 or self.workers < 1:
@@ -186,7 +190,7 @@ class EffectsRun:
         """Poll the witnesses until every expected effect is applied and the consumer is
         idle (so no late redelivery can still double-apply one), or the timeout."""
         start = time.monotonic()
-        nc = await nats.connect(self.cluster.nats_url)
+        nc = await nats.connect(server_urls(self.cluster.nats_url))
         try:
             js = nc.jetstream()
             while True:

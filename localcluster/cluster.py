@@ -20,8 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localcluster.backends import EmbeddedBackends
 from localcluster.devcontrol import KILL_SIGNAL, DevControl, new_secret
-from localcluster.servers import EmbeddedBackends, ServerError, die_with_parent, free_port
+from localcluster.servers import ServerError, die_with_parent, free_port
 
 
 @dataclass
@@ -93,11 +94,16 @@ class LocalCluster:
         force_embedded: bool = False,
         log_dir: Path | None = None,
         dev: bool = False,
+        redis_cluster: bool = False,
+        nats_cluster: bool = False,
     ) -> None:
         self.n_nodes = nodes
         self._router_port = router_port
         self._extra_env = env or {}
         self._force_embedded = force_embedded
+        # Clustered backends (localcluster.server_clusters) instead of one server each.
+        self._redis_cluster = redis_cluster
+        self._nats_cluster = nats_cluster
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_dir = log_dir
         self.backends: EmbeddedBackends | None = None
@@ -146,7 +152,11 @@ class LocalCluster:
             self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-logs-")
             self.log_dir = Path(self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.backends = EmbeddedBackends(force_embedded=self._force_embedded).__enter__()
+        self.backends = EmbeddedBackends(
+            force_embedded=self._force_embedded,
+            redis_cluster=self._redis_cluster,
+            nats_cluster=self._nats_cluster,
+        ).__enter__()
         self._env = {
             **os.environ,
             **self._extra_env,
@@ -154,6 +164,9 @@ class LocalCluster:
             "NATS_URL": self.backends.nats_url,
             "PYTHONUNBUFFERED": "1",
         }
+        if self._nats_cluster:
+            # One copy of each stream per server: losing one loses nothing.
+            self._env.setdefault("CALLMESH_JETSTREAM_REPLICAS", "3")
         self._router_env = dict(self._env)
         if self.dev:
             self.dev_control = DevControl(new_secret(), self._kill_node).__enter__()

@@ -11,20 +11,15 @@ process that dies with its parent.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from callmesh import settings
-from callmesh.settings.table import UP
 
 MIN_NATS = (2, 10)
 MIN_REDIS = (6, 2)
@@ -175,51 +170,3 @@ def nats_server(data_dir: Path, port: int | None = None) -> ManagedServer:
     port = port or free_port()
     argv = [find_nats(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir / "js")]
     return ManagedServer("nats", argv, port, f"nats://127.0.0.1:{port}", data_dir)
-
-
-class EmbeddedBackends:
-    """Context manager: Redis + NATS for a local cluster, honouring REDIS_URL / NATS_URL."""
-
-    def __init__(self, env: dict[str, str] | None = None, *, force_embedded: bool = False) -> None:
-        self._env = dict(os.environ if env is None else env)
-        self._force = force_embedded
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.redis: ManagedServer | None = None
-        self.nats: ManagedServer | None = None
-        self.redis_url = ""
-        self.nats_url = ""
-
-    def __enter__(self) -> EmbeddedBackends:
-        self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-")
-        root = Path(self._tmp.name)
-        try:
-            # Forced (tests): embedded servers whatever the environment says.
-            urls = {} if self._force else self._urls_given()
-            if "redis_url" in urls:
-                self.redis_url = urls["redis_url"]
-            else:
-                self.redis = redis_server(root)
-                self.redis.start()
-                self.redis_url = self.redis.url
-            if "nats_url" in urls:
-                self.nats_url = urls["nats_url"]
-            else:
-                self.nats = nats_server(root)
-                self.nats.start()
-                self.nats_url = self.nats.url
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _urls_given(self) -> dict[str, str]:
-        values = settings.load(UP, self._env, only=("redis_url", "nats_url"))
-        return {key: values[key] for key in values if values.given(key)}
-
-    def __exit__(self, *exc: object) -> None:
-        for server in (self.nats, self.redis):
-            if server is not None:
-                server.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None

@@ -1,20 +1,66 @@
-"""The one place a Redis connection is configured."""
+"""The one place a Redis connection is configured: one server, or a Redis Cluster.
+
+A cluster is named by a ``redis+cluster://`` URL listing some of its nodes (any reachable
+one is enough to discover the rest; listing several survives one being down at start)::
+
+    redis+cluster://10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379
+    rediss+cluster://user:secret@redis-0.redis:6379,redis-1.redis:6379   (TLS)
+
+Everything else (``redis://``, ``rediss://``, ``unix://``) is one server. Callers get a
+:data:`RedisClient` either way; the stores only use commands and scripts whose keys share
+one hash slot (state_store/keys.py), so both clients run the same code.
+"""
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 # Enough for hundreds of concurrent call operations per process; past it, callers wait
 # (up to the timeout) for a free connection instead of failing with "Too many connections".
 MAX_CONNECTIONS = 128
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
-def connect(url: str, *, timeout_s: float = 1.0) -> Redis:
+RedisClient = Redis | RedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool]:
+    """(host, port) of every node listed in a cluster URL, username, password, TLS."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a redis+cluster:// URL: {parts.scheme}://...")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster node must be host:port, got {item!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return (
+        nodes,
+        unquote(user) or None,
+        unquote(password) or None,
+        parts.scheme.startswith("rediss"),
+    )
+
+
+def connect(url: str, *, timeout_s: float = 1.0) -> RedisClient:
     """A client with short timeouts: a call must notice an unreachable Redis in about a
     second and go on from memory, not hang on the default 5 s socket timeout. Retries are
     left to the callers, who know whether an operation is safe to repeat."""
+    if is_cluster_url(url):
+        return _connect_cluster(url, timeout_s)
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
@@ -25,6 +71,36 @@ def connect(url: str, *, timeout_s: float = 1.0) -> Redis:
         health_check_interval=0,
     )
     return Redis.from_pool(pool)  # the client owns the pool and closes it with itself
+
+
+def _connect_cluster(url: str, timeout_s: float) -> RedisCluster:
+    nodes, user, password, tls = cluster_nodes(url)
+    # One immediate retry, after re-reading the slot map: after a failover, or a master
+    # restarting, pooled connections to the old process fail on first use although the
+    # shard is serving again. Every state store operation is safe to repeat (writes are
+    # compare-and-set on the epoch; taking a call twice only skips an epoch number).
+    # While a shard has no master yet, the retry fails at once too and the caller's own
+    # backoff takes over. MOVED redirects are followed regardless: they are not failures.
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        username=user,
+        password=password,
+        ssl=tls,
+        # Per node, and not a blocking pool: past it a command fails (StoreUnavailable,
+        # retried by the caller) instead of waiting, so leave more room than one server.
+        max_connections=4 * MAX_CONNECTIONS,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        # Other shards keep serving while one master is being failed over.
+        require_full_coverage=False,
+        health_check_interval=0,
+        # Valkey has no CLIENT MAINT_NOTIFICATIONS: redis-py would try it on every new
+        # connection (a wasted round trip, and during a slot-map refresh it races the
+        # connection being reset and fails with an AttributeError instead of a
+        # ConnectionError).
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
 
 
 def as_bytes(value: bytes | str) -> bytes:

@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 
 import msgpack
-from redis.asyncio import Redis
 
 from state_store import keys
-from state_store.client import as_bytes
+from state_store.client import RedisClient, as_bytes
 from state_store.errors import translate
 
 
@@ -45,7 +44,7 @@ class NodeRecord:
 
 
 class MembershipStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
     async def publish(self, record: NodeRecord) -> None:

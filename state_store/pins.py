@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-
 from state_store import keys
-from state_store.client import as_bytes
+from state_store.client import RedisClient, as_bytes
 from state_store.errors import translate
 
 # KEYS: pin  ARGV: node.  Deletes the pin only if it still names that node.
@@ -16,7 +14,7 @@ return 0
 
 
 class PinStore:
-    def __init__(self, redis: Redis, *, ttl_s: int = 6 * 3600) -> None:
+    def __init__(self, redis: RedisClient, *, ttl_s: int = 6 * 3600) -> None:
         self._redis = redis
         self._ttl_s = ttl_s
         self._clear_if = redis.register_script(_CLEAR_IF)

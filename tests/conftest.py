@@ -11,8 +11,9 @@ import pytest
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
 
-from localcluster.servers import EmbeddedBackends
-from state_store.client import connect
+from localcluster.backends import EmbeddedBackends
+from state_store.client import RedisClient, connect
+from tests.backend_modes import CLUSTERED, MODES, SINGLE, cluster_kwargs
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +53,35 @@ async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
         yield ctx
     finally:
         await nc.drain()
+
+
+@pytest.fixture
+def backend_mode(request: pytest.FixtureRequest) -> str:
+    """``single`` unless a test opts into both with ``tests.backend_modes.both_backends``."""
+    return str(getattr(request, "param", SINGLE))
+
+
+@pytest.fixture(scope="session")
+def clustered_backends() -> Iterator[EmbeddedBackends]:
+    """A Valkey cluster (3 masters + 3 replicas) and a 3-server NATS cluster, shared by the
+    tests that kill none of their servers (the others start their own)."""
+    with EmbeddedBackends(**cluster_kwargs(CLUSTERED)) as b:
+        yield b
+
+
+@pytest.fixture(params=MODES)
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
+    """An empty Redis: one server, then a Redis Cluster (a test using it runs on both)."""
+    if request.param == SINGLE:
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = request.getfixturevalue("clustered_backends").redis_url
+    client = connect(url)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The whole cluster as real processes: router + two nodes over real WebSockets, with
-real Redis and NATS JetStream, holding concurrent multi-turn calls."""
+real Redis and NATS JetStream, holding concurrent multi-turn calls; once on single servers,
+once on a Redis Cluster and a NATS cluster."""
 
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ import pytest
 
 from callmesh_client.client import CallClient, CallError
 from events import subjects
+from events.connection import server_urls
 from localcluster.cluster import LocalCluster
 from state_store.client import connect
 from state_store.store import StateStore
+from tests.backend_modes import MODES, cluster_kwargs
 from tests.cluster_helpers import BOOKING_SCRIPT, eventually, run_call
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module", params=MODES)
+def cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     with LocalCluster(
-        nodes=2, force_embedded=True, env={"CALLMESH_SIM_LATENCY_SCALE": "0.05"}
+        nodes=2,
+        force_embedded=True,
+        env={"CALLMESH_SIM_LATENCY_SCALE": "0.05"},
+        **cluster_kwargs(request.param),
     ) as c:
         yield c
 
@@ -55,7 +61,7 @@ async def test_concurrent_calls_checkpoint_and_publish(cluster: LocalCluster) ->
     assert ckpt.working[0][0] == 0 and "Brightsmile" in ckpt.working[0][2]  # the greeting
     assert ckpt.outbox == []  # everything acknowledged by JetStream
 
-    nc = await nats.connect(cluster.nats_url)
+    nc = await nats.connect(server_urls(cluster.nats_url))
     try:
         js = nc.jetstream()
         effect = await js.get_last_msg(

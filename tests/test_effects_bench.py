@@ -1,7 +1,8 @@
 """The ``effects`` benchmark's scenario, small: real processes, a CRM outage, a node kill.
 
 The same function the benchmark runs (:func:`loadtest.effects_bench.run_scenario`), with
-ten calls and a two-second outage; no timing assertions, only the delivery targets.
+ten calls and a two-second outage; no timing assertions, only the delivery targets. Once
+on single servers, once on a Redis Cluster and a NATS cluster.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import pytest
 from loadtest.effects_audit import Booking, Ledger, score
 from loadtest.effects_bench import run_scenario
 from loadtest.effects_run import EffectsScenario
+from tests.backend_modes import MODES, cluster_kwargs
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_bookings_survive_a_crm_outage_and_a_node_kill_exactly_once() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_bookings_survive_a_crm_outage_and_a_node_kill_exactly_once(mode: str) -> None:
     scenario = EffectsScenario(
         calls=10,
         crm_outage_s=2.0,
@@ -23,6 +26,7 @@ def test_bookings_survive_a_crm_outage_and_a_node_kill_exactly_once() -> None:
         think_s=0.3,
         latency_scale=0.5,
         settle_timeout_s=60.0,
+        **cluster_kwargs(mode),
     )
     report = run_scenario(scenario)
     assert report["call_errors"] == 0, report["error_samples"]

@@ -1,5 +1,6 @@
 """Failover with real processes: SIGKILL, SIGSTOP (paused owner fenced out), drain (SIGTERM),
-scale-out without moving live calls, a second router, and a Redis outage."""
+scale-out without moving live calls, a second router, and a Redis outage. The first three
+also run on clustered backends (a Redis Cluster and a NATS cluster)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from callmesh_client.client import CallClient
 from localcluster.cluster import LocalCluster, Proc
 from state_store.client import connect
 from state_store.store import StateStore
+from tests.backend_modes import both_backends, cluster_kwargs
 from tests.cluster_helpers import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
+def cluster(backend_mode: str) -> Iterator[LocalCluster]:
     env = {"CALLMESH_SIM_LATENCY_SCALE": "0.5"}
-    with LocalCluster(nodes=3, force_embedded=True, env=env) as c:
+    kwargs = cluster_kwargs(backend_mode)
+    with LocalCluster(nodes=3, force_embedded=True, env=env, **kwargs) as c:
         yield c
 
 
@@ -37,6 +40,7 @@ async def _load(cluster: LocalCluster, call_id: str):  # type: ignore[no-untyped
         await redis.aclose()
 
 
+@both_backends
 async def test_sigkill_mid_call_keeps_context_and_answers_in_flight_turn_once(
     cluster: LocalCluster,
 ) -> None:
@@ -61,6 +65,7 @@ async def test_sigkill_mid_call_keeps_context_and_answers_in_flight_turn_once(
     assert ckpt is not None and ckpt.turn == 4 and ckpt.epoch == 2
 
 
+@both_backends
 async def test_paused_owner_is_fenced_out_when_it_wakes(cluster: LocalCluster) -> None:
     async with CallClient(cluster.router_url, "pause-1") as client:
         ready = await client.start("demo", "bob")
@@ -82,6 +87,7 @@ async def test_paused_owner_is_fenced_out_when_it_wakes(cluster: LocalCluster) -
     assert ckpt is not None and ckpt.node != owner.name and ckpt.turn == 3
 
 
+@both_backends
 async def test_drain_hands_calls_off_and_exits_cleanly(cluster: LocalCluster) -> None:
     clients = [CallClient(cluster.router_url, f"drain-{i}") for i in range(6)]
     for c in clients:

@@ -1,15 +1,21 @@
-"""Fenced ownership and checkpoints against a real Redis-compatible server."""
+"""Fenced ownership and checkpoints against a real Redis-compatible server, and against a
+Redis Cluster (3 masters + 3 replicas): every test runs on both."""
 
 from __future__ import annotations
 
 import pytest
-from redis.asyncio import Redis
 
 from state_store import keys
 from state_store.checkpoint import Checkpoint, OutboxEntry
+from state_store.client import RedisClient
 from state_store.errors import CorruptState, FencedOut
 from state_store.pins import PinStore
 from state_store.store import StateStore
+
+
+@pytest.fixture
+def redis(any_redis: RedisClient) -> RedisClient:
+    return any_redis
 
 
 def _ckpt(epoch: int, turn: int, node: str = "n1") -> Checkpoint:
@@ -26,7 +32,7 @@ def _ckpt(epoch: int, turn: int, node: str = "n1") -> Checkpoint:
     )
 
 
-async def test_take_ownership_increments_epoch_and_restores(redis: Redis) -> None:
+async def test_take_ownership_increments_epoch_and_restores(redis: RedisClient) -> None:
     store = StateStore(redis)
     epoch, ckpt = await store.take_ownership("acme", "c1", "n1")
     assert (epoch, ckpt) == (1, None)
@@ -38,7 +44,7 @@ async def test_take_ownership_increments_epoch_and_restores(redis: Redis) -> Non
     assert await store.owner("acme", "c1") == ("n2", 2)
 
 
-async def test_stale_owner_is_fenced_out_and_cannot_overwrite(redis: Redis) -> None:
+async def test_stale_owner_is_fenced_out_and_cannot_overwrite(redis: RedisClient) -> None:
     store = StateStore(redis)
     old, _ = await store.take_ownership("acme", "c1", "n1")
     await store.save(_ckpt(old, 1))
@@ -51,7 +57,7 @@ async def test_stale_owner_is_fenced_out_and_cannot_overwrite(redis: Redis) -> N
     assert saved is not None and saved.turn == 2 and saved.node == "n2"
 
 
-async def test_release_only_by_current_owner(redis: Redis) -> None:
+async def test_release_only_by_current_owner(redis: RedisClient) -> None:
     store = StateStore(redis)
     e1, _ = await store.take_ownership("acme", "c1", "n1")
     e2, _ = await store.take_ownership("acme", "c1", "n2")
@@ -66,20 +72,20 @@ async def test_keys_share_the_call_hash_tag_and_are_tenant_scoped() -> None:
     assert keys.checkpoint("t1", "c9") != keys.checkpoint("t2", "c9")
 
 
-async def test_tenants_do_not_see_each_others_calls(redis: Redis) -> None:
+async def test_tenants_do_not_see_each_others_calls(redis: RedisClient) -> None:
     store = StateStore(redis)
     epoch, _ = await store.take_ownership("acme", "c1", "n1")
     await store.save(_ckpt(epoch, 1))
     assert await store.load("other", "c1") is None
 
 
-async def test_corrupt_checkpoint_is_reported(redis: Redis) -> None:
+async def test_corrupt_checkpoint_is_reported(redis: RedisClient) -> None:
     await redis.set(keys.checkpoint("acme", "c1"), b"\xc1 not msgpack")
     with pytest.raises(CorruptState):
         await StateStore(redis).load("acme", "c1")
 
 
-async def test_pins_clear_only_if_unchanged(redis: Redis) -> None:
+async def test_pins_clear_only_if_unchanged(redis: RedisClient) -> None:
     pins = PinStore(redis)
     await pins.set("acme", "c1", "n1")
     await pins.set("acme", "c1", "n2")

@@ -63,9 +63,10 @@ SETTINGS: tuple[Setting, ...] = (
     # ------------------------------------------------------------------ backends
     Setting(
         "redis_url",
-        Url(("redis", "rediss", "unix")),
+        Url(("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")),
         "redis://127.0.0.1:6379/0",
-        "Redis-compatible server holding checkpoints, pins and membership "
+        "Redis-compatible server holding checkpoints, pins and membership; a Redis Cluster "
+        "as redis+cluster://HOST:PORT,HOST:PORT,... (any reachable node finds the rest) "
         "(callmesh up: unset starts an embedded server)",
         (ROUTER, NODE, REPLAY, UP),
         _BACKENDS,
@@ -77,7 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
         "nats_url",
         Url(("nats", "tls")),
         "nats://127.0.0.1:4222",
-        "NATS server with JetStream for the event log and side effects "
+        "NATS server with JetStream for the event log and side effects; a cluster as all "
+        "its servers' URLs, comma-separated, so clients reconnect to another when one dies "
         "(callmesh up: unset starts an embedded server)",
         (ROUTER, NODE, WORKER, REPLAY, UP),
         _BACKENDS,
@@ -105,6 +107,27 @@ SETTINGS: tuple[Setting, ...] = (
         (NODE, WORKER),
         _BACKENDS,
         env="CALLMESH_JETSTREAM_REPLICAS",
+    ),
+    Setting(
+        "checkpoint_replicas",
+        Number(int, ge=-1, le=5),
+        -1,
+        "Redis replicas that must confirm a checkpoint (WAIT) before its turn is "
+        "acknowledged, so a master failover cannot lose it; -1: 1 on a Redis Cluster, 0 on "
+        "one server",
+        (NODE,),
+        _BACKENDS,
+        env="CALLMESH_CHECKPOINT_REPLICAS",
+    ),
+    Setting(
+        "checkpoint_wait_ms",
+        Number(int, gt=0),
+        200,
+        "how long a checkpoint waits for those replicas; past it the turn stays "
+        "unacknowledged and the write is retried (ms)",
+        (NODE,),
+        _BACKENDS,
+        env="CALLMESH_CHECKPOINT_WAIT_MS",
     ),
     # ------------------------------------------------------------------ membership, links
     Setting(
