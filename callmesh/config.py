@@ -126,6 +126,8 @@ class RouterConfig:
     # devcontrol.py). `callmesh up` sets both; a deployment sets neither.
     dev_secret: str = field(default=_router("dev_secret"), repr=False)
     dev_control_url: str = _router("dev_control_url")
+    # On SIGTERM: how long callers get to move to another router before the router exits.
+    router_drain_s: float = _router("router_drain_s")
 
     def __post_init__(self) -> None:
         settings.check_fields(self, ROUTER)

@@ -46,7 +46,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         await router.start()
         gc_tuning.tune(router.metrics, config.gc_gen0_threshold)
         try:
-            await serve(router.app(), config.host, config.port)
+            await serve(router.app(), config.host, config.port, on_signal=router.drain)
         finally:
             await router.aclose()
 

@@ -4,10 +4,19 @@ Routes:
 - ``GET /v1/calls/{call_id}`` (WebSocket): the native call protocol (docs/protocol.md);
 - ``GET /v1/twilio/media`` (WebSocket): Twilio Media Streams (``router.twilio``);
 - ``POST /v1/twilio/voice``: Twilio's voice webhook, answered with TwiML
-  (``router.twilio_webhook``);
-- ``GET /healthz``, ``GET /v1/status`` (nodes and live calls, JSON), ``GET /metrics``;
+  (``router.twilio_webhook``), and ``POST /v1/twilio/action``: the ``<Connect action>``
+  Twilio requests when a stream ends, answered with a new stream or ``<Hangup/>``;
+- ``GET /healthz`` (200; 503 while draining), ``GET /v1/status`` (nodes and live calls,
+  JSON), ``GET /metrics``;
 - ``/console``: the browser console and call inspector (``router.console``).
 Any other path answers 404 with a JSON error body.
+
+Drain (SIGTERM, :meth:`Router.drain`): new connections are refused (503) and /healthz says
+503 so the load balancer stops sending any; every native caller gets ``{"type":
+"reconnect","reason":"router_draining"}`` and a close with 4012, and every Twilio stream is
+ended, whose ``<Connect action>`` then opens a new stream through another router. The node
+keeps each call (its checkpoint and pin are in Redis) until the caller is back. The router
+exits once its calls are gone, or after ``router_drain_s`` at most.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from aiohttp import web
 
 from callmesh import metric_names as names
 from callmesh.config import RouterConfig
-from callmesh.protocol import CloseCode, Out, valid_id
+from callmesh.protocol import CloseCode, Out, encode, valid_id
 from callmesh.telemetry import Metrics
 from router.console import Console
 from router.links import ClientLink, NativeLink
@@ -33,11 +42,12 @@ from router.placement import Placement, http_health_probe
 from router.proxy import CallLimits, ProxySession
 from router.ring import BoundedLoadRing, NoNodeAvailable
 from router.twilio import TwilioLink
-from router.twilio_webhook import MEDIA_PATH, VOICE_PATH, voice_webhook
+from router.twilio_webhook import ACTION_PATH, MEDIA_PATH, VOICE_PATH, action_webhook, voice_webhook
 from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
 from state_store.pins import PinStore
+from state_store.store import StateStore
 
 log = logging.getLogger("callmesh.router")
 
@@ -45,6 +55,8 @@ log = logging.getLogger("callmesh.router")
 # with no message for this long is dead; checked by one sweep instead of a WebSocket
 # heartbeat, whose per-message timer reset costs more than the rest of the frame's path.
 TWILIO_IDLE_S = 10.0
+# The frame that asks a native caller to reconnect through another router (then 4012).
+RECONNECT_FRAME = encode({"type": Out.RECONNECT.value, "reason": "router_draining"})
 
 
 class Router:
@@ -64,6 +76,9 @@ class Router:
         self._placement: Placement | None = None
         self._node_links: NodeLinks | None = None
         self.calls: dict[tuple[str, str], ProxySession] = {}
+        self.draining = False
+        self._calls_gone = asyncio.Event()  # set when a drain has no call left
+        self._store: StateStore | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -96,6 +111,7 @@ class Router:
     async def start(self) -> None:
         self._redis = redis_connect(self.config.backends.redis_url)
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
+        self._store = StateStore(self._redis)
         self._membership.on_dead(self._node_dead)
         # Health checks and the node links (one multiplexed WebSocket per node).
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -113,6 +129,36 @@ class Router:
         self._membership.start()
         self._spawn(self._close_idle_twilio_streams(), "twilio-idle-sweep")
         log.info("router started", extra={"fields": {"router": self.config.router_id}})
+
+    async def drain(self) -> None:
+        """Ask every caller to move to another router; return once they are gone or after
+        ``router_drain_s``. New connections are refused from now on."""
+        self.draining = True
+        sessions = list(self.calls.values())
+        log.info("router draining", extra={"fields": {"calls": len(sessions)}})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.router_drain_s):
+                await asyncio.gather(
+                    *(self._move(s.link) for s in sessions), return_exceptions=True
+                )
+                if self.calls:
+                    await self._calls_gone.wait()
+        if self.calls:
+            log.warning("drain bound reached", extra={"fields": {"calls": len(self.calls)}})
+
+    async def _move(self, link: ClientLink) -> None:
+        """Send one caller elsewhere: a native client is told to reconnect (4012); a Twilio
+        stream is ended, and Twilio requests the ``<Connect action>``, which gets a new
+        stream through another router (this one answers 503 now)."""
+        self.metrics.inc(names.ROUTER_DRAIN_MOVED)
+        if link.closed:
+            return
+        if isinstance(link, TwilioLink):
+            await link.close(CloseCode.NORMAL, b"router_draining")
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await link.send(Out.RECONNECT.value, RECONNECT_FRAME)
+        await link.close(CloseCode.ROUTER_DRAINING, b"router_draining")
 
     async def aclose(self) -> None:
         sessions = list(self.calls.values())
@@ -166,6 +212,7 @@ class Router:
         app.router.add_get("/v1/calls/{call_id}", self.call)
         app.router.add_get(MEDIA_PATH, self.twilio_media)
         app.router.add_post(VOICE_PATH, self.twilio_voice)
+        app.router.add_post(ACTION_PATH, self.twilio_action)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.metrics_endpoint)
@@ -177,6 +224,7 @@ class Router:
         call_id = request.match_info["call_id"]
         if not valid_id(call_id):
             raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
+        self._refuse_if_draining()
         # The hard cap closes with 1009; frames between the limit and the cap get an error
         # frame and the call goes on.
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
@@ -188,19 +236,36 @@ class Router:
     async def twilio_media(self, request: web.Request) -> web.StreamResponse:
         # Twilio does not negotiate compression; refusing it keeps 50 frames/s cheap.
         # No heartbeat: see TWILIO_IDLE_S.
+        self._refuse_if_draining()
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
         await ws.prepare(request)
         self.metrics.inc(names.TWILIO_STREAMS_ACCEPTED)
         return await self._serve(ws, TwilioLink(ws, self.metrics, self.config.max_frame_bytes))
 
     async def twilio_voice(self, request: web.Request) -> web.Response:
+        self._refuse_if_draining()
         return await voice_webhook(request, self.config, self.metrics)
+
+    async def twilio_action(self, request: web.Request) -> web.Response:
+        # A draining router still answers the action of a stream it just ended: the TwiML
+        # names the stream URL of the public base, which the load balancer sends elsewhere.
+        if self._store is None:
+            raise RuntimeError("router not started")
+        return await action_webhook(request, self.config, self.metrics, self._store)
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            self.metrics.inc(names.ROUTER_DRAIN_REFUSED)
+            raise web.HTTPServiceUnavailable(reason="router draining: use another router")
 
     async def _serve(self, ws: web.WebSocketResponse, link: ClientLink) -> web.WebSocketResponse:
         session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
         key: tuple[str, str] | None = None
         try:
             if not await session.wait_start():
+                return ws
+            if self.draining:
+                await self._move(link)
                 return ws
             key = (session.tenant, session.call_id)
             old = self.calls.get(key)
@@ -212,12 +277,16 @@ class Router:
         finally:
             if key is not None and self.calls.get(key) is session:
                 del self.calls[key]
+                if self.draining and not self.calls:
+                    self._calls_gone.set()
             if not ws.closed:
                 await ws.close()
         return ws
 
     async def healthz(self, request: web.Request) -> web.Response:
         ok = self.membership.redis_ok
+        if self.draining:
+            return web.json_response({"status": "draining", "redis": ok}, status=503)
         return web.json_response({"status": "ok" if ok else "degraded", "redis": ok})
 
     async def status(self, request: web.Request) -> web.Response:
@@ -235,6 +304,7 @@ class Router:
         return web.json_response(
             {
                 "router": self.config.router_id,
+                "draining": self.draining,
                 "redis": self.membership.redis_ok,
                 "calls": len(self.calls),
                 "nodes": nodes,

@@ -4,7 +4,11 @@ Inbound, every Twilio event becomes (at most) one native frame with a router-ass
 strictly increasing ``seq``: ``start`` → ``start`` (call id = ``callSid``, tenant and
 caller from ``customParameters``, audio mulaw/8000), ``media`` → ``audio`` (the base64
 payload is forwarded as is, never decoded), ``mark`` → ``mark``, ``dtmf`` → ``dtmf``,
-``stop`` → ``hangup``. Outbound, only what Twilio understands is sent: ``agent_audio`` →
+``stop`` → ``hangup``. A stream that replaces a lost one (the ``<Connect action>`` of
+``router.twilio_webhook``) carries a ``seq_base`` parameter, the answering router's clock in
+µs: its frames are numbered above it, so above every frame an earlier stream of the call
+sent (50 a second is far below a million), and the node, which skips what it already
+applied, takes them. Outbound, only what Twilio understands is sent: ``agent_audio`` →
 ``media``, ``mark`` → ``mark``, ``clear`` → ``clear``; the rest is counted and dropped.
 
 A malformed Twilio message is counted, logged and skipped; it never ends the call. A
@@ -58,6 +62,8 @@ _MEDIA = re.compile(
 _ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _PHONE = re.compile(r"[+\d\s().-]+")
 _NON_DIGITS = re.compile(r"\D")
+# Up to 10^17: within the native protocol's seq bound with room for a long call.
+_SEQ_BASE = re.compile(r"[0-9]{1,17}")
 
 
 def caller_id(value: object) -> str:
@@ -220,6 +226,9 @@ class TwilioLink:
             raise _Refused(f"mediaFormat must be {TWILIO_ENCODING}, 8000 Hz, mono; got {fmt!r}")
         self.call_id, self.stream_sid = str(call_sid), str(stream_sid)
         self._started = True
+        base = params.get("seq_base")
+        if type(base) is str and _SEQ_BASE.fullmatch(base):
+            self._seq = int(base)
         self._media_prefix = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
         self._clear = encode({"event": "clear", "streamSid": stream_sid})
         return self._frame(

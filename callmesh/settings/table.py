@@ -207,6 +207,18 @@ SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_MAX_UNACKED_AUDIO_MS",
     ),
     Setting(
+        "router_drain_s",
+        Number(float, ge=0, le=300),
+        10.0,
+        "on SIGTERM, how long the router waits for its callers to move to another router "
+        "after asking them to (native: reconnect frame and close 4012; Twilio: stream ended, "
+        "the <Connect action> opens a new one) before it exits (s)",
+        (ROUTER,),
+        _ROUTER,
+        env="CALLMESH_ROUTER_DRAIN_S",
+        flag="--drain-timeout",
+    ),
+    Setting(
         "public_url",
         Url(HTTP, empty_ok=True),
         "",
