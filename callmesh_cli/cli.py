@@ -1,6 +1,6 @@
 """The ``callmesh`` command: every process and tool of the cluster.
 
-callmesh up [--nodes 2] [--port 8080]   run a local cluster in the foreground
+callmesh up [--nodes 2] [--routers 1] [--port 8080]   run a local cluster in the foreground
 callmesh router | node                   run one process
 callmesh call [--router URL]             an interactive text-mode caller
 callmesh status [--router URL] [--json]  nodes and their live calls
@@ -85,12 +85,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print("callmesh: starting Redis, NATS, a router and", args.nodes, "nodes ...", flush=True)
+    print(
+        f"callmesh: starting Redis, NATS, {args.routers} router(s) and",
+        args.nodes,
+        "nodes ...",
+        flush=True,
+    )
     # Development mode: console tokens and the console's kill button (localcluster/devcontrol.py).
-    with LocalCluster(nodes=args.nodes, router_port=args.port, dev=True) as cluster:
+    with LocalCluster(
+        nodes=args.nodes, routers=args.routers, router_port=args.port, dev=True
+    ) as cluster:
         print(
             f"\n  console    {cluster.console_url}   (open it in a browser and talk)\n"
-            f"  router     {cluster.router_url}"
+            f"  router     {', '.join(cluster.router_urls)}"
             f"   (WebSocket: {cluster.router_url.replace('http', 'ws')}/v1/calls/CALL_ID)\n"
             f"  redis      {mask_url(cluster.redis_url)}\n"
             f"  nats       {mask_url(cluster.nats_url)}\n"
@@ -102,7 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop["sig"]:
-            for p in [cluster.router, *cluster.nodes]:
+            for p in [cluster.router, *cluster.routers, *cluster.nodes]:
                 if p is not None and p.popen is not None and p.popen.poll() is not None:
                     print(
                         f"callmesh: {p.name} exited with {p.popen.returncode}; see {p.log_path}",

@@ -3,6 +3,15 @@
 It numbers inbound frames (``seq``), assembles each turn's reply from ``agent_text``
 frames, honours ``clear`` (drops what it had of that turn) and keeps the evidence the
 chaos benchmark scores: duplicate reply frames and the time every frame arrived.
+
+When its router goes away (killed: the connection drops; draining: a ``reconnect`` frame
+and close 4012) it reconnects to the next router of its list (:mod:`.reconnect`) and
+resumes: ``start`` again, with the call's resume secret (``ready.resume``) when it has one
+and ``delivered_turn`` (the last turn whose reply it received whole, so the node says a
+committed but undelivered reply again); the new ``ready.last_seq`` tells which of its frames
+the node never applied, and those are sent again with new numbers after it. Reply frames
+of an unfinished turn that arrive again after a resume are dropped if identical, or
+replace the turn if the node said something else: a resumed caller hears each reply once.
 """
 
 from __future__ import annotations
@@ -11,12 +20,18 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from callmesh.protocol import In, Out
+from callmesh_client.reconnect import ReconnectPolicy, RouterList, should_reconnect
+
+# Frames kept for a resend after a reconnect (the text client sends a few per turn).
+MAX_UNAPPLIED_FRAMES = 256
+DEFAULT_RECONNECT = ReconnectPolicy()
 
 
 class CallError(Exception):
@@ -60,15 +75,27 @@ class _Turn:
 
 
 class CallClient:
-    def __init__(self, router_url: str, call_id: str, *, timeout_s: float = 30.0) -> None:
-        self.router_url = router_url.rstrip("/")
+    def __init__(
+        self,
+        router_url: str | Sequence[str],
+        call_id: str,
+        *,
+        timeout_s: float = 30.0,
+        reconnect: ReconnectPolicy | None = DEFAULT_RECONNECT,
+    ) -> None:
+        urls = [router_url] if isinstance(router_url, str) else list(router_url)
+        self.routers = RouterList([u.rstrip("/") for u in urls])
         self.call_id = call_id
         self.timeout_s = timeout_s
+        self.reconnect_policy = reconnect
         self.seq = 0
         self.ready: dict[str, Any] | None = None
         self.duplicates = 0
         self.errors: list[dict[str, Any]] = []
         self.ended = False
+        self.reconnects = 0  # successful resumes through a new connection
+        self.replayed_frames = 0  # reply frames received again after a resume, dropped
+        self.close_code: int | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._turns: dict[int, _Turn] = {}
@@ -80,17 +107,33 @@ class CallClient:
         self._last_done_turn = 0
         # Turn 0 is the agent's greeting, spoken before the caller says anything.
         self.greeting = ""
+        # What a resume needs: the start's fields, the secret, frames not known applied.
+        self._start_fields: dict[str, Any] | None = None
+        self._resume_secret: str | None = None
+        self._unapplied: list[dict[str, Any]] = []
+        self._resuming = False
+        self._resume_ready = False
+        self._resumed_turns: set[int] = set()
+
+    @property
+    def router_url(self) -> str:
+        return self.routers.url
 
     async def __aenter__(self) -> CallClient:
-        ws_url = self.router_url.replace("http://", "ws://").replace("https://", "wss://")
         self._session = aiohttp.ClientSession()
         try:
-            self._ws = await self._session.ws_connect(f"{ws_url}/v1/calls/{self.call_id}")
+            self._ws = await self._connect(self.routers.url)
         except BaseException:
             await self._session.close()
             raise
-        self._reader = asyncio.create_task(self._read(), name=f"call-client:{self.call_id}")
+        self._reader = asyncio.create_task(self._run(), name=f"call-client:{self.call_id}")
         return self
+
+    async def _connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        if self._session is None:
+            raise RuntimeError("not open")
+        ws_url = url.replace("http://", "ws://").replace("https://", "wss://")
+        return await self._session.ws_connect(f"{ws_url}/v1/calls/{self.call_id}")
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -108,10 +151,19 @@ class CallClient:
             self._session = None
 
     async def send(self, msg: dict[str, Any]) -> int:
-        if self._ws is None:
+        """Number and send one frame; while reconnecting it waits for the resume."""
+        if self._session is None:
             raise RuntimeError("not connected")
         self.seq += 1
-        await self._ws.send_str(json.dumps({**msg, "seq": self.seq}))
+        frame = {**msg, "seq": self.seq}
+        if msg.get("type") != In.START.value:
+            self._unapplied.append(frame)
+            del self._unapplied[:-MAX_UNAPPLIED_FRAMES]
+        ws = self._ws
+        if ws is not None and not ws.closed and not self._resuming:
+            # A frame lost with a dying connection is sent again after the resume.
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(json.dumps(frame))
         return self.seq
 
     async def send_raw(self, data: str) -> None:
@@ -120,7 +172,8 @@ class CallClient:
         await self._ws.send_str(data)
 
     async def start(self, tenant: str, caller: str = "anonymous") -> dict[str, Any]:
-        await self.send({"type": In.START.value, "tenant": tenant, "caller": caller})
+        self._start_fields = {"type": In.START.value, "tenant": tenant, "caller": caller}
+        await self.send(self._start_fields)
         await asyncio.wait_for(self._ready_evt.wait(), self.timeout_s)
         if self.ready is None:
             raise CallError(self.errors[-1] if self.errors else {"code": "closed"})
@@ -161,6 +214,34 @@ class CallClient:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended_evt.wait(), self.timeout_s)
 
+    async def _run(self) -> None:
+        """Read frames; when the connection ends while the call goes on, reconnect and
+        resume (bounded by the policy), then read on."""
+        try:
+            while True:
+                await self._read()
+                if not self._wants_reconnect():
+                    return
+                if not await self._reconnect():
+                    self.errors.append(
+                        {"type": "error", "code": "closed", "message": "could not reconnect"}
+                    )
+                    return
+        finally:
+            self._ready_evt.set()
+            self._ended_evt.set()
+            self._done.put_nowait(
+                {"type": Out.ERROR.value, "code": "closed", "message": "connection closed"}
+            )
+
+    def _wants_reconnect(self) -> bool:
+        return (
+            self.reconnect_policy is not None
+            and self.ready is not None
+            and not self.ended
+            and should_reconnect(self.close_code)
+        )
+
     async def _read(self) -> None:
         ws = self._ws
         if ws is None:
@@ -170,27 +251,87 @@ class CallClient:
                 if msg.type is not aiohttp.WSMsgType.TEXT:
                     break
                 self._on_frame(json.loads(msg.data))
-        finally:
-            self._ready_evt.set()
-            self._ended_evt.set()
-            self._done.put_nowait(
-                {"type": Out.ERROR.value, "code": "closed", "message": "connection closed"}
-            )
+                if self._resume_ready:
+                    await self._resend()
+        except (aiohttp.ClientError, ConnectionError):
+            pass  # a lost connection: the close code stays None and we reconnect
+        self.close_code = ws.close_code
+
+    async def _reconnect(self) -> bool:
+        """Another connection, through the next router, and a resuming ``start``."""
+        policy = self.reconnect_policy
+        if policy is None or self._start_fields is None:
+            return False
+        deadline = time.monotonic() + policy.give_up_after_s
+        self._resuming = True
+        # Turns whose reply is unfinished: their frames may come again.
+        self._resumed_turns = {t for t in self._turns if t > self._last_done_turn}
+        attempt = 0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(policy.delay(attempt, self.routers.rng))
+            attempt += 1
+            url = self.routers.advance()
+            try:
+                ws = await asyncio.wait_for(self._connect(url), self.timeout_s)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                continue
+            old, self._ws = self._ws, ws
+            if old is not None:
+                await asyncio.shield(old.close())
+            start = {**self._start_fields, "delivered_turn": self._last_done_turn}
+            if self._resume_secret:
+                start["resume"] = self._resume_secret
+            self.seq += 1
+            try:
+                await ws.send_str(json.dumps({**start, "seq": self.seq}))
+            except (ConnectionError, RuntimeError):
+                continue
+            return True
+        return False
+
+    async def _resend(self) -> None:
+        """After the resuming ``ready``: frames the node never applied, renumbered."""
+        self._resume_ready = False
+        last_seq = int((self.ready or {}).get("last_seq", 0))
+        pending = [f for f in self._unapplied if f["seq"] > last_seq]
+        self._unapplied = []
+        self._resuming = False
+        self.reconnects += 1
+        for frame in pending:
+            await self.send({k: v for k, v in frame.items() if k != "seq"})
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         now = time.monotonic()
         if kind == Out.READY.value:
             self.ready = frame
+            secret = frame.get("resume")
+            if isinstance(secret, str) and secret:
+                self._resume_secret = secret  # rotated on every (re)connect
             # Resuming a live call from a new connection: continue after what was applied.
             self.seq = max(self.seq, int(frame.get("last_seq", 0)))
+            if self._resuming:
+                self._resume_ready = True
+            else:
+                self._unapplied = [f for f in self._unapplied if f["seq"] > self.seq]
             self._ready_evt.set()
+        elif kind == Out.RECONNECT.value:
+            pass  # the close (4012) follows; the reader reconnects then
         elif kind == Out.AGENT_TEXT.value:
-            t = self._turns.setdefault(int(frame["turn"]), _Turn())
+            turn = int(frame["turn"])
+            t = self._turns.setdefault(turn, _Turn())
             n = int(frame["n"])
+            text = str(frame["text"])
             if n in t.texts:
-                self.duplicates += 1
-            t.texts[n] = str(frame["text"])
+                if turn not in self._resumed_turns:
+                    self.duplicates += 1
+                elif t.texts[n] == text:
+                    self.replayed_frames += 1  # said again after the resume: heard already
+                    return
+                else:
+                    # The node answered the resumed turn differently: the new reply wins.
+                    t = self._turns[turn] = _Turn(cleared=True)
+            t.texts[n] = text
             t.first_text_at = t.first_text_at or now
             t.frame_times.append(now)
         elif kind == Out.AGENT_AUDIO.value:
@@ -218,3 +359,6 @@ class CallClient:
         elif kind == Out.CALL_ENDED.value:
             self.ended = True
             self._ended_evt.set()
+        if kind == Out.TURN_METRICS.value:
+            # A completed turn: its frames (and all before) were applied by the node.
+            self._resumed_turns.discard(int(frame["turn"]))

@@ -1,4 +1,4 @@
-"""A local cluster of real processes: Redis + NATS, one router, N conversation nodes.
+"""A local cluster of real processes: Redis + NATS, N routers, M conversation nodes.
 
 Used by ``callmesh up``, the cluster tests and the load/chaos benchmarks, so all three run
 exactly the same processes. Children are started in their own session (a Ctrl-C reaches
@@ -82,6 +82,15 @@ def _get_json(url: str, timeout: float = 0.5) -> dict[str, object] | None:
         return None
 
 
+def _alive_nodes(status: dict[str, object] | None) -> set[str]:
+    nodes = status.get("nodes") if status is not None else None
+    return {
+        str(n["node"])
+        for n in (nodes if isinstance(nodes, list) else [])
+        if isinstance(n, dict) and n.get("alive") and n.get("state") == "active"
+    }
+
+
 class LocalCluster:
     """``with LocalCluster(nodes=2) as c: c.router_url ...``"""
 
@@ -89,6 +98,7 @@ class LocalCluster:
         self,
         nodes: int = 2,
         *,
+        routers: int = 1,
         router_port: int | None = None,
         env: dict[str, str] | None = None,
         force_embedded: bool = False,
@@ -98,6 +108,7 @@ class LocalCluster:
         nats_cluster: bool = False,
     ) -> None:
         self.n_nodes = nodes
+        self.n_routers = routers
         self._router_port = router_port
         self._extra_env = env or {}
         self._force_embedded = force_embedded
@@ -109,7 +120,7 @@ class LocalCluster:
         self.backends: EmbeddedBackends | None = None
         self.router: Proc | None = None
         self.nodes: list[Proc] = []
-        self.routers: list[Proc] = []  # extra router instances
+        self.routers: list[Proc] = []  # router instances after the first
         self._env: dict[str, str] = {}
         # Development mode (callmesh up): the routers get a secret for console tokens and
         # the control that lets the console kill a node (localcluster/devcontrol.py).
@@ -127,6 +138,15 @@ class LocalCluster:
     @property
     def console_url(self) -> str:
         return f"{self.router_url}/console"
+
+    @property
+    def router_urls(self) -> list[str]:
+        """Every router, the first one first: what a client's router list holds."""
+        return [p.url for p in self.all_routers]
+
+    @property
+    def all_routers(self) -> list[Proc]:
+        return [p for p in [self.router, *self.routers] if p is not None]
 
     @property
     def redis_url(self) -> str:
@@ -181,6 +201,8 @@ class LocalCluster:
             self._router_env,
         )
         self.router.start()
+        for _ in range(self.n_routers - 1):
+            self.add_router(wait=False)
         for _ in range(self.n_nodes):
             self.add_node(wait=False)
         self.wait_ready()
@@ -223,7 +245,7 @@ class LocalCluster:
             self.wait_ready()
         return node
 
-    def add_router(self) -> Proc:
+    def add_router(self, *, wait: bool = True) -> Proc:
         """Another router instance on the same backends (routers share pins in Redis)."""
         port = free_port()
         index = len(self.routers) + 2
@@ -236,44 +258,35 @@ class LocalCluster:
         )
         proc.start()
         self.routers.append(proc)
-        deadline = time.monotonic() + 20
-        while _get_json(f"{proc.url}/healthz") is None:
-            if time.monotonic() > deadline or not proc.alive():
-                raise ServerError(f"{proc.name} did not start")
-            time.sleep(0.05)
+        if wait:
+            self.wait_ready()
         return proc
 
-    def status(self) -> dict[str, object] | None:
-        return _get_json(f"{self.router_url}/v1/status")
+    def status(self, router: Proc | None = None) -> dict[str, object] | None:
+        """A router's /v1/status: the given one, else the first live one."""
+        if router is None:
+            router = next((p for p in self.all_routers if p.alive()), self.router)
+        if router is None:
+            return None
+        return _get_json(f"{router.url}/v1/status")
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Until the router answers and sees every live node of ours as alive."""
+        """Until every live router answers and sees every live node of ours as alive."""
         deadline = time.monotonic() + timeout_s
         want = {n.name for n in self.nodes if n.alive()}
+        routers = [p for p in self.all_routers if p.alive()]
+        expected = want | {p.name for p in routers}
         while time.monotonic() < deadline:
-            for p in [self.router, *self.nodes]:
-                if (
-                    p is not None
-                    and p.popen is not None
-                    and p.popen.poll() is not None
-                    and p.name in (want | {"router"})
-                ):
+            for p in [*routers, *self.nodes]:
+                if p.popen is not None and p.popen.poll() is not None and p.name in expected:
                     tail = (
                         p.log_path.read_text(errors="replace")[-3000:]
                         if p.log_path.exists()
                         else ""
                     )
                     raise ServerError(f"{p.name} exited with {p.popen.returncode}:\n{tail}")
-            st = self.status()
-            if st is not None:
-                nodes = st.get("nodes")
-                alive = {
-                    str(n["node"])
-                    for n in (nodes if isinstance(nodes, list) else [])
-                    if isinstance(n, dict) and n.get("alive") and n.get("state") == "active"
-                }
-                if want <= alive:
-                    return
+            if all(want <= _alive_nodes(self.status(p)) for p in routers):
+                return
             time.sleep(0.05)
         raise ServerError(f"cluster not ready after {timeout_s}s; logs in {self.log_dir}")
 

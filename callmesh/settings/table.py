@@ -372,6 +372,15 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--nodes",
     ),
     Setting(
+        "routers",
+        Number(int, ge=1, le=16),
+        1,
+        "routers of the local cluster (the first on --port, the others on free ports)",
+        (UP,),
+        _TOOLS,
+        flag="--routers",
+    ),
+    Setting(
         "router",
         Url(HTTP),
         "http://127.0.0.1:8080",
