@@ -14,6 +14,14 @@ Used by the tests, the capacity benchmark and ``callmesh call --audio``. Like a 
   passes the audio before it, and ``clear`` empties the buffer and echoes pending marks
   at once (as Twilio does).
 
+When the router goes away mid-call the caller re-opens its stream and goes on: over Twilio
+as Twilio does (``phone``: :class:`~callmesh_client.twilio_phone.TwilioPhone` requests the
+``<Connect action>`` and opens the new stream it names), natively by reconnecting to the
+next router of ``routers`` with the call's resume secret and ``delivered_turn``. Like a person
+on a line that cut out, the simulated caller waits for the line to be back before it
+speaks, and says again from its start an utterance the drop cut off; what was playing is
+dropped with the old stream (Twilio discards a stream's buffer with it).
+
 ``say(text)`` returns when the reply has finished playing: playback drained and no new
 agent audio for ``quiet_ms`` (native: the reply's ``turn_metrics`` arrived and playback
 drained). ``response_ms`` is end of speech (last speech frame sent) → first agent audio.
@@ -26,6 +34,7 @@ import base64
 import contextlib
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +42,8 @@ import aiohttp
 
 from callmesh.audio.tones import silence, speech_from_text
 from callmesh.protocol import Out
+from callmesh_client.reconnect import ReconnectPolicy, RouterList, should_reconnect
+from callmesh_client.twilio_phone import TwilioPhone
 from callmesh_client.voice_playback import Playback
 from callmesh_client.voice_results import FRAME_BYTES, FRAME_MS, FRAME_S, SendStats, TurnResult
 from callmesh_client.voice_wire import (
@@ -78,8 +89,20 @@ class VoiceCaller:
         keep_audio: bool = False,
         twilio_parameters: dict[str, str] | None = None,
         timestamps: Literal["media", "sent"] = "media",
+        phone: TwilioPhone | None = None,
+        routers: Sequence[str] = (),
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         self.router_url = router_url.rstrip("/")
+        # Twilio through its webhook and <Connect action> (``phone``); natively, ``routers``
+        # (after ``router_url``) with ``reconnect``: how the call re-opens a lost stream.
+        self.phone = phone
+        self.routers = RouterList([self.router_url, *(r.rstrip("/") for r in routers)])
+        self.reconnect = reconnect
+        self.reopens = 0  # streams re-opened after a lost one
+        self.frames_in_gap = 0  # 20 ms frames due while no stream was open (not sent)
+        self.utterances_repeated = 0  # cut off by a lost stream, said again on the new one
+        self._stream_open = asyncio.Event()
         self.call_id = call_id
         self.transport = transport
         self.timeout_s = timeout_s
@@ -132,8 +155,12 @@ class VoiceCaller:
         ws_url = self.router_url.replace("http://", "ws://").replace("https://", "wss://")
         self._http = aiohttp.ClientSession()
         try:
-            # Twilio does not compress; neither does a caller that wants to be cheap.
-            self._ws = await self._http.ws_connect(ws_url + self.wire.path(), compress=0)
+            if self.phone is not None:
+                self._ws, self.wire = await self.phone.dial(self._http)
+            else:
+                # Twilio does not compress; neither does a caller that wants to be cheap.
+                self._ws = await self._http.ws_connect(ws_url + self.wire.path(), compress=0)
+            self._stream_open.set()
             now = time.monotonic()
             self._greeting = self._listening = _Utterance(TurnResult("", now, speech_end_at=now))
             self._control.extend(self.wire.opening())
@@ -206,6 +233,7 @@ class VoiceCaller:
             utt = _Utterance(TurnResult(text, time.monotonic()))
             if self._closed_evt.is_set():
                 raise ConnectionError("the call is over")
+            await asyncio.wait_for(self._stream_open.wait(), self.timeout_s)
             self._speech_done = done_speaking = asyncio.Event()
             self._speaking, self._speech, self._speech_pos = utt, speech_from_text(text), 0
             await asyncio.wait_for(done_speaking.wait(), self.timeout_s + len(text) * 0.1)
@@ -236,14 +264,12 @@ class VoiceCaller:
         self._speech_done.set()
 
     async def _send_loop(self) -> None:
-        ws = self._ws
-        if ws is None:
-            return
         t0 = time.monotonic()
         k = 0
-        try:
-            while True:
-                while self._control:
+        while not self._closed_evt.is_set():
+            ws = self._ws
+            try:
+                while self._control and ws is not None:
                     await ws.send_str(self._control.popleft())
                 if self._stopping:
                     return
@@ -254,34 +280,116 @@ class VoiceCaller:
                     continue
                 self.stats.record(now - due)
                 ts = int((now - t0) * 1000) if self._stamp_sent else k * FRAME_MS
-                await ws.send_str(self.wire.media(self._next_payload(now), ts))
                 k += 1
+                if ws is None or ws.closed or not self._stream_open.is_set():
+                    self.frames_in_gap += 1  # the line is down: the caller holds its speech
+                else:
+                    await ws.send_str(self.wire.media(self._next_payload(now), ts))
                 self._tick(now)
-        except (ConnectionError, RuntimeError):
-            pass
+            except (ConnectionError, RuntimeError):
+                if not self._can_reopen():
+                    return
+                await asyncio.sleep(FRAME_S)  # the reader re-opens the stream
 
     # ------------------------------------------------------------------ listening
 
     async def _read(self) -> None:
-        ws = self._ws
-        if ws is None:
-            return
         try:
-            async for msg in ws:
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    try:
-                        heard = self.wire.decode(msg.data)
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        self.errors.append({"code": "undecodable", "message": msg.data[:200]})
-                        continue
-                    self._on_heard(heard, time.monotonic())
+            while (ws := self._ws) is not None:
+                try:
+                    async for msg in ws:
+                        if msg.type is aiohttp.WSMsgType.TEXT:
+                            self._on_text(msg.data)
+                except (aiohttp.ClientError, ConnectionError):
+                    pass  # a lost stream, re-opened below when the call goes on
+                self.close_code = ws.close_code
+                self._stream_open.clear()
+                if not (self._can_reopen() and await self._reopen()):
+                    break
         finally:
-            self.close_code = ws.close_code
-            if self.transport == "twilio" and ws.close_code not in (None, 1000):
-                self.errors.append({"code": "closed", "close_code": ws.close_code})
+            ws_code = self.close_code
+            if self.transport == "twilio" and ws_code not in (None, 1000) and not self.ended:
+                self.errors.append({"code": "closed", "close_code": ws_code})
             self._closed_evt.set()
             self._ready_evt.set()
             self._finish_all()
+
+    def _on_text(self, data: str) -> None:
+        try:
+            heard = self.wire.decode(data)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.errors.append({"code": "undecodable", "message": data[:200]})
+            return
+        self._on_heard(heard, time.monotonic())
+
+    # ------------------------------------------------------------------ re-opening
+
+    def _can_reopen(self) -> bool:
+        if self.ended or self._stopping or self._closed_evt.is_set():
+            return False
+        if self.phone is not None:
+            return True
+        return (
+            self.transport == "native"
+            and self.reconnect is not None
+            and self.ready is not None
+            and should_reconnect(self.close_code)
+        )
+
+    async def _reopen(self) -> bool:
+        """A new stream for the call; False when there is none (the call is over)."""
+        http = self._http
+        if http is None:
+            return False
+        old = self._ws
+        try:
+            if self.phone is not None:
+                opened = await self.phone.after_stream(http)
+                if opened is None:
+                    self.ended = True  # the TwiML hung up: the call is over
+                    return False
+                ws, self.wire = opened
+            else:
+                redialed = await self._redial(http)
+                if redialed is None:
+                    return False
+                ws = redialed
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.errors.append({"code": "reopen_failed", "message": str(exc)[:200]})
+            return False
+        if old is not None:
+            await asyncio.shield(old.close())
+        # The old stream's queued marks and buffered audio went with it.
+        self._control.clear()
+        self.playback.clear(time.monotonic())
+        self._control.extend(self.wire.opening())
+        if self._speaking is not None and self._speech_pos > 0:
+            self._speech_pos = 0  # cut off mid-sentence: say it again from its start
+            self.utterances_repeated += 1
+        self._ws = ws
+        self.reopens += 1
+        self._stream_open.set()
+        return True
+
+    async def _redial(self, http: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse | None:
+        """Native: the next router that takes the connection, within the policy's bound."""
+        policy = self.reconnect
+        wire = self.wire
+        if policy is None or not isinstance(wire, NativeWire):
+            return None
+        wire.delivered_turn = max(self._completed_turns, default=0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.give_up_after_s
+        attempt = 0
+        while loop.time() < deadline:
+            await asyncio.sleep(policy.delay(attempt, self.routers.rng))
+            attempt += 1
+            url = self.routers.advance().replace("http://", "ws://").replace("https://", "wss://")
+            try:
+                return await http.ws_connect(url + wire.path(), compress=0)
+            except (aiohttp.ClientError, OSError):
+                continue
+        return None
 
     def _on_heard(self, heard: Heard, now: float) -> None:
         kind = heard.kind

@@ -149,6 +149,9 @@ class NativeWire:
         self.tenant = tenant
         self.caller = caller
         self.seq = 0
+        # What a resuming ``start`` carries (callmesh_client.reconnect).
+        self.resume_secret = ""
+        self.delivered_turn: int | None = None
 
     def path(self) -> str:
         return f"/v1/calls/{self.call_id}"
@@ -159,7 +162,14 @@ class NativeWire:
 
     def opening(self) -> list[str]:
         audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
-        return [self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio)]
+        resume: dict[str, Any] = {}
+        if self.delivered_turn is not None:
+            resume["delivered_turn"] = self.delivered_turn
+        if self.resume_secret:
+            resume["resume"] = self.resume_secret
+        return [
+            self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio, **resume)
+        ]
 
     def media(self, payload: str, ts_ms: int) -> str:
         self.seq += 1
@@ -186,4 +196,7 @@ class NativeWire:
         if kind == _READY:
             # Resuming a live call: continue after what the node applied.
             self.seq = max(self.seq, int(frame.get("last_seq", 0)))
+            secret = frame.get("resume")
+            if isinstance(secret, str):
+                self.resume_secret = secret  # rotated on every (re)connect
         return Heard(kind, turn, frame=frame)

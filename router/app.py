@@ -136,11 +136,18 @@ class Router:
         self.draining = True
         sessions = list(self.calls.values())
         log.info("router draining", extra={"fields": {"calls": len(sessions)}})
+        bound = self.config.router_drain_s
+        # Most of the bound for the moves (a Twilio stream waits for a pause in the agent's
+        # speech); the rest for callers to leave, streams still open then are ended anyway.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.router_drain_s):
-                await asyncio.gather(
-                    *(self._move(s.link) for s in sessions), return_exceptions=True
-                )
+            async with asyncio.timeout(bound * 0.8):
+                await asyncio.gather(*(self._move(s.link) for s in sessions))
+        for s in sessions:
+            if not s.link.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await s.link.close(CloseCode.NORMAL, b"router_draining")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound * 0.2):
                 if self.calls:
                     await self._calls_gone.wait()
         if self.calls:
@@ -151,14 +158,21 @@ class Router:
         stream is ended, and Twilio requests the ``<Connect action>``, which gets a new
         stream through another router (this one answers 503 now)."""
         self.metrics.inc(names.ROUTER_DRAIN_MOVED)
-        if link.closed:
-            return
-        if isinstance(link, TwilioLink):
-            await link.close(CloseCode.NORMAL, b"router_draining")
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await link.send(Out.RECONNECT.value, RECONNECT_FRAME)
-        await link.close(CloseCode.ROUTER_DRAINING, b"router_draining")
+        try:
+            if isinstance(link, TwilioLink):
+                # Twilio drops what it was playing with the stream: wait for a pause in the
+                # agent's speech (bounded by the drain, which cancels this wait).
+                # Polled: quiet() is a condition on time (no audio for a while).
+                while not link.closed and not link.quiet():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                if not link.closed:
+                    await link.close(CloseCode.NORMAL, b"router_draining")
+                return
+            if not link.closed:
+                await link.send(Out.RECONNECT.value, RECONNECT_FRAME)
+                await link.close(CloseCode.ROUTER_DRAINING, b"router_draining")
+        except (ConnectionError, RuntimeError):
+            pass  # the caller is gone already
 
     async def aclose(self) -> None:
         sessions = list(self.calls.values())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -99,6 +100,8 @@ class TwilioLink:
         self._stopped = False
         self._media_prefix = ""
         self._clear = ""
+        self._marks_out = 0  # marks sent and not yet echoed: audio still playing
+        self._last_agent_audio = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -176,6 +179,7 @@ class TwilioLink:
             name = mark.get("name") if type(mark) is dict else None
             if type(name) is not str or not 0 < len(name) <= MAX_MARK_NAME:
                 return self._malformed("mark without a name")
+            self._marks_out = max(0, self._marks_out - 1)
             return self._frame(In.MARK, name=name)
         if event == "dtmf":
             dtmf = msg.get("dtmf")
@@ -267,11 +271,14 @@ class TwilioLink:
                 self._metrics.inc(names.TWILIO_BAD_AGENT_AUDIO)
                 return
             await self.ws.send_str(self._media_prefix + data + '"}}')
+            self._last_agent_audio = time.monotonic()
         elif kind == Out.MARK:
+            self._marks_out += 1
             name = (frame if frame is not None else json.loads(raw)).get("name")
             msg = {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}
             await self.ws.send_str(encode(msg))
         elif kind == Out.CLEAR:
+            self._marks_out = 0  # Twilio echoes every pending mark at once
             await self.ws.send_str(self._clear)
         else:
             # Twilio has no use for text, metrics, ready, errors...: they stay here.
@@ -289,6 +296,11 @@ class TwilioLink:
 
     async def close(self, code: int, message: bytes = b"") -> None:
         await self.ws.close(code=code, message=message)
+
+    def quiet(self, settle_s: float = 0.3) -> bool:
+        """Nothing of the agent's is playing or on its way (every mark echoed, no audio for
+        ``settle_s``): ending the stream now, for a drain, cuts no reply short."""
+        return self._marks_out == 0 and time.monotonic() - self._last_agent_audio > settle_s
 
 
 def _timestamp(value: object) -> int | None:

@@ -1,0 +1,85 @@
+"""Router failover for Twilio calls, with real processes: Twilio (simulated as it documents
+``<Connect action>``: callmesh_client.twilio_phone) dials the voice webhook, streams the
+call, and when a router is SIGKILLed or drained the stream's end makes it request the
+action, whose TwiML opens a new stream through another router; the call goes on with its
+context, every utterance answered once. A call that ended gets ``<Hangup/>``."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from callmesh_client.twilio_phone import TwilioPhone, parse_twiml
+from callmesh_client.voice_client import VoiceCaller
+from localcluster.cluster import LocalCluster
+from state_store.client import connect
+from state_store.store import StateStore
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05", "CALLMESH_ROUTER_DRAIN_S": "10"}
+    with LocalCluster(nodes=2, routers=2, force_embedded=True, env=env) as c:
+        yield c
+
+
+async def _checkpoint(cluster: LocalCluster, call_id: str) -> Any:
+    redis = connect(cluster.redis_url)
+    try:
+        return await StateStore(redis).load("demo", call_id)
+    finally:
+        await redis.aclose()
+
+
+async def _action(cluster: LocalCluster, call_sid: str, router: int = 1) -> str:
+    url = f"{cluster.router_urls[router]}/v1/twilio/action?tenant=demo"
+    form = {"CallSid": call_sid, "From": "+14155550100", "CallStatus": "in-progress"}
+    async with aiohttp.ClientSession() as http, http.post(url, data=form) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+@pytest.mark.parametrize("how", ["kill", "drain"])
+async def test_twilio_call_survives_its_router(cluster: LocalCluster, how: str) -> None:
+    victim = cluster.router
+    assert victim is not None
+    call_sid = f"CArouter{how}"
+    phone = TwilioPhone(cluster.router_urls, call_sid, "demo")
+    async with VoiceCaller(victim.url, call_sid, "demo", phone=phone) as c:
+        await c.wait_greeting()
+        first = await c.say("Hi, my name is Priya")
+        victim.signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        second = await c.say("I need a cleaning")
+        third = await c.say("Tuesday please")
+        await c.hangup()
+    for reply in (first, second, third):
+        assert reply.response_ms is not None and reply.agent_audio_bytes > 0
+    assert c.reopens == 1 and phone.streams == 2
+    assert c.errors == []
+    ckpt = await _checkpoint(cluster, call_sid)
+    # Three utterances, three turns: none lost, none answered twice; the name survived.
+    assert (ckpt.turn, ckpt.status) == (3, "ended")
+    assert ckpt.facts["name"][0] == "Priya"
+    if how == "drain":
+        assert victim.popen is not None and victim.popen.wait(30) == 0
+    # The call is over: its action (were Twilio to ask) hangs up.
+    assert parse_twiml(await _action(cluster, call_sid)) is None
+
+
+async def test_action_of_a_live_call_opens_a_new_stream(cluster: LocalCluster) -> None:
+    phone = TwilioPhone(cluster.router_urls, "CAlive", "demo")
+    async with VoiceCaller(cluster.router_url, "CAlive", "demo", phone=phone) as c:
+        await c.wait_greeting()
+        connect_ = parse_twiml(await _action(cluster, "CAlive"))
+        assert connect_ is not None
+        assert connect_.stream_url.endswith("/v1/twilio/media")
+        assert connect_.action.endswith("/v1/twilio/action?tenant=demo")
+        assert connect_.parameters["tenant"] == "demo"
+        assert int(connect_.parameters["seq_base"]) > 0
+        await c.hangup()
