@@ -135,6 +135,29 @@ def test_node_grace_period_exceeds_its_drain_bound(overlay: tuple[str, list[Obj]
     assert live["periodSeconds"] * live["failureThreshold"] > grace
 
 
+def test_router_grace_period_exceeds_prestop_and_drain_bound(
+    overlay: tuple[str, list[Obj]],
+) -> None:
+    from callmesh.config import RouterConfig
+
+    _, objects = overlay
+    router = _one(objects, "Deployment", "callmesh-router")
+    spec = router["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    try:
+        drain = float(_flag(container["args"], "--drain-timeout"))
+    except AssertionError:
+        drain = RouterConfig().router_drain_s
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace = spec["terminationGracePeriodSeconds"]
+    # SIGTERM comes after the preStop; the HTTP server then needs its shutdown (2 s).
+    assert grace > float(pre_stop[1]) + drain + 2
+    # A draining router answers 503 on /healthz: liveness must not restart it mid-drain.
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > grace
+
+
 def test_effects_worker_grace_period_exceeds_its_drain_bound(
     overlay: tuple[str, list[Obj]],
 ) -> None:
