@@ -82,8 +82,10 @@ class TwilioPhone:
     auth_token: str = ""
     give_up_after_s: float = 30.0
     streams: int = 0  # streams opened (1 + every resume through the action)
+    stream_base: str = ""  # the router (base URL) the current stream goes through
     account_sid: str = field(default_factory=lambda: "AC" + uuid.uuid4().hex)
     _action: str = ""
+    _last_url: str = ""
 
     def _form(self) -> dict[str, str]:
         return {
@@ -118,6 +120,7 @@ class TwilioPhone:
         self._action = connect.action
         ws = await self._balanced(lambda u: http.ws_connect(u, compress=0), connect.stream_url)
         self.streams += 1
+        self.stream_base = _base(self._last_url)
         # The stream's own parameters, exactly as the TwiML gave them.
         return ws, TwilioWire(self.call_sid, self.tenant, self.caller, connect.parameters)
 
@@ -142,12 +145,21 @@ class TwilioPhone:
         while True:
             for candidate in candidates:
                 try:
-                    return await attempt(candidate)
+                    result = await attempt(candidate)
+                    self._last_url = candidate
+                    return result
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     last = exc
             if loop.time() > deadline:
                 raise last
             await asyncio.sleep(0.1)
+
+
+def _base(url: str) -> str:
+    """``http://host:port`` of a router URL (ws or http)."""
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme in ("https", "wss") else "http"
+    return f"{scheme}://{parts.netloc}"
 
 
 def _rebase(url: str, base: str) -> str:

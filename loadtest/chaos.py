@@ -40,6 +40,7 @@ import nats
 from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
 from events.connection import server_urls
+from loadtest import chaos_routers
 from loadtest.callers import NAMES, script
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
@@ -64,6 +65,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--nats-cluster", action="store_true", help="3 NATS servers, R3 streams")
     p.add_argument("--kill-redis-master", action="store_true", help="needs --redis-cluster")
     p.add_argument("--kill-nats", action="store_true", help="needs --nats-cluster")
+    chaos_routers.add_router_flags(p)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
     add_progress_flag(p)
@@ -246,8 +248,25 @@ async def count_effects(nats_url: str) -> tuple[int, int]:
         await nc.drain()
 
 
+async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, Any]:
+    timeline = Timeline()
+    t0 = time.monotonic()
+    show = progress_wanted(args.no_progress)
+    total = args.calls * args.turns
+    async with LiveProgress(timeline, "chaos", total_turns=total, enabled=show):
+        rep = {"scenario": "chaos", "nodes": args.nodes}
+        rep.update(await chaos_routers.run(args, cluster, timeline))
+    stored, duplicated = await count_effects(cluster.nats_url)
+    rep["effects_stored"] = stored
+    rep["duplicate_effects"] = duplicated
+    rep["elapsed_s"] = round(time.monotonic() - t0, 2)
+    rep.update(timeline.report())
+    return rep
+
+
 def main(args: argparse.Namespace) -> int:
-    if not (args.kill or args.drain):
+    routers_hit = chaos_routers.router_fault(args)
+    if not (args.kill or args.drain or routers_hit):
         args.kill = 1
     env = {
         "CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale),
@@ -264,9 +283,13 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     clustered = {"redis_cluster": args.redis_cluster, "nats_cluster": args.nats_cluster}
-    with LocalCluster(nodes=args.nodes, env=env, **clustered) as cluster:
+    if routers_hit:
+        env["CALLMESH_ROUTER_DRAIN_S"] = "20"
+    with LocalCluster(nodes=args.nodes, routers=args.routers, env=env, **clustered) as cluster:
 
         async def go() -> dict[str, Any]:
+            if routers_hit:
+                return await _router_chaos(args, cluster)
             chaos = Chaos(args, cluster)
             t0 = time.monotonic()
             calls = await chaos.run()

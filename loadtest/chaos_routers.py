@@ -1,0 +1,289 @@
+"""Router faults for ``loadtest chaos`` (``--routers N --kill-router K | --drain-router K``),
+for native and Twilio callers (``--transport``).
+
+Every caller knows several routers: a native caller its list of router URLs (each call
+starts on a different one), a Twilio caller the routers behind the 'load balancer' of its
+simulated Twilio (:class:`callmesh_client.twilio_phone.TwilioPhone`). When the fault comes,
+the routers serving the most calls are the victims; a call is *affected* when it was
+connected through a victim then and had not ended. Scoring, per affected call:
+
+- gap: from the later of the fault and the moment the caller's next utterance was over
+  (as it would have been without the fault) to the first reply after the fault. Native:
+  the first reply frame; Twilio: the first agent audio;
+- lost turns: utterances never answered; duplicate replies: native, reply frames received
+  twice; Twilio, turns the node took beyond the utterances spoken (from the checkpoint);
+- context lost: native, the first reply after the fault lacks the caller's name given
+  before it; Twilio, the call's checkpoint does not hold the name the caller gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from callmesh.audio.tones import speech_from_text
+from callmesh_client.client import CallClient, CallError
+from callmesh_client.reconnect import ReconnectPolicy
+from callmesh_client.twilio_phone import TwilioPhone
+from callmesh_client.voice_client import VoiceCaller, VoiceCallError
+from callmesh_client.voice_results import TurnResult
+from loadtest.callers import NAMES, script
+from loadtest.stats import percentiles
+from loadtest.timeline import Timeline
+from localcluster.cluster import LocalCluster, Proc
+from state_store.client import connect
+from state_store.store import StateStore
+
+SPEECH_BYTES_PER_S = 8000  # mu-law 8 kHz
+
+
+def add_router_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routers", type=int, default=1, help="routers of the local cluster")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--kill-router", type=int, default=0, help="SIGKILL this many routers")
+    group.add_argument(
+        "--drain-router", type=int, default=0, help="SIGTERM (drain) this many routers"
+    )
+    p.add_argument("--transport", choices=("native", "twilio"), default="native")
+
+
+def router_fault(args: argparse.Namespace) -> bool:
+    return bool(args.kill_router or args.drain_router)
+
+
+@dataclass
+class RouterCall:
+    call_id: str
+    name: str
+    sent: int = 0
+    answered: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+    ended_at: float | None = None
+    router: str = ""  # the router the call is connected through right now
+    router_at_fault: str = ""
+    # (utterance end as planned, first reply after it, reply text) per answered turn
+    turns: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+def _rotated(urls: list[str], i: int) -> list[str]:
+    k = i % len(urls)
+    return urls[k:] + urls[:k]
+
+
+class RouterChaos:
+    """Callers over several routers, and the router fault in the middle of them."""
+
+    def __init__(self, args: argparse.Namespace, cluster: LocalCluster, on_turn: Any) -> None:
+        self.args = args
+        self.cluster = cluster
+        self.on_turn = on_turn  # called after every answered turn (progress, trigger)
+        self.calls: list[RouterCall] = []
+        self.fault_at: float | None = None
+        self.victims: list[Proc] = []
+
+    async def caller(self, call_id: str, seed: int, started: Any) -> RouterCall:
+        rng = random.Random(seed)
+        call = RouterCall(call_id, rng.choice(NAMES))
+        self.calls.append(call)
+        urls = _rotated(self.cluster.router_urls, seed)
+        try:
+            if self.args.transport == "twilio":
+                await self._twilio(call, urls, rng, started)
+            else:
+                await self._native(call, urls, rng, started)
+            call.ended_at = time.monotonic()
+        except (CallError, VoiceCallError, OSError, TimeoutError) as exc:
+            call.errors.append(f"{type(exc).__name__}: {exc}")
+        return call
+
+    async def _native(
+        self, call: RouterCall, urls: list[str], rng: random.Random, started: Any
+    ) -> None:
+        policy = ReconnectPolicy(give_up_after_s=30)
+        async with CallClient(urls, call.call_id, timeout_s=60, reconnect=policy) as client:
+            await client.start("demo", f"caller-{call.call_id}")
+            started()
+            await asyncio.sleep(rng.uniform(0, self.args.think))
+            for line in script(self.args.turns):
+                call.router = client.router_url
+                call.sent += 1
+                reply = await client.say(line.format(name=call.name))
+                call.router = client.router_url
+                planned_end = reply.sent_at
+                first = reply.frame_times[0] if reply.frame_times else reply.done_at
+                if self.fault_at is not None and reply.frame_times:
+                    after = [t for t in reply.frame_times if t > self.fault_at]
+                    first = after[0] if after else first
+                call.turns.append((planned_end, first, reply.text))
+                call.answered += 1
+                self.on_turn(reply.latency_ms)
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
+            await client.hangup()
+            call.duplicates = client.duplicates
+
+    async def _twilio(
+        self, call: RouterCall, urls: list[str], rng: random.Random, started: Any
+    ) -> None:
+        phone = TwilioPhone(urls, call.call_id, "demo", give_up_after_s=30)
+        async with VoiceCaller(
+            urls[0], call.call_id, "demo", phone=phone, timeout_s=30, timestamps="sent"
+        ) as caller:
+            call.router = _router_of(phone, urls)
+            started()
+            await caller.wait_greeting()
+            await asyncio.sleep(rng.uniform(0, self.args.think))
+            for line in script(self.args.turns):
+                text = line.format(name=call.name)
+                call.sent += 1
+                t0 = time.monotonic()
+                result: TurnResult = await caller.say(text)
+                call.router = _router_of(phone, urls)
+                if result.first_audio_at is not None and not result.timed_out:
+                    planned_end = t0 + len(speech_from_text(text)) / SPEECH_BYTES_PER_S
+                    call.turns.append((planned_end, result.first_audio_at, ""))
+                    call.answered += 1
+                    self.on_turn(result.response_ms or 0.0)
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
+            await caller.hangup()
+
+    async def strike(self) -> None:
+        """SIGKILL or SIGTERM the routers serving the most calls."""
+        live = [c for c in self.calls if c.ended_at is None]
+        by_router: dict[str, int] = {}
+        for c in live:
+            by_router[c.router] = by_router.get(c.router, 0) + 1
+        count = self.args.kill_router or self.args.drain_router
+        ranked = sorted(self.cluster.all_routers, key=lambda p: -by_router.get(p.url, 0))
+        self.victims = ranked[:count]
+        victim_urls = {p.url for p in self.victims}
+        self.fault_at = time.monotonic()
+        for c in live:
+            c.router_at_fault = c.router if c.router in victim_urls else ""
+        sig = signal.SIGKILL if self.args.kill_router else signal.SIGTERM
+        for p in self.victims:
+            p.signal(sig)
+
+    async def score(self) -> dict[str, Any]:
+        fault_at = self.fault_at
+        gaps: list[float] = []
+        affected = context_lost = 0
+        extra_turns = 0
+        twilio = self.args.transport == "twilio"
+        checkpoints = (
+            await _checkpoints(self.cluster.redis_url, [c.call_id for c in self.calls])
+            if twilio
+            else {}
+        )
+        for call in self.calls:
+            if twilio:
+                ckpt = checkpoints.get(call.call_id)
+                took = ckpt.turn if ckpt is not None else 0
+                extra_turns += max(0, took - call.sent)
+            if fault_at is None or not call.router_at_fault:
+                continue
+            affected += 1
+            after = [(end, first, text) for end, first, text in call.turns if first > fault_at]
+            if after:
+                end, first, _ = after[0]
+                gaps.append((first - max(fault_at, end)) * 1000)
+            knew_name = any(first <= fault_at for _, first, _ in call.turns)
+            if not knew_name:
+                continue
+            if twilio:
+                ckpt = checkpoints.get(call.call_id)
+                names = ckpt.facts.get("name", []) if ckpt is not None else []
+                if not names or names[0] != call.name:
+                    context_lost += 1
+            elif after and call.name not in after[0][2]:
+                context_lost += 1
+        duplicates = extra_turns if twilio else sum(c.duplicates for c in self.calls)
+        return {
+            "affected_calls": affected,
+            "failover_gap_ms": percentiles(gaps, (50, 99)),
+            "lost_turns": sum(c.sent - c.answered for c in self.calls),
+            "duplicate_replies": duplicates,
+            "context_lost": context_lost,
+        }
+
+
+async def run(
+    args: argparse.Namespace, cluster: LocalCluster, timeline: Timeline
+) -> dict[str, Any]:
+    """Hold ``--calls`` calls, strike the routers when 40% of all turns are done; the report."""
+    total = args.calls * args.turns
+    done = 0
+    trigger = asyncio.Event()
+
+    def on_turn(latency_ms: float) -> None:
+        nonlocal done
+        done += 1
+        timeline.turn(latency_ms)
+        if done >= 0.4 * total:
+            trigger.set()
+
+    chaos = RouterChaos(args, cluster, on_turn)
+
+    async def strike() -> None:
+        await trigger.wait()
+        await chaos.strike()
+        kind = "kill-router" if args.kill_router else "drain-router"
+        for v in chaos.victims:
+            timeline.fault(kind, v.name, kind, at=chaos.fault_at)
+
+    prefix = uuid.uuid4().hex[:6]
+    striker = asyncio.create_task(strike(), name="chaos-router-strike")
+    try:
+
+        async def one(i: int) -> RouterCall:
+            call = await chaos.caller(f"CA{prefix}r{i}", i, timeline.call_started)
+            if call.sent:
+                timeline.call_ended()
+            return call
+
+        calls = await asyncio.gather(*(one(i) for i in range(args.calls)))
+    finally:
+        if not striker.done():
+            striker.cancel()
+        await asyncio.gather(striker, return_exceptions=True)
+    rep: dict[str, Any] = {
+        "mode": "kill-router" if args.kill_router else "drain-router",
+        "transport": args.transport,
+        "routers": args.routers,
+        "victims": sorted(v.name for v in chaos.victims),
+        "calls": len(calls),
+        "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
+        "turns": sum(c.answered for c in calls),
+    }
+    rep.update(await chaos.score())
+    rep["errors"] = sum(len(c.errors) for c in calls)
+    rep["error_samples"] = [e for c in calls for e in c.errors][:5]
+    if args.drain_router:
+        rep["drained_exit_codes"] = [
+            await asyncio.to_thread(v.popen.wait, 60) if v.popen else None for v in chaos.victims
+        ]
+    rep["failover_gap_definition"] = (
+        "per affected call: from max(router fault, the end of the caller's next utterance as "
+        "planned) to the first reply frame (native) or agent audio (Twilio) after the fault"
+    )
+    return rep
+
+
+def _router_of(phone: TwilioPhone, urls: list[str]) -> str:
+    """The router a Twilio call streams through now."""
+    return phone.stream_base or urls[0]
+
+
+async def _checkpoints(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
+    redis = connect(redis_url)
+    try:
+        store = StateStore(redis)
+        return {c: await store.load("demo", c) for c in call_ids}
+    finally:
+        await redis.aclose()
