@@ -368,6 +368,7 @@ class VoiceCaller:
             self.utterances_repeated += 1
         self._ws = ws
         self.reopens += 1
+        self.close_code = None  # the call is back on a stream
         self._stream_open.set()
         return True
 

@@ -1,10 +1,12 @@
-"""Simulated callers: scripted conversations over the native protocol."""
+"""Simulated callers: scripted conversations over the native protocol. A caller given
+several routers reconnects through the next one when its router goes away
+(callmesh_client.reconnect)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from callmesh_client.client import CallClient, CallError, Reply
@@ -39,7 +41,7 @@ class CallResult:
 
 
 async def scripted_call(
-    router_url: str,
+    router_url: str | Sequence[str],
     call_id: str,
     turns: int,
     *,

@@ -45,6 +45,8 @@ import aiohttp
 from callmesh.config import NodeConfig
 from callmesh.protocol import Out
 from callmesh.runner import install_uvloop
+from callmesh_client.reconnect import ReconnectPolicy
+from callmesh_client.twilio_phone import TwilioPhone
 from callmesh_client.voice_client import FRAME_MS, TurnResult, VoiceCaller, VoiceCallError
 from callmesh_client.voice_wire import Heard
 from loadtest.callers import NAMES, script
@@ -155,13 +157,23 @@ class CallerPool:
         # Timestamps say when each frame was actually sent: this process shares the
         # machine and is sometimes late, and that lateness is reported on its own
         # (send_late_pct, loop_lag_ms), not counted as the node's frame lag.
+        # ``--router`` may list several routers (comma-separated): then a caller whose
+        # router goes away re-opens its stream through another (Twilio: through the
+        # webhook and <Connect action>; native: reconnect and resume).
+        urls = self.router_url.split(",")
+        phone = None
+        if self.transport == "twilio" and len(urls) > 1:
+            phone = TwilioPhone(urls[i % len(urls) :] + urls[: i % len(urls)], call_id, "demo")
         caller = VoiceCaller(
-            self.router_url,
+            urls[i % len(urls)],
             call_id,
             "demo",
             f"caller-{i}",
             transport=self.transport,
             timestamps="sent",
+            phone=phone,
+            routers=[u for u in urls if u != urls[i % len(urls)]],
+            reconnect=ReconnectPolicy(),
         )
         if self.transport == "native":
             self._tap_turn_metrics(caller)
