@@ -432,7 +432,9 @@ class CallerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.capacity_callers", description=__doc__)
-    p.add_argument("--router", required=True, help="the router's base URL")
+    p.add_argument(
+        "--router", required=True, help="the router's base URL (several: comma-separated)"
+    )
     p.add_argument("--transport", choices=("twilio", "native"), default="twilio")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
