@@ -298,9 +298,9 @@ class Router:
         return ws
 
     async def healthz(self, request: web.Request) -> web.Response:
-        ok = self.membership.redis_ok
         if self.draining:
-            return web.json_response({"status": "draining", "redis": ok}, status=503)
+            return web.json_response({"status": "draining"}, status=503)
+        ok = self.membership.redis_ok
         return web.json_response({"status": "ok" if ok else "degraded", "redis": ok})
 
     async def status(self, request: web.Request) -> web.Response:
