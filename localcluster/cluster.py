@@ -206,6 +206,9 @@ class LocalCluster:
         for _ in range(self.n_nodes):
             self.add_node(wait=False)
         self.wait_ready()
+        dead = [p.name for p in self.all_routers if not p.alive()]
+        if dead:
+            raise ServerError(f"{', '.join(dead)} exited at start; logs in {self.log_dir}")
 
     def _kill_node(self, name: str) -> dict[str, object] | None:
         """The development control's kill: SIGKILL a node (a crash, no drain), then start
