@@ -57,6 +57,10 @@ log = logging.getLogger("callmesh.router")
 TWILIO_IDLE_S = 10.0
 # The frame that asks a native caller to reconnect through another router (then 4012).
 RECONNECT_FRAME = encode({"type": Out.RECONNECT.value, "reason": "router_draining"})
+# A node acknowledges a caller's audio every 0.5 s while it hears no utterance
+# (conversation_node.voice.QUIET_ACK_EVERY_S); more than 1 s of it unacknowledged (20 ms
+# frames) means it is hearing or answering one, and a drain does not cut that stream.
+UTTERANCE_UNACKED_FRAMES = 50
 
 
 class Router:
@@ -141,7 +145,7 @@ class Router:
         # speech); the rest for callers to leave, streams still open then are ended anyway.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(bound * 0.8):
-                await asyncio.gather(*(self._move(s.link) for s in sessions))
+                await asyncio.gather(*(self._move(s) for s in sessions))
         for s in sessions:
             if not s.link.closed:
                 with contextlib.suppress(ConnectionError, RuntimeError):
@@ -153,17 +157,21 @@ class Router:
         if self.calls:
             log.warning("drain bound reached", extra={"fields": {"calls": len(self.calls)}})
 
-    async def _move(self, link: ClientLink) -> None:
+    async def _move(self, session: ProxySession) -> None:
         """Send one caller elsewhere: a native client is told to reconnect (4012); a Twilio
         stream is ended, and Twilio requests the ``<Connect action>``, which gets a new
         stream through another router (this one answers 503 now)."""
         self.metrics.inc(names.ROUTER_DRAIN_MOVED)
+        link = session.link
         try:
             if isinstance(link, TwilioLink):
-                # Twilio drops what it was playing with the stream: wait for a pause in the
-                # agent's speech (bounded by the drain, which cancels this wait).
-                # Polled: quiet() is a condition on time (no audio for a while).
-                while not link.closed and not link.quiet():  # noqa: ASYNC110
+                # Twilio drops what it was playing with the stream, and what the caller says
+                # while no stream is open is lost: wait for a pause in the conversation, no
+                # reply playing and no utterance on the node (bounded by the drain, which
+                # cancels this wait). Polled: both are conditions on time.
+                while not link.closed and not (  # noqa: ASYNC110
+                    link.quiet() and len(session.unacked) <= UTTERANCE_UNACKED_FRAMES
+                ):
                     await asyncio.sleep(0.05)
                 if not link.closed:
                     await link.close(CloseCode.NORMAL, b"router_draining")
@@ -279,7 +287,7 @@ class Router:
             if not await session.wait_start():
                 return ws
             if self.draining:
-                await self._move(link)
+                await self._move(session)
                 return ws
             key = (session.tenant, session.call_id)
             old = self.calls.get(key)

@@ -12,6 +12,8 @@ import pytest
 
 from callmesh_client.client import CallClient
 from localcluster.cluster import LocalCluster
+from state_store.client import connect
+from state_store.store import StateStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,3 +83,36 @@ async def test_drain_refuses_new_calls_and_moves_idle_callers(cluster: LocalClus
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_native_voice_caller_resumes_through_another_router(cluster: LocalCluster) -> None:
+    from callmesh_client.reconnect import ReconnectPolicy
+    from callmesh_client.voice_client import VoiceCaller
+
+    victim = cluster.router
+    assert victim is not None
+    first, second = cluster.router_urls
+    async with VoiceCaller(
+        first,
+        "vkill",
+        "demo",
+        "bob",
+        transport="native",
+        routers=[second],
+        reconnect=ReconnectPolicy(),
+    ) as c:
+        await c.wait_greeting()
+        before = await c.say("Hi, my name is Priya")
+        victim.signal(signal.SIGKILL)
+        after = await c.say("I need a cleaning")
+        await c.hangup()
+    assert c.reopens == 1 and c.errors == []
+    assert (before.turn, after.turn) == (1, 2)
+    assert after.agent_audio_bytes > 0
+    redis = connect(cluster.redis_url)
+    try:
+        ckpt = await StateStore(redis).load("demo", "vkill")
+    finally:
+        await redis.aclose()
+    assert ckpt is not None and (ckpt.turn, ckpt.status) == (2, "ended")
+    assert ckpt.facts["name"][0] == "Priya"  # the node heard it before the router died
