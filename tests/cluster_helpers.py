@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from callmesh_client.client import CallClient, Reply
+from localcluster.cluster import LocalCluster
+from state_store.client import connect
+from state_store.store import StateStore
 
 BOOKING_SCRIPT = [
     "Hi, my name is {name}",
@@ -42,3 +47,20 @@ async def eventually(pred: Callable[[], bool], timeout_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def load_checkpoint(cluster: LocalCluster, call_id: str, tenant: str = "demo") -> Any:
+    """The call's checkpoint in the cluster's Redis (None: there is none)."""
+    redis = connect(cluster.redis_url)
+    try:
+        return await StateStore(redis).load(tenant, call_id)
+    finally:
+        await redis.aclose()
+
+
+@contextlib.contextmanager
+def routers_cluster(routers: int, nodes: int, latency_scale: float) -> Iterator[LocalCluster]:
+    """A local cluster of several routers whose drain is bounded at 10 s."""
+    env = {"CALLMESH_SIM_LATENCY_SCALE": str(latency_scale), "CALLMESH_ROUTER_DRAIN_S": "10"}
+    with LocalCluster(nodes=nodes, routers=routers, force_embedded=True, env=env) as c:
+        yield c

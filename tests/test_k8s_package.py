@@ -135,19 +135,26 @@ def test_node_grace_period_exceeds_its_drain_bound(overlay: tuple[str, list[Obj]
     assert live["periodSeconds"] * live["failureThreshold"] > grace
 
 
+def _drain_bound(
+    objects: list[Obj], name: str, flag: str, default: float
+) -> tuple[Obj, Obj, float]:
+    """(pod spec, its one container, the drain bound its flag sets, else the default)."""
+    spec = _one(objects, "Deployment", name)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    try:
+        return spec, container, float(_flag(container["args"], flag))
+    except AssertionError:
+        return spec, container, default
+
+
 def test_router_grace_period_exceeds_prestop_and_drain_bound(
     overlay: tuple[str, list[Obj]],
 ) -> None:
     from callmesh.config import RouterConfig
 
     _, objects = overlay
-    router = _one(objects, "Deployment", "callmesh-router")
-    spec = router["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    try:
-        drain = float(_flag(container["args"], "--drain-timeout"))
-    except AssertionError:
-        drain = RouterConfig().router_drain_s
+    default = RouterConfig().router_drain_s
+    spec, container, drain = _drain_bound(objects, "callmesh-router", "--drain-timeout", default)
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     grace = spec["terminationGracePeriodSeconds"]
@@ -165,12 +172,9 @@ def test_effects_worker_grace_period_exceeds_its_drain_bound(
 
     _, objects = overlay
     worker = _one(objects, "Deployment", "callmesh-effects-worker")
-    spec = worker["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    try:
-        drain = float(_flag(container["args"], "--drain-timeout-s"))
-    except AssertionError:
-        drain = WorkerConfig().drain_timeout_s
+    spec, container, drain = _drain_bound(
+        objects, "callmesh-effects-worker", "--drain-timeout-s", WorkerConfig().drain_timeout_s
+    )
     assert spec["terminationGracePeriodSeconds"] > drain
     # A fixed port for /healthz and /metrics, the one the probes and the scrape use.
     port = int(_flag(container["args"], "--port"))

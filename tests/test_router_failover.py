@@ -12,16 +12,14 @@ import pytest
 
 from callmesh_client.client import CallClient
 from localcluster.cluster import LocalCluster
-from state_store.client import connect
-from state_store.store import StateStore
+from tests.cluster_helpers import load_checkpoint, routers_cluster
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:
-    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.5", "CALLMESH_ROUTER_DRAIN_S": "10"}
-    with LocalCluster(nodes=2, routers=2, force_embedded=True, env=env) as c:
+    with routers_cluster(routers=2, nodes=2, latency_scale=0.5) as c:
         yield c
 
 
@@ -109,10 +107,6 @@ async def test_native_voice_caller_resumes_through_another_router(cluster: Local
     assert c.reopens == 1 and c.errors == []
     assert (before.turn, after.turn) == (1, 2)
     assert after.agent_audio_bytes > 0
-    redis = connect(cluster.redis_url)
-    try:
-        ckpt = await StateStore(redis).load("demo", "vkill")
-    finally:
-        await redis.aclose()
+    ckpt = await load_checkpoint(cluster, "vkill")
     assert ckpt is not None and (ckpt.turn, ckpt.status) == (2, "ended")
     assert ckpt.facts["name"][0] == "Priya"  # the node heard it before the router died

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from typing import Any
 
 import aiohttp
 import pytest
@@ -16,25 +15,15 @@ import pytest
 from callmesh_client.twilio_phone import TwilioPhone, parse_twiml
 from callmesh_client.voice_client import VoiceCaller
 from localcluster.cluster import LocalCluster
-from state_store.client import connect
-from state_store.store import StateStore
+from tests.cluster_helpers import load_checkpoint, routers_cluster
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:
-    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05", "CALLMESH_ROUTER_DRAIN_S": "10"}
-    with LocalCluster(nodes=2, routers=2, force_embedded=True, env=env) as c:
+    with routers_cluster(routers=2, nodes=2, latency_scale=0.05) as c:
         yield c
-
-
-async def _checkpoint(cluster: LocalCluster, call_id: str) -> Any:
-    redis = connect(cluster.redis_url)
-    try:
-        return await StateStore(redis).load("demo", call_id)
-    finally:
-        await redis.aclose()
 
 
 async def _action(cluster: LocalCluster, call_sid: str, router: int = 1) -> str:
@@ -62,7 +51,7 @@ async def test_twilio_call_survives_its_router(cluster: LocalCluster, how: str) 
         assert reply.response_ms is not None and reply.agent_audio_bytes > 0
     assert c.reopens == 1 and phone.streams == 2
     assert c.errors == []
-    ckpt = await _checkpoint(cluster, call_sid)
+    ckpt = await load_checkpoint(cluster, call_sid)
     # Three utterances, three turns: none lost, none answered twice; the name survived.
     assert (ckpt.turn, ckpt.status) == (3, "ended")
     assert ckpt.facts["name"][0] == "Priya"
