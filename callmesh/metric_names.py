@@ -113,7 +113,7 @@ TWILIO_WEBHOOK_BAD_SIGNATURE = "twilio_webhook_bad_signature"
 TWILIO_WEBHOOK_NO_TENANT = "twilio_webhook_no_tenant"
 TWILIO_ACTION_RESUMED = "twilio_action_resumed"  # <Connect action>: a new stream
 TWILIO_ACTION_HANGUP = "twilio_action_hangup"  # <Connect action>: the call had ended
-ROUTER_DRAIN_MOVED = "router_drain_moved_calls"  # callers asked to use another router
+ROUTER_DRAIN_MOVED = "router_drain_moved"  # callers asked to use another router
 ROUTER_DRAIN_REFUSED = "router_drain_refused"  # connections refused while draining
 
 # The browser console (router/console.py).
