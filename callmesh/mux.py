@@ -335,7 +335,8 @@ class Mux:
             return False
         channels = self.channels
         for rec in records:
-            if type(rec) is not list or len(rec) < 3:
+            # A channel id is an int: anything else (a list, a map) is not even hashable.
+            if type(rec) is not list or len(rec) < 3 or type(rec[1]) is not int:
                 self._bad_record(rec)
                 continue
             op, chan = rec[0], rec[1]

@@ -26,6 +26,8 @@ from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024
+# The largest integer a frame may carry: what checkpoints (msgpack) and Redis can store.
+MAX_SEQ = 2**63 - 1
 
 # Identifiers end up in Redis keys and NATS subjects; dots, wildcards, braces and spaces
 # would break hash tags and subject tokens, so they are refused at the edge.
@@ -178,8 +180,9 @@ def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
     seq = body.get("seq")
-    if type(seq) is not int or seq < 1:
-        raise ProtocolError(ErrorCode.BAD_SEQ, "'seq' must be a positive integer")
+    # Bounded: a seq past 2**63 was accepted and then failed every checkpoint (msgpack).
+    if type(seq) is not int or not 0 < seq <= MAX_SEQ:
+        raise ProtocolError(ErrorCode.BAD_SEQ, "'seq' must be an integer in 1..2**63-1")
     kind = body.get("type")
     msg_type = _IN_BY_VALUE.get(kind) if type(kind) is str else None
     if msg_type is None:
@@ -210,7 +213,7 @@ def _check_fields(kind: In, body: dict[str, Any], seq: int) -> None:
         if not isinstance(body.get("data"), str):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be base64 text", seq)
         ts = body.get("ts")
-        if ts is not None and (type(ts) is not int or ts < 0):
+        if ts is not None and (type(ts) is not int or not 0 <= ts <= MAX_SEQ):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'ts' must be a non-negative integer", seq)
     elif kind is In.MARK:
         name = body.get("name")
@@ -218,17 +221,24 @@ def _check_fields(kind: In, body: dict[str, Any], seq: int) -> None:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"'name' must be a string of 1-{MAX_MARK_NAME} chars", seq
             )
-    elif kind is In.DTMF and body.get("digit") not in DTMF_DIGITS:
+    elif kind is In.DTMF and not _is_digit(body.get("digit")):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'digit' must be one of 0-9 * # A-D", seq)
+
+
+def _is_digit(value: object) -> bool:
+    """A DTMF digit; checked for type first, since a list or an object is unhashable."""
+    return type(value) is str and value in DTMF_DIGITS
 
 
 def _check_audio_format(audio: object, seq: int) -> None:
     if not isinstance(audio, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'audio' must be an object", seq)
-    if audio.get("encoding") not in {e.value for e in AudioEncoding}:
+    # Type first: an unhashable value (a list, an object) in a set lookup raises.
+    encoding = audio.get("encoding")
+    if type(encoding) is not str or encoding not in {e.value for e in AudioEncoding}:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'audio.encoding' must be mulaw or pcm16", seq)
     rate = audio.get("sample_rate")
-    if rate not in AUDIO_SAMPLE_RATES or type(rate) is not int:
+    if type(rate) is not int or rate not in AUDIO_SAMPLE_RATES:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE,
             f"'audio.sample_rate' must be one of {sorted(AUDIO_SAMPLE_RATES)}",
@@ -245,7 +255,8 @@ def mark_name(turn: int, n: int) -> str:
 
 def parse_mark_name(name: str) -> tuple[int, int] | None:
     turn, _, n = name.partition(".")
-    if not (turn.isdigit() and n.isdigit()):
+    # ASCII only: str.isdigit() is also true of "²" and other digits int() refuses.
+    if not (turn.isascii() and n.isascii() and turn.isdigit() and n.isdigit()):
         return None
     return int(turn), int(n)
 

@@ -184,7 +184,7 @@ class TwilioLink:
         if event == "dtmf":
             dtmf = msg.get("dtmf")
             digit = dtmf.get("digit") if type(dtmf) is dict else None
-            if digit not in DTMF_DIGITS:
+            if type(digit) is not str or digit not in DTMF_DIGITS:
                 return self._malformed("dtmf without a valid digit")
             return self._frame(In.DTMF, digit=digit)
         self._stopped = True
