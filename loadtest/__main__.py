@@ -18,6 +18,7 @@ SCENARIOS = [
     "loadtest.capacity",
     "loadtest.placement_sim",
     "loadtest.soak",
+    "loadtest.abuse",
 ]
 
 
