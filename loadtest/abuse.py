@@ -198,9 +198,11 @@ class Bench:
                 # A valid token of another tenant, presented for this tenant's call.
                 "token_other_tenant": self.token(call_id, tenant="intruder"),
             }
-            for kind, token in bad.items():
+            for k, (kind, token) in enumerate(bad.items()):
                 headers = {"Authorization": f"Bearer {token}"} if token else None
-                await self._attempt(http, tally, kind, call_id, start, headers, wait_s=0.3)
+                # A call id of its own: a hung-up call id is refused as ended, not for the token.
+                target = f"{call_id}-{k}"
+                await self._attempt(http, tally, kind, target, start, headers, wait_s=0.3)
 
     async def _takeovers(self, http: aiohttp.ClientSession, tally: Tally, i: int) -> None:
         """Once victim ``i`` of the flood phase is live, claim its call id: a valid token
