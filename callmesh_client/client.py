@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from callmesh.protocol import In, Out
+from callmesh_client.credentials import call_token
 
 
 class CallError(Exception):
@@ -60,10 +61,26 @@ class _Turn:
 
 
 class CallClient:
-    def __init__(self, router_url: str, call_id: str, *, timeout_s: float = 30.0) -> None:
+    """``token``: the call token to present in ``start`` (None: minted from the
+    development secret, if there is one; see :mod:`callmesh_client.credentials`)."""
+
+    def __init__(
+        self,
+        router_url: str,
+        call_id: str,
+        *,
+        timeout_s: float = 30.0,
+        token: str | None = None,
+        auth_secret: str | None = None,
+    ) -> None:
         self.router_url = router_url.rstrip("/")
         self.call_id = call_id
         self.timeout_s = timeout_s
+        self.token = token
+        self._auth_secret = auth_secret
+        # The close code and reason the router ended the connection with, once it did.
+        self.close_code: int | None = None
+        self.close_reason = ""
         self.seq = 0
         self.ready: dict[str, Any] | None = None
         self.duplicates = 0
@@ -119,12 +136,28 @@ class CallClient:
             raise RuntimeError("not connected")
         await self._ws.send_str(data)
 
-    async def start(self, tenant: str, caller: str = "anonymous") -> dict[str, Any]:
-        await self.send({"type": In.START.value, "tenant": tenant, "caller": caller})
+    async def start(
+        self, tenant: str, caller: str = "anonymous", *, resume: str | None = None
+    ) -> dict[str, Any]:
+        """Start the call, or resume it from a new connection with the ``resume`` secret
+        of the last ``ready`` (``ready["resume"]``)."""
+        msg: dict[str, Any] = {"type": In.START.value, "tenant": tenant, "caller": caller}
+        token = self.token or call_token(tenant, self.call_id, caller, self._auth_secret)
+        if token:
+            msg["token"] = token
+        if resume:
+            msg["resume"] = resume
+        await self.send(msg)
         await asyncio.wait_for(self._ready_evt.wait(), self.timeout_s)
         if self.ready is None:
-            raise CallError(self.errors[-1] if self.errors else {"code": "closed"})
+            closed = {"code": "closed", "close_code": self.close_code, "message": self.close_reason}
+            raise CallError(self.errors[-1] if self.errors else closed)
         return self.ready
+
+    @property
+    def resume_secret(self) -> str | None:
+        """The secret that lets a new connection take this call over (from ``ready``)."""
+        return None if self.ready is None else self.ready.get("resume")
 
     async def wait_greeting(self) -> str:
         """The turn-0 greeting (nodes that greet send it right after ``ready``)."""
@@ -166,11 +199,15 @@ class CallClient:
         if ws is None:
             return
         try:
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
                 if msg.type is not aiohttp.WSMsgType.TEXT:
+                    if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str):
+                        self.close_reason = msg.extra
                     break
                 self._on_frame(json.loads(msg.data))
         finally:
+            self.close_code = ws.close_code
             self._ready_evt.set()
             self._ended_evt.set()
             self._done.put_nowait(

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
 from callmesh.protocol import In, Out, encode
+from callmesh_client.credentials import call_token, stream_token
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
 
@@ -70,7 +71,11 @@ class TwilioWire:
         self.call_id = call_id
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = "AC" + uuid.uuid4().hex
-        self.parameters = {"tenant": tenant, "caller": caller} if parameters is None else parameters
+        if parameters is None:
+            # What the voice webhook puts in the TwiML: the signed stream token.
+            token = stream_token(call_id, tenant, caller)
+            parameters = {"token": token} if token else {"tenant": tenant, "caller": caller}
+        self.parameters = parameters
         self._n = 0
         self._chunk = 0
         self._sid = f'"streamSid":"{self.stream_sid}"'
@@ -159,7 +164,9 @@ class NativeWire:
 
     def opening(self) -> list[str]:
         audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
-        return [self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio)]
+        token = call_token(self.tenant, self.call_id, self.caller)
+        creds = {"token": token} if token else {}
+        return [self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio, **creds)]
 
     def media(self, payload: str, ts_ms: int) -> str:
         self.seq += 1

@@ -120,6 +120,8 @@ class ProxySession:
         self.replies = ReplyDedup()
         self._ready_sent = False
         self.relink_reason = ""
+        # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
+        self.resume_secret: str | None = None
         self._ended = False
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
@@ -131,6 +133,11 @@ class ProxySession:
             f"unacked={len(self.unacked)} "
             f"turn={self.replies.completed_turn} failovers={self.failovers}>"
         )
+
+    @property
+    def ended(self) -> bool:
+        """The call ended (hangup or the node ended it), not merely this connection."""
+        return self._ended
 
     # ------------------------------------------------------------------ client side
 
@@ -149,13 +156,18 @@ class ProxySession:
                     ErrorCode.NOT_STARTED, "send 'start' before anything else", inbound.seq
                 )
                 continue
-            self.start = inbound
-            self.call_id = self.link.call_id
-            self.tenant = inbound.body["tenant"]
+            self.admit(inbound, inbound.body["tenant"])
             self.last_client_seq = inbound.seq
             self.unacked.bound_audio(self._limits.max_unacked_audio_ms, inbound.body.get("audio"))
             return True
         return False
+
+    def admit(self, start: Inbound, tenant: str, resume_secret: str | None = None) -> None:
+        """The call's ``start`` as the node must see it, once its credentials passed."""
+        self.start = start
+        self.call_id = self.link.call_id
+        self.tenant = tenant
+        self.resume_secret = resume_secret
 
     async def read_client(self) -> None:
         """Client → node: validate, keep until acknowledged, forward if a link is up."""
@@ -254,6 +266,9 @@ class ProxySession:
             elif kind == Out.READY:
                 if not self._ready_sent:
                     self._ready_sent = True
+                    if self.resume_secret is not None:
+                        frame = {**(frame or parse(raw) or {}), "resume": self.resume_secret}
+                        raw = encode(frame)
                     await self.send_client(kind, raw, frame)
                 else:  # a relink: the client learns its call's new owner (docs/protocol.md)
                     owner = owner_frame(frame or parse(raw) or {}, self.relink_reason)

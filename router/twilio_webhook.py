@@ -2,82 +2,49 @@
 
 ``POST /v1/twilio/voice[?tenant=T]`` (form-encoded ``CallSid``, ``From``, ``To``...) answers
 
-    <Response><Connect><Stream url="wss://HOST/v1/twilio/media">
-      <Parameter name="tenant" value="T"/><Parameter name="caller" value="14155550100"/>
+    <Response><Connect><Stream url="wss://PUBLIC/v1/twilio/media">
+      <Parameter name="token" value="<stream token>"/>
     </Stream></Connect></Response>
 
-Twilio then opens the media stream (``router.twilio``) with both parameters in
-``start.customParameters``. When an auth token is configured, the request must carry a
-valid ``X-Twilio-Signature``: base64(HMAC-SHA1(token, URL + each POST parameter's name
-and value, sorted by name)), where URL is the full URL Twilio requested.
+The request must carry a valid ``X-Twilio-Signature`` (:mod:`callmesh.auth.twilio`),
+checked over the public URL from configuration (``CALLMESH_PUBLIC_URL``, query string
+included, so ``?tenant=`` is signed too), never over one rebuilt from ``Host``; only in
+explicit development mode (``CALLMESH_DEV_MODE=1``) without ``TWILIO_AUTH_TOKEN`` are
+unsigned requests answered. The stream token is a short-lived HS256 token bound to the
+``CallSid``, carrying the tenant and the signed ``From``: Twilio hands it back in the
+media stream's ``start.customParameters`` (``router.twilio``), so neither can be
+chosen by whoever opens a stream.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-from collections.abc import Iterable
-from urllib.parse import urlsplit, urlunsplit
+import logging
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from callmesh.auth import TwilioSignatureInvalid
+from callmesh.auth.twilio import (
+    SIGNATURE_HEADER,
+    STREAM_TOKEN_PARAMETER,
+    mint_stream_token,
+    verify_request,
+)
 from callmesh.config import RouterConfig
 from callmesh.metric_names import (
     TWILIO_WEBHOOK_BAD_SIGNATURE,
     TWILIO_WEBHOOK_CALLS,
     TWILIO_WEBHOOK_NO_TENANT,
+    TWILIO_WEBHOOK_NOT_CONFIGURED,
 )
 from callmesh.protocol import valid_id
 from callmesh.telemetry import Metrics
 from router.twilio import caller_id
 
+log = logging.getLogger("callmesh.router.twilio")
+
 MEDIA_PATH = "/v1/twilio/media"
 VOICE_PATH = "/v1/twilio/voice"
-SIGNATURE_HEADER = "X-Twilio-Signature"
-
-
-def signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
-    """Twilio's request signature of a POST to ``url`` with form ``params``."""
-    data = url + "".join(k + v for k, v in sorted(params))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def valid_signature(
-    auth_token: str, url: str, params: list[tuple[str, str]], received: str
-) -> bool:
-    """Constant-time check; the URL is tried with and without its default port, since
-    a proxy in front of us may add or strip it (Twilio's own validators do the same)."""
-    ok = False
-    for candidate in _port_variants(url):
-        # Every candidate is compared, so the timing does not tell which one matched.
-        ok |= hmac.compare_digest(signature(auth_token, candidate, params), received)
-    return ok
-
-
-def _port_variants(url: str) -> list[str]:
-    parts = urlsplit(url)
-    default = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is None and default is not None:
-        other = f"{host}:{default}"
-    elif parts.port == default:
-        other = host
-    else:
-        return [url]
-    return [url, urlunsplit(parts._replace(netloc=other))]
-
-
-def public_base(request: web.Request, config: RouterConfig) -> str:
-    """``https://host[/prefix]`` as clients (Twilio) see this router."""
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    return f"{proto or request.scheme}://{request.host}"
 
 
 def twiml(stream_url: str, parameters: dict[str, str]) -> str:
@@ -91,32 +58,52 @@ def twiml(stream_url: str, parameters: dict[str, str]) -> str:
     )
 
 
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
 async def voice_webhook(
-    request: web.Request, config: RouterConfig, metrics: Metrics
+    request: web.Request, config: RouterConfig, metrics: Metrics, stream_key: str | None
 ) -> web.Response:
+    base = config.public_url.rstrip("/")
+    if not base:
+        metrics.inc(TWILIO_WEBHOOK_NOT_CONFIGURED)
+        return _text(503, "set CALLMESH_PUBLIC_URL: the stream URL and signatures use it")
     form = await request.post()
-    base = public_base(request, config)
+    params = [(k, v) for k, v in form.items() if isinstance(v, str)]
     if config.twilio_auth_token:
-        received = request.headers.get(SIGNATURE_HEADER, "")
-        params = [(k, v) for k, v in form.items() if isinstance(v, str)]
-        url = base + request.path_qs
-        if not received or not valid_signature(config.twilio_auth_token, url, params, received):
-            metrics.inc(TWILIO_WEBHOOK_BAD_SIGNATURE)
-            why = "missing" if not received else "invalid"
-            return web.Response(
-                status=403, text=f"{SIGNATURE_HEADER} {why} for {url}\n", content_type="text/plain"
+        try:
+            verify_request(
+                config.twilio_auth_token,
+                base + request.path_qs,
+                params,
+                request.headers.get(SIGNATURE_HEADER),
             )
+        except TwilioSignatureInvalid as exc:
+            metrics.inc(TWILIO_WEBHOOK_BAD_SIGNATURE)
+            log.warning("Twilio webhook refused", extra={"fields": {"why": str(exc)}})
+            return _text(403, str(exc))
+    elif not config.dev_mode:
+        metrics.inc(TWILIO_WEBHOOK_NOT_CONFIGURED)
+        return _text(403, "set TWILIO_AUTH_TOKEN: unsigned webhooks pass only in development mode")
     tenant = request.query.get("tenant") or config.twilio_default_tenant
     if not valid_id(tenant):
         metrics.inc(TWILIO_WEBHOOK_NO_TENANT)
-        return web.Response(
-            status=400,
-            text="tenant required: add ?tenant=NAME ([A-Za-z0-9_-]{1,64}) to the webhook URL "
-            "or set CALLMESH_TWILIO_TENANT\n",
-            content_type="text/plain",
+        return _text(
+            400,
+            "tenant required: add ?tenant=NAME ([A-Za-z0-9_-]{1,64}) to the webhook URL "
+            "or set CALLMESH_TWILIO_TENANT",
         )
+    call_sid = form.get("CallSid")
+    if not isinstance(call_sid, str) or not valid_id(call_sid):
+        return _text(400, "CallSid missing or not [A-Za-z0-9_-]{1,64}")
+    caller = caller_id(form.get("From"))
     scheme, _, rest = base.partition("://")
     stream_url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}{MEDIA_PATH}"
     metrics.inc(TWILIO_WEBHOOK_CALLS)
-    body = twiml(stream_url, {"tenant": tenant, "caller": caller_id(form.get("From"))})
-    return web.Response(text=body, content_type="text/xml")
+    if stream_key is None:  # authentication explicitly disabled
+        parameters = {"tenant": tenant, "caller": caller}
+    else:
+        token = mint_stream_token(stream_key, call_sid, tenant, caller)
+        parameters = {STREAM_TOKEN_PARAMETER: token}
+    return web.Response(text=twiml(stream_url, parameters), content_type="text/xml")
