@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from callmesh.auth import mint_dev_token
 from callmesh.auth.dev import read_dev_secret
-from callmesh.auth.twilio import mint_stream_token
+from callmesh.auth.twilio import caller_id, mint_stream_token
 
 
 def call_token(tenant: str, call_id: str, caller: str, secret: str | None = None) -> str | None:
@@ -26,4 +26,5 @@ def stream_token(call_sid: str, tenant: str, caller: str, secret: str | None = N
     secret = secret or read_dev_secret()
     if not secret:
         return None
-    return mint_stream_token(secret, call_sid, tenant, caller)
+    # As the webhook reduces Twilio's ``From``.
+    return mint_stream_token(secret, call_sid, tenant, caller_id(caller))

@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 from callmesh import metric_names as names
 from callmesh.audio.format import TELEPHONY_RATE
 from callmesh.auth import AuthError
-from callmesh.auth.twilio import STREAM_TOKEN_PARAMETER, verify_stream_token
+from callmesh.auth.twilio import STREAM_TOKEN_PARAMETER, caller_id, verify_stream_token
 from callmesh.protocol import (
     DTMF_DIGITS,
     MAX_MARK_NAME,
@@ -62,21 +62,6 @@ _MEDIA = re.compile(
     r'"chunk":"[0-9]{1,20}","timestamp":"([0-9]{1,15})","payload":"([A-Za-z0-9+/]+={0,2})"\},'
     r'"streamSid":"([A-Za-z0-9_-]{1,64})"\}'
 )
-_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-_PHONE = re.compile(r"[+\d\s().-]+")
-_NON_DIGITS = re.compile(r"\D")
-
-
-def caller_id(value: object) -> str:
-    """A caller id safe in keys and subjects, from whatever Twilio calls the caller: a
-    phone number's digits (``+1 415-555-0100`` → ``14155550100``), else the id-safe
-    characters (``client:alice`` → ``clientalice``)."""
-    if not isinstance(value, str):
-        return "anonymous"
-    pattern = _NON_DIGITS if _PHONE.fullmatch(value) else _ID_CHARS
-    return pattern.sub("", value)[:64] or "anonymous"
-
-
 class _Refused(Exception):
     """A Twilio ``start`` that cannot become a call."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,6 +46,21 @@ DEFAULT_STREAM_TOKEN_TTL_S = 120.0
 MAX_STREAM_TOKEN_TTL_S = 600.0
 _STREAM_LEEWAY_S = 5.0
 _MAX_SIGNATURE_CHARS = 64  # base64 of a SHA-1 is 28
+
+
+_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_PHONE = re.compile(r"[+\d\s().-]+")
+_NON_DIGITS = re.compile(r"\D")
+
+
+def caller_id(value: object) -> str:
+    """A caller id safe in keys and subjects, from whatever Twilio calls the caller: a
+    phone number's digits (``+1 415-555-0100`` → ``14155550100``), else the id-safe
+    characters (``client:alice`` → ``clientalice``)."""
+    if not isinstance(value, str):
+        return "anonymous"
+    pattern = _NON_DIGITS if _PHONE.fullmatch(value) else _ID_CHARS
+    return pattern.sub("", value)[:64] or "anonymous"
 
 
 def request_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
