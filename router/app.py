@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -268,6 +269,7 @@ class Router:
                 admission.tenant,
                 admission.secret,
             )
+            session.on_ended = functools.partial(self.auth.release, admission)
             key = (session.tenant, session.call_id)
             old = self.calls.get(key)
             if old is not None:
@@ -279,9 +281,6 @@ class Router:
         finally:
             if key is not None and self.calls.get(key) is session:
                 del self.calls[key]
-            if admission is not None and session.ended:
-                with contextlib.suppress(StateStoreError):
-                    await asyncio.shield(self.auth.release(admission))
             if not ws.closed:
                 await ws.close()
         return ws

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -122,6 +123,9 @@ class ProxySession:
         self.relink_reason = ""
         # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
         self.resume_secret: str | None = None
+        # Run once the call has ended, before the client hears so (router.app releases
+        # the call's resume record: a client told "ended" finds it gone).
+        self.on_ended: Callable[[], Awaitable[None]] | None = None
         self._ended = False
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
@@ -133,11 +137,6 @@ class ProxySession:
             f"unacked={len(self.unacked)} "
             f"turn={self.replies.completed_turn} failovers={self.failovers}>"
         )
-
-    @property
-    def ended(self) -> bool:
-        """The call ended (hangup or the node ended it), not merely this connection."""
-        return self._ended
 
     # ------------------------------------------------------------------ client side
 
@@ -278,20 +277,29 @@ class ProxySession:
                 if self.replies.complete(int(frame.get("turn", 0))):
                     await self.send_client(kind, raw, frame)
             elif kind == Out.CALL_ENDED:
-                self._ended = True
+                await self._call_ended()
                 await self.send_client(kind, raw, frame)
                 return Outcome.ENDED
             else:
                 if kind == Out.ERROR:
                     frame = frame or parse(raw) or {}
                     if frame.get("code") == ErrorCode.CALL_ENDED:
-                        self._ended = True
+                        await self._call_ended()
                         await self.send_client(kind, raw, frame)
                         return Outcome.ENDED
                 await self.send_client(kind, raw, frame)
         if self._client_gone.is_set():
             return Outcome.CLIENT_GONE
         return Outcome.LOST
+
+    async def _call_ended(self) -> None:
+        self._ended = True
+        if self.on_ended is not None:
+            hook, self.on_ended = self.on_ended, None
+            try:
+                await hook()
+            except StateStoreError as exc:
+                log.warning("end of call not recorded", extra={"fields": {"error": str(exc)}})
 
     async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
         verdict = self.replies.offer(kind, raw, frame)

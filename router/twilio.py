@@ -62,6 +62,8 @@ _MEDIA = re.compile(
     r'"chunk":"[0-9]{1,20}","timestamp":"([0-9]{1,15})","payload":"([A-Za-z0-9+/]+={0,2})"\},'
     r'"streamSid":"([A-Za-z0-9_-]{1,64})"\}'
 )
+
+
 class _Refused(Exception):
     """A Twilio ``start`` that cannot become a call."""
 
