@@ -260,7 +260,7 @@ class Router:
                 if token_in_start and not self.auth.disabled:
                     grant = await self.auth.grant(start.body.get("token"), link.call_id)
                 admission = await self.auth.admit(
-                    grant, start, link.call_id, resumable=link.kind == "native"
+                    grant, start, link.call_id, resumable=link.kind != "twilio"
                 )
             except AuthError as exc:
                 return await self._refuse(ws, link, exc)
