@@ -72,9 +72,12 @@ class TwilioWire:
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = "AC" + uuid.uuid4().hex
         if parameters is None:
-            # What the voice webhook puts in the TwiML: the signed stream token.
+            # What the voice webhook puts in the TwiML: the signed stream token (tenant and
+            # caller too, which only a router with authentication disabled reads).
+            parameters = {"tenant": tenant, "caller": caller}
             token = stream_token(call_id, tenant, caller)
-            parameters = {"token": token} if token else {"tenant": tenant, "caller": caller}
+            if token:
+                parameters["token"] = token
         self.parameters = parameters
         self._n = 0
         self._chunk = 0

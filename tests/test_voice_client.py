@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from callmesh.audio.tones import decode_speech
+from callmesh.auth.twilio import verify_stream_token
 from callmesh.protocol import encode
 from callmesh_client.voice_client import FRAME_BYTES, VoiceCaller
 from tests.cluster_helpers import eventually
@@ -87,7 +88,11 @@ def media(data: bytes, sid: str = "MZ") -> dict[str, Any]:
     }
 
 
-async def test_twilio_caller_sends_what_twilio_sends(fake: tuple[FakeRouter, str]) -> None:
+async def test_twilio_caller_sends_what_twilio_sends(
+    fake: tuple[FakeRouter, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulated Twilio passes the stream token the webhook would have minted.
+    monkeypatch.setenv("CALLMESH_AUTH_SECRET", "voice-client-test-secret-0123456789abcdef")
     router, url = fake
     async with VoiceCaller(url, "CA42", "acme", "bob") as caller:
         await eventually(lambda: len(router.of("event", "media")) >= 10)
@@ -99,7 +104,12 @@ async def test_twilio_caller_sends_what_twilio_sends(fake: tuple[FakeRouter, str
     sid = start["streamSid"]
     assert start["sequenceNumber"] == "1" and start["start"]["streamSid"] == sid
     assert start["start"]["callSid"] == "CA42"
-    assert start["start"]["customParameters"] == {"tenant": "acme", "caller": "bob"}
+    params = dict(start["start"]["customParameters"])
+    grant = verify_stream_token(
+        "voice-client-test-secret-0123456789abcdef", params.pop("token"), "CA42"
+    )
+    assert (grant.tenant, grant.caller) == ("acme", "bob")
+    assert params == {"tenant": "acme", "caller": "bob"}
     assert start["start"]["mediaFormat"] == {
         "encoding": "audio/x-mulaw",
         "sampleRate": 8000,
