@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from callmesh.link_auth import HEADER, ROUTER_HEADER, WINDOW_S, LinkAuth, LinkAuthError
 from callmesh.mux import LINK_PATH
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def node(redis_url: str, nats_url: str) -> AsyncIterator[tuple[ConversationNode, str]]:
+async def node(
+    redis_url: str, nats_url: str, redis: Redis
+) -> AsyncIterator[tuple[ConversationNode, str]]:
     async with running_node(redis_url, nats_url, simulated_providers(), dev_mode=0) as n:
         yield n
 
