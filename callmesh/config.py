@@ -113,6 +113,19 @@ class RouterConfig:
     # the tenant of calls whose webhook URL names none.
     twilio_auth_token: str = field(default=_router("twilio_auth_token"), repr=False)
     twilio_default_tenant: str = _router("twilio_default_tenant")
+    # Authentication (callmesh.settings.auth_table): call tokens, the node link, and the
+    # explicit switches that turn checks off.
+    auth_secret: str = field(default=_router("auth_secret"), repr=False)
+    auth_jwks_url: str = _router("auth_jwks_url")
+    auth_audience: str = _router("auth_audience")
+    auth_issuer: str = _router("auth_issuer")
+    auth_leeway_s: float = _router("auth_leeway_s")
+    auth_max_lifetime_s: float = _router("auth_max_lifetime_s")
+    auth_jwks_ttl_s: float = _router("auth_jwks_ttl_s")
+    auth_jwks_min_refresh_s: float = _router("auth_jwks_min_refresh_s")
+    link_secret: str = field(default=_router("link_secret"), repr=False)
+    auth_disabled: int = _router("auth_disabled")
+    dev_mode: int = _router("dev_mode")
     # How long the node link holds a frame so frames of other calls can share its write
     # (callmesh.mux); 0 writes on the next turn of the event loop.
     link_flush_ms: float = LINK_FLUSH_MS
@@ -191,6 +204,10 @@ class NodeConfig:
     # As RouterConfig.link_flush_ms, for what the node sends the router.
     link_flush_ms: float = _node("link_flush_ms")
     gc_gen0_threshold: int = _node("gc_gen0_threshold")
+    # The router-node link secret, and the switches of callmesh.settings.auth_table.
+    link_secret: str = field(default=_node("link_secret"), repr=False)
+    auth_disabled: int = _node("auth_disabled")
+    dev_mode: int = _node("dev_mode")
     # Every node setting as read once at start-up (settings.load), for the parts the node
     # builds from them above this module (its providers); empty when built in code.
     settings: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)

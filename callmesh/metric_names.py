@@ -92,6 +92,12 @@ def relinks(outcome: str) -> str:
     return f"relinks_{outcome}"
 
 
+def calls_refused(reason: str) -> str:
+    """Counter of the calls refused at the trust boundary, by refusal reason
+    (``callmesh.auth.errors``: token_expired, resume_denied...)."""
+    return f"calls_refused_{reason}"
+
+
 def client_errors(code: str) -> str:
     """Counter of the protocol errors sent to clients, by error code."""
     return f"client_errors_{code}"
@@ -111,6 +117,8 @@ TWILIO_FRAMES_NOT_FORWARDED = "twilio_frames_not_forwarded"
 TWILIO_WEBHOOK_CALLS = "twilio_webhook_calls"
 TWILIO_WEBHOOK_BAD_SIGNATURE = "twilio_webhook_bad_signature"
 TWILIO_WEBHOOK_NO_TENANT = "twilio_webhook_no_tenant"
+TWILIO_WEBHOOK_NOT_CONFIGURED = "twilio_webhook_not_configured"
+TWILIO_STREAM_SID_MISMATCH = "twilio_stream_sid_mismatch"
 TWILIO_ACTION_RESUMED = "twilio_action_resumed"  # <Connect action>: a new stream
 TWILIO_ACTION_HANGUP = "twilio_action_hangup"  # <Connect action>: the call had ended
 ROUTER_DRAIN_MOVED = "router_drain_moved"  # callers asked to use another router

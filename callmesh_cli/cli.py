@@ -76,6 +76,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from callmesh.auth.dev import write_dev_secret
     from localcluster.cluster import LocalCluster
 
     stop = {"sig": 0}
@@ -95,6 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     with LocalCluster(
         nodes=args.nodes, routers=args.routers, router_port=args.port, dev=True
     ) as cluster:
+        secret_file = write_dev_secret(cluster.auth_secret)
         print(
             f"\n  console    {cluster.console_url}   (open it in a browser and talk)\n"
             f"  router     {', '.join(cluster.router_urls)}"
@@ -102,7 +104,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  redis      {mask_url(cluster.redis_url)}\n"
             f"  nats       {mask_url(cluster.nats_url)}\n"
             f"  nodes      {', '.join(f'{n.name} {n.url}' for n in cluster.nodes)}\n"
-            f"  logs       {cluster.log_dir}\n\n"
+            f"  logs       {cluster.log_dir}\n"
+            f"  auth       call tokens are required; the development secret is in {secret_file}\n"
+            "             (callmesh call and the load tests mint their tokens with it)\n\n"
             f"Place a call:   .venv/bin/callmesh call --router {cluster.router_url}\n"
             f"Cluster state:  .venv/bin/callmesh status --router {cluster.router_url}\n"
             "Ctrl-C stops everything.\n",
@@ -154,7 +158,8 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         call_id = args.call_id or f"call-{uuid.uuid4().hex[:10]}"
-        async with CallClient(args.router, call_id) as client:
+        # Without --token: minted from CALLMESH_AUTH_SECRET or the secret of callmesh up.
+        async with CallClient(args.router, call_id, token=args.token) as client:
             try:
                 ready = await client.start(args.tenant, args.caller)
             except CallError as exc:
@@ -219,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="demo")
     p.add_argument("--caller", default="cli-caller")
     p.add_argument("--call-id", default=None)
+    p.add_argument(
+        "--token",
+        default=os.environ.get("CALLMESH_TOKEN"),
+        help="call token to present (env CALLMESH_TOKEN; unset: minted with the "
+        "development secret of callmesh up / CALLMESH_AUTH_SECRET)",
+    )
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("status", help="nodes and their live calls")

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from callmesh.protocol import In, Out
+from callmesh_client.credentials import call_token
 from callmesh_client.reconnect import ReconnectPolicy, RouterList, should_reconnect
 
 # Frames kept for a resend after a reconnect (the text client sends a few per turn).
@@ -75,6 +76,10 @@ class _Turn:
 
 
 class CallClient:
+    """``token``: the call token to present in ``start`` (None: minted from the
+    development secret, if there is one; see :mod:`callmesh_client.credentials`). The
+    same token goes with every resuming ``start``."""
+
     def __init__(
         self,
         router_url: str | Sequence[str],
@@ -82,12 +87,16 @@ class CallClient:
         *,
         timeout_s: float = 30.0,
         reconnect: ReconnectPolicy | None = DEFAULT_RECONNECT,
+        token: str | None = None,
+        auth_secret: str | None = None,
     ) -> None:
         urls = [router_url] if isinstance(router_url, str) else list(router_url)
         self.routers = RouterList([u.rstrip("/") for u in urls])
         self.call_id = call_id
         self.timeout_s = timeout_s
         self.reconnect_policy = reconnect
+        self.token = token
+        self._auth_secret = auth_secret
         self.seq = 0
         self.ready: dict[str, Any] | None = None
         self.duplicates = 0
@@ -95,7 +104,9 @@ class CallClient:
         self.ended = False
         self.reconnects = 0  # successful resumes through a new connection
         self.replayed_frames = 0  # reply frames received again after a resume, dropped
+        # The close code and reason the router ended the connection with, once it did.
         self.close_code: int | None = None
+        self.close_reason = ""
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._turns: dict[int, _Turn] = {}
@@ -171,13 +182,32 @@ class CallClient:
             raise RuntimeError("not connected")
         await self._ws.send_str(data)
 
-    async def start(self, tenant: str, caller: str = "anonymous") -> dict[str, Any]:
-        self._start_fields = {"type": In.START.value, "tenant": tenant, "caller": caller}
-        await self.send(self._start_fields)
+    async def start(
+        self, tenant: str, caller: str = "anonymous", *, resume: str | None = None
+    ) -> dict[str, Any]:
+        """Start the call, or resume it from a new connection with the ``resume`` secret
+        of the last ``ready`` (``ready["resume"]``)."""
+        fields: dict[str, Any] = {"type": In.START.value, "tenant": tenant, "caller": caller}
+        token = self.token or call_token(tenant, self.call_id, caller, self._auth_secret)
+        if token:
+            fields["token"] = token
+        # Kept for the resuming starts of reconnects (the token goes with each of them).
+        self._start_fields = fields
+        if resume:
+            self._resume_secret = resume
+            fields = {**fields, "resume": resume}
+        await self.send(fields)
         await asyncio.wait_for(self._ready_evt.wait(), self.timeout_s)
         if self.ready is None:
-            raise CallError(self.errors[-1] if self.errors else {"code": "closed"})
+            closed = {"code": "closed", "close_code": self.close_code, "message": self.close_reason}
+            raise CallError(self.errors[-1] if self.errors else closed)
         return self.ready
+
+    @property
+    def resume_secret(self) -> str | None:
+        """The secret that lets a new connection take this call over: the one of the
+        latest ``ready`` (it is rotated on every successful (re)connect)."""
+        return self._resume_secret
 
     async def wait_greeting(self) -> str:
         """The turn-0 greeting (nodes that greet send it right after ``ready``)."""
@@ -247,8 +277,11 @@ class CallClient:
         if ws is None:
             return
         try:
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
                 if msg.type is not aiohttp.WSMsgType.TEXT:
+                    if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str):
+                        self.close_reason = msg.extra
                     break
                 self._on_frame(json.loads(msg.data))
                 if self._resume_ready:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
 from callmesh.protocol import In, Out, encode
+from callmesh_client.credentials import call_token, stream_token
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
 
@@ -70,7 +71,14 @@ class TwilioWire:
         self.call_id = call_id
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = "AC" + uuid.uuid4().hex
-        self.parameters = {"tenant": tenant, "caller": caller} if parameters is None else parameters
+        if parameters is None:
+            # What the voice webhook puts in the TwiML: the signed stream token (tenant and
+            # caller too, which only a router with authentication disabled reads).
+            parameters = {"tenant": tenant, "caller": caller}
+            token = stream_token(call_id, tenant, caller)
+            if token:
+                parameters["token"] = token
+        self.parameters = parameters
         self._n = 0
         self._chunk = 0
         self._sid = f'"streamSid":"{self.stream_sid}"'
@@ -162,13 +170,16 @@ class NativeWire:
 
     def opening(self) -> list[str]:
         audio = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
-        resume: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
+        token = call_token(self.tenant, self.call_id, self.caller)
+        if token:
+            fields["token"] = token  # with every start, the resuming ones too
         if self.delivered_turn is not None:
-            resume["delivered_turn"] = self.delivered_turn
+            fields["delivered_turn"] = self.delivered_turn
         if self.resume_secret:
-            resume["resume"] = self.resume_secret
+            fields["resume"] = self.resume_secret
         return [
-            self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio, **resume)
+            self._frame(In.START, tenant=self.tenant, caller=self.caller, audio=audio, **fields)
         ]
 
     def media(self, payload: str, ts_ms: int) -> str:

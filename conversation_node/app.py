@@ -2,11 +2,13 @@
 
 Routes:
 - ``GET /v1/node/link`` (WebSocket): a router's link, every call it places here
-  multiplexed on it (``callmesh.mux``);
+  multiplexed on it (``callmesh.mux``); the upgrade must prove the link secret
+  (``callmesh.link_auth``: HMAC over a time and a nonce, accepted once);
 - ``GET /v1/node/calls/{call_id}`` (WebSocket): one call on its own WebSocket (for tools
-  and tests that talk to a node directly);
+  and tests that talk to a node directly); development mode only;
 - ``GET /healthz``: 200 while accepting calls, 503 while draining;
-- ``GET /v1/status``: JSON summary of the node and its calls;
+- ``GET /v1/status``: JSON summary of the node; its calls only for a request that
+  proves the link secret (``callmesh.link_auth``);
 - ``GET /metrics``: Prometheus text.
 
 Shutdown (SIGTERM, what a Kubernetes scale-down sends): stop taking calls and say so in
@@ -28,7 +30,9 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from callmesh.config import NodeConfig
+from callmesh.config import ConfigError, NodeConfig
+from callmesh.link_auth import HEADER as LINK_AUTH_HEADER
+from callmesh.link_auth import ROUTER_HEADER, LinkAuth, LinkAuthError
 from callmesh.metric_names import LIVE_CALLS, UNSAVED_CALLS
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import (
@@ -58,6 +62,7 @@ from state_store.store import Durability, StateStore
 log = logging.getLogger("callmesh.node")
 
 START_TIMEOUT_S = 10.0
+STATUS_PATH = "/v1/status"
 
 
 class ConversationNode:
@@ -83,6 +88,12 @@ class ConversationNode:
         self._redis: Any = None
         self._beat_redis: Any = None
         self._closed = False
+        self._link_auth = LinkAuth(config.link_secret) if config.link_secret else None
+        if self._link_auth is None and not config.auth_disabled:
+            raise ConfigError(
+                "a node needs CALLMESH_LINK_SECRET to authenticate routers "
+                "(CALLMESH_AUTH_DISABLED=1 turns authentication off)"
+            )
 
     @property
     def services(self) -> NodeServices:
@@ -157,6 +168,13 @@ class ConversationNode:
         )
         await self._heartbeat.beat_once()
         self._heartbeat.start()
+        if cfg.auth_disabled:
+            log.warning(
+                "AUTHENTICATION IS DISABLED (CALLMESH_AUTH_DISABLED=1): anyone who reaches "
+                "this node's port can open calls on it"
+            )
+        if cfg.dev_mode:
+            log.warning("development mode (CALLMESH_DEV_MODE=1): /v1/node/calls/{id} is open")
         log.info("node started", extra={"fields": {"node": cfg.node_id, "url": cfg.advertise_url}})
 
     async def drain(self) -> None:
@@ -222,7 +240,7 @@ class ConversationNode:
         app.router.add_get(LINK_PATH, self.router_link)
         app.router.add_get("/v1/node/calls/{call_id}", self.call_link)
         app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/v1/status", self.status)
+        app.router.add_get(STATUS_PATH, self.status)
         app.router.add_get("/metrics", self.metrics)
         return app
 
@@ -231,21 +249,41 @@ class ConversationNode:
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ok"})
 
+    def _router_authenticated(self, request: web.Request, path: str) -> bool:
+        """Whether the request proves the link secret (always true with authentication
+        explicitly disabled)."""
+        if self._link_auth is None:
+            return True
+        try:
+            self._link_auth.check(
+                request.headers.get(LINK_AUTH_HEADER), request.headers.get(ROUTER_HEADER), path
+            )
+        except LinkAuthError as exc:
+            log.warning(
+                "unauthenticated request refused",
+                extra={"fields": {"path": path, "remote": request.remote, "why": str(exc)}},
+            )
+            return False
+        return True
+
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "node": self.config.node_id,
-                "draining": self.draining,
-                "calls": len(self.sessions),
-                "sessions": [repr(s) for s in self.sessions.values()],
-                "metrics": self.services.metrics.snapshot(),
-                "histograms": {
-                    name: h.to_dict() for name, h in self.services.metrics.histograms.items()
-                },
-                "providers": self._providers.names() if self._providers else {},
-                "links": [repr(mux) for mux in self._links],
-            }
+        metrics = self.services.metrics
+        summary: dict[str, Any] = {
+            "node": self.config.node_id,
+            "draining": self.draining,
+            "calls": len(self.sessions),
+            "metrics": metrics.snapshot(),
+            "histograms": {name: h.to_dict() for name, h in metrics.histograms.items()},
+            "providers": self._providers.names() if self._providers else {},
+        }
+        # Call ids and tenants only for routers (and operators holding the link secret).
+        detailed = self._link_auth is None or (
+            LINK_AUTH_HEADER in request.headers and self._router_authenticated(request, STATUS_PATH)
         )
+        if detailed:
+            summary["sessions"] = [repr(s) for s in self.sessions.values()]
+            summary["links"] = [repr(mux) for mux in self._links]
+        return web.json_response(summary)
 
     async def metrics(self, request: web.Request) -> web.Response:
         m = self.services.metrics
@@ -254,7 +292,10 @@ class ConversationNode:
         return web.Response(text=m.render(), content_type="text/plain")
 
     async def router_link(self, request: web.Request) -> web.StreamResponse:
-        """A router's link: calls arrive as channels and are served like direct calls."""
+        """A router's link: calls arrive as channels and are served like direct calls.
+        Refused (401, before the upgrade) unless the router proves the link secret."""
+        if not self._router_authenticated(request, LINK_PATH):
+            raise web.HTTPUnauthorized(text="link authentication required\n")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         mux = Mux(
@@ -294,6 +335,9 @@ class ConversationNode:
             await channel.close()
 
     async def call_link(self, request: web.Request) -> web.StreamResponse:
+        # A call on its own socket skips the router and its checks: development only.
+        if not self.config.dev_mode:
+            raise web.HTTPNotFound(text="single-call sockets are off outside development mode\n")
         call_id = request.match_info["call_id"]
         if not valid_id(call_id):
             raise web.HTTPBadRequest(text="invalid call id")

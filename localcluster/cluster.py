@@ -20,9 +20,23 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callmesh.auth.dev import AUTH_SECRET_ENV, LINK_SECRET_ENV
 from localcluster.backends import EmbeddedBackends
 from localcluster.devcontrol import KILL_SIGNAL, DevControl, new_secret
 from localcluster.servers import ServerError, die_with_parent, free_port
+
+
+def ensure_dev_secrets(extra_env: dict[str, str]) -> dict[str, str]:
+    """The call-token and link secrets of a local cluster: given ones are kept; missing
+    ones are generated once per process and put in this process's environment, so its
+    own clients (the tests, the load generators) mint tokens the cluster accepts."""
+    found: dict[str, str] = {}
+    for name in (AUTH_SECRET_ENV, LINK_SECRET_ENV):
+        value = extra_env.get(name) or os.environ.get(name)
+        if not value:
+            value = os.environ[name] = new_secret()
+        found[name] = value
+    return found
 
 
 @dataclass
@@ -128,6 +142,8 @@ class LocalCluster:
         self.dev_control: DevControl | None = None
         self._router_env: dict[str, str] = {}
         self._lock = threading.Lock()
+        # CALLMESH_AUTH_SECRET and CALLMESH_LINK_SECRET of the cluster's processes.
+        self.secrets: dict[str, str] = {}
 
     @property
     def router_url(self) -> str:
@@ -147,6 +163,11 @@ class LocalCluster:
     @property
     def all_routers(self) -> list[Proc]:
         return [p for p in [self.router, *self.routers] if p is not None]
+
+    @property
+    def auth_secret(self) -> str:
+        """The secret call tokens of this cluster are minted with (mint_dev_token)."""
+        return self.secrets[AUTH_SECRET_ENV]
 
     @property
     def redis_url(self) -> str:
@@ -177,8 +198,10 @@ class LocalCluster:
             redis_cluster=self._redis_cluster,
             nats_cluster=self._nats_cluster,
         ).__enter__()
+        self.secrets = ensure_dev_secrets(self._extra_env)
         self._env = {
             **os.environ,
+            **self.secrets,
             **self._extra_env,
             "REDIS_URL": self.backends.redis_url,
             "NATS_URL": self.backends.nats_url,

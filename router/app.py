@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -31,9 +32,12 @@ import aiohttp
 from aiohttp import web
 
 from callmesh import metric_names as names
-from callmesh.config import RouterConfig
+from callmesh.auth import AuthError, CallGrant
+from callmesh.config import ConfigError, RouterConfig
+from callmesh.link_auth import LinkAuth
 from callmesh.protocol import CloseCode, Out, encode, valid_id
 from callmesh.telemetry import Metrics
+from router.call_auth import CallAuth, bearer_token, sanitized_start
 from router.console import Console
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
@@ -47,6 +51,7 @@ from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
 from state_store.pins import PinStore
+from state_store.resume import ResumeStore
 from state_store.store import StateStore
 
 log = logging.getLogger("callmesh.router")
@@ -74,6 +79,14 @@ class Router:
             max_unacked_audio_ms=config.max_unacked_audio_ms,
             connect_timeout_s=config.connect_timeout_ms / 1000,
         )
+        # Raises ConfigError without a way to verify tokens, unless explicitly disabled.
+        self.auth = CallAuth(config)
+        self._link_auth = LinkAuth(config.link_secret) if config.link_secret else None
+        if self._link_auth is None and not config.auth_disabled:
+            raise ConfigError(
+                "the router needs CALLMESH_LINK_SECRET to authenticate to nodes "
+                "(CALLMESH_AUTH_DISABLED=1 turns authentication off)"
+            )
         self._redis: Any = None
         self._http: aiohttp.ClientSession | None = None
         self._membership: MembershipView | None = None
@@ -126,8 +139,15 @@ class Router:
             BoundedLoadRing(self.config.balance_epsilon),
         )
         self._node_links = NodeLinks(
-            self._http, self.metrics, self.config.router_id, self.config.link_flush_ms / 1000
+            self._http,
+            self.metrics,
+            self.config.router_id,
+            self.config.link_flush_ms / 1000,
+            self._link_auth,
         )
+        self.auth.start(self._http, ResumeStore(self._redis))
+        if self.config.dev_mode:
+            log.warning("development mode (CALLMESH_DEV_MODE=1): unsigned Twilio webhooks pass")
         with contextlib.suppress(StateStoreError):
             await self._membership.refresh()
         self._membership.start()
@@ -194,6 +214,7 @@ class Router:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._node_links is not None:
             await self._node_links.aclose()
+        await self.auth.aclose()
         if self._http is not None:
             await asyncio.shield(self._http.close())
             self._http = None
@@ -253,7 +274,15 @@ class Router:
         await ws.prepare(request)
         self.metrics.inc(names.CALLS_ACCEPTED)
         link = NativeLink(ws, call_id, self.metrics, self.config.max_frame_bytes)
-        return await self._serve(ws, link)
+        grant: CallGrant | None = None
+        header = request.headers.get("Authorization")
+        if header is not None and not self.auth.disabled:
+            # Checked before anything else is read or touched.
+            try:
+                grant = await self.auth.grant(bearer_token(header), call_id)
+            except AuthError as exc:
+                return await self._refuse(ws, link, exc)
+        return await self._serve(ws, link, grant, token_in_start=header is None)
 
     async def twilio_media(self, request: web.Request) -> web.StreamResponse:
         # Twilio does not negotiate compression; refusing it keeps 50 frames/s cheap.
@@ -262,37 +291,84 @@ class Router:
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
         await ws.prepare(request)
         self.metrics.inc(names.TWILIO_STREAMS_ACCEPTED)
-        return await self._serve(ws, TwilioLink(ws, self.metrics, self.config.max_frame_bytes))
+        link = TwilioLink(ws, self.metrics, self.config.max_frame_bytes, self.auth.stream_key)
+        return await self._serve(ws, link, None, token_in_start=False)
 
     async def twilio_voice(self, request: web.Request) -> web.Response:
         self._refuse_if_draining()
-        return await voice_webhook(request, self.config, self.metrics)
+        return await voice_webhook(request, self.config, self.metrics, self.auth.stream_key)
 
     async def twilio_action(self, request: web.Request) -> web.Response:
         # A draining router still answers the action of a stream it just ended: the TwiML
         # names the stream URL of the public base, which the load balancer sends elsewhere.
         if self._store is None:
             raise RuntimeError("router not started")
-        return await action_webhook(request, self.config, self.metrics, self._store)
+        return await action_webhook(
+            request, self.config, self.metrics, self._store, self.auth.stream_key
+        )
 
     def _refuse_if_draining(self) -> None:
         if self.draining:
             self.metrics.inc(names.ROUTER_DRAIN_REFUSED)
             raise web.HTTPServiceUnavailable(reason="router draining: use another router")
 
-    async def _serve(self, ws: web.WebSocketResponse, link: ClientLink) -> web.WebSocketResponse:
+    async def _refuse(
+        self, ws: web.WebSocketResponse, link: ClientLink, exc: AuthError
+    ) -> web.WebSocketResponse:
+        refusal = exc.refusal
+        self.metrics.inc(names.calls_refused(refusal.reason))
+        # The cause for the operator; never the token or secret itself.
+        log.info(
+            "call refused",
+            extra={"fields": {"call_id": link.call_id, "reason": refusal.reason, "why": str(exc)}},
+        )
+        if not ws.closed:
+            await link.close(refusal.close_code, refusal.reason.encode())
+        return ws
+
+    async def _serve(
+        self,
+        ws: web.WebSocketResponse,
+        link: ClientLink,
+        grant: CallGrant | None,
+        *,
+        token_in_start: bool,
+    ) -> web.WebSocketResponse:
         session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
         key: tuple[str, str] | None = None
+        admission = None
         try:
             if not await session.wait_start():
                 return ws
             if self.draining:
+                # Before admission: a client moved elsewhere keeps its current resume secret.
                 await self._move(session)
                 return ws
+            start = session.start
+            assert start is not None
+            try:
+                if token_in_start and not self.auth.disabled:
+                    grant = await self.auth.grant(start.body.get("token"), link.call_id)
+                admission = await self.auth.admit(
+                    grant,
+                    start,
+                    link.call_id,
+                    resumable=link.resumable,
+                    proven=link.kind == "twilio",
+                )
+            except AuthError as exc:
+                return await self._refuse(ws, link, exc)
+            session.admit(
+                sanitized_start(start, admission.tenant, admission.caller),
+                admission.tenant,
+                admission.secret,
+            )
+            session.on_ended = functools.partial(self.auth.release, admission)
             key = (session.tenant, session.call_id)
             old = self.calls.get(key)
             if old is not None:
-                # The caller reconnected: the newest connection wins.
+                # The call's own client reconnected (it proved the resume secret): the
+                # newest connection wins.
                 await old.link.close(CloseCode.GOING_AWAY, b"replaced")
             self.calls[key] = session
             await session.run()

@@ -70,7 +70,12 @@ class Router(Protocol):
     def http(self) -> aiohttp.ClientSession: ...
 
     async def _serve(
-        self, ws: web.WebSocketResponse, link: ClientLink
+        self,
+        ws: web.WebSocketResponse,
+        link: ClientLink,
+        grant: CallGrant | None,
+        *,
+        token_in_start: bool,
     ) -> web.WebSocketResponse: ...
 
 
@@ -79,6 +84,7 @@ class TenantBoundLink(NativeLink):
     refused."""
 
     kind = "console"
+    resumable = True  # with the call's current resume secret
 
     def __init__(
         self,
@@ -241,7 +247,7 @@ class Console:
         await ws.prepare(request)
         self._r.metrics.inc(CONSOLE_CALLS_ACCEPTED)
         link = TenantBoundLink(ws, call_id, grant, self._r.metrics, cfg.max_frame_bytes)
-        return await self._r._serve(ws, link)
+        return await self._r._serve(ws, link, grant, token_in_start=False)
 
     async def api_calls(self, request: web.Request) -> web.Response:
         tenant = (await self._grant(request, SCOPE_INSPECT)).tenant

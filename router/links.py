@@ -23,6 +23,8 @@ class ClientLink(Protocol):
     """What a proxy session needs of its client connection."""
 
     kind: str
+    # Whether a live call may be taken over through this link (with its resume proof).
+    resumable: bool
     # Known once ``receive`` returned the ``start`` frame.
     call_id: str
 
@@ -51,6 +53,7 @@ class NativeLink:
     """The native protocol: the client already speaks what the node speaks."""
 
     kind = "native"
+    resumable = True  # with the call's current resume secret
 
     def __init__(
         self, ws: web.WebSocketResponse, call_id: str, metrics: Metrics, max_frame_bytes: int

@@ -16,6 +16,8 @@ import logging
 
 import aiohttp
 
+from callmesh.link_auth import HEADER as LINK_AUTH_HEADER
+from callmesh.link_auth import ROUTER_HEADER, LinkAuth
 from callmesh.metric_names import NODE_LINKS_OPENED
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.telemetry import Metrics
@@ -38,8 +40,11 @@ class NodeLinks:
         metrics: Metrics,
         router_id: str,
         flush_delay_s: float,
+        link_auth: LinkAuth | None = None,
     ) -> None:
         self._http = http
+        # Signs each link's upgrade request (None: authentication explicitly disabled).
+        self._auth = link_auth
         self._flush_delay = flush_delay_s
         self._metrics = metrics
         self._router_id = router_id
@@ -73,13 +78,16 @@ class NodeLinks:
         return await asyncio.shield(task)
 
     async def _connect(self, node_id: str, url: str) -> Mux:
+        headers = {ROUTER_HEADER: self._router_id}
+        if self._auth is not None:
+            headers[LINK_AUTH_HEADER] = self._auth.sign(self._router_id, LINK_PATH)
         try:
             ws = await self._http.ws_connect(
                 f"{url}{LINK_PATH}",
                 timeout=aiohttp.ClientWSTimeout(ws_close=1.0),
                 max_msg_size=MAX_MESSAGE_BYTES,
                 autoping=True,
-                headers={"X-Callmesh-Router": self._router_id},
+                headers=headers,
                 # Audio is base64 noise to deflate; compressing it would cost more CPU
                 # than the router's whole job.
                 compress=0,

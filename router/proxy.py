@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -120,6 +121,11 @@ class ProxySession:
         self.replies = ReplyDedup()
         self._ready_sent = False
         self.relink_reason = ""
+        # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
+        self.resume_secret: str | None = None
+        # Run once the call has ended, before the client hears so (router.app releases
+        # the call's resume record: a client told "ended" finds it gone).
+        self.on_ended: Callable[[], Awaitable[None]] | None = None
         self._ended = False
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
@@ -149,13 +155,18 @@ class ProxySession:
                     ErrorCode.NOT_STARTED, "send 'start' before anything else", inbound.seq
                 )
                 continue
-            self.start = inbound
-            self.call_id = self.link.call_id
-            self.tenant = inbound.body["tenant"]
+            self.admit(inbound, inbound.body["tenant"])
             self.last_client_seq = inbound.seq
             self.unacked.bound_audio(self._limits.max_unacked_audio_ms, inbound.body.get("audio"))
             return True
         return False
+
+    def admit(self, start: Inbound, tenant: str, resume_secret: str | None = None) -> None:
+        """The call's ``start`` as the node must see it, once its credentials passed."""
+        self.start = start
+        self.call_id = self.link.call_id
+        self.tenant = tenant
+        self.resume_secret = resume_secret
 
     async def read_client(self) -> None:
         """Client → node: validate, keep until acknowledged, forward if a link is up."""
@@ -254,6 +265,9 @@ class ProxySession:
             elif kind == Out.READY:
                 if not self._ready_sent:
                     self._ready_sent = True
+                    if self.resume_secret is not None:
+                        frame = {**(frame or parse(raw) or {}), "resume": self.resume_secret}
+                        raw = encode(frame)
                     await self.send_client(kind, raw, frame)
                 else:  # a relink: the client learns its call's new owner (docs/protocol.md)
                     owner = owner_frame(frame or parse(raw) or {}, self.relink_reason)
@@ -263,20 +277,29 @@ class ProxySession:
                 if self.replies.complete(int(frame.get("turn", 0))):
                     await self.send_client(kind, raw, frame)
             elif kind == Out.CALL_ENDED:
-                self._ended = True
+                await self._call_ended()
                 await self.send_client(kind, raw, frame)
                 return Outcome.ENDED
             else:
                 if kind == Out.ERROR:
                     frame = frame or parse(raw) or {}
                     if frame.get("code") == ErrorCode.CALL_ENDED:
-                        self._ended = True
+                        await self._call_ended()
                         await self.send_client(kind, raw, frame)
                         return Outcome.ENDED
                 await self.send_client(kind, raw, frame)
         if self._client_gone.is_set():
             return Outcome.CLIENT_GONE
         return Outcome.LOST
+
+    async def _call_ended(self) -> None:
+        self._ended = True
+        if self.on_ended is not None:
+            hook, self.on_ended = self.on_ended, None
+            try:
+                await hook()
+            except StateStoreError as exc:
+                log.warning("end of call not recorded", extra={"fields": {"error": str(exc)}})
 
     async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
         verdict = self.replies.offer(kind, raw, frame)

@@ -1,19 +1,25 @@
 """Twilio Media Streams as a client link: Twilio's JSON events ⇄ native frames.
 
 Inbound, every Twilio event becomes (at most) one native frame with a router-assigned,
-strictly increasing ``seq``: ``start`` → ``start`` (call id = ``callSid``, tenant and
-caller from ``customParameters``, audio mulaw/8000), ``media`` → ``audio`` (the base64
-payload is forwarded as is, never decoded), ``mark`` → ``mark``, ``dtmf`` → ``dtmf``,
-``stop`` → ``hangup``. A stream that replaces a lost one (the ``<Connect action>`` of
-``router.twilio_webhook``) carries a ``seq_base`` parameter, the answering router's clock in
-µs: its frames are numbered above it, so above every frame an earlier stream of the call
-sent (50 a second is far below a million), and the node, which skips what it already
-applied, takes them. Outbound, only what Twilio understands is sent: ``agent_audio`` →
-``media``, ``mark`` → ``mark``, ``clear`` → ``clear``; the rest is counted and dropped.
+strictly increasing ``seq``: ``start`` → ``start`` (call id = ``callSid``; tenant and
+caller from the signed stream token the voice webhook put in the TwiML, presented in
+``customParameters.token`` and bound to the callSid; audio mulaw/8000), ``media`` →
+``audio`` (the base64 payload is forwarded as is, never decoded), ``mark`` → ``mark``,
+``dtmf`` → ``dtmf``, ``stop`` → ``hangup``. A stream that replaces a lost one (the
+``<Connect action>`` of ``router.twilio_webhook``) carries a stream token marked as a resume
+(the only way a second stream may take a live call over) and a ``seq_base`` parameter, the
+answering router's clock in µs: its frames are numbered above it, so above every frame an
+earlier stream of the call sent (50 a second is far below a million), and the node, which
+skips what it already applied, takes them. Outbound, only what Twilio understands is sent:
+``agent_audio`` → ``media``, ``mark`` → ``mark``, ``clear`` → ``clear``; the rest is
+counted and dropped.
 
-A malformed Twilio message is counted, logged and skipped; it never ends the call. A
-``start`` that cannot make a call (no valid tenant, a media format other than mu-law
-8 kHz) closes the stream with 4400 and the reason.
+Every message after ``start`` must name the stream's ``streamSid``; one that does not is
+counted and skipped. A malformed Twilio message is counted, logged and skipped; it never
+ends the call. A ``start`` that cannot make a call (a media format other than mu-law
+8 kHz) closes the stream with 4400 and the reason; one without a valid stream token with
+the refusal's close code (4401 / 4403). Only with authentication explicitly disabled (no
+stream key) are tenant and caller taken from ``customParameters``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from aiohttp import WSMsgType, web
 
 from callmesh import metric_names as names
 from callmesh.audio.format import TELEPHONY_RATE
+from callmesh.auth import AuthError
+from callmesh.auth.twilio import STREAM_TOKEN_PARAMETER, caller_id, verify_stream_token
 from callmesh.protocol import (
     DTMF_DIGITS,
     MAX_MARK_NAME,
@@ -58,27 +66,18 @@ _B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _MEDIA = re.compile(
     r'\{"event":"media","sequenceNumber":"[0-9]{1,20}","media":\{"track":"[a-z_]{1,16}",'
     r'"chunk":"[0-9]{1,20}","timestamp":"([0-9]{1,15})","payload":"([A-Za-z0-9+/]+={0,2})"\},'
-    r'"streamSid":"[A-Za-z0-9_-]{1,64}"\}'
+    r'"streamSid":"([A-Za-z0-9_-]{1,64})"\}'
 )
-_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-_PHONE = re.compile(r"[+\d\s().-]+")
-_NON_DIGITS = re.compile(r"\D")
 # Up to 10^17: within the native protocol's seq bound with room for a long call.
 _SEQ_BASE = re.compile(r"[0-9]{1,17}")
 
 
-def caller_id(value: object) -> str:
-    """A caller id safe in keys and subjects, from whatever Twilio calls the caller: a
-    phone number's digits (``+1 415-555-0100`` → ``14155550100``), else the id-safe
-    characters (``client:alice`` → ``clientalice``)."""
-    if not isinstance(value, str):
-        return "anonymous"
-    pattern = _NON_DIGITS if _PHONE.fullmatch(value) else _ID_CHARS
-    return pattern.sub("", value)[:64] or "anonymous"
-
-
 class _Refused(Exception):
     """A Twilio ``start`` that cannot become a call."""
+
+    def __init__(self, reason: str, code: int = CloseCode.BAD_REQUEST) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class TwilioLink:
@@ -86,8 +85,19 @@ class TwilioLink:
 
     kind = "twilio"
 
-    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        metrics: Metrics,
+        max_frame_bytes: int,
+        stream_key: str | None = None,
+    ) -> None:
         self.ws = ws
+        # Checks the stream token (None: authentication explicitly disabled).
+        self._stream_key = stream_key
+        # Whether this stream may take over a live call: only one whose token the
+        # ``<Connect action>`` minted as a resume (a replayed first-stream token may not).
+        self.resumable = False
         self.call_id = ""
         self.stream_sid = ""
         self.malformed = 0
@@ -124,7 +134,7 @@ class TwilioLink:
                 try:
                     inbound = self.translate(msg.data)
                 except _Refused as exc:
-                    await self._refuse_call(str(exc))
+                    await self._refuse_call(str(exc), exc.code)
                     return None
                 if inbound is not None:
                     return inbound
@@ -146,6 +156,8 @@ class TwilioLink:
         if self._started and not self._stopped:
             exact = _MEDIA.fullmatch(data)
             if exact is not None:
+                if exact[3] != self.stream_sid:
+                    return self._other_stream()
                 return self._audio(exact[2], int(exact[1]))
         try:
             msg = json.loads(data)
@@ -154,6 +166,8 @@ class TwilioLink:
         if type(msg) is not dict:
             return self._malformed("not an object")
         event = msg.get("event")
+        if self._started and event != "connected" and msg.get("streamSid") != self.stream_sid:
+            return self._other_stream()
         if event == "media":  # the hot path: 50 a second per call
             if not self._started or self._stopped:
                 self._metrics.inc(names.TWILIO_MEDIA_OUTSIDE_STREAM)
@@ -216,10 +230,7 @@ class TwilioLink:
         params = start.get("customParameters") or {}
         if type(params) is not dict:
             raise _Refused("start.customParameters must be an object")
-        tenant = params.get("tenant")
-        if not valid_id(tenant):
-            raise _Refused("customParameters.tenant missing or not [A-Za-z0-9_-]{1,64}")
-        caller = caller_id(params.get("caller") or params.get("From") or params.get("from"))
+        tenant, caller = self._identity(params, str(call_sid))
         fmt = start.get("mediaFormat")
         if fmt is not None and (
             type(fmt) is not dict
@@ -242,6 +253,29 @@ class TwilioLink:
             audio={"encoding": AudioEncoding.MULAW.value, "sample_rate": TWILIO_SAMPLE_RATE},
         )
 
+    def _identity(self, params: dict[str, Any], call_sid: str) -> tuple[str, str]:
+        """Tenant and caller of the stream: from its signed token, bound to the callSid
+        (the webhook verified Twilio's signature over ``From`` before minting it)."""
+        if self._stream_key is None:
+            tenant = params.get("tenant")
+            if not valid_id(tenant):
+                raise _Refused("customParameters.tenant missing or not [A-Za-z0-9_-]{1,64}")
+            caller = caller_id(params.get("caller") or params.get("From") or params.get("from"))
+            return str(tenant), caller
+        try:
+            grant = verify_stream_token(
+                self._stream_key, params.get(STREAM_TOKEN_PARAMETER), call_sid
+            )
+        except AuthError as exc:
+            raise _Refused(exc.refusal.reason, exc.refusal.close_code) from exc
+        self.resumable = grant.resume
+        return grant.tenant, grant.caller
+
+    def _other_stream(self) -> Inbound | None:
+        """A message naming another stream than this one's: never acted on."""
+        self._metrics.inc(names.TWILIO_STREAM_SID_MISMATCH)
+        return self._malformed("streamSid is not this stream's")
+
     def _frame(self, kind: In, **fields: Any) -> Inbound:
         self._seq += 1
         body = {"type": kind.value, "seq": self._seq, **fields}
@@ -256,10 +290,10 @@ class TwilioLink:
         log.log(level, "malformed Twilio message", extra={"fields": fields})
         return None
 
-    async def _refuse_call(self, reason: str) -> None:
+    async def _refuse_call(self, reason: str, code: int = CloseCode.BAD_REQUEST) -> None:
         self._metrics.inc(names.TWILIO_STREAMS_REFUSED)
         log.warning("Twilio stream refused", extra={"fields": {"reason": reason}})
-        await self.close(CloseCode.BAD_REQUEST, reason.encode()[:120])
+        await self.close(code, reason.encode()[:120])
 
     # ------------------------------------------------------------------ node → Twilio
 

@@ -2,40 +2,52 @@
 
 ``POST /v1/twilio/voice[?tenant=T]`` (form-encoded ``CallSid``, ``From``, ``To``...) answers
 
-    <Response><Connect action="https://HOST/v1/twilio/action?tenant=T" method="POST">
-      <Stream url="wss://HOST/v1/twilio/media">
-        <Parameter name="tenant" value="T"/><Parameter name="caller" value="14155550100"/>
+    <Response><Connect action="https://PUBLIC/v1/twilio/action?tenant=T" method="POST">
+      <Stream url="wss://PUBLIC/v1/twilio/media">
+        <Parameter name="token" value="<stream token>"/>
       </Stream></Connect></Response>
 
-Twilio then opens the media stream (``router.twilio``) with both parameters in
-``start.customParameters``. When an auth token is configured, the request must carry a
-valid ``X-Twilio-Signature``: base64(HMAC-SHA1(token, URL + each POST parameter's name
-and value, sorted by name)), where URL is the full URL Twilio requested.
+The request must carry a valid ``X-Twilio-Signature`` (:mod:`callmesh.auth.twilio`),
+checked over the public URL from configuration (``CALLMESH_PUBLIC_URL``, query string
+included, so ``?tenant=`` is signed too), never over one rebuilt from ``Host``; only in
+explicit development mode (``CALLMESH_DEV_MODE=1``) without ``TWILIO_AUTH_TOKEN`` are
+unsigned requests answered. The stream token is a short-lived HS256 token bound to the
+``CallSid``, carrying the tenant and the signed ``From``: Twilio hands it back in the
+media stream's ``start.customParameters`` (``router.twilio``), so neither can be
+chosen by whoever opens a stream.
 
 A stream can end while its call goes on: its router died or drained. Twilio then requests
 the ``<Connect action>`` (``POST /v1/twilio/action``, signed like the webhook), and any
 router answers from the call's state in Redis (its checkpoint, keyed by tenant and
 ``CallSid``): a checkpoint whose status is ``ended`` (the node ended the call: hangup or
 ``call_ended``) gets ``<Hangup/>``; anything else (an active checkpoint, or none yet: the
-stream died before the call's first checkpoint) gets the same ``<Connect><Stream>`` again,
-and the new stream's ``start`` (same ``callSid``) resumes the call on its owner node from
-its checkpoint. Redis unreachable answers a new stream too: a retry costs a short gap, a
-wrong hang-up costs the call. A ``CallStatus`` that says the call is over gets ``<Hangup/>``.
+stream died before the call's first checkpoint) gets a ``<Connect><Stream>`` again whose
+stream token is marked as a resume (shorter-lived): only such a token lets a second stream
+take the live call over, so a replayed first-stream token is still refused. The new
+stream's ``start`` (same ``callSid``) resumes the call on its owner node from its
+checkpoint. Redis unreachable answers a new stream too: a retry costs a short gap, a wrong
+hang-up costs the call. A ``CallStatus`` that says the call is over gets ``<Hangup/>``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
+import logging
 import time
-from collections.abc import Iterable
-from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from dataclasses import dataclass
+from urllib.parse import urlencode
 from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from callmesh.auth import TwilioSignatureInvalid
+from callmesh.auth.twilio import (
+    RESUME_STREAM_TOKEN_TTL_S,
+    SIGNATURE_HEADER,
+    STREAM_TOKEN_PARAMETER,
+    caller_id,
+    mint_stream_token,
+    verify_request,
+)
 from callmesh.config import RouterConfig
 from callmesh.metric_names import (
     TWILIO_ACTION_HANGUP,
@@ -43,12 +55,14 @@ from callmesh.metric_names import (
     TWILIO_WEBHOOK_BAD_SIGNATURE,
     TWILIO_WEBHOOK_CALLS,
     TWILIO_WEBHOOK_NO_TENANT,
+    TWILIO_WEBHOOK_NOT_CONFIGURED,
 )
 from callmesh.protocol import valid_id
 from callmesh.telemetry import Metrics
-from router.twilio import caller_id
 from state_store.errors import StateStoreError
 from state_store.store import StateStore
+
+log = logging.getLogger("callmesh.router.twilio")
 
 MEDIA_PATH = "/v1/twilio/media"
 VOICE_PATH = "/v1/twilio/voice"
@@ -56,49 +70,17 @@ ACTION_PATH = "/v1/twilio/action"
 # Twilio's CallStatus values of a call that is over: nothing to reconnect.
 _CALL_OVER = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 HANGUP_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
-SIGNATURE_HEADER = "X-Twilio-Signature"
 
 
-def signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
-    """Twilio's request signature of a POST to ``url`` with form ``params``."""
-    data = url + "".join(k + v for k, v in sorted(params))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """A signed webhook request: what the TwiML is built from."""
 
-
-def valid_signature(
-    auth_token: str, url: str, params: list[tuple[str, str]], received: str
-) -> bool:
-    """Constant-time check; the URL is tried with and without its default port, since
-    a proxy in front of us may add or strip it (Twilio's own validators do the same)."""
-    ok = False
-    for candidate in _port_variants(url):
-        # Every candidate is compared, so the timing does not tell which one matched.
-        ok |= hmac.compare_digest(signature(auth_token, candidate, params), received)
-    return ok
-
-
-def _port_variants(url: str) -> list[str]:
-    parts = urlsplit(url)
-    default = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is None and default is not None:
-        other = f"{host}:{default}"
-    elif parts.port == default:
-        other = host
-    else:
-        return [url]
-    return [url, urlunsplit(parts._replace(netloc=other))]
-
-
-def public_base(request: web.Request, config: RouterConfig) -> str:
-    """``https://host[/prefix]`` as clients (Twilio) see this router."""
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    return f"{proto or request.scheme}://{request.host}"
+    base: str
+    tenant: str
+    call_sid: str
+    caller: str
+    status: object
 
 
 def _attr(value: str) -> str:
@@ -117,38 +99,38 @@ def twiml(stream_url: str, parameters: dict[str, str], action_url: str = "") -> 
     )
 
 
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
 async def voice_webhook(
-    request: web.Request, config: RouterConfig, metrics: Metrics
+    request: web.Request, config: RouterConfig, metrics: Metrics, stream_key: str | None
 ) -> web.Response:
     checked = await _checked(request, config, metrics)
     if isinstance(checked, web.Response):
         return checked
-    tenant, form, base = checked
     metrics.inc(TWILIO_WEBHOOK_CALLS)
-    return _stream_twiml(base, tenant, form)
+    return _stream_twiml(checked, stream_key)
 
 
 async def action_webhook(
-    request: web.Request, config: RouterConfig, metrics: Metrics, store: StateStore
+    request: web.Request,
+    config: RouterConfig,
+    metrics: Metrics,
+    store: StateStore,
+    stream_key: str | None,
 ) -> web.Response:
-    """The ``<Connect action>``: a new stream for a call that goes on, else ``<Hangup/>``."""
+    """The ``<Connect action>``: a new (resuming) stream for a call that goes on, else
+    ``<Hangup/>``."""
     checked = await _checked(request, config, metrics)
     if isinstance(checked, web.Response):
         return checked
-    tenant, form, base = checked
-    call_sid = form.get("CallSid")
-    if not valid_id(call_sid):
-        return web.Response(
-            status=400,
-            text="CallSid missing or not [A-Za-z0-9_-]{1,64}\n",
-            content_type="text/plain",
-        )
-    if await _call_over(store, tenant, str(call_sid), form.get("CallStatus")):
+    if await _call_over(store, checked.tenant, checked.call_sid, checked.status):
         metrics.inc(TWILIO_ACTION_HANGUP)
         return web.Response(text=HANGUP_TWIML, content_type="text/xml")
     metrics.inc(TWILIO_ACTION_RESUMED)
     # The new stream numbers its frames above the lost one's (router.twilio).
-    return _stream_twiml(base, tenant, form, seq_base=str(time.time_ns() // 1000))
+    return _stream_twiml(checked, stream_key, seq_base=str(time.time_ns() // 1000))
 
 
 async def _call_over(store: StateStore, tenant: str, call_sid: str, status: object) -> bool:
@@ -161,11 +143,26 @@ async def _call_over(store: StateStore, tenant: str, call_sid: str, status: obje
     return ckpt is not None and ckpt.status == "ended"
 
 
-def _stream_twiml(base: str, tenant: str, form: Any, seq_base: str = "") -> web.Response:
-    scheme, _, rest = base.partition("://")
+def _stream_twiml(signed: _Signed, stream_key: str | None, seq_base: str = "") -> web.Response:
+    scheme, _, rest = signed.base.partition("://")
     stream_url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}{MEDIA_PATH}"
-    action_url = f"{base}{ACTION_PATH}?{urlencode({'tenant': tenant})}"
-    params = {"tenant": tenant, "caller": caller_id(form.get("From"))}
+    action_url = f"{signed.base}{ACTION_PATH}?{urlencode({'tenant': signed.tenant})}"
+    if stream_key is None:  # authentication explicitly disabled
+        params = {"tenant": signed.tenant, "caller": signed.caller}
+    elif seq_base:
+        # A resume: the only token that lets a second stream take the live call over.
+        token = mint_stream_token(
+            stream_key,
+            signed.call_sid,
+            signed.tenant,
+            signed.caller,
+            RESUME_STREAM_TOKEN_TTL_S,
+            resume=True,
+        )
+        params = {STREAM_TOKEN_PARAMETER: token}
+    else:
+        token = mint_stream_token(stream_key, signed.call_sid, signed.tenant, signed.caller)
+        params = {STREAM_TOKEN_PARAMETER: token}
     if seq_base:
         params["seq_base"] = seq_base
     body = twiml(stream_url, params, action_url)
@@ -174,27 +171,38 @@ def _stream_twiml(base: str, tenant: str, form: Any, seq_base: str = "") -> web.
 
 async def _checked(
     request: web.Request, config: RouterConfig, metrics: Metrics
-) -> tuple[str, Any, str] | web.Response:
-    """(tenant, form, public base) of a signed webhook request, or the refusal."""
+) -> _Signed | web.Response:
+    """What a signed webhook request asks for, or the refusal."""
+    base = config.public_url.rstrip("/")
+    if not base:
+        metrics.inc(TWILIO_WEBHOOK_NOT_CONFIGURED)
+        return _text(503, "set CALLMESH_PUBLIC_URL: the stream URL and signatures use it")
     form = await request.post()
-    base = public_base(request, config)
+    params = [(k, v) for k, v in form.items() if isinstance(v, str)]
     if config.twilio_auth_token:
-        received = request.headers.get(SIGNATURE_HEADER, "")
-        params = [(k, v) for k, v in form.items() if isinstance(v, str)]
-        url = base + request.path_qs
-        if not received or not valid_signature(config.twilio_auth_token, url, params, received):
-            metrics.inc(TWILIO_WEBHOOK_BAD_SIGNATURE)
-            why = "missing" if not received else "invalid"
-            return web.Response(
-                status=403, text=f"{SIGNATURE_HEADER} {why} for {url}\n", content_type="text/plain"
+        try:
+            verify_request(
+                config.twilio_auth_token,
+                base + request.path_qs,
+                params,
+                request.headers.get(SIGNATURE_HEADER),
             )
+        except TwilioSignatureInvalid as exc:
+            metrics.inc(TWILIO_WEBHOOK_BAD_SIGNATURE)
+            log.warning("Twilio webhook refused", extra={"fields": {"why": str(exc)}})
+            return _text(403, str(exc))
+    elif not config.dev_mode:
+        metrics.inc(TWILIO_WEBHOOK_NOT_CONFIGURED)
+        return _text(403, "set TWILIO_AUTH_TOKEN: unsigned webhooks pass only in development mode")
     tenant = request.query.get("tenant") or config.twilio_default_tenant
     if not valid_id(tenant):
         metrics.inc(TWILIO_WEBHOOK_NO_TENANT)
-        return web.Response(
-            status=400,
-            text="tenant required: add ?tenant=NAME ([A-Za-z0-9_-]{1,64}) to the webhook URL "
-            "or set CALLMESH_TWILIO_TENANT\n",
-            content_type="text/plain",
+        return _text(
+            400,
+            "tenant required: add ?tenant=NAME ([A-Za-z0-9_-]{1,64}) to the webhook URL "
+            "or set CALLMESH_TWILIO_TENANT",
         )
-    return tenant, form, base
+    call_sid = form.get("CallSid")
+    if not isinstance(call_sid, str) or not valid_id(call_sid):
+        return _text(400, "CallSid missing or not [A-Za-z0-9_-]{1,64}")
+    return _Signed(base, tenant, call_sid, caller_id(form.get("From")), form.get("CallStatus"))

@@ -36,3 +36,9 @@ def pin(tenant: str, call_id: str) -> str:
 def caller_history(tenant: str, caller: str) -> str:
     """Long-term memory of one caller of one tenant (list of msgpack call summaries)."""
     return f"{PREFIX}:{tenant}:caller:{{{caller}}}:history"
+
+
+def resume(tenant: str, call_id: str) -> str:
+    """Hash {generation, digest}: the digest of the live call's current resume secret
+    (callmesh.auth.resume); a reconnect must present the secret."""
+    return _call(tenant, call_id, "resume")

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from callmesh.audio.tones import silence, speech_from_text
 from callmesh.config import Backends, NodeConfig, SimulatedLatency
+from callmesh.link_auth import LinkAuth
 from callmesh.mux import Channel
 from callmesh.telemetry import Metrics
 from conversation_node.app import ConversationNode
@@ -34,6 +35,8 @@ from localcluster.servers import free_port
 from router.node_links import NodeLinks
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
+# The link secret of the harness's nodes and of the links it opens to them.
+LINK_SECRET = "node-harness-link-secret-0123456789abcdef"
 
 
 def simulated_providers(**overrides: Any) -> Providers:
@@ -58,6 +61,8 @@ async def running_node(
     **config: Any,
 ) -> AsyncIterator[tuple[ConversationNode, str]]:
     port = free_port()
+    # Development mode: the tests also talk to a node over a call's own socket.
+    config = {"link_secret": LINK_SECRET, "dev_mode": 1, **config}
     cfg = NodeConfig(backends=Backends(redis_url=redis_url, nats_url=nats_url), port=port, **config)
     node = ConversationNode(cfg, providers=providers, memory=memory)
     await node.start()
@@ -209,7 +214,9 @@ async def node_call(
     """A call to the node at ``base_url``: over a link of its own, as the router carries
     calls (the default), or over the call's own WebSocket."""
     async with aiohttp.ClientSession() as http:
-        links = NodeLinks(http, Metrics("test"), "test-router", flush_delay_s=0.0)
+        links = NodeLinks(
+            http, Metrics("test"), "test-router", flush_delay_s=0.0, link_auth=LinkAuth(LINK_SECRET)
+        )
         wire: _SocketWire | _LinkWire
         if via == "socket":
             wire = _SocketWire(await http.ws_connect(f"{base_url}/v1/node/calls/{call_id}"))

@@ -12,6 +12,7 @@ import aiohttp
 import nats
 import pytest
 
+from callmesh.auth import mint_dev_token
 from callmesh_client.client import CallClient, CallError
 from events import subjects
 from events.connection import server_urls
@@ -101,7 +102,9 @@ async def test_bad_input_gets_errors_and_other_calls_go_on(cluster: LocalCluster
             assert json.loads((await ws.receive()).data)["code"] == "not_started"
             await ws.send_str("{oops")
             assert json.loads((await ws.receive()).data)["code"] == "bad_json"
-            await ws.send_str(json.dumps({"type": "start", "seq": 2, "tenant": "demo"}))
+            token = mint_dev_token(cluster.auth_secret, "demo", "bad-1", "anonymous")
+            start = {"type": "start", "seq": 2, "tenant": "demo", "token": token}
+            await ws.send_str(json.dumps(start))
             assert (await _next_frame(ws))["type"] == "ready"
             await ws.send_str(json.dumps({"type": "teleport", "seq": 3}))
             assert (await _next_frame(ws))["code"] == "unknown_type"

@@ -30,7 +30,8 @@ SECRET = "s" * 40
 
 
 def _config(redis_url: str, nats_url: str, **kw: Any) -> RouterConfig:
-    return RouterConfig(backends=Backends(redis_url=redis_url, nats_url=nats_url), **kw)
+    auth = {"auth_secret": SECRET[::-1] + "a", "link_secret": SECRET + "l"}
+    return RouterConfig(backends=Backends(redis_url=redis_url, nats_url=nats_url), **auth, **kw)
 
 
 async def _serve(config: RouterConfig) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:

@@ -135,9 +135,11 @@ async def test_second_router_routes_live_call_to_its_owner(cluster: LocalCluster
     async with CallClient(cluster.router_url, "pin-1") as client:
         owner = (await client.start("demo", "x"))["node"]
         await client.say("Hi, my name is Kai")
+        secret = client.resume_secret
     second = cluster.add_router()
     async with CallClient(second.url, "pin-1") as client:
-        ready = await client.start("demo", "x")
+        # Any router checks the call's resume secret (kept in Redis).
+        ready = await client.start("demo", "x", resume=secret)
         assert ready["node"] == owner and ready["resumed"] is True
         reply = await client.say("I need a filling")
         assert "Kai" in reply.text

@@ -164,9 +164,10 @@ async def test_second_call_is_greeted_with_what_the_first_established(
         # The name is carried into the new session: no need to ask for it again.
         reply = await client.say("I'd like a checkup")
         assert reply.turn == 1 and "Alice" in reply.text and "name" not in reply.text
+        secret = client.resume_secret
         # A reconnect resumes the call: no second greeting, the greeting is in its memory.
     async with CallClient(cluster.router_url, "hist-2") as client:
-        ready = await client.start("demo", "cust-42")
+        ready = await client.start("demo", "cust-42", resume=secret)
         assert ready["resumed"] and ready["turn"] == 1
         reply = await client.say("Friday")
         assert reply.turn == 2 and "Alice" in reply.text and client.greeting == ""

@@ -22,7 +22,8 @@ from callmesh_client.twilio_phone import _rebase, parse_twiml
 from callmesh_client.voice_wire import TwilioWire
 from router.app import Router
 from router.twilio import TwilioLink
-from router.twilio_webhook import ACTION_PATH, action_webhook, signature, twiml
+from callmesh.auth.twilio import request_signature, verify_stream_token
+from router.twilio_webhook import ACTION_PATH, action_webhook, twiml
 from state_store.checkpoint import Checkpoint
 from state_store.errors import StoreUnavailable
 
@@ -87,18 +88,20 @@ async def action() -> AsyncIterator[Any]:
     servers: list[TestServer] = []
 
     async def post(store: _Store, form: dict[str, str], token: str = "", sign: str = "") -> Any:
-        config = RouterConfig(twilio_auth_token=token)
+        config = RouterConfig(twilio_auth_token=token, public_url=PUBLIC, dev_mode=int(not token))
         app = web.Application()
 
         async def handler(request: web.Request) -> web.Response:
-            return await action_webhook(request, config, Metrics("t"), store)  # type: ignore[arg-type]
+            return await action_webhook(request, config, Metrics("t"), store, STREAM_KEY)  # type: ignore[arg-type]
 
         app.router.add_post(ACTION_PATH, handler)
         server = TestServer(app)
         await server.start_server()
         servers.append(server)
         url = str(server.make_url(ACTION_PATH)) + "?tenant=demo"
-        headers = {"X-Twilio-Signature": sign(url) if callable(sign) else sign} if token else {}
+        # Twilio signs the public URL it requested.
+        signed = f"{PUBLIC}{ACTION_PATH}?tenant=demo"
+        headers = {"X-Twilio-Signature": sign(signed) if callable(sign) else sign} if token else {}
         async with aiohttp.ClientSession() as http, http.post(url, data=form, headers=headers) as r:
             return r.status, await r.text()
 
@@ -107,6 +110,8 @@ async def action() -> AsyncIterator[Any]:
         await s.close()
 
 
+PUBLIC = "https://voice.example.com"
+STREAM_KEY = "k" * 32
 FORM = {"CallSid": "CA1", "From": "+14155550100", "CallStatus": "in-progress"}
 
 
@@ -120,6 +125,9 @@ async def test_action_resumes_a_live_call_and_hangs_up_an_ended_one(action: Any)
     connect = parse_twiml(text)
     assert connect is not None and connect.action.endswith(f"{ACTION_PATH}?tenant=demo")
     assert int(connect.parameters["seq_base"]) > 10**15  # microseconds since 1970
+    # The new stream's token is a resume, bound to the call: it may take the live call over.
+    grant = verify_stream_token(STREAM_KEY, connect.parameters["token"], "CA1")
+    assert grant.resume and (grant.tenant, grant.caller) == ("demo", "14155550100")
     # No checkpoint yet (the stream died before the call's first one): a new stream too.
     assert parse_twiml((await action(_Store(None), FORM))[1]) is not None
     # Redis unreachable: a retry beats a wrong hang-up.
@@ -135,7 +143,7 @@ async def test_action_requires_twilio_signature_when_configured(action: Any) -> 
     assert (await action(store, FORM, token="tok", sign="bad"))[0] == 403
 
     def good(url: str) -> str:
-        return signature("tok", url, FORM.items())
+        return request_signature("tok", url, FORM.items())
 
     assert (await action(store, FORM, token="tok", sign=good))[0] == 200
 
@@ -166,7 +174,7 @@ def test_twilio_link_is_quiet_only_when_every_mark_came_back() -> None:
 
 
 async def test_a_draining_router_refuses_new_calls_and_says_so_on_healthz() -> None:
-    router = Router(RouterConfig(router_drain_s=0.5))
+    router = Router(RouterConfig(router_drain_s=0.5, auth_disabled=1))
     router.draining = True
     server = TestServer(router.app())
     await server.start_server()

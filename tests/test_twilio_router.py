@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from callmesh.auth import mint_dev_token
+from callmesh.auth.twilio import mint_stream_token
 from callmesh.config import Backends, MembershipConfig, RouterConfig
 from callmesh.mux import LINK_PATH, Channel, Mux
 from callmesh.protocol import encode
@@ -30,6 +32,7 @@ from tests.cluster_helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
+SECRET = "twilio-router-test-secret-0123456789abcdef"
 PAYLOAD = base64.b64encode(bytes(range(160))).decode()
 
 
@@ -105,14 +108,22 @@ async def node(redis: Redis) -> AsyncIterator[FakeNode]:
 
 
 @pytest.fixture
-async def start_router(redis_url: str, node: FakeNode) -> AsyncIterator[RouterFactory]:
+async def start_router(
+    redis_url: str, node: FakeNode, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RouterFactory]:
+    # The simulated Twilio mints its stream tokens with the router's secret.
+    monkeypatch.setenv("CALLMESH_AUTH_SECRET", SECRET)
     started: list[tuple[Router, TestServer]] = []
 
     async def start(**config: Any) -> tuple[Router, str]:
         # The fake node never beats: liveness is not what these tests are about.
         membership = MembershipConfig(heartbeat_ms=100, dead_after_ms=3_600_000, poll_ms=50)
         router = Router(
-            RouterConfig(backends=Backends(redis_url=redis_url), membership=membership, **config)
+            RouterConfig(
+                backends=Backends(redis_url=redis_url),
+                membership=membership,
+                **{"auth_secret": SECRET, "link_secret": SECRET[::-1], **config},
+            )
         )
         await router.start()
         server = TestServer(router.app())
@@ -215,11 +226,13 @@ async def test_malformed_messages_are_counted_and_the_call_goes_on(
             json.dumps({"event": "media", "media": {"payload": "A" * 8000}}),  # > 4096 bytes
             json.dumps({"event": "dtmf", "dtmf": {"digit": "X"}}),
             json.dumps({"event": "mark", "mark": {"name": ""}}),
+            # Another stream's media (a hijack attempt) is never forwarded.
+            wire.media(PAYLOAD, 0).replace(wire.stream_sid, "MZother"),
         ]
         for msg in bad:
             await ws.send_str(msg)
         await ws.send_bytes(b"\x00\x01")
-        await ws.send_str(json.dumps({"event": "teleport"}))
+        await ws.send_str(json.dumps({"event": "teleport", "streamSid": wire.stream_sid}))
         await ws.send_str(wire.opening()[1])  # a second start
         # Not malformed, just odd: a bad timestamp forwards the audio without one.
         await ws.send_str(wire.media(PAYLOAD, 20).replace('"timestamp":"20"', '"timestamp":"x"'))
@@ -231,6 +244,8 @@ async def test_malformed_messages_are_counted_and_the_call_goes_on(
         assert "ts" not in frames[2] and frames[3]["ts"] == 40
         assert router.metrics.get("twilio_malformed_messages") == len(bad) + 1
         assert router.metrics.get("twilio_unknown_events") == 1
+        # Three media, a dtmf and a mark that do not name this stream.
+        assert router.metrics.get("twilio_stream_sid_mismatch") == 5
         assert router.metrics.get("twilio_duplicate_starts") == 1
         assert router.metrics.get("twilio_media_outside_stream") == 1
         assert not ws.closed
@@ -238,13 +253,25 @@ async def test_malformed_messages_are_counted_and_the_call_goes_on(
 
 
 @pytest.mark.parametrize(
-    ("parameters", "media_format", "reason"),
+    ("parameters", "media_format", "code", "reason"),
     [
-        ({"caller": "bob"}, None, "customParameters.tenant"),
-        ({"tenant": "a.b"}, None, "customParameters.tenant"),
+        ({"tenant": "acme", "caller": "bob"}, None, 4401, "token_malformed"),
         (
-            {"tenant": "acme"},
+            {"token": (SECRET, "CA9999")},
+            None,
+            4403,
+            "token_forbidden",
+        ),
+        (
+            {"token": ("x" * 40, "CA0003")},
+            None,
+            4401,
+            "bad_signature",
+        ),
+        (
+            {"token": (SECRET, "CA0003")},
             {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1},
+            4400,
             "mediaFormat must be audio/x-mulaw",
         ),
     ],
@@ -252,11 +279,15 @@ async def test_malformed_messages_are_counted_and_the_call_goes_on(
 async def test_a_stream_that_cannot_be_a_call_is_closed_with_the_reason(
     start_router: RouterFactory,
     node: FakeNode,
-    parameters: dict[str, str],
+    parameters: dict[str, Any],
     media_format: dict[str, Any] | None,
+    code: int,
     reason: str,
 ) -> None:
     router, url = await start_router()
+    if "token" in parameters:  # (secret, callSid): minted now, the token lives 2 minutes
+        secret, call_sid = parameters["token"]
+        parameters = {"token": mint_stream_token(secret, call_sid, "acme", "b")}
     wire = TwilioWire("CA0003", "unused", "unused", parameters)
     connected, start = wire.opening()
     if media_format is not None:
@@ -269,7 +300,7 @@ async def test_a_stream_that_cannot_be_a_call_is_closed_with_the_reason(
         await ws.send_str(start)
         msg = await asyncio.wait_for(ws.receive(), 10)
         assert msg.type is aiohttp.WSMsgType.CLOSE
-        assert ws.close_code == 4400 and reason in str(msg.extra)
+        assert ws.close_code == code and reason in str(msg.extra)
     assert router.metrics.get("twilio_streams_refused") == 1
     assert "CA0003" not in node.frames
 
@@ -334,7 +365,8 @@ async def test_native_audio_is_never_refused_while_other_frames_are_bounded(
     _, url = await start_router(max_unacked_frames=2)
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{url}/v1/calls/native-1")
-        await ws.send_str(encode({"type": "start", "seq": 1, "tenant": "acme"}))
+        token = mint_dev_token(SECRET, "acme", "native-1", "anonymous")
+        await ws.send_str(encode({"type": "start", "seq": 1, "tenant": "acme", "token": token}))
         assert (await next_json(ws))["type"] == "ready"
         for seq in range(2, 52):
             await ws.send_str(encode({"type": "audio", "seq": seq, "data": PAYLOAD}))

@@ -1,5 +1,6 @@
 """Twilio's voice webhook on the real router app: TwiML that connects the call to the
-media stream, tenant and caller parameters, escaping, and X-Twilio-Signature checks."""
+media stream of the configured public URL with a stream token bound to the CallSid,
+escaping, and X-Twilio-Signature checks (required outside development mode)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,20 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from callmesh.auth.twilio import request_signature, verify_stream_token
 from callmesh.config import RouterConfig, build
 from router.app import Router
-from router.twilio_webhook import signature, twiml
+from router.twilio_webhook import twiml
+
+SECRET = "webhook-test-auth-secret-0123456789abcdef"
+PUBLIC = "https://voice.example.com"
+# A router that checks call tokens and whose public URL is configured; tests override.
+BASE_CONFIG: dict[str, Any] = {
+    "auth_secret": SECRET,
+    "link_secret": SECRET[::-1],
+    "public_url": PUBLIC,
+    "twilio_auth_token": "s3cret",
+}
 
 FORM = {
     "CallSid": "CA1234567890ABCDE",
@@ -33,7 +45,7 @@ async def webhook() -> AsyncIterator[Callable[..., Awaitable[tuple[Post, str]]]]
 
     async def start(**config: Any) -> tuple[Post, str]:
         # The webhook needs no Redis: the router is not started, only its app served.
-        server = TestServer(Router(RouterConfig(**config)).app())
+        server = TestServer(Router(RouterConfig(**{**BASE_CONFIG, **config})).app())
         await server.start_server()
         servers.append(server)
         base = str(server.make_url("")).rstrip("/")
@@ -63,34 +75,45 @@ def stream_of(body: str) -> tuple[str, dict[str, str]]:
     return stream.attrib["url"], params
 
 
-async def test_twiml_connects_the_call_to_the_media_stream(webhook: Any) -> None:
-    post, base = await webhook()
-    status, content_type, body = await post("?tenant=acme")
+def signed(url: str, form: dict[str, str] | None = None, token: str = "s3cret") -> Any:
+    return {"X-Twilio-Signature": _sign(token, url, form or FORM)}
+
+
+async def test_twiml_connects_the_call_with_a_stream_token_bound_to_the_call(webhook: Any) -> None:
+    post, _ = await webhook()
+    url = f"{PUBLIC}/v1/twilio/voice?tenant=acme"
+    status, content_type, body = await post("?tenant=acme", headers=signed(url))
     assert (status, content_type) == (200, "text/xml")
-    url, params = stream_of(body)
-    assert url == base.replace("http://", "ws://") + "/v1/twilio/media"
-    assert params == {"tenant": "acme", "caller": "14155550100"}
+    stream_url, params = stream_of(body)
+    assert stream_url == "wss://voice.example.com/v1/twilio/media"
+    # Tenant and caller travel only inside the signed token, bound to the CallSid.
+    assert set(params) == {"token"}
+    grant = verify_stream_token(SECRET, params["token"], FORM["CallSid"])
+    assert (grant.tenant, grant.caller) == ("acme", "14155550100")
 
 
-async def test_stream_url_follows_the_proxy_or_the_public_url(webhook: Any) -> None:
-    post, base = await webhook()
-    _, _, body = await post("?tenant=acme", headers={"X-Forwarded-Proto": "https"})
-    assert stream_of(body)[0] == base.replace("http://", "wss://") + "/v1/twilio/media"
+async def test_stream_url_comes_from_configuration_never_from_host(webhook: Any) -> None:
     post, _ = await webhook(public_url="https://voice.example.com/a&b")
-    _, _, body = await post("?tenant=acme")
+    url = "https://voice.example.com/a&b/v1/twilio/voice?tenant=acme"
+    headers = {**signed(url), "Host": "evil.example", "X-Forwarded-Proto": "http"}
+    _, _, body = await post("?tenant=acme", headers=headers)
     assert "&amp;" in body  # escaped in the XML, intact once parsed
     assert stream_of(body)[0] == "wss://voice.example.com/a&b/v1/twilio/media"
+    post, _ = await webhook(public_url="", dev_mode=1)
+    status, _, body = await post("?tenant=acme", headers={"Host": "evil.example"})
+    assert status == 503 and "CALLMESH_PUBLIC_URL" in body and "evil" not in body
 
 
 async def test_tenant_comes_from_the_query_or_the_default_else_400(webhook: Any) -> None:
-    post, _ = await webhook()
+    post, _ = await webhook(twilio_auth_token="", dev_mode=1)
     status, _, body = await post()
     assert status == 400 and "tenant required" in body
     status, _, body = await post("?tenant=bad.tenant")
     assert status == 400
-    post, _ = await webhook(twilio_default_tenant="dflt")
+    post, _ = await webhook(twilio_default_tenant="dflt", twilio_auth_token="", dev_mode=1)
     _, _, body = await post(form={**FORM, "From": "client:Alice Smith"})
-    assert stream_of(body)[1] == {"tenant": "dflt", "caller": "clientAliceSmith"}
+    grant = verify_stream_token(SECRET, stream_of(body)[1]["token"], FORM["CallSid"])
+    assert (grant.tenant, grant.caller) == ("dflt", "clientAliceSmith")
 
 
 def test_twiml_escapes_attribute_values() -> None:
@@ -109,7 +132,7 @@ def test_signature_matches_twilio_documented_example() -> None:
         "To": "+18005551212",
     }
     url = "https://mycompany.com/myapp.php?foo=1&bar=2"
-    assert signature("12345", url, params.items()) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+    assert request_signature("12345", url, params.items()) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
 
 
 def _sign(token: str, url: str, form: dict[str, str]) -> str:
@@ -119,24 +142,34 @@ def _sign(token: str, url: str, form: dict[str, str]) -> str:
 
 
 async def test_signature_is_required_when_a_token_is_configured(webhook: Any) -> None:
-    post, base = await webhook(twilio_auth_token="s3cret")
-    url = f"{base}/v1/twilio/voice?tenant=acme"
-    good = {"X-Twilio-Signature": _sign("s3cret", url, FORM)}
-    status, _, body = await post("?tenant=acme", headers=good)
-    assert status == 200 and stream_of(body)[1]["tenant"] == "acme"
+    post, _ = await webhook()
+    url = f"{PUBLIC}/v1/twilio/voice?tenant=acme"
+    status, _, body = await post("?tenant=acme", headers=signed(url))
+    assert status == 200 and "token" in stream_of(body)[1]
 
     status, _, body = await post("?tenant=acme")
     assert status == 403 and "X-Twilio-Signature missing" in body
-    bad = {"X-Twilio-Signature": _sign("wrong", url, FORM)}
-    status, _, body = await post("?tenant=acme", headers=bad)
-    assert status == 403 and "X-Twilio-Signature invalid" in body
-    # A tampered parameter invalidates a signature made for the original.
-    status, _, _ = await post("?tenant=acme", form={**FORM, "From": "+1999"}, headers=good)
+    status, _, body = await post("?tenant=acme", headers=signed(url, token="wrong"))
+    assert status == 403 and "does not match" in body
+    # A tampered parameter (or tenant) invalidates a signature made for the original.
+    tampered = {**FORM, "From": "+1999"}
+    status, _, _ = await post("?tenant=acme", form=tampered, headers=signed(url))
+    assert status == 403
+    status, _, _ = await post("?tenant=globex", headers=signed(url))
     assert status == 403
 
 
+async def test_unsigned_webhooks_pass_only_in_development_mode(webhook: Any) -> None:
+    post, _ = await webhook(twilio_auth_token="")
+    status, _, body = await post("?tenant=acme")
+    assert status == 403 and "TWILIO_AUTH_TOKEN" in body
+    post, _ = await webhook(twilio_auth_token="", dev_mode=1)
+    status, _, body = await post("?tenant=acme")
+    assert status == 200 and "token" in stream_of(body)[1]
+
+
 async def test_signature_over_the_public_url_with_or_without_default_port(webhook: Any) -> None:
-    post, _ = await webhook(twilio_auth_token="s3cret", public_url="https://voice.example.com")
+    post, _ = await webhook()
     for url in (
         "https://voice.example.com/v1/twilio/voice?tenant=acme",
         "https://voice.example.com:443/v1/twilio/voice?tenant=acme",

@@ -16,6 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from callmesh.audio.tones import decode_speech
+from callmesh.auth import TokenVerifier
+from callmesh.auth.twilio import verify_stream_token
 from callmesh.protocol import encode
 from callmesh_client.voice_client import FRAME_BYTES, VoiceCaller
 from tests.cluster_helpers import eventually
@@ -23,6 +25,7 @@ from tests.cluster_helpers import eventually
 pytestmark = pytest.mark.timeout(60)
 
 SILENCE = b"\xff" * FRAME_BYTES
+TEST_SECRET = "voice-client-test-secret-0123456789abcdef"
 
 
 class FakeRouter:
@@ -87,7 +90,11 @@ def media(data: bytes, sid: str = "MZ") -> dict[str, Any]:
     }
 
 
-async def test_twilio_caller_sends_what_twilio_sends(fake: tuple[FakeRouter, str]) -> None:
+async def test_twilio_caller_sends_what_twilio_sends(
+    fake: tuple[FakeRouter, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulated Twilio passes the stream token the webhook would have minted.
+    monkeypatch.setenv("CALLMESH_AUTH_SECRET", TEST_SECRET)
     router, url = fake
     async with VoiceCaller(url, "CA42", "acme", "bob") as caller:
         await eventually(lambda: len(router.of("event", "media")) >= 10)
@@ -99,7 +106,10 @@ async def test_twilio_caller_sends_what_twilio_sends(fake: tuple[FakeRouter, str
     sid = start["streamSid"]
     assert start["sequenceNumber"] == "1" and start["start"]["streamSid"] == sid
     assert start["start"]["callSid"] == "CA42"
-    assert start["start"]["customParameters"] == {"tenant": "acme", "caller": "bob"}
+    params = dict(start["start"]["customParameters"])
+    grant = verify_stream_token(TEST_SECRET, params.pop("token"), "CA42")
+    assert (grant.tenant, grant.caller) == ("acme", "bob")
+    assert params == {"tenant": "acme", "caller": "bob"}
     assert start["start"]["mediaFormat"] == {
         "encoding": "audio/x-mulaw",
         "sampleRate": 8000,
@@ -165,7 +175,11 @@ async def test_marks_echo_after_playback_and_clear_echoes_the_rest(
     assert [m["mark"]["name"] for m in router.of("event", "mark")] == ["a", "b", "c"]
 
 
-async def test_native_caller_uses_turns_and_seq(fake: tuple[FakeRouter, str]) -> None:
+async def test_native_caller_uses_turns_and_seq(
+    fake: tuple[FakeRouter, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller mints its call token with the development secret.
+    monkeypatch.setenv("CALLMESH_AUTH_SECRET", TEST_SECRET)
     router, url = fake
     audio = base64.b64encode(b"\x55" * 400).decode()
     heard: list[bool] = []  # per audio frame: was it speech?
@@ -184,7 +198,9 @@ async def test_native_caller_uses_turns_and_seq(fake: tuple[FakeRouter, str]) ->
         result = await caller.say("hi")
         await caller.hangup()
         assert caller.ended
-    start = router.received[0]
+    start = dict(router.received[0])
+    grant = await TokenVerifier(hs256_secret=TEST_SECRET).verify(start.pop("token"))
+    assert (grant.tenant, grant.caller, grant.call_id) == ("acme", "bob", "native-7")
     assert start == {
         "type": "start",
         "seq": 1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,8 +44,27 @@ STREAM_TOKEN_PARAMETER = "token"
 # Twilio opens the stream seconds after it fetched the TwiML.
 DEFAULT_STREAM_TOKEN_TTL_S = 120.0
 MAX_STREAM_TOKEN_TTL_S = 600.0
+# A resume token (``<Connect action>``): Twilio opens the new stream at once, and a token
+# that may take a live call over should not last.
+RESUME_STREAM_TOKEN_TTL_S = 30.0
+RESUME_CLAIM = "resume"
 _STREAM_LEEWAY_S = 5.0
 _MAX_SIGNATURE_CHARS = 64  # base64 of a SHA-1 is 28
+
+
+_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_PHONE = re.compile(r"[+\d\s().-]+")
+_NON_DIGITS = re.compile(r"\D")
+
+
+def caller_id(value: object) -> str:
+    """A caller id safe in keys and subjects, from whatever Twilio calls the caller: a
+    phone number's digits (``+1 415-555-0100`` → ``14155550100``), else the id-safe
+    characters (``client:alice`` → ``clientalice``)."""
+    if not isinstance(value, str):
+        return "anonymous"
+    pattern = _NON_DIGITS if _PHONE.fullmatch(value) else _ID_CHARS
+    return pattern.sub("", value)[:64] or "anonymous"
 
 
 def request_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
@@ -109,6 +129,8 @@ class StreamGrant:
     tenant: str
     caller: str
     expires_at: float
+    # Minted by the ``<Connect action>``: may take the live call over from a lost stream.
+    resume: bool = False
 
 
 def mint_stream_token(
@@ -119,8 +141,10 @@ def mint_stream_token(
     ttl_s: float = DEFAULT_STREAM_TOKEN_TTL_S,
     *,
     now: float | None = None,
+    resume: bool = False,
 ) -> str:
-    """The token the voice webhook puts in the TwiML's ``<Parameter>``."""
+    """The token the voice webhook puts in the TwiML's ``<Parameter>``; ``resume`` marks
+    the one of the ``<Connect action>`` (a new stream for a live call)."""
     if not all(valid_id(v) for v in (call_sid, tenant, caller)):
         raise ValueError("call_sid, tenant and caller must match [A-Za-z0-9_-]{1,64}")
     if not 0 < ttl_s <= MAX_STREAM_TOKEN_TTL_S:
@@ -134,6 +158,8 @@ def mint_stream_token(
         "iat": issued,
         "exp": issued + int(ttl_s),
     }
+    if resume:
+        claims[RESUME_CLAIM] = True
     return jwt.encode(claims, hs256_key(secret).key, algorithm=HS256)
 
 
@@ -162,4 +188,6 @@ def verify_stream_token(secret: str | bytes, token: object, call_sid: object) ->
     presented = call_sid.encode(errors="replace") if isinstance(call_sid, str) else b""
     if not hmac.compare_digest(sid.encode(), presented):
         raise TokenForbidden("stream token is for another call")
-    return StreamGrant(sid, tenant, caller, float(claims["exp"]))
+    # Only the literal True: anything else is an ordinary first-stream token.
+    resume = claims.get(RESUME_CLAIM) is True
+    return StreamGrant(sid, tenant, caller, float(claims["exp"]), resume)

@@ -12,6 +12,7 @@ from typing import Any
 
 from callmesh import redaction
 from callmesh.gc_tuning import DEFAULT_GEN0_THRESHOLD
+from callmesh.settings.auth_table import AUTH_SETTINGS
 from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
 from callmesh.settings.model import Setting
 from callmesh.settings.node_table import NODE_SETTINGS, providers_have_keys
@@ -223,7 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
         Url(HTTP, empty_ok=True),
         "",
         "public base URL of this router, for Twilio stream URLs and signatures "
-        "(unset: derived from each request's Host and X-Forwarded-Proto)",
+        "(required by the Twilio webhook; never derived from a request's Host)",
         (ROUTER,),
         _ROUTER,
         env="CALLMESH_PUBLIC_URL",
@@ -232,7 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
         "twilio_auth_token",
         Text(),
         "",
-        "Twilio auth token that signs webhooks (unset: signatures are not checked)",
+        "Twilio auth token that signs webhooks (unset: the voice webhook refuses every "
+        "request, unless CALLMESH_DEV_MODE=1)",
         (ROUTER,),
         _ROUTER,
         env="TWILIO_AUTH_TOKEN",
@@ -277,6 +279,7 @@ SETTINGS: tuple[Setting, ...] = (
         _ROUTER,
         env="CALLMESH_DEV_CONTROL_URL",
     ),
+    *AUTH_SETTINGS,
     *NODE_SETTINGS,
     # ------------------------------------------------------------------ privacy
     Setting(
