@@ -28,8 +28,11 @@ async def test_two_routers_serve_one_call_on_its_owner(cluster: LocalCluster) ->
     async with CallClient(first, "two-1") as client:
         owner = (await client.start("demo", "x"))["node"]
         await client.say("Hi, my name is Kai")
+        secret = client.resume_secret
+    # Another connection may take the live call over only with its resume secret.
     async with CallClient(second, "two-1") as client:
-        ready = await client.start("demo", "x")
+        ready = await client.start("demo", "x", resume=secret)
+        assert ready["resume"] != secret  # rotated on every (re)connect
         assert ready["node"] == owner and ready["resumed"] is True
         assert "Kai" in (await client.say("I need a filling")).text
 
@@ -53,6 +56,8 @@ async def test_router_lost_mid_call_client_resumes_through_another(
         assert "Priya" in reply.text and "Tuesday" in reply.text  # context survived
         assert client.router_url != victim.url and client.reconnects == 1
         assert client.ready is not None and client.ready["node"] == ready["node"]
+        # The reconnect presented the secret and keeps the rotated one for the next.
+        assert client.resume_secret not in (None, ready["resume"])
         reply = await client.say("3pm")
         assert reply.turn == 4 and "cleaning on Tuesday at 3:00 pm for Priya" in reply.text
         assert client.duplicates == 0 and client.errors == []

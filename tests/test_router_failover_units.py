@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from callmesh.auth.twilio import request_signature, verify_stream_token
 from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode
 from callmesh.telemetry import Metrics
@@ -22,7 +23,6 @@ from callmesh_client.twilio_phone import _rebase, parse_twiml
 from callmesh_client.voice_wire import TwilioWire
 from router.app import Router
 from router.twilio import TwilioLink
-from callmesh.auth.twilio import request_signature, verify_stream_token
 from router.twilio_webhook import ACTION_PATH, action_webhook, twiml
 from state_store.checkpoint import Checkpoint
 from state_store.errors import StoreUnavailable
