@@ -59,8 +59,14 @@ async def load_checkpoint(cluster: LocalCluster, call_id: str, tenant: str = "de
 
 
 @contextlib.contextmanager
-def routers_cluster(routers: int, nodes: int, latency_scale: float) -> Iterator[LocalCluster]:
+def routers_cluster(
+    routers: int, nodes: int, latency_scale: float, env: dict[str, str] | None = None
+) -> Iterator[LocalCluster]:
     """A local cluster of several routers whose drain is bounded at 10 s."""
-    env = {"CALLMESH_SIM_LATENCY_SCALE": str(latency_scale), "CALLMESH_ROUTER_DRAIN_S": "10"}
+    env = {
+        "CALLMESH_SIM_LATENCY_SCALE": str(latency_scale),
+        "CALLMESH_ROUTER_DRAIN_S": "10",
+        **(env or {}),
+    }
     with LocalCluster(nodes=nodes, routers=routers, force_embedded=True, env=env) as c:
         yield c
