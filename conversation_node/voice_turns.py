@@ -13,7 +13,11 @@ recognizer, the link) come in explicitly. Rules:
   follow-up commit (``barge_in`` + ``memory`` records) so replay sees the same;
 - an utterance heard with low confidence is not guessed at: the caller is asked to repeat
   (fallback ``stt_low_confidence``), and nothing in it is taken as a fact;
-- a DTMF key ends the utterance in progress (press # when done).
+- a DTMF key ends the utterance in progress (press # when done);
+- preemptive generation: when the recognizer says the words are stable (EAGER_END), a
+  reply may start on them before the utterance ends (:mod:`conversation_node.preemptive`
+  decides; :meth:`TurnRunner.speculate` starts it, sending and recording nothing); the
+  turn adopts it when the final words match, else it is dropped at once.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from callmesh.metric_names import BARGE_INS, DTMF
+from callmesh.metric_names import BARGE_INS, DTMF, PREEMPTIVE_CANCELLED, PREEMPTIVE_STARTED
 from callmesh.protocol import (
     ErrorCode,
     Inbound,
@@ -36,9 +40,11 @@ from callmesh.protocol import (
     transcript_frame,
 )
 from conversation_node.call_core import CallCore
+from conversation_node.endpointing import is_yes_no_question
 from conversation_node.errors import CallDropped
+from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, Speculator
 from conversation_node.providers.base import STT
-from conversation_node.turn_runner import Counters, Send
+from conversation_node.turn_runner import Counters, Send, Speculation
 from conversation_node.voice import Playback, VoiceLane
 
 log = logging.getLogger("callmesh.node.voice")
@@ -51,8 +57,21 @@ class Turns(Protocol):
     (:class:`conversation_node.turn_runner.TurnRunner`); called under the turn lock."""
 
     async def user_turn(
-        self, seq: int, text: str, *, confidence: float, started: float, stt_ms: float = 0.0
+        self,
+        seq: int,
+        text: str,
+        *,
+        confidence: float,
+        started: float,
+        stt_ms: float = 0.0,
+        speculation: Speculation | None = None,
+        preemptive: Outcome = Outcome.NONE,
+        endpoint_ms: float = 0.0,
     ) -> None: ...
+
+    async def speculate(self, text: str) -> Speculation: ...
+
+    async def drop(self, speculation: Speculation) -> None: ...
 
     async def repeat_turn(
         self, seq: int, text: str, *, line: str, confidence: float, started: float, stt_ms: float
@@ -132,6 +151,7 @@ class VoiceTurns:
         observe_lag: Callable[[float], None],
         prefetch: Callable[[str], None],
         min_confidence: float,
+        speculation: SpeculationConfig | None = None,
     ) -> None:
         self._core = core
         self.replies = replies
@@ -146,6 +166,10 @@ class VoiceTurns:
         self.lane: VoiceLane | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._amend_task: asyncio.Task[None] | None = None
+        self._speculator = Speculator(speculation)
+        # The speculative reply being prepared (at most one), and those being dropped.
+        self._spec_task: asyncio.Task[Speculation] | None = None
+        self._dropping: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ inbound
 
@@ -196,6 +220,9 @@ class VoiceTurns:
     async def on_speech_started(self) -> None:
         replies = self.replies
         pb = replies.playback
+        if self.lane is not None and pb is not None:
+            said = " ".join(s.text for s in pb.sentences)
+            self.lane.expect_yes_no(is_yes_no_question(said))
         if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
             return  # nothing is being heard: the caller may speak while the agent thinks
         pb.cleared = True  # from here on, marks are the client flushing: not heard
@@ -211,21 +238,75 @@ class VoiceTurns:
 
     def on_interim(self, text: str) -> None:
         self._prefetch(text)
+        if self._speculator.on_speech_resumed(text) is Decision.CANCEL:
+            self._drop_speculation()  # the caller went on: the guess is stale
+
+    def on_eager(self, text: str) -> None:
+        """The words so far are stable: maybe start the reply to them now."""
+        busy = (
+            not self._core.active
+            or self._turn_lock.locked()
+            or (self._turn_task is not None and not self._turn_task.done())
+            or (self._amend_task is not None and not self._amend_task.done())
+        )
+        decision = self._speculator.on_stable(text, busy=busy)
+        if decision is Decision.CANCEL:
+            self._drop_speculation()
+            decision = self._speculator.on_stable(text, busy=busy)
+        if decision is Decision.START:
+            self._counters.inc(PREEMPTIVE_STARTED)
+            self._spec_task = asyncio.create_task(
+                self._turns.speculate(text), name=f"speculate:{self._core.call_id}"
+            )
+
+    def _drop_speculation(self) -> None:
+        task, self._spec_task = self._spec_task, None
+        if task is None:
+            return
+        dropping = asyncio.create_task(self._drop(task), name=f"drop:{self._core.call_id}")
+        self._dropping.add(dropping)
+        dropping.add_done_callback(self._dropping.discard)
+
+    async def _drop(self, task: asyncio.Task[Speculation]) -> None:
+        if not task.done():
+            task.cancel()  # still building its request: the model is never started
+        speculation = await _speculation(task)
+        if speculation is not None:
+            await self._turns.drop(speculation)
+        else:
+            self._counters.inc(PREEMPTIVE_CANCELLED)
 
     async def on_transcript(self, text: str, final: bool, confidence: float) -> None:
         """Show the caller what was heard (``transcript``): for display only."""
         await self._send(transcript_frame(self._core.turn, text, final, confidence))
 
     async def on_utterance(
-        self, text: str, confidence: float, speech_end_at: float, seq: int
+        self,
+        text: str,
+        confidence: float,
+        speech_end_at: float,
+        seq: int,
+        endpoint_ms: float | None = None,
     ) -> None:
+        decision = self._speculator.on_final(text)
+        outcome = self._speculator.outcome(decision)
+        spec_task: asyncio.Task[Speculation] | None = None
+        if decision is Decision.ADOPT:
+            spec_task, self._spec_task = self._spec_task, None
+        elif decision is Decision.CANCEL:
+            self._drop_speculation()
         if not text.strip() or not self._core.active:
+            if spec_task is not None:
+                self._spec_task = spec_task
+                self._drop_speculation()
             return  # noise: no words, no turn
         previous = self._turn_task
         if previous is not None and not previous.done():
             await asyncio.wait({previous})
         self._turn_task = asyncio.create_task(
-            self._voice_turn(text.strip(), confidence, speech_end_at, seq),
+            self._voice_turn(
+                text.strip(), confidence, speech_end_at, seq, spec_task, outcome, endpoint_ms
+            ),
             name=f"turn:{self._core.call_id}",
         )
 
@@ -241,11 +322,23 @@ class VoiceTurns:
     # ------------------------------------------------------------------ turns
 
     async def _voice_turn(
-        self, text: str, confidence: float, speech_end_at: float, seq: int
+        self,
+        text: str,
+        confidence: float,
+        speech_end_at: float,
+        seq: int,
+        spec_task: asyncio.Task[Speculation] | None = None,
+        preemptive: Outcome = Outcome.NONE,
+        endpoint_ms: float | None = None,
     ) -> None:
         core = self._core
+        speculation = None if spec_task is None else await _speculation(spec_task)
         try:
             async with self._turn_lock:
+                dropped = not core.active or confidence < self._min_confidence
+                if dropped and speculation is not None:
+                    await self._turns.drop(speculation)  # nothing is taken from it
+                    speculation = None
                 if not core.active:
                     return
                 stt_ms = max(0.0, (time.monotonic() - speech_end_at) * 1000)
@@ -260,7 +353,14 @@ class VoiceTurns:
                     )
                 else:
                     await self._turns.user_turn(
-                        seq, text, confidence=confidence, started=speech_end_at, stt_ms=stt_ms
+                        seq,
+                        text,
+                        confidence=confidence,
+                        started=speech_end_at,
+                        stt_ms=stt_ms,
+                        speculation=speculation,
+                        preemptive=preemptive,
+                        endpoint_ms=endpoint_ms or 0.0,
                     )
         except CallDropped:
             return  # fenced: the next frame finds the session dropped
@@ -278,15 +378,33 @@ class VoiceTurns:
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
         self.replies.stop()
-        for task in (self._turn_task, self._amend_task):
+        if self._speculator.abandon() is Decision.CANCEL:
+            self._drop_speculation()
+        for task in (self._turn_task, self._amend_task, *self._dropping):
             if task is not None and not task.done():
                 await asyncio.wait({task})
 
     async def aclose(self) -> None:
-        for task in (self._turn_task, self._amend_task):
+        if self._speculator.abandon() is Decision.CANCEL:
+            self._drop_speculation()
+        for task in (self._turn_task, self._amend_task, *self._dropping):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(asyncio.gather(task, return_exceptions=True))
         if self.lane is not None:
             await self.lane.aclose()
+
+
+async def _speculation(task: asyncio.Task[Speculation]) -> Speculation | None:
+    """The speculative reply ``task`` started; None if it could not start (it failed, or
+    was cancelled with the call): the turn then answers as if there had been none."""
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if (current := asyncio.current_task()) is not None and current.cancelling():
+            raise
+        return None
+    except Exception:
+        log.warning("speculative reply failed to start", exc_info=True)
+        return None
