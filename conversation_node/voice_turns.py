@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from callmesh.metric_names import BARGE_INS, DTMF, PREEMPTIVE_CANCELLED, PREEMPTIVE_STARTED
+from callmesh.metric_names import BARGE_INS, DTMF, FALSE_INTERRUPTIONS
 from callmesh.protocol import (
     ErrorCode,
     Inbound,
@@ -42,8 +42,10 @@ from callmesh.protocol import (
 from conversation_node.call_core import CallCore
 from conversation_node.endpointing import is_yes_no_question
 from conversation_node.errors import CallDropped
-from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, Speculator
+from conversation_node.interruptions import Action, InterruptionGate
+from conversation_node.preemptive import Outcome, SpeculationConfig
 from conversation_node.providers.base import STT
+from conversation_node.speculations import Speculations, started
 from conversation_node.turn_runner import Counters, Send, Speculation
 from conversation_node.voice import Playback, VoiceLane
 
@@ -152,6 +154,7 @@ class VoiceTurns:
         prefetch: Callable[[str], None],
         min_confidence: float,
         speculation: SpeculationConfig | None = None,
+        false_interruption_ms: float = 0.0,
     ) -> None:
         self._core = core
         self.replies = replies
@@ -166,10 +169,17 @@ class VoiceTurns:
         self.lane: VoiceLane | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._amend_task: asyncio.Task[None] | None = None
-        self._speculator = Speculator(speculation)
-        # The speculative reply being prepared (at most one), and those being dropped.
-        self._spec_task: asyncio.Task[Speculation] | None = None
-        self._dropping: set[asyncio.Task[None]] = set()
+        self._spec = Speculations(
+            speculation,
+            start=turns.speculate,
+            drop=turns.drop,
+            counters=counters,
+            name=core.call_id,
+        )
+        # Caller sound during a reply: barge-in or noise (conversation_node.interruptions).
+        self._gate = InterruptionGate(false_interruption_ms)
+        self._gate_timer: asyncio.TimerHandle | None = None
+        self._barge_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ inbound
 
@@ -225,6 +235,21 @@ class VoiceTurns:
             self.lane.expect_yes_no(is_yes_no_question(said))
         if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
             return  # nothing is being heard: the caller may speak while the agent thinks
+        action = self._gate.on_sound()
+        if action is Action.WAIT:  # no clear until the sound yields words
+            window_s = self._gate.window_ms / 1000
+            self._gate_timer = asyncio.get_running_loop().call_later(window_s, self._no_words)
+        elif action is Action.BARGE_IN:
+            await self._barge_in()
+
+    async def _barge_in(self) -> None:
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        replies = self.replies
+        pb = replies.playback
+        if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
+            return  # the reply ended on its own meanwhile
         pb.cleared = True  # from here on, marks are the client flushing: not heard
         await self._send(encode({"type": Out.CLEAR.value, "turn": pb.turn, "reason": "barge_in"}))
         self._counters.inc(BARGE_INS)
@@ -236,10 +261,18 @@ class VoiceTurns:
                 self._amend_heard(pb.turn, heard), name=f"barge-in:{self._core.call_id}"
             )
 
+    def _no_words(self) -> None:
+        self._gate_timer = None
+        if self._gate.on_timeout() is Action.FALSE:
+            self._counters.inc(FALSE_INTERRUPTIONS)
+
     def on_interim(self, text: str) -> None:
         self._prefetch(text)
-        if self._speculator.on_speech_resumed(text) is Decision.CANCEL:
-            self._drop_speculation()  # the caller went on: the guess is stale
+        if self._gate.on_words(text) is Action.BARGE_IN:
+            self._barge_task = asyncio.create_task(
+                self._barge_in(), name=f"barge-in:{self._core.call_id}"
+            )
+        self._spec.on_interim(text)
 
     def on_eager(self, text: str) -> None:
         """The words so far are stable: maybe start the reply to them now."""
@@ -249,32 +282,7 @@ class VoiceTurns:
             or (self._turn_task is not None and not self._turn_task.done())
             or (self._amend_task is not None and not self._amend_task.done())
         )
-        decision = self._speculator.on_stable(text, busy=busy)
-        if decision is Decision.CANCEL:
-            self._drop_speculation()
-            decision = self._speculator.on_stable(text, busy=busy)
-        if decision is Decision.START:
-            self._counters.inc(PREEMPTIVE_STARTED)
-            self._spec_task = asyncio.create_task(
-                self._turns.speculate(text), name=f"speculate:{self._core.call_id}"
-            )
-
-    def _drop_speculation(self) -> None:
-        task, self._spec_task = self._spec_task, None
-        if task is None:
-            return
-        dropping = asyncio.create_task(self._drop(task), name=f"drop:{self._core.call_id}")
-        self._dropping.add(dropping)
-        dropping.add_done_callback(self._dropping.discard)
-
-    async def _drop(self, task: asyncio.Task[Speculation]) -> None:
-        if not task.done():
-            task.cancel()  # still building its request: the model is never started
-        speculation = await _speculation(task)
-        if speculation is not None:
-            await self._turns.drop(speculation)
-        else:
-            self._counters.inc(PREEMPTIVE_CANCELLED)
+        self._spec.on_stable(text, busy=busy)
 
     async def on_transcript(self, text: str, final: bool, confidence: float) -> None:
         """Show the caller what was heard (``transcript``): for display only."""
@@ -288,17 +296,14 @@ class VoiceTurns:
         seq: int,
         endpoint_ms: float | None = None,
     ) -> None:
-        decision = self._speculator.on_final(text)
-        outcome = self._speculator.outcome(decision)
-        spec_task: asyncio.Task[Speculation] | None = None
-        if decision is Decision.ADOPT:
-            spec_task, self._spec_task = self._spec_task, None
-        elif decision is Decision.CANCEL:
-            self._drop_speculation()
-        if not text.strip() or not self._core.active:
-            if spec_task is not None:
-                self._spec_task = spec_task
-                self._drop_speculation()
+        if not text.strip():
+            if self._gate.on_silence() is Action.FALSE:
+                self._counters.inc(FALSE_INTERRUPTIONS)  # noise: the reply went on
+        elif self._gate.on_words(text) is Action.BARGE_IN:
+            await self._barge_in()
+        answer = bool(text.strip()) and self._core.active
+        spec_task, outcome = self._spec.on_final(text, answer=answer)
+        if not answer:
             return  # noise: no words, no turn
         previous = self._turn_task
         if previous is not None and not previous.done():
@@ -332,7 +337,7 @@ class VoiceTurns:
         endpoint_ms: float | None = None,
     ) -> None:
         core = self._core
-        speculation = None if spec_task is None else await _speculation(spec_task)
+        speculation = None if spec_task is None else await started(spec_task)
         try:
             async with self._turn_lock:
                 dropped = not core.active or confidence < self._min_confidence
@@ -378,33 +383,19 @@ class VoiceTurns:
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
         self.replies.stop()
-        if self._speculator.abandon() is Decision.CANCEL:
-            self._drop_speculation()
-        for task in (self._turn_task, self._amend_task, *self._dropping):
+        self._spec.abandon()
+        for task in (self._turn_task, self._amend_task, *self._spec.dropping):
             if task is not None and not task.done():
                 await asyncio.wait({task})
 
     async def aclose(self) -> None:
-        if self._speculator.abandon() is Decision.CANCEL:
-            self._drop_speculation()
-        for task in (self._turn_task, self._amend_task, *self._dropping):
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        self._spec.abandon()
+        for task in (self._turn_task, self._amend_task, self._barge_task, *self._spec.dropping):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(asyncio.gather(task, return_exceptions=True))
         if self.lane is not None:
             await self.lane.aclose()
-
-
-async def _speculation(task: asyncio.Task[Speculation]) -> Speculation | None:
-    """The speculative reply ``task`` started; None if it could not start (it failed, or
-    was cancelled with the call): the turn then answers as if there had been none."""
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if (current := asyncio.current_task()) is not None and current.cancelling():
-            raise
-        return None
-    except Exception:
-        log.warning("speculative reply failed to start", exc_info=True)
-        return None

@@ -24,6 +24,7 @@ from conversation_node.endpointing import EndpointingConfig
 from conversation_node.providers.base import LLMDelta, LLMRequest
 from conversation_node.providers.simulated import SimulatedLLM
 from conversation_node.providers.simulated_audio import SimulatedSTT
+from events.eventlog import EventType
 from events.replay import build_report, read_records
 from state_store.store import StateStore
 
@@ -59,6 +60,12 @@ async def _until(pred: Any, timeout_s: float = 10.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def _hang_up(call: Any) -> None:
+    """End the call: its records are all published by the time it has ended."""
+    await call.send(type="hangup")
+    await call.wait_for(lambda f: f["type"] == "call_ended")
 
 
 async def _verified(redis: Redis, nats_url: str, call_id: str) -> tuple[Any, list[Any]]:
@@ -100,9 +107,11 @@ async def test_a_matching_final_adopts_the_reply_started_before_it(
         assert "Ana" in call.reply_text(1)
         assert len(llm.requests) == 1, "the adopted generation is the only one"
         assert metrics.get(PREEMPTIVE_ADOPTED) == 1 and metrics.get(PREEMPTIVE_CANCELLED) == 0
+        await _hang_up(call)
     ckpt, records = await _verified(redis, nats_url, "pre-1")
     assert ckpt.turn == 1 and ckpt.facts.get("name")
-    assert len([r for r in records if r.get("turn") == 1 and r["type"] == "turn"]) <= 1
+    for kind in (EventType.USER_TURN, EventType.LLM):
+        assert len([r for r in records if r["turn"] == 1 and r["type"] == kind]) == 1
 
 
 async def test_the_caller_going_on_drops_the_guess_and_the_final_words_are_answered(
@@ -133,8 +142,14 @@ async def test_the_caller_going_on_drops_the_guess_and_the_final_words_are_answe
         assert llm.requests[-1].user_text == "I'd like to book a cleaning."
         assert {r.user_text for r in llm.requests} <= {"I'd like to", llm.requests[-1].user_text}
         assert len([f for f in call.frames if f["type"] == "turn_metrics"]) == 2
-    ckpt, _ = await _verified(redis, nats_url, "pre-2")
+        await _hang_up(call)
+    ckpt, records = await _verified(redis, nats_url, "pre-2")
     assert ckpt.turn == 1 and ckpt.facts["service"][0] == "cleaning"
+    # The dropped guess left no record: one transcript and one model output.
+    llm_records = [r for r in records if r["type"] == EventType.LLM and r["turn"] == 1]
+    assert len(llm_records) == 1
+    user = [r for r in records if r["type"] == EventType.USER_TURN and r["turn"] == 1]
+    assert [r["text"] for r in user] == ["I'd like to book a cleaning."]
 
 
 async def test_guesses_are_bounded_and_a_turn_without_a_match_says_cancelled(
@@ -162,6 +177,7 @@ async def test_guesses_are_bounded_and_a_turn_without_a_match_says_cancelled(
         assert metrics.get(PREEMPTIVE_STARTED) == 2  # at most two guesses per utterance
         assert metrics.get(PREEMPTIVE_CANCELLED) == 2 and metrics.get(PREEMPTIVE_ADOPTED) == 0
         assert llm.requests[-1].user_text == "I'd like to book a cleaning."
+        await _hang_up(call)
     ckpt, _ = await _verified(redis, nats_url, "pre-3")
     assert ckpt.turn == 1
 
@@ -190,8 +206,7 @@ async def test_barge_in_during_speculation_answers_the_new_words_once(
         assert len([f for f in call.frames if f["type"] == "turn_metrics"]) == 3
         settled = metrics.get(PREEMPTIVE_ADOPTED) + metrics.get(PREEMPTIVE_CANCELLED)
         assert settled == metrics.get(PREEMPTIVE_STARTED)
-        await call.send(type="hangup")
-        await call.wait_for(lambda f: f["type"] == "call_ended")
+        await _hang_up(call)
     ckpt, records = await _verified(redis, nats_url, "pre-4")
     assert ckpt.turn == 2
     assert any(r["type"] == "barge_in" and r["turn"] == 1 for r in records)

@@ -331,6 +331,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_ENDPOINTING_MAX_MS",
     ),
     Setting(
+        "false_interruption_ms",
+        Number(int, ge=0, le=5000),
+        300,
+        "caller sound during a reply clears it only once it yields words; sound without "
+        "words for this long is a false interruption and the reply plays on (0: clear at "
+        "the first sound) (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_FALSE_INTERRUPTION_MS",
+    ),
+    Setting(
         "preemptive",
         Choice(("on", "off")),
         "on",
