@@ -281,6 +281,7 @@ class VoiceTurns:
             or self._turn_lock.locked()
             or (self._turn_task is not None and not self._turn_task.done())
             or (self._amend_task is not None and not self._amend_task.done())
+            or (self._barge_task is not None and not self._barge_task.done())
         )
         self._spec.on_stable(text, busy=busy)
 
@@ -301,6 +302,11 @@ class VoiceTurns:
                 self._counters.inc(FALSE_INTERRUPTIONS)  # noise: the reply went on
         elif self._gate.on_words(text) is Action.BARGE_IN:
             await self._barge_in()
+        barging = self._barge_task
+        if barging is not None and not barging.done():
+            # The barge-in the words made goes first: what the caller heard of the last
+            # reply is amended before the next turn is answered.
+            await asyncio.wait({barging})
         answer = bool(text.strip()) and self._core.active
         spec_task, outcome = self._spec.on_final(text, answer=answer)
         if not answer:
