@@ -13,7 +13,7 @@ from callmesh.config import SimulatedLatency
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, Speculator
 from conversation_node.preemptive import normalise as norm
-from conversation_node.providers.base import LLMDelta, LLMRequest
+from conversation_node.providers.base import LLMDelta, LLMRequest, ProviderError
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.turn_runner import same_request
 
@@ -174,17 +174,7 @@ async def test_a_cancelled_reply_stops_the_model_and_counts_its_waste() -> None:
     assert await prepared.cancel() == wasted  # idempotent
 
 
-class FailingLLM:
-    name = "failing-llm"
-
-    async def stream(self, request: LLMRequest) -> AsyncIterator[LLMDelta]:
-        raise RuntimeError("model down")
-        yield LLMDelta()  # pragma: no cover
-
-
 async def test_a_prepared_reply_whose_model_fails_falls_back_like_any_reply() -> None:
-    from conversation_node.providers.base import ProviderError
-
     class Down:
         name = "down"
 
