@@ -4,12 +4,11 @@ still barge in. The decision, a real node, and the whole cluster (Twilio and nat
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
-from cluster_helpers import eventually
+from cluster_helpers import eventually, node_metric, owner_of
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
@@ -18,8 +17,6 @@ from callmesh.metric_names import BARGE_INS, FALSE_INTERRUPTIONS
 from callmesh_client.voice_client import VoiceCaller
 from conversation_node.interruptions import Action, InterruptionGate
 from localcluster.cluster import LocalCluster
-from state_store.client import connect
-from state_store.pins import PinStore
 
 
 def test_sound_waits_for_words_and_words_barge_in() -> None:
@@ -84,29 +81,11 @@ async def test_noise_during_a_reply_does_not_stop_it(
         await call.turn(2)
 
 
-def _metric(node_url: str, name: str) -> float:
-    text = urllib.request.urlopen(node_url + "/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key.endswith("_" + name):
-            return float(value)
-    return 0.0
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05", "CALLMESH_FALSE_INTERRUPTION_MS": "300"}
     with LocalCluster(nodes=1, force_embedded=True, env=env) as c:
         yield c
-
-
-async def _owner(cluster: LocalCluster, call_id: str) -> Any:
-    redis = connect(cluster.redis_url)
-    try:
-        owner = await PinStore(redis).get("demo", call_id)
-    finally:
-        await redis.aclose()
-    return next(n for n in cluster.nodes if n.name == owner)
 
 
 @pytest.mark.timeout(180)
@@ -117,12 +96,12 @@ async def test_noise_through_the_router_leaves_the_reply_playing(
     call_id = f"CAnoise{transport}"
     async with VoiceCaller(cluster.router_url, call_id, "demo", "bob", transport=transport) as c:
         await c.wait_greeting()
-        node = await _owner(cluster, call_id)
-        before = await asyncio.to_thread(_metric, node.url, FALSE_INTERRUPTIONS)
+        node = await owner_of(cluster, call_id)
+        before = await asyncio.to_thread(node_metric, node.url, FALSE_INTERRUPTIONS)
         reply = asyncio.create_task(c.say("Hi, my name is Priya. What services do you offer?"))
         await c.noise(300, after_ms=200)
         first = await reply
-        await eventually(lambda: _metric(node.url, FALSE_INTERRUPTIONS) > before)
+        await eventually(lambda: node_metric(node.url, FALSE_INTERRUPTIONS) > before)
         second = await c.say("Tuesday please")
         await c.hangup()
     assert not c.clears and not first.cleared

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import urllib.request
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import nats
 import pytest
-from cluster_helpers import eventually
+from cluster_helpers import eventually, node_metric, owner_of
 
 from callmesh.metric_names import PREEMPTIVE_STARTED
 from callmesh_client.voice_client import VoiceCaller
@@ -19,7 +18,6 @@ from events.eventlog import EventType
 from events.replay import build_report, read_records
 from localcluster.cluster import LocalCluster
 from state_store.client import connect
-from state_store.pins import PinStore
 from state_store.store import StateStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -40,24 +38,6 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
-def _started(node_url: str) -> float:
-    text = urllib.request.urlopen(node_url + "/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name.endswith("_" + PREEMPTIVE_STARTED):
-            return float(value)
-    return 0.0
-
-
-async def _owner(cluster: LocalCluster, call_id: str) -> Any:
-    redis = connect(cluster.redis_url)
-    try:
-        owner = await PinStore(redis).get("demo", call_id)
-    finally:
-        await redis.aclose()
-    return next(n for n in cluster.nodes if n.name == owner)
-
-
 @pytest.mark.parametrize("transport", ["twilio", "native"])
 async def test_a_node_killed_during_speculation_answers_the_utterance_once(
     cluster: LocalCluster, transport: Literal["twilio", "native"]
@@ -65,10 +45,10 @@ async def test_a_node_killed_during_speculation_answers_the_utterance_once(
     call_id = f"CAspec{transport}"
     async with VoiceCaller(cluster.router_url, call_id, "demo", "bob", transport=transport) as c:
         await c.wait_greeting()
-        owner = await _owner(cluster, call_id)
-        before = await asyncio.to_thread(_started, owner.url)
+        owner = await owner_of(cluster, call_id)
+        before = await asyncio.to_thread(node_metric, owner.url, PREEMPTIVE_STARTED)
         said = asyncio.create_task(c.say("I need a cleaning"))
-        await eventually(lambda: _started(owner.url) > before, timeout_s=20)
+        await eventually(lambda: node_metric(owner.url, PREEMPTIVE_STARTED) > before, timeout_s=20)
         assert not said.done(), "the turn is confirmed only after the 2 s endpoint"
         owner.signal(signal.SIGKILL)
         reply = await said
