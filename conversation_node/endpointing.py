@@ -27,11 +27,13 @@ _WORD = re.compile(r"[\w']+")
 # Words a sentence does not end on: the caller is mid-phrase.
 _OPEN_ENDED = frozenset(
     str.split(
-        """a an the and or but so because if then to of for with at in on by from about
-    my your our their his her its um uh er erm like that which who when where than as
-    is are was were be i i'm we you would could should will can"""
+        """a an the and or but so because if then to of for with at from by my your our
+        their his her its um uh er erm which who whose than as would could should will
+        can i i'm we're"""
     )
 )
+# Not in it although they often come mid-phrase: words that also end sentences ("thank
+# you", "I like that", "that's what it is"): waiting long after them delays many turns.
 _ANSWERS = frozenset(
     str.split(
         """yes yeah yep yup no nope nah sure ok okay correct right absolutely definitely

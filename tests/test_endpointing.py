@@ -25,6 +25,9 @@ def test_a_complete_sentence_ends_soonest_and_mid_phrase_waits_longest() -> None
     assert e.wait_ms("my name is um") == 800
     assert e.wait_ms("Tuesday,") == 800
     assert e.wait_ms("Tuesday works") == 300
+    # Words that end sentences as often as not do not make it mid-phrase.
+    assert e.wait_ms("Perfect, thank you") == 300
+    assert e.wait_ms("I like that") == 300
     assert e.wait_ms("") == 300
 
 
