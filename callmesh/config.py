@@ -180,6 +180,8 @@ class NodeConfig:
     tts_chunk_ms: int = _node("tts_chunk_ms")
     # Below this STT confidence the caller is asked to repeat instead of being guessed at.
     stt_min_confidence: float = _node("stt_min_confidence")
+    # Caller sound during a reply must yield words to stop it (false interruptions).
+    false_interruption_ms: int = _node("false_interruption_ms")
     # Per-stage budgets (ms): a breach triggers the stage's fallback.
     llm_first_token_budget_ms: float = _node("llm_first_token_budget_ms")
     llm_total_budget_ms: float = _node("llm_total_budget_ms")

@@ -52,6 +52,17 @@ GREETINGS = "greetings"
 GREETINGS_RETURNING = "greetings_returning"
 BARGE_INS = "barge_ins"
 DTMF = "dtmf"
+# Preemptive generation: replies started before the caller's turn was confirmed, and
+# what became of them (adopted + cancelled = started, once settled); the model deltas
+# the cancelled ones wrote for nothing; and the model time the adopted ones saved.
+PREEMPTIVE_STARTED = "preemptive_started"
+PREEMPTIVE_ADOPTED = "preemptive_adopted"
+PREEMPTIVE_CANCELLED = "preemptive_cancelled"
+PREEMPTIVE_WASTED_TOKENS = "preemptive_wasted_tokens"
+PREEMPTIVE_SAVED_MS_SUM = "preemptive_saved_ms_sum"
+ENDPOINT_MS_SUM = "endpoint_ms_sum"  # the utterance-ending silences used (adaptive)
+# Caller noise that started a barge-in but said nothing: the reply went on.
+FALSE_INTERRUPTIONS = "false_interruptions"
 
 
 def fallback(name: str) -> str:

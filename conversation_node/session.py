@@ -112,6 +112,7 @@ class CallSession:
             observe_lag=services.observe_frame_lag,
             prefetch=self._prefetch,
             min_confidence=services.config.stt_min_confidence,
+            false_interruption_ms=services.config.false_interruption_ms,
         )
 
     def __repr__(self) -> str:
