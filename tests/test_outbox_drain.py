@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -18,10 +21,11 @@ from redis.asyncio import Redis
 
 from callmesh.metric_names import OUTBOX_ABANDONED_CALLS
 from callmesh.telemetry import Metrics
+from conversation_node.app import ConversationNode
 from conversation_node.outbox_drain import OutboxDrainer
 from events import subjects
 from events.outbox import effect_entry
-from localcluster.servers import nats_server
+from localcluster.servers import ManagedServer, nats_server
 from state_store import keys
 from state_store.checkpoint import Checkpoint
 from state_store.errors import StoreUnavailable
@@ -47,36 +51,55 @@ async def _stored_effects(js: JetStreamContext, tenant: str) -> int:
     return sum((info.state.subjects or {}).values())
 
 
-async def test_effect_booked_before_a_jetstream_outage_at_hangup_is_stored_once(
-    redis: Redis, redis_url: str, tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def _hung_up_with_jetstream_down(
+    redis_url: str, tmp_path: Path, tenant: str, call_id: str, **config: Any
+) -> AsyncIterator[tuple[ConversationNode, ManagedServer]]:
+    """A node on a JetStream of its own; the caller books while it is down and hangs up."""
     server = nats_server(tmp_path)
     server.start()
-    tenant = "drainjs"
     try:
-        async with running_node(redis_url, server.url, simulated_providers()) as (node, url):
-            async with node_call(url, "od-js") as call:
+        async with running_node(redis_url, server.url, simulated_providers(), **config) as (
+            node,
+            url,
+        ):
+            async with node_call(url, call_id) as call:
                 await _talk(call, tenant, BOOKING)
                 server.stop()
                 await call.send(type="user_text", text="Yes, book it")
                 await call.turn(5, timeout_s=30)
                 await _hang_up(call)
-            ckpt = await StateStore(redis).load(tenant, "od-js")
-            assert ckpt is not None and ckpt.status == "ended"
-            assert any(subjects.is_effect(e.subject) for e in ckpt.outbox)
-            server.start()
-            assert await node._drainer.wait_idle(60)  # type: ignore[union-attr]
-            nc = await nats.connect(server.url)
-            try:
-                assert await _stored_effects(nc.jetstream(), tenant) == 1
-            finally:
-                await nc.drain()
-            ckpt = await StateStore(redis).load(tenant, "od-js")
-            assert ckpt is not None and ckpt.outbox == []
-            assert await redis.zscore(keys.ENDED_OUTBOX, f"{tenant}/od-js") is None
-            assert node.services.metrics.snapshot().get(OUTBOX_ABANDONED_CALLS, 0) == 0
+            yield node, server
     finally:
         server.stop()
+
+
+async def _stored_effects_at(url: str, tenant: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return await _stored_effects(nc.jetstream(), tenant)
+    finally:
+        await nc.drain()
+
+
+async def test_effect_booked_before_a_jetstream_outage_at_hangup_is_stored_once(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    tenant = "drainjs"
+    async with _hung_up_with_jetstream_down(redis_url, tmp_path, tenant, "od-js") as (
+        node,
+        server,
+    ):
+        ckpt = await StateStore(redis).load(tenant, "od-js")
+        assert ckpt is not None and ckpt.status == "ended"
+        assert any(subjects.is_effect(e.subject) for e in ckpt.outbox)
+        server.start()
+        assert await node._drainer.wait_idle(60)  # type: ignore[union-attr]
+        assert await _stored_effects_at(server.url, tenant) == 1
+        ckpt = await StateStore(redis).load(tenant, "od-js")
+        assert ckpt is not None and ckpt.outbox == []
+        assert await redis.zscore(keys.ENDED_OUTBOX, f"{tenant}/od-js") is None
+        assert node.services.metrics.snapshot().get(OUTBOX_ABANDONED_CALLS, 0) == 0
 
 
 async def test_final_checkpoint_failing_at_hangup_is_saved_and_published_later(
@@ -113,30 +136,15 @@ async def test_final_checkpoint_failing_at_hangup_is_saved_and_published_later(
 async def test_drain_waits_for_the_outbox_of_ended_calls(
     redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    server = nats_server(tmp_path)
-    server.start()
     tenant = "draindrain"
-    try:
-        async with running_node(
-            redis_url, server.url, simulated_providers(), drain_timeout_s=30
-        ) as (node, url):
-            async with node_call(url, "od-drain") as call:
-                await _talk(call, tenant, BOOKING)
-                server.stop()
-                await call.send(type="user_text", text="Yes, book it")
-                await call.turn(5, timeout_s=30)
-                await _hang_up(call)
-            assert len(node._drainer) == 1  # type: ignore[arg-type]
-            server.start()
-            await node.drain()
-            # No polling: when drain returns, the booking is in the stream.
-            nc = await nats.connect(server.url)
-            try:
-                assert await _stored_effects(nc.jetstream(), tenant) == 1
-            finally:
-                await nc.drain()
-    finally:
-        server.stop()
+    async with _hung_up_with_jetstream_down(
+        redis_url, tmp_path, tenant, "od-drain", drain_timeout_s=30
+    ) as (node, server):
+        assert len(node._drainer) == 1  # type: ignore[arg-type]
+        server.start()
+        await node.drain()
+        # No polling: when drain returns, the booking is in the stream.
+        assert await _stored_effects_at(server.url, tenant) == 1
 
 
 async def test_a_dead_nodes_ended_call_is_swept_up_by_another(
