@@ -12,10 +12,12 @@ reader publishes it again, retrying with exponential backoff and jitter.
 
 Bounded: at most ``max_calls`` calls, each for at most ``max_age_s``. A call over either
 bound is logged as an error by name and counted (``outbox_abandoned_calls``), never
-dropped silently: what was saved of it stays in its checkpoint, and the call stays in
-the index of ended calls with an outbox (:mod:`state_store.ended_outbox`), where a sweep
-on any node (:mod:`conversation_node.outbox_sweep`) takes it over. So does a node dying
-here: the index is stamped before each try and cleared only once all is out.
+dropped silently: what was saved of it stays in its checkpoint, and the call is marked
+(best effort) in the index of ended calls with an outbox (:mod:`state_store.ended_outbox`)
+as due, so a sweep on any node (:mod:`conversation_node.outbox_sweep`) takes it over. So
+it is when this node dies: the index is stamped before each try and cleared only once
+all is out. What a node holds only in memory (a final checkpoint never saved) is lost
+with it; a sweep republishes what the last saved checkpoint holds.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ MAX_CALLS = 1000
 MAX_AGE_S = 600.0
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 5.0
+# On close, how long marking what is left for other nodes' sweeps may take.
+HAND_ON_S = 2.0
 
 
 @dataclass
@@ -84,6 +88,8 @@ class OutboxDrainer:
         self._first_delay_s = first_delay_s
         self._max_delay_s = max_delay_s
         self._calls: dict[tuple[str, str], _Leftover] = {}
+        # Calls given up here, to be marked in the index as due for any node's sweep.
+        self._hand_on: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -106,6 +112,7 @@ class OutboxDrainer:
             reason = "node closing" if self._closed else f"over {self._max_calls} calls"
             self._abandon(ckpt, saved=saved, reason=reason)
             return
+        self._hand_on.discard(key)
         self._calls[key] = _Leftover(ckpt, saved, time.monotonic())
         self._metrics.set(OUTBOX_DRAINING_CALLS, len(self._calls))
         self._idle.clear()
@@ -133,6 +140,9 @@ class OutboxDrainer:
         self._calls.clear()
         self._metrics.set(OUTBOX_DRAINING_CALLS, 0)
         self._idle.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HAND_ON_S):
+                await self._mark_handed_on()
 
     # ------------------------------------------------------------------ the loop
 
@@ -140,6 +150,7 @@ class OutboxDrainer:
         me = asyncio.current_task()
         while self._calls:
             self._wake.clear()
+            await self._mark_handed_on()
             for key, left in list(self._calls.items()):
                 # redis-py can swallow a cancellation that lands inside a command.
                 if me is not None and me.cancelling():
@@ -164,6 +175,7 @@ class OutboxDrainer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(wait, 0.0)):
                     await self._wake.wait()
+        await self._mark_handed_on()
         self._idle.set()
 
     def _backoff(self, attempts: int) -> float:
@@ -225,7 +237,20 @@ class OutboxDrainer:
         )
         return True
 
+    async def _mark_handed_on(self) -> None:
+        """Best effort: what this node gave up is due for a sweep at once (score 0)."""
+        index = self._index
+        if index is None:
+            self._hand_on.clear()
+            return
+        for tenant, call_id in list(self._hand_on):
+            with contextlib.suppress(StoreUnavailable):
+                await index.touch(tenant, call_id, 0)
+                self._hand_on.discard((tenant, call_id))
+
     def _abandon(self, ckpt: Checkpoint, *, saved: bool, reason: str) -> None:
+        if len(self._hand_on) < self._max_calls:
+            self._hand_on.add((ckpt.tenant, ckpt.call_id))
         self._metrics.inc(OUTBOX_ABANDONED_CALLS)
         log.error(
             "ended call's effects left unpublished",

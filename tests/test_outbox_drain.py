@@ -28,6 +28,7 @@ from events.outbox import effect_entry
 from localcluster.servers import ManagedServer, nats_server
 from state_store import keys
 from state_store.checkpoint import Checkpoint
+from state_store.ended_outbox import EndedOutboxIndex
 from state_store.errors import StoreUnavailable
 from state_store.store import StateStore
 
@@ -179,14 +180,15 @@ class _DownStore:
         raise StoreUnavailable("injected")
 
 
-async def test_over_its_bounds_the_drainer_names_and_counts_each_call(
-    caplog: pytest.LogCaptureFixture,
+async def test_over_its_bounds_the_drainer_names_counts_and_hands_on_each_call(
+    redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = Metrics("test")
     drainer = OutboxDrainer(
         _DownStore(),  # type: ignore[arg-type]
         None,
         metrics,
+        EndedOutboxIndex(redis),
         max_calls=1,
         max_age_s=0.3,
         first_delay_s=0.01,
@@ -194,12 +196,16 @@ async def test_over_its_bounds_the_drainer_names_and_counts_each_call(
     )
     caplog.set_level(logging.ERROR, "callmesh.node.outbox_drain")
     try:
-        drainer.adopt(Checkpoint("t", "kept", "c", 1, "n", status="ended"), saved=False)
-        drainer.adopt(Checkpoint("t", "over", "c", 1, "n", status="ended"), saved=False)
+        drainer.adopt(Checkpoint("bound", "kept", "c", 1, "n", status="ended"), saved=False)
+        drainer.adopt(Checkpoint("bound", "over", "c", 1, "n", status="ended"), saved=False)
         assert metrics.snapshot()[OUTBOX_ABANDONED_CALLS] == 1
         assert await drainer.wait_idle(10), "given up after its time bound"
         assert metrics.snapshot()[OUTBOX_ABANDONED_CALLS] == 2
         named = [r.fields["call_id"] for r in caplog.records]  # type: ignore[attr-defined]
         assert named == ["over", "kept"]
+        # Both are due for any node's sweep now.
+        for call_id in ("kept", "over"):
+            assert await redis.zscore(keys.ENDED_OUTBOX, f"bound/{call_id}") == 0
     finally:
         await drainer.aclose()
+        await redis.zrem(keys.ENDED_OUTBOX, "bound/kept", "bound/over")
