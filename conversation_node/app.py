@@ -87,6 +87,7 @@ class ConversationNode:
         self._nc: NATS | None = None
         self._redis: Any = None
         self._beat_redis: Any = None
+        self._drain_redis: Any = None
         self._closed = False
 
     @property
@@ -154,12 +155,20 @@ class ConversationNode:
             memory=memory,
             stt=providers.stt,
         )
-        # What ended calls leave in their outboxes: drained here, swept up by any node.
-        index = EndedOutboxIndex(self._redis)
-        self._drainer = OutboxDrainer(
-            self._services.store, self._services.publisher, self._services.metrics, index
+        # What ended calls leave in their outboxes: drained here, swept up by any node. On
+        # a client of its own, as the heartbeat: its retries against a failed shard must
+        # not make the live calls' client re-read its slot map under their commands.
+        self._drain_redis = redis_connect(cfg.backends.redis_url)
+        drain_store = StateStore(
+            self._drain_redis,
+            ttl_s=cfg.checkpoint_ttl_s,
+            durability=self._services.store.durability,
         )
-        self._sweep = OutboxSweep(index, self._services.store, self._drainer, cfg.node_id)
+        index = EndedOutboxIndex(self._drain_redis)
+        self._drainer = OutboxDrainer(
+            drain_store, self._services.publisher, self._services.metrics, index
+        )
+        self._sweep = OutboxSweep(index, drain_store, self._drainer, cfg.node_id)
         self._heartbeat = Heartbeat(
             MembershipStore(self._beat_redis),
             cfg,
@@ -235,7 +244,7 @@ class ConversationNode:
             if not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._nc.close())
-        for client in (self._redis, self._beat_redis):
+        for client in (self._redis, self._beat_redis, self._drain_redis):
             if client is not None:
                 await asyncio.shield(client.aclose())
 

@@ -104,22 +104,27 @@ async def test_effect_booked_before_a_jetstream_outage_at_hangup_is_stored_once(
 
 
 async def test_final_checkpoint_failing_at_hangup_is_saved_and_published_later(
-    redis: Redis, redis_url: str, nats_url: str, js: JetStreamContext
+    redis: Redis,
+    redis_url: str,
+    nats_url: str,
+    js: JetStreamContext,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tenant = "drainredis"
+    real_save = StateStore.save
+    redis_down = False
+
+    async def flaky_save(store: StateStore, ckpt: Checkpoint) -> None:
+        if redis_down:
+            raise StoreUnavailable("injected: redis unreachable")
+        await real_save(store, ckpt)
+
+    # Every store of the node (the calls' and the drainer's, each on its own client).
+    monkeypatch.setattr(StateStore, "save", flaky_save)
     async with running_node(redis_url, nats_url, simulated_providers()) as (node, url):
-        store = node.services.store
-        real_save = store.save
-        redis_down = True
-
-        async def flaky_save(ckpt: Checkpoint) -> None:
-            if redis_down:
-                raise StoreUnavailable("injected: redis unreachable")
-            await real_save(ckpt)
-
         async with node_call(url, "od-redis") as call:
             await _talk(call, tenant, BOOKING)
-            store.save = flaky_save  # type: ignore[method-assign]
+            redis_down = True
             # The booking turn's checkpoint fails: its effect waits, unpublished, in memory.
             await call.send(type="user_text", text="Yes, book it")
             await call.wait_for(lambda f: f["type"] == "agent_text" and f.get("turn") == 5)
