@@ -76,6 +76,10 @@ CHECKPOINTS_CAUGHT_UP = "checkpoints_caught_up"
 CHECKPOINT_FAILURES = "checkpoint_failures"
 OUTBOX_PUBLISHED = "outbox_published"
 OUTBOX_PUBLISH_FAILURES = "outbox_publish_failures"
+# Ended calls whose final checkpoint or outbox the node's drainer still retries (gauge),
+# and those it gave up on (over its bound of calls or of time; each one logged by name).
+OUTBOX_DRAINING_CALLS = "outbox_draining_calls"
+OUTBOX_ABANDONED_CALLS = "outbox_abandoned_calls"
 
 # The caller's history across calls.
 HISTORY_SAVED = "history_saved"

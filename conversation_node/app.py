@@ -43,6 +43,8 @@ from callmesh.protocol import (
 from conversation_node.call_links import CallLink, WebSocketCallLink
 from conversation_node.heartbeat import Heartbeat
 from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, NodeServices
+from conversation_node.outbox_drain import OutboxDrainer
+from conversation_node.outbox_sweep import OutboxSweep
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.providers.registry import Providers, ProviderSettings, build_providers
 from conversation_node.session import CallDropped, CallSession, CallState
@@ -51,6 +53,7 @@ from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
 from memory.history import RedisHistoryStore
 from state_store.client import connect as redis_connect
+from state_store.ended_outbox import EndedOutboxIndex
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore, NodeState
 from state_store.store import Durability, StateStore
@@ -78,10 +81,13 @@ class ConversationNode:
         self._links: set[Mux] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
         self._services: NodeServices | None = None
+        self._drainer: OutboxDrainer | None = None
+        self._sweep: OutboxSweep | None = None
         self._heartbeat: Heartbeat | None = None
         self._nc: NATS | None = None
         self._redis: Any = None
         self._beat_redis: Any = None
+        self._drain_redis: Any = None
         self._closed = False
 
     @property
@@ -149,6 +155,20 @@ class ConversationNode:
             memory=memory,
             stt=providers.stt,
         )
+        # What ended calls leave in their outboxes: drained here, swept up by any node. On
+        # a client of its own, as the heartbeat: its retries against a failed shard must
+        # not make the live calls' client re-read its slot map under their commands.
+        self._drain_redis = redis_connect(cfg.backends.redis_url)
+        drain_store = StateStore(
+            self._drain_redis,
+            ttl_s=cfg.checkpoint_ttl_s,
+            durability=self._services.store.durability,
+        )
+        index = EndedOutboxIndex(self._drain_redis)
+        self._drainer = OutboxDrainer(
+            drain_store, self._services.publisher, self._services.metrics, index
+        )
+        self._sweep = OutboxSweep(index, drain_store, self._drainer, cfg.node_id)
         self._heartbeat = Heartbeat(
             MembershipStore(self._beat_redis),
             cfg,
@@ -157,13 +177,16 @@ class ConversationNode:
         )
         await self._heartbeat.beat_once()
         self._heartbeat.start()
+        self._sweep.start()
         log.info("node started", extra={"fields": {"node": cfg.node_id, "url": cfg.advertise_url}})
 
     async def drain(self) -> None:
-        """Stop taking calls, hand live calls off at turn boundaries, bounded in time."""
+        """Stop taking calls, hand live calls off at turn boundaries, and get out what ended
+        calls left in their outboxes, bounded in time."""
         if self.draining:
             return
         self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
         if self._heartbeat is not None:
             await self._heartbeat.set_state(NodeState.DRAINING)
         sessions = list(self.sessions.values())
@@ -181,9 +204,15 @@ class ConversationNode:
                     "drain bound reached", extra={"fields": {"not_handed_off": len(pending)}}
                 )
         # Give the router a moment to move the links before we close them.
-        deadline = time.monotonic() + 2.0
-        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
+        settle = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < settle:  # noqa: ASYNC110 (bounded poll)
             await asyncio.sleep(0.02)
+        if self._drainer is not None and not await self._drainer.wait_idle(
+            deadline - time.monotonic()
+        ):
+            log.warning(
+                "drain bound reached", extra={"fields": {"outbox_calls": len(self._drainer)}}
+            )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -191,6 +220,8 @@ class ConversationNode:
         self._closed = True
         if self._heartbeat is not None:
             await self._heartbeat.aclose()
+        if self._sweep is not None:
+            await self._sweep.aclose()
         for s in list(self.sessions.values()):
             await s.aclose()
         for mux in list(self._links):
@@ -198,6 +229,8 @@ class ConversationNode:
         for t in list(self._call_tasks):
             t.cancel()
         await asyncio.gather(*self._call_tasks, return_exceptions=True)
+        if self._drainer is not None:
+            await self._drainer.aclose()
         if self._services is not None:
             await self._services.memory.aclose()
         if self._providers is not None:
@@ -211,7 +244,7 @@ class ConversationNode:
             if not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._nc.close())
-        for client in (self._redis, self._beat_redis):
+        for client in (self._redis, self._beat_redis, self._drain_redis):
             if client is not None:
                 await asyncio.shield(client.aclose())
 
@@ -244,6 +277,7 @@ class ConversationNode:
                 },
                 "providers": self._providers.names() if self._providers else {},
                 "links": [repr(mux) for mux in self._links],
+                "outbox_drainer": repr(self._drainer),
             }
         )
 
@@ -351,6 +385,8 @@ class ConversationNode:
             await session.aclose()
             if self.sessions.get(key) is session:
                 del self.sessions[key]
+            if session.leftover is not None and self._drainer is not None:
+                self._drainer.adopt(session.leftover[0], saved=session.leftover[1])
 
     async def _pump(self, link: CallLink, session: CallSession) -> None:
         if isinstance(link, Channel):

@@ -89,6 +89,9 @@ class CallSession:
             active=lambda: self.core.state in (CallState.ACTIVE, CallState.ENDED),
         )
         self._link_lost = False
+        # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
+        # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
+        self.leftover: tuple[Checkpoint, bool] | None = None
         replies = Replies()
         self.turns = TurnRunner(
             self.core,
@@ -274,6 +277,8 @@ class CallSession:
         already committed stays in Redis."""
         await self.vt.aclose()
         await self.ckpt.aclose()
+        if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):
+            self.leftover = (self._snapshot(), not self.ckpt.dirty)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         self.core.close()

@@ -13,6 +13,15 @@ PREFIX = "cm"
 # Cluster-wide membership: hash of node_id → msgpack node record (one key, one slot).
 MEMBERS = f"{PREFIX}:members"
 
+# Ended calls whose checkpoint outbox may still hold unpublished effects: sorted set of
+# :func:`ended_outbox_member` → ms its drainer last tried (one key, one slot).
+ENDED_OUTBOX = f"{PREFIX}:ended-outbox"
+
+
+def ended_outbox_member(tenant: str, call_id: str) -> str:
+    """``tenant/call_id`` (ids never contain ``/``): a member names its tenant."""
+    return f"{tenant}/{call_id}"
+
 
 def _call(tenant: str, call_id: str, part: str) -> str:
     return f"{PREFIX}:{tenant}:call:{{{call_id}}}:{part}"
