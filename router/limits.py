@@ -39,9 +39,9 @@ class ConnectionLimits:
 
     start_timeout_s: float = 5.0
     max_connections: int = 10_000
-    max_connections_per_tenant: int = 2_000
-    max_calls_per_tenant: int = 1_000
-    max_new_calls_per_tenant_per_s: int = 100
+    max_connections_per_tenant: int = 10_000
+    max_calls_per_tenant: int = 10_000
+    max_new_calls_per_tenant_per_s: int = 500
     call_lease_s: float = 60.0
     max_frames_per_s: float = 200.0
     frame_burst: int = 400

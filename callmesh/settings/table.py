@@ -229,7 +229,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_connections_per_tenant",
         Number(int, ge=0),
-        2_000,
+        10_000,
         "client connections of one tenant on one router; more are closed with 4429 (0: no cap)",
         (ROUTER,),
         _LIMITS,
@@ -238,7 +238,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_calls_per_tenant",
         Number(int, ge=0),
-        1_000,
+        10_000,
         "live calls of one tenant across all routers (in Redis); more are refused with "
         "over_limit and 4429 (0: no cap)",
         (ROUTER,),
@@ -248,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_new_calls_per_tenant_per_s",
         Number(int, ge=0),
-        100,
+        500,
         "new calls of one tenant a second across all routers (in Redis); more are refused "
         "with over_limit and 4429 (0: no cap)",
         (ROUTER,),
