@@ -1,9 +1,10 @@
 """Every Redis key callmesh uses, in one place.
 
-Keys of one call share the hash tag ``{call_id}`` so multi-key Lua scripts work on Redis
-Cluster, and every call key starts with the tenant so one tenant's keys can never be
-named from another's (architecture invariants 8 and 9). Callers pass identifiers that
-:func:`callmesh.protocol.valid_id` accepted; the key functions do not re-validate.
+Keys of one call share the hash tag ``{call_id}`` (a tenant's quota keys the tag
+``{t:tenant}``) so multi-key Lua scripts work on Redis Cluster, and every call key starts
+with the tenant so one tenant's keys can never be named from another's (architecture
+invariants 8 and 9). Callers pass identifiers that :func:`callmesh.protocol.valid_id`
+accepted; the key functions do not re-validate.
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from redis.asyncio import Redis
-
 from state_store import keys
+from state_store.client import RedisClient
 from state_store.errors import translate
 
 # KEYS: calls, rate  ARGV: call_id, lease_ms, max_calls, max_new_per_s (0: no cap)
@@ -62,7 +61,7 @@ class QuotaVerdict(Enum):
 
 
 class CallQuota:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)

@@ -13,8 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from callmesh.protocol import CloseCode, ErrorCode, encode
+from state_store import keys
+from state_store.client import RedisClient
 from state_store.quota import CallQuota, QuotaVerdict
 from tests.cluster_helpers import eventually
 from tests.test_twilio_router import (  # noqa: F401 (fixtures: node, start_router)
@@ -139,8 +142,18 @@ async def test_new_calls_per_second_per_tenant_are_enforced(start_router: Router
             await ws.close()
 
 
-async def test_a_crashed_routers_quota_slots_lapse(redis: Redis) -> None:
-    quota = CallQuota(redis)
+def test_a_tenants_quota_keys_share_a_slot_of_their_own() -> None:
+    slots = {
+        key_slot(k(t).encode())
+        for t in ("acme",)
+        for k in (keys.tenant_calls, keys.tenant_call_rate)
+    }
+    assert len(slots) == 1
+    assert len({key_slot(keys.tenant_calls(f"t{i}").encode()) for i in range(50)}) > 40
+
+
+async def test_a_crashed_routers_quota_slots_lapse(any_redis: RedisClient) -> None:
+    quota = CallQuota(any_redis)
     ok = await quota.acquire("lapse", "c1", max_calls=1, max_new_per_s=0, lease_ms=150)
     assert ok is QuotaVerdict.ADMITTED
     full = await quota.acquire("lapse", "c2", max_calls=1, max_new_per_s=0, lease_ms=150)
