@@ -35,6 +35,8 @@ CALLS_STARTED = "calls_started"
 CALLS_RESUMED = "calls_resumed"
 CALLS_HANDED_OFF = "calls_handed_off"
 CALLS_ENDED = "calls_ended"
+# Calls ended because their client left without hanging up and did not come back in time.
+CALLS_ABANDONED = "calls_abandoned"
 FENCED_OUT = "fenced_out"
 
 # Turns.
@@ -105,6 +107,12 @@ REPLIES_CLEARED = "replies_cleared"
 def relinks(outcome: str) -> str:
     """Counter of a call's relinks to a node, by outcome (``router.proxy``)."""
     return f"relinks_{outcome}"
+
+
+def refused(bound: str) -> str:
+    """Counter of connections, calls or frames refused over a bound (``router.limits``:
+    ``connections``, ``start_timeout``, ``tenant_calls``, ``frame_rate``, ``relinks``...)."""
+    return f"refused_{bound}"
 
 
 def client_errors(code: str) -> str:
