@@ -35,6 +35,8 @@ CALLS_STARTED = "calls_started"
 CALLS_RESUMED = "calls_resumed"
 CALLS_HANDED_OFF = "calls_handed_off"
 CALLS_ENDED = "calls_ended"
+# Calls ended because their client left without hanging up and did not come back in time.
+CALLS_ABANDONED = "calls_abandoned"
 FENCED_OUT = "fenced_out"
 
 # Turns.
@@ -52,6 +54,17 @@ GREETINGS = "greetings"
 GREETINGS_RETURNING = "greetings_returning"
 BARGE_INS = "barge_ins"
 DTMF = "dtmf"
+# Preemptive generation: replies started before the caller's turn was confirmed, and
+# what became of them (adopted + cancelled = started, once settled); the model deltas
+# the cancelled ones wrote for nothing; and the model time the adopted ones saved.
+PREEMPTIVE_STARTED = "preemptive_started"
+PREEMPTIVE_ADOPTED = "preemptive_adopted"
+PREEMPTIVE_CANCELLED = "preemptive_cancelled"
+PREEMPTIVE_WASTED_TOKENS = "preemptive_wasted_tokens"
+PREEMPTIVE_SAVED_MS_SUM = "preemptive_saved_ms_sum"
+ENDPOINT_MS_SUM = "endpoint_ms_sum"  # the utterance-ending silences used (adaptive)
+# Caller noise that started a barge-in but said nothing: the reply went on.
+FALSE_INTERRUPTIONS = "false_interruptions"
 
 
 def fallback(name: str) -> str:
@@ -65,6 +78,10 @@ CHECKPOINTS_CAUGHT_UP = "checkpoints_caught_up"
 CHECKPOINT_FAILURES = "checkpoint_failures"
 OUTBOX_PUBLISHED = "outbox_published"
 OUTBOX_PUBLISH_FAILURES = "outbox_publish_failures"
+# Ended calls whose final checkpoint or outbox the node's drainer still retries (gauge),
+# and those it gave up on (over its bound of calls or of time; each one logged by name).
+OUTBOX_DRAINING_CALLS = "outbox_draining_calls"
+OUTBOX_ABANDONED_CALLS = "outbox_abandoned_calls"
 
 # The caller's history across calls.
 HISTORY_SAVED = "history_saved"
@@ -96,6 +113,12 @@ def calls_refused(reason: str) -> str:
     """Counter of the calls refused at the trust boundary, by refusal reason
     (``callmesh.auth.errors``: token_expired, resume_denied...)."""
     return f"calls_refused_{reason}"
+
+
+def refused(bound: str) -> str:
+    """Counter of connections, calls or frames refused over a bound (``router.limits``:
+    ``connections``, ``start_timeout``, ``tenant_calls``, ``frame_rate``, ``relinks``...)."""
+    return f"refused_{bound}"
 
 
 def client_errors(code: str) -> str:

@@ -36,6 +36,13 @@ class TurnMetrics:
     fallbacks: list[str] = field(default_factory=list)
     interrupted: bool = False
     spoke: bool = True
+    # Preemptive generation: "adopted" (the reply was started before the turn was
+    # confirmed), "cancelled" (a guess was wrong and dropped) or "none"; and the model
+    # time it saved (ms between the speculative start and the turn's own start).
+    preemptive: str = "none"
+    preemptive_saved_ms: float = 0.0
+    # The silence that ended the caller's utterance (adaptive endpointing; 0: unknown).
+    endpoint_ms: float = 0.0
     node: str = ""
     epoch: int = 0
 

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from callmesh.audio.tones import silence, speech_from_text
+from callmesh.audio.tones import noise, silence, speech_from_text
 from callmesh.protocol import Out
 from callmesh_client.reconnect import ReconnectPolicy, RouterList, should_reconnect
 from callmesh_client.twilio_phone import TwilioPhone
@@ -130,6 +130,8 @@ class VoiceCaller:
         self._stopping = False
         self._speech = b""
         self._speech_pos = 0
+        self._noise = b""  # sound without words being sent (see noise())
+        self._noise_done: asyncio.Event | None = None
         self._speak_lock = asyncio.Lock()
         self._speech_done = asyncio.Event()
         self._speaking: _Utterance | None = None
@@ -216,6 +218,18 @@ class VoiceCaller:
             await asyncio.sleep(delay)
         return await self.say(text)
 
+    async def noise(self, ms: float, after_ms: float = 0.0) -> None:
+        """Make ``ms`` of loud sound without words (a cough, a door) ``after_ms`` into the
+        agent's reply audio (the one playing now, or the next one); returns once sent.
+        The node should not take it for a barge-in (a false interruption)."""
+        await asyncio.wait_for(self._playing.wait(), self.timeout_s)
+        delay = self.playback.started_at + after_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._noise_done = done = asyncio.Event()
+        self._noise = noise(ms)
+        await asyncio.wait_for(done.wait(), self.timeout_s + ms / 1000)
+
     async def dtmf(self, digit: str) -> None:
         self._control.append(self.wire.dtmf(digit))
 
@@ -244,6 +258,11 @@ class VoiceCaller:
         return utt.result
 
     def _next_payload(self, now: float) -> str:
+        if self._noise:
+            chunk, self._noise = self._noise[:FRAME_BYTES], self._noise[FRAME_BYTES:]
+            if not self._noise and self._noise_done is not None:
+                self._noise_done.set()
+            return base64.b64encode(chunk.ljust(FRAME_BYTES, _SILENT_FRAME[:1])).decode()
         if self._speaking is None:
             return _SILENCE
         chunk = self._speech[self._speech_pos : self._speech_pos + FRAME_BYTES]

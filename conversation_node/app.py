@@ -47,6 +47,8 @@ from callmesh.protocol import (
 from conversation_node.call_links import CallLink, WebSocketCallLink
 from conversation_node.heartbeat import Heartbeat
 from conversation_node.node_services import HISTORY_MAX_CALLS, MemoryServices, NodeServices
+from conversation_node.outbox_drain import OutboxDrainer
+from conversation_node.outbox_sweep import OutboxSweep
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.providers.registry import Providers, ProviderSettings, build_providers
 from conversation_node.session import CallDropped, CallSession, CallState
@@ -55,6 +57,7 @@ from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
 from memory.history import RedisHistoryStore
 from state_store.client import connect as redis_connect
+from state_store.ended_outbox import EndedOutboxIndex
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore, NodeState
 from state_store.store import Durability, StateStore
@@ -82,11 +85,16 @@ class ConversationNode:
         self.draining = False
         self._links: set[Mux] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
+        # Detached calls waiting out their reconnect grace, by (tenant, call_id).
+        self._graces: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._services: NodeServices | None = None
+        self._drainer: OutboxDrainer | None = None
+        self._sweep: OutboxSweep | None = None
         self._heartbeat: Heartbeat | None = None
         self._nc: NATS | None = None
         self._redis: Any = None
         self._beat_redis: Any = None
+        self._drain_redis: Any = None
         self._closed = False
         self._link_auth = LinkAuth(config.link_secret) if config.link_secret else None
         if self._link_auth is None and not config.auth_disabled:
@@ -160,6 +168,20 @@ class ConversationNode:
             memory=memory,
             stt=providers.stt,
         )
+        # What ended calls leave in their outboxes: drained here, swept up by any node. On
+        # a client of its own, as the heartbeat: its retries against a failed shard must
+        # not make the live calls' client re-read its slot map under their commands.
+        self._drain_redis = redis_connect(cfg.backends.redis_url)
+        drain_store = StateStore(
+            self._drain_redis,
+            ttl_s=cfg.checkpoint_ttl_s,
+            durability=self._services.store.durability,
+        )
+        index = EndedOutboxIndex(self._drain_redis)
+        self._drainer = OutboxDrainer(
+            drain_store, self._services.publisher, self._services.metrics, index
+        )
+        self._sweep = OutboxSweep(index, drain_store, self._drainer, cfg.node_id)
         self._heartbeat = Heartbeat(
             MembershipStore(self._beat_redis),
             cfg,
@@ -175,13 +197,20 @@ class ConversationNode:
             )
         if cfg.dev_mode:
             log.warning("development mode (CALLMESH_DEV_MODE=1): /v1/node/calls/{id} is open")
+        self._sweep.start()
         log.info("node started", extra={"fields": {"node": cfg.node_id, "url": cfg.advertise_url}})
 
     async def drain(self) -> None:
-        """Stop taking calls, hand live calls off at turn boundaries, bounded in time."""
+        """Stop taking calls, hand live calls off at turn boundaries, and get out what ended
+        calls left in their outboxes, bounded in time."""
         if self.draining:
             return
         self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        # Detached calls are saved; their clients resume them on another node.
+        for grace in list(self._graces.values()):
+            grace.cancel()
+        await asyncio.gather(*self._graces.values(), return_exceptions=True)
         if self._heartbeat is not None:
             await self._heartbeat.set_state(NodeState.DRAINING)
         sessions = list(self.sessions.values())
@@ -199,9 +228,15 @@ class ConversationNode:
                     "drain bound reached", extra={"fields": {"not_handed_off": len(pending)}}
                 )
         # Give the router a moment to move the links before we close them.
-        deadline = time.monotonic() + 2.0
-        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
+        settle = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < settle:  # noqa: ASYNC110 (bounded poll)
             await asyncio.sleep(0.02)
+        if self._drainer is not None and not await self._drainer.wait_idle(
+            deadline - time.monotonic()
+        ):
+            log.warning(
+                "drain bound reached", extra={"fields": {"outbox_calls": len(self._drainer)}}
+            )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -209,6 +244,11 @@ class ConversationNode:
         self._closed = True
         if self._heartbeat is not None:
             await self._heartbeat.aclose()
+        if self._sweep is not None:
+            await self._sweep.aclose()
+        for grace in list(self._graces.values()):
+            grace.cancel()
+        await asyncio.gather(*self._graces.values(), return_exceptions=True)
         for s in list(self.sessions.values()):
             await s.aclose()
         for mux in list(self._links):
@@ -216,6 +256,8 @@ class ConversationNode:
         for t in list(self._call_tasks):
             t.cancel()
         await asyncio.gather(*self._call_tasks, return_exceptions=True)
+        if self._drainer is not None:
+            await self._drainer.aclose()
         if self._services is not None:
             await self._services.memory.aclose()
         if self._providers is not None:
@@ -229,7 +271,7 @@ class ConversationNode:
             if not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._nc.close())
-        for client in (self._redis, self._beat_redis):
+        for client in (self._redis, self._beat_redis, self._drain_redis):
             if client is not None:
                 await asyncio.shield(client.aclose())
 
@@ -275,6 +317,7 @@ class ConversationNode:
             "metrics": metrics.snapshot(),
             "histograms": {name: h.to_dict() for name, h in metrics.histograms.items()},
             "providers": self._providers.names() if self._providers else {},
+            "outbox_drainer": repr(self._drainer),
         }
         # Call ids and tenants only for routers (and operators holding the link secret).
         detailed = self._link_auth is None or (
@@ -376,6 +419,10 @@ class ConversationNode:
         key = (tenant, call_id)
         previous = self.sessions.get(key)
         self.sessions[key] = session
+        grace = self._graces.pop(key, None)
+        if grace is not None:
+            grace.cancel()  # the caller is back in time
+            await asyncio.gather(grace, return_exceptions=True)
         try:
             if previous is not None:
                 await previous.aclose()  # superseded by this link; its epoch is stale anyway
@@ -392,9 +439,46 @@ class ConversationNode:
         except (ConnectionError, RuntimeError) as exc:
             log.info("router link lost", extra={"fields": {"call_id": call_id, "error": str(exc)}})
         finally:
+            if self.sessions.get(key) is session and self._may_come_back(session):
+                self._graces[key] = asyncio.get_running_loop().create_task(
+                    self._grace(key, session), name=f"grace:{call_id}"
+                )
+            else:
+                await session.aclose()
+                if self.sessions.get(key) is session:
+                    del self.sessions[key]
+
+    def _may_come_back(self, session: CallSession) -> bool:
+        """A live call whose link ended without a hangup (the client or its router went
+        away) waits for a reconnect, through any router, for the grace."""
+        return (
+            session.detached
+            and self.config.reconnect_grace_ms > 0
+            and not self.draining
+            and not self._closed
+        )
+
+    async def _grace(self, key: tuple[str, str], session: CallSession) -> None:
+        """Wait out the reconnect grace of a detached call, then end it and release it."""
+        try:
+            await asyncio.sleep(self.config.reconnect_grace_ms / 1000)
+            log.info("call abandoned", extra={"fields": {"call_id": session.call_id}})
+            await session.abandon()
+        except (CallDropped, StateStoreError) as exc:
+            # Fenced: the call lives on elsewhere; or the store is down: a later
+            # reconnect finds the call and goes on.
+            log.info(
+                "abandoned call not ended here",
+                extra={"fields": {"call_id": session.call_id, "reason": str(exc)}},
+            )
+        finally:
+            if self._graces.get(key) is asyncio.current_task():
+                del self._graces[key]
             await session.aclose()
             if self.sessions.get(key) is session:
                 del self.sessions[key]
+            if session.leftover is not None and self._drainer is not None:
+                self._drainer.adopt(session.leftover[0], saved=session.leftover[1])
 
     async def _pump(self, link: CallLink, session: CallSession) -> None:
         if isinstance(link, Channel):

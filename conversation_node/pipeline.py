@@ -118,18 +118,27 @@ class TurnPipeline:
         self._backup_tts = backup_tts
         self._budgets = budgets
 
+    def prepare(self, request: LLMRequest) -> PreparedReply:
+        """Start the model on ``request`` ahead of its turn (preemptive generation): its
+        output is kept, nothing is emitted. :meth:`run` with ``prepared`` speaks it."""
+        return PreparedReply(self._llm, request)
+
     async def run(
         self,
         request: LLMRequest,
         emit: Emit,
         voice: Voice = TEXT_MODE,
         interrupt: asyncio.Event | None = None,
+        prepared: PreparedReply | None = None,
     ) -> TurnOutput:
         """Generate and speak a reply. Setting ``interrupt`` (barge-in) stops the model and
-        the voice at once; the output then says what had been generated."""
+        the voice at once; the output then says what had been generated. ``prepared``:
+        the model's output is that generation's (adopted: it was started on this turn)."""
         out = TurnOutput()
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         model = _ModelReply(self._llm, request, out, sentences, self._budgets)
+        if prepared is not None:
+            model.adopt(prepared)
         producer: asyncio.Task[None] | None = None
 
         async def speak_all() -> None:
@@ -296,6 +305,12 @@ class _ModelReply:
         out.text = "".join(out.generated).strip()
         self._end()
 
+    def adopt(self, prepared: PreparedReply) -> None:
+        """Read ``prepared`` (started earlier on the same request) instead of a new
+        stream; budgets count from when it started."""
+        self._stream = prepared.stream()
+        self._started = prepared.started
+
     def _take(self, delta: LLMDelta) -> None:
         if delta.tool_call is not None:
             self._out.tool_calls.append(delta.tool_call)
@@ -312,6 +327,59 @@ class _ModelReply:
     def _end(self) -> None:
         self.finished = True
         self._sentences.put_nowait(None)
+
+
+class PreparedReply:
+    """A model's reply generated before its turn is confirmed: a task of its own reads the
+    stream into memory; nothing reaches the caller until the turn adopts it (then
+    :meth:`stream` gives what was read so far and goes on live). Owned: ``cancel``
+    stops it, and the turn that adopts it closes it by reading it to the end."""
+
+    def __init__(self, llm: LLM, request: LLMRequest) -> None:
+        self.request = request
+        self.started = time.monotonic()
+        self._deltas: list[LLMDelta] = []
+        self._error: BaseException | None = None
+        self._done = False
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(llm.stream(request)), name="llm:preemptive")
+
+    @property
+    def tokens(self) -> int:
+        """Deltas the model has written so far (roughly its tokens)."""
+        return len(self._deltas)
+
+    async def _read(self, stream: AsyncIterator[LLMDelta]) -> None:
+        try:
+            async for delta in stream:
+                self._deltas.append(delta)
+                self._changed.set()
+        except Exception as exc:  # given to the reader (the turn's budgets handle it)
+            self._error = exc
+        finally:
+            self._done = True
+            self._changed.set()
+
+    async def stream(self) -> AsyncIterator[LLMDelta]:
+        i = 0
+        while True:
+            if i < len(self._deltas):
+                i += 1
+                yield self._deltas[i - 1]
+                continue
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def cancel(self) -> int:
+        """Stop the model now; the number of deltas it wrote for nothing."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return self.tokens
 
 
 async def _unless_interrupted(

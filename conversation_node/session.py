@@ -29,6 +29,7 @@ import logging
 import time
 
 from callmesh.metric_names import (
+    CALLS_ABANDONED,
     CALLS_ENDED,
     CALLS_HANDED_OFF,
     CALLS_RESUMED,
@@ -89,6 +90,9 @@ class CallSession:
             active=lambda: self.core.state in (CallState.ACTIVE, CallState.ENDED),
         )
         self._link_lost = False
+        # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
+        # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
+        self.leftover: tuple[Checkpoint, bool] | None = None
         replies = Replies()
         self.turns = TurnRunner(
             self.core,
@@ -112,6 +116,7 @@ class CallSession:
             observe_lag=services.observe_frame_lag,
             prefetch=self._prefetch,
             min_confidence=services.config.stt_min_confidence,
+            false_interruption_ms=services.config.false_interruption_ms,
         )
 
     def __repr__(self) -> str:
@@ -273,6 +278,8 @@ class CallSession:
         already committed stays in Redis."""
         await self.vt.aclose()
         await self.ckpt.aclose()
+        if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):
+            self.leftover = (self._snapshot(), not self.ckpt.dirty)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         self.core.close()
@@ -280,9 +287,28 @@ class CallSession:
     def _query_for(self, text: str) -> Query:
         return self.core.memory.query_for(text)
 
+    @property
+    def detached(self) -> bool:
+        """The call is live but its link ended without a hangup: it may be resumed."""
+        return self.core.state is CallState.ACTIVE
+
+    async def abandon(self) -> None:
+        """End a detached call whose client did not come back in time, like a hangup."""
+        await self.vt.stop_turn()
+        async with self._turn_lock:
+            if self.core.state is not CallState.ACTIVE:
+                return
+            await self._end(self.core.abandon())
+        self._svc.metrics.inc(CALLS_ABANDONED)
+
     async def _hangup(self, seq: int) -> None:
+        await self._end(self.core.hangup(seq))
+        await self._out(self.core.ended())
+        self._svc.metrics.inc(CALLS_ENDED)
+
+    async def _end(self, records: list[Record]) -> None:
         core = self.core
-        await self.commit(core.hangup(seq))
+        await self.commit(records)
         # The final checkpoint should show what is left to republish, if anything.
         await self.ckpt.settle()
         if not self.ckpt.dirty:
@@ -290,8 +316,6 @@ class CallSession:
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(core.tenant, core.call_id, core.epoch)
         await save_history(self._svc, core.memory, core.caller, core.call_id)
-        await self._out(core.ended())
-        self._svc.metrics.inc(CALLS_ENDED)
 
     # ------------------------------------------------------------------ persistence
     # What the turn runner sees of the checkpoint (turn_runner.Durability); a fence is

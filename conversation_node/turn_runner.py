@@ -14,15 +14,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from callmesh.metric_names import GREETINGS, GREETINGS_RETURNING, TURNS_RESPOKEN
+from callmesh.metric_names import (
+    ENDPOINT_MS_SUM,
+    GREETINGS,
+    GREETINGS_RETURNING,
+    PREEMPTIVE_ADOPTED,
+    PREEMPTIVE_CANCELLED,
+    PREEMPTIVE_SAVED_MS_SUM,
+    PREEMPTIVE_WASTED_TOKENS,
+    TURNS_RESPOKEN,
+)
 from callmesh.protocol import Out, encode
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
-from conversation_node.pipeline import TEXT_MODE, Emit, TurnOutput, Voice
+from conversation_node.pipeline import TEXT_MODE, Emit, PreparedReply, TurnOutput, Voice
+from conversation_node.preemptive import Outcome, normalise
 from conversation_node.prompt import Greeting, build_request
 from conversation_node.providers.base import LLMRequest
+from conversation_node.sensitive import Refusal, review
 from conversation_node.turn_outcomes import Answer, Record, Reply
 from conversation_node.voice import Playback
 from memory.prompt import Prompt
@@ -40,8 +52,15 @@ class Pipeline(Protocol):
     """Speaks replies (:class:`conversation_node.pipeline.TurnPipeline`)."""
 
     async def run(
-        self, request: LLMRequest, emit: Emit, voice: Voice, interrupt: asyncio.Event | None
+        self,
+        request: LLMRequest,
+        emit: Emit,
+        voice: Voice,
+        interrupt: asyncio.Event | None,
+        prepared: PreparedReply | None = None,
     ) -> TurnOutput: ...
+
+    def prepare(self, request: LLMRequest) -> PreparedReply: ...
 
     async def speak(
         self, text: str, emit: Emit, voice: Voice, interrupt: asyncio.Event | None = None
@@ -94,6 +113,32 @@ class Counters(Protocol):
     def inc(self, name: str, value: float = 1.0) -> None: ...
 
 
+@dataclass
+class Speculation:
+    """A reply started before its turn was confirmed (:meth:`TurnRunner.speculate`): for
+    turn ``turn``, on ``retrieval``; ``outcome`` says what became of it."""
+
+    turn: int
+    retrieval: RetrievalResult
+    reply: PreparedReply
+    outcome: Outcome = Outcome.NONE  # not decided yet
+
+
+def same_request(a: LLMRequest, b: LLMRequest) -> bool:
+    """The same model request but for how the caller's words are written (case,
+    punctuation, spacing): a reply started on ``a`` is a reply to ``b``."""
+
+    def key(r: LLMRequest) -> LLMRequest:
+        said, norm = r.user_text, normalise(r.user_text)
+        messages = [
+            {k: (v.replace(said, norm) if isinstance(v, str) and said else v) for k, v in m.items()}
+            for m in r.messages
+        ]
+        return replace(r, messages=messages, user_text=norm)
+
+    return key(a) == key(b)
+
+
 class TurnRunner:
     """Runs one call's turns. ``voice`` is how replies are voiced (text mode until the
     call's start declares audio)."""
@@ -131,39 +176,111 @@ class TurnRunner:
 
     # ------------------------------------------------------------------ turns
 
+    async def speculate(self, text: str) -> Speculation:
+        """Start the reply to ``text`` before the caller's turn is confirmed (preemptive
+        generation): the same retrieval, prompt and request the turn would make, and the
+        model running on it. The call is left as it was: no turn begun, no memory changed,
+        nothing sent or recorded; only :meth:`user_turn` adopting it makes it a reply."""
+        core = self._core
+        retrieval = await self._retrieval.retrieve(text)
+        # Built as the turn would build it, then undone; nothing awaits in between, so
+        # no one else sees the call in this state.
+        savepoint = core.savepoint()
+        try:
+            t = core.begin_user_turn(core.last_seq, text, 1.0)
+            prompt = self._prompts.build(core.memory, text, retrieval)
+            request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
+        finally:
+            core.rollback(savepoint)
+        return Speculation(t.turn, retrieval, self._pipeline.prepare(request))
+
+    async def drop(self, speculation: Speculation) -> None:
+        """Stop a speculative reply; one that was never adopted is counted as cancelled,
+        with what it generated for nothing (once, however often it is dropped)."""
+        wasted = await speculation.reply.cancel()
+        if speculation.outcome is Outcome.NONE:
+            speculation.outcome = Outcome.CANCELLED
+            self._counters.inc(PREEMPTIVE_CANCELLED)
+            self._counters.inc(PREEMPTIVE_WASTED_TOKENS, wasted)
+
     async def user_turn(
-        self, seq: int, text: str, *, confidence: float, started: float, stt_ms: float = 0.0
+        self,
+        seq: int,
+        text: str,
+        *,
+        confidence: float,
+        started: float,
+        stt_ms: float = 0.0,
+        speculation: Speculation | None = None,
+        preemptive: Outcome = Outcome.NONE,
+        endpoint_ms: float = 0.0,
     ) -> None:
-        """One user turn: memory → retrieval → prompt → pipeline, then its commit."""
+        """One user turn: memory → retrieval → prompt → pipeline, then its commit.
+        ``speculation``: a reply started on the same words before the turn was confirmed,
+        adopted if the request it was started on is this turn's request; ``preemptive``:
+        what became of this utterance's speculation when none is passed (cancelled)."""
         savepoint = self._core.savepoint()
         try:
-            answer, metrics = await self._answer(seq, text, confidence, started)
+            answer, metrics = await self._answer(seq, text, confidence, started, speculation)
         except BaseException:
             self._core.rollback(savepoint)
+            if speculation is not None:
+                await self.drop(speculation)
             raise
         # Speech-to-text (the endpoint wait included) is provider time too.
         metrics.stt_ms = stt_ms
+        metrics.endpoint_ms = endpoint_ms
+        if speculation is None:
+            metrics.preemptive = preemptive.value
+        self._counters.inc(ENDPOINT_MS_SUM, endpoint_ms)
+        self._counters.inc(PREEMPTIVE_SAVED_MS_SUM, metrics.preemptive_saved_ms)
         metrics.provider_ms += stt_ms
         metrics.update_overhead()
         self._durability.queue_effects(answer.effects)
         await self._finish(answer.records, metrics)
 
     async def _answer(
-        self, seq: int, text: str, confidence: float, started: float
+        self,
+        seq: int,
+        text: str,
+        confidence: float,
+        started: float,
+        speculation: Speculation | None = None,
     ) -> tuple[Answer, TurnMetrics]:
         core = self._core
         t = core.begin_user_turn(seq, text, confidence)
         t0 = time.monotonic()
-        retrieval = await self._retrieval.retrieve(text)
+        if speculation is not None and speculation.turn == t.turn:
+            retrieval = speculation.retrieval  # the words are the same (normalised)
+        else:
+            retrieval = await self._retrieval.retrieve(text)
         retrieval_ms = (time.monotonic() - t0) * 1000
         prompt = self._prompts.build(core.memory, text, retrieval)
         request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
+        prepared = None
+        if speculation is not None:
+            if speculation.turn == t.turn and same_request(speculation.reply.request, request):
+                speculation.outcome = Outcome.ADOPTED
+                prepared = speculation.reply
+                self._counters.inc(PREEMPTIVE_ADOPTED)
+            else:
+                await self.drop(speculation)
         pb, interrupt = self._replies.start_reply(t.turn)
-        output = await self._pipeline.run(request, self.emit, self.voice, interrupt)
-        heard, interrupted = self._replies.heard(pb, output.text, output.interrupted)
-        answer = core.answered(
-            t, Reply(retrieval, retrieval_ms, prompt, request, output, heard, interrupted)
+        output = await self._pipeline.run(request, self.emit, self.voice, interrupt, prepared)
+        if prepared is not None:
+            await prepared.cancel()  # read to the end unless a barge-in stopped the reply
+        refused = self._refusals(output, t.turn, text)
+        said, asked, cut = output.text, "", output.interrupted
+        if refused and not cut:
+            # The model's words are already out; the ask follows them in the same turn.
+            asked = " ".join(r.ask() for r in refused.values())
+            spoken = await self._pipeline.speak(asked, self.emit, self.voice, interrupt)
+            said, cut = f"{output.text} {asked}".strip(), spoken.interrupted
+        heard, interrupted = self._replies.heard(pb, said, cut)
+        reply = Reply(
+            retrieval, retrieval_ms, prompt, request, output, heard, interrupted, refused, asked
         )
+        answer = core.answered(t, reply)
         # Retrieval is on the critical path, like the model's first sentence and the voice.
         provider_ms = retrieval_ms + output.first_sentence_s * 1000 + output.tts_first_chunk_ms
         metrics = TurnMetrics(
@@ -179,8 +296,37 @@ class TurnRunner:
             node=core.node_id,
             epoch=core.epoch,
         )
+        if speculation is not None:
+            metrics.preemptive = speculation.outcome.value
+            if prepared is not None:
+                # The model ran this long before the turn was confirmed.
+                metrics.preemptive_saved_ms = max(0.0, (t0 - prepared.started) * 1000)
         metrics.set_latency(started, output.first_audio_at)
         return answer, metrics
+
+    def _refusals(self, output: TurnOutput, turn: int, said: str) -> dict[int, Refusal]:
+        """The model's sensitive tool calls the caller did not confirm (by index), logged."""
+        last = self._core.memory.working.last()
+        heard_before = last.agent if last is not None and last.turn == turn - 1 else None
+        refused: dict[int, Refusal] = {}
+        for i, call in enumerate(output.tool_calls):
+            refusal = review(call.name, call.arguments, heard_before, said)
+            if refusal is not None:
+                refused[i] = refusal
+                # Names and reasons only: the arguments and the utterance may carry PII.
+                log.warning(
+                    "sensitive tool call refused",
+                    extra={
+                        "fields": {
+                            "tenant": self._core.tenant,
+                            "call_id": self._core.call_id,
+                            "turn": turn,
+                            "tool": call.name,
+                            "reason": refusal.reason,
+                        }
+                    },
+                )
+        return refused
 
     async def repeat_turn(
         self,

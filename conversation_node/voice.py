@@ -2,8 +2,9 @@
 
 :class:`VoiceLane` feeds every ``audio`` frame into the call's STT stream (opened on the
 first frame) and turns the recognizer's events into the session's turn-taking calls:
-speech started (a possible barge-in), interim transcripts (retrieval prefetch), and the end
-of an utterance (a turn, with its transcript, confidence and the moment speech ended).
+speech started (a possible barge-in), interim transcripts (retrieval prefetch), a stable
+transcript at a pause (a speculative reply may start), and the end of an utterance (a
+turn, with its transcript, confidence and the moment speech ended).
 It never blocks on a turn: frames keep flowing while the agent speaks, which is what lets
 the caller interrupt.
 
@@ -146,8 +147,15 @@ class VoiceEvents(Protocol):
 
     async def on_transcript(self, text: str, final: bool, confidence: float) -> None: ...
 
+    def on_eager(self, text: str) -> None: ...
+
     async def on_utterance(
-        self, text: str, confidence: float, speech_end_at: float, seq: int
+        self,
+        text: str,
+        confidence: float,
+        speech_end_at: float,
+        seq: int,
+        endpoint_ms: float | None = None,
     ) -> None: ...
 
     async def on_quiet_audio(self, seq: int) -> None: ...
@@ -275,17 +283,28 @@ class VoiceLane:
                     self.in_utterance = True
                     self._events.on_interim(ev.text)
                     await self._events.on_transcript(ev.text, False, ev.confidence)
+                elif ev.kind is STTEventKind.EAGER_END:
+                    self._events.on_eager(ev.text)
                 elif ev.kind is STTEventKind.UTTERANCE_END:
                     self.in_utterance = False
                     ended = ev.speech_end_at or time.monotonic()
                     if ev.text.strip():
                         await self._events.on_transcript(ev.text, True, ev.confidence)
-                    await self._events.on_utterance(ev.text, ev.confidence, ended, self.fed_seq)
+                    await self._events.on_utterance(
+                        ev.text, ev.confidence, ended, self.fed_seq, ev.endpoint_ms
+                    )
         except ProviderError as exc:
             self._fail(exc)
         except Exception:
             log.exception("speech events failed", extra={"fields": {"call_id": self.call_id}})
             self.failed = True
+
+    def expect_yes_no(self, flag: bool) -> None:
+        """Tell a recognizer whose endpointing adapts that the agent asked a yes/no
+        question (``STTStream``'s note); others do not need to know."""
+        hint = getattr(self._stream, "expect_yes_no", None)
+        if hint is not None:
+            hint(flag)
 
     async def finalize(self) -> None:
         """End the utterance in progress now (a DTMF key, the caller hanging up)."""

@@ -13,7 +13,11 @@ recognizer, the link) come in explicitly. Rules:
   follow-up commit (``barge_in`` + ``memory`` records) so replay sees the same;
 - an utterance heard with low confidence is not guessed at: the caller is asked to repeat
   (fallback ``stt_low_confidence``), and nothing in it is taken as a fact;
-- a DTMF key ends the utterance in progress (press # when done).
+- a DTMF key ends the utterance in progress (press # when done);
+- preemptive generation: when the recognizer says the words are stable (EAGER_END), a
+  reply may start on them before the utterance ends (:mod:`conversation_node.preemptive`
+  decides; :meth:`TurnRunner.speculate` starts it, sending and recording nothing); the
+  turn adopts it when the final words match, else it is dropped at once.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from callmesh.metric_names import BARGE_INS, DTMF
+from callmesh.metric_names import BARGE_INS, DTMF, FALSE_INTERRUPTIONS
 from callmesh.protocol import (
     ErrorCode,
     Inbound,
@@ -36,9 +40,13 @@ from callmesh.protocol import (
     transcript_frame,
 )
 from conversation_node.call_core import CallCore
+from conversation_node.endpointing import is_yes_no_question
 from conversation_node.errors import CallDropped
+from conversation_node.interruptions import Action, InterruptionGate
+from conversation_node.preemptive import Outcome, SpeculationConfig
 from conversation_node.providers.base import STT
-from conversation_node.turn_runner import Counters, Send
+from conversation_node.speculations import Speculations, started
+from conversation_node.turn_runner import Counters, Send, Speculation
 from conversation_node.voice import Playback, VoiceLane
 
 log = logging.getLogger("callmesh.node.voice")
@@ -51,8 +59,21 @@ class Turns(Protocol):
     (:class:`conversation_node.turn_runner.TurnRunner`); called under the turn lock."""
 
     async def user_turn(
-        self, seq: int, text: str, *, confidence: float, started: float, stt_ms: float = 0.0
+        self,
+        seq: int,
+        text: str,
+        *,
+        confidence: float,
+        started: float,
+        stt_ms: float = 0.0,
+        speculation: Speculation | None = None,
+        preemptive: Outcome = Outcome.NONE,
+        endpoint_ms: float = 0.0,
     ) -> None: ...
+
+    async def speculate(self, text: str) -> Speculation: ...
+
+    async def drop(self, speculation: Speculation) -> None: ...
 
     async def repeat_turn(
         self, seq: int, text: str, *, line: str, confidence: float, started: float, stt_ms: float
@@ -132,6 +153,8 @@ class VoiceTurns:
         observe_lag: Callable[[float], None],
         prefetch: Callable[[str], None],
         min_confidence: float,
+        speculation: SpeculationConfig | None = None,
+        false_interruption_ms: float = 0.0,
     ) -> None:
         self._core = core
         self.replies = replies
@@ -146,6 +169,17 @@ class VoiceTurns:
         self.lane: VoiceLane | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._amend_task: asyncio.Task[None] | None = None
+        self._spec = Speculations(
+            speculation,
+            start=turns.speculate,
+            drop=turns.drop,
+            counters=counters,
+            name=core.call_id,
+        )
+        # Caller sound during a reply: barge-in or noise (conversation_node.interruptions).
+        self._gate = InterruptionGate(false_interruption_ms)
+        self._gate_timer: asyncio.TimerHandle | None = None
+        self._barge_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ inbound
 
@@ -196,8 +230,26 @@ class VoiceTurns:
     async def on_speech_started(self) -> None:
         replies = self.replies
         pb = replies.playback
+        if self.lane is not None and pb is not None:
+            said = " ".join(s.text for s in pb.sentences)
+            self.lane.expect_yes_no(is_yes_no_question(said))
         if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
             return  # nothing is being heard: the caller may speak while the agent thinks
+        action = self._gate.on_sound()
+        if action is Action.WAIT:  # no clear until the sound yields words
+            window_s = self._gate.window_ms / 1000
+            self._gate_timer = asyncio.get_running_loop().call_later(window_s, self._no_words)
+        elif action is Action.BARGE_IN:
+            await self._barge_in()
+
+    async def _barge_in(self) -> None:
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        replies = self.replies
+        pb = replies.playback
+        if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
+            return  # the reply ended on its own meanwhile
         pb.cleared = True  # from here on, marks are the client flushing: not heard
         await self._send(encode({"type": Out.CLEAR.value, "turn": pb.turn, "reason": "barge_in"}))
         self._counters.inc(BARGE_INS)
@@ -209,23 +261,63 @@ class VoiceTurns:
                 self._amend_heard(pb.turn, heard), name=f"barge-in:{self._core.call_id}"
             )
 
+    def _no_words(self) -> None:
+        self._gate_timer = None
+        if self._gate.on_timeout() is Action.FALSE:
+            self._counters.inc(FALSE_INTERRUPTIONS)
+
     def on_interim(self, text: str) -> None:
         self._prefetch(text)
+        if self._gate.on_words(text) is Action.BARGE_IN:
+            self._barge_task = asyncio.create_task(
+                self._barge_in(), name=f"barge-in:{self._core.call_id}"
+            )
+        self._spec.on_interim(text)
+
+    def on_eager(self, text: str) -> None:
+        """The words so far are stable: maybe start the reply to them now."""
+        busy = (
+            not self._core.active
+            or self._turn_lock.locked()
+            or (self._turn_task is not None and not self._turn_task.done())
+            or (self._amend_task is not None and not self._amend_task.done())
+            or (self._barge_task is not None and not self._barge_task.done())
+        )
+        self._spec.on_stable(text, busy=busy)
 
     async def on_transcript(self, text: str, final: bool, confidence: float) -> None:
         """Show the caller what was heard (``transcript``): for display only."""
         await self._send(transcript_frame(self._core.turn, text, final, confidence))
 
     async def on_utterance(
-        self, text: str, confidence: float, speech_end_at: float, seq: int
+        self,
+        text: str,
+        confidence: float,
+        speech_end_at: float,
+        seq: int,
+        endpoint_ms: float | None = None,
     ) -> None:
-        if not text.strip() or not self._core.active:
+        if not text.strip():
+            if self._gate.on_silence() is Action.FALSE:
+                self._counters.inc(FALSE_INTERRUPTIONS)  # noise: the reply went on
+        elif self._gate.on_words(text) is Action.BARGE_IN:
+            await self._barge_in()
+        barging = self._barge_task
+        if barging is not None and not barging.done():
+            # The barge-in the words made goes first: what the caller heard of the last
+            # reply is amended before the next turn is answered.
+            await asyncio.wait({barging})
+        answer = bool(text.strip()) and self._core.active
+        spec_task, outcome = self._spec.on_final(text, answer=answer)
+        if not answer:
             return  # noise: no words, no turn
         previous = self._turn_task
         if previous is not None and not previous.done():
             await asyncio.wait({previous})
         self._turn_task = asyncio.create_task(
-            self._voice_turn(text.strip(), confidence, speech_end_at, seq),
+            self._voice_turn(
+                text.strip(), confidence, speech_end_at, seq, spec_task, outcome, endpoint_ms
+            ),
             name=f"turn:{self._core.call_id}",
         )
 
@@ -241,11 +333,23 @@ class VoiceTurns:
     # ------------------------------------------------------------------ turns
 
     async def _voice_turn(
-        self, text: str, confidence: float, speech_end_at: float, seq: int
+        self,
+        text: str,
+        confidence: float,
+        speech_end_at: float,
+        seq: int,
+        spec_task: asyncio.Task[Speculation] | None = None,
+        preemptive: Outcome = Outcome.NONE,
+        endpoint_ms: float | None = None,
     ) -> None:
         core = self._core
+        speculation = None if spec_task is None else await started(spec_task)
         try:
             async with self._turn_lock:
+                dropped = not core.active or confidence < self._min_confidence
+                if dropped and speculation is not None:
+                    await self._turns.drop(speculation)  # nothing is taken from it
+                    speculation = None
                 if not core.active:
                     return
                 stt_ms = max(0.0, (time.monotonic() - speech_end_at) * 1000)
@@ -260,7 +364,14 @@ class VoiceTurns:
                     )
                 else:
                     await self._turns.user_turn(
-                        seq, text, confidence=confidence, started=speech_end_at, stt_ms=stt_ms
+                        seq,
+                        text,
+                        confidence=confidence,
+                        started=speech_end_at,
+                        stt_ms=stt_ms,
+                        speculation=speculation,
+                        preemptive=preemptive,
+                        endpoint_ms=endpoint_ms or 0.0,
                     )
         except CallDropped:
             return  # fenced: the next frame finds the session dropped
@@ -278,12 +389,16 @@ class VoiceTurns:
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
         self.replies.stop()
-        for task in (self._turn_task, self._amend_task):
+        self._spec.abandon()
+        for task in (self._turn_task, self._amend_task, *self._spec.dropping):
             if task is not None and not task.done():
                 await asyncio.wait({task})
 
     async def aclose(self) -> None:
-        for task in (self._turn_task, self._amend_task):
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        self._spec.abandon()
+        for task in (self._turn_task, self._amend_task, self._barge_task, *self._spec.dropping):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

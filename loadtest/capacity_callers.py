@@ -270,7 +270,7 @@ class CallerPool:
             "seconds": round(time.monotonic() - w.started_at, 3),
             "live": self.live,
             "turns": w.turns,
-            "response_ms": percentiles(w.response_ms, (50, 99)),
+            "response_ms": percentiles(w.response_ms, (50, 95, 99)),
             "timed_out": w.timed_out,
             "superseded": w.superseded,
             "cleared_turns": w.cleared_turns,

@@ -11,8 +11,14 @@ from typing import Any
 
 from callmesh.metric_names import (
     BARGE_INS,
+    ENDPOINT_MS_SUM,
     GC_PAUSE_MS,
     INBOUND_FRAME_LAG_MS,
+    PREEMPTIVE_ADOPTED,
+    PREEMPTIVE_CANCELLED,
+    PREEMPTIVE_SAVED_MS_SUM,
+    PREEMPTIVE_STARTED,
+    PREEMPTIVE_WASTED_TOKENS,
     TURN_OVERHEAD_MS,
     TURNS,
     TURNS_OVER_BUDGET,
@@ -78,6 +84,16 @@ def _hist_sum(s1: Snapshot, s0: Snapshot, name: str) -> float:
     return total(s1) - total(s0)
 
 
+_PREEMPTIVE = (
+    PREEMPTIVE_STARTED,
+    PREEMPTIVE_ADOPTED,
+    PREEMPTIVE_CANCELLED,
+    PREEMPTIVE_WASTED_TOKENS,
+    PREEMPTIVE_SAVED_MS_SUM,
+    ENDPOINT_MS_SUM,
+)
+
+
 def measure_step(
     calls: int, s0: Snapshot, s1: Snapshot, callers: dict[str, Any], idle_rss: dict[str, int]
 ) -> dict[str, Any]:
@@ -89,8 +105,7 @@ def measure_step(
     gc_pauses = quantiles(*hist_delta(s0.node, s1.node, GC_PAUSE_MS))
     turns = int(_counter(s1, TURNS) - _counter(s0, TURNS))
     by_callmesh = int(
-        _counter(s1, TURNS_OVER_BUDGET_BY_CALLMESH)
-        - _counter(s0, TURNS_OVER_BUDGET_BY_CALLMESH)
+        _counter(s1, TURNS_OVER_BUDGET_BY_CALLMESH) - _counter(s0, TURNS_OVER_BUDGET_BY_CALLMESH)
     )
     errors = int(callers["errors"])
     behind = (
@@ -142,7 +157,11 @@ def measure_step(
         "over_budget_by_callmesh": by_callmesh,
         "barge_ins": int(_counter(s1, BARGE_INS) - _counter(s0, BARGE_INS)),
         "caller_turns": callers["turns"],
-        "response_ms": {k: callers["response_ms"][k] for k in ("p50", "p99", "n")},
+        "response_ms": {k: callers["response_ms"][k] for k in ("p50", "p95", "p99", "n")},
+        # Preemptive generation and endpointing at the node (turns: TURNS above).
+        "preemptive": {
+            name: round(_counter(s1, name) - _counter(s0, name), 3) for name in _PREEMPTIVE
+        },
         "caller_send_lag_ms": {
             "p50": callers["loop_lag_ms"]["p50"],
             "p99": callers["loop_lag_ms"]["p99"],

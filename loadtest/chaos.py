@@ -11,7 +11,10 @@ most calls. Every caller keeps talking; the report scores what the callers exper
 - ``lost_turns``: utterances never answered; ``duplicate_replies``: reply frames received
   twice; ``duplicate_effects``: bookings applied twice at JetStream (per call);
 - ``context_lost``: affected calls whose first reply after failover lacks the caller's name,
-  which they gave before the failure.
+  which they gave before the failure;
+- ``lost_effects``: calls told their booking was made with no booking in the effects
+  stream (architecture invariant 4), counted once the effects stream has settled (nodes
+  keep publishing what ended calls left in their outboxes after a backend outage).
 
 Backends: ``--redis-cluster`` / ``--nats-cluster`` run on clustered backends (3 Valkey
 masters + 3 replicas; 3 NATS servers, streams at R3). At the same moment as the node,
@@ -229,8 +232,21 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
     }
 
 
-async def count_effects(nats_url: str) -> tuple[int, int]:
-    """(bookings stored, bookings beyond one per call) in the effects stream."""
+# The simulated agent's confirmation of a booking ("... is booked for ...") and its later
+# reminders of it ("... is booked. Anything else ...") both say this.
+BOOKED_WORD = "booked"
+# After the calls end, nodes may still be publishing outboxes left by an outage: the
+# effects are counted again until none is missing or this bound passes.
+EFFECTS_SETTLE_S = 60.0
+
+
+def confirmed_bookings(calls: list[ChaosCall]) -> set[str]:
+    """The calls whose caller heard that their booking was made."""
+    return {c.call_id for c in calls if any(BOOKED_WORD in r.text for r in c.replies)}
+
+
+async def effects_per_call(nats_url: str) -> Counter[str]:
+    """Bookings stored in the effects stream, per call."""
     nc = await nats.connect(server_urls(nats_url))
     try:
         js = nc.jetstream()
@@ -242,10 +258,15 @@ async def count_effects(nats_url: str) -> tuple[int, int]:
             msg = await js.get_msg(subjects.EFFECTS_STREAM, seq)
             if msg.data:
                 per_call[json.loads(msg.data)["call_id"]] += 1
-        stored = sum(per_call.values())
-        return stored, sum(max(0, n - 1) for n in per_call.values())
+        return per_call
     finally:
         await nc.drain()
+
+
+async def count_effects(nats_url: str) -> tuple[int, int]:
+    """(bookings stored, bookings beyond one per call) in the effects stream."""
+    per_call = await effects_per_call(nats_url)
+    return sum(per_call.values()), sum(max(0, n - 1) for n in per_call.values())
 
 
 async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, Any]:
@@ -262,6 +283,28 @@ async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict
     rep["elapsed_s"] = round(time.monotonic() - t0, 2)
     rep.update(timeline.report())
     return rep
+
+
+async def score_effects(nats_url: str, calls: list[ChaosCall]) -> dict[str, Any]:
+    """Bookings confirmed to callers against bookings stored (lost, duplicated), waiting
+    (bounded) for the stream to settle."""
+    confirmed = confirmed_bookings(calls)
+    deadline = time.monotonic() + EFFECTS_SETTLE_S
+    started = time.monotonic()
+    while True:
+        per_call = await effects_per_call(nats_url)
+        lost = sorted(c for c in confirmed if per_call[c] == 0)
+        if not lost or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    return {
+        "bookings_confirmed": len(confirmed),
+        "effects_stored": sum(per_call.values()),
+        "lost_effects": len(lost),
+        "lost_effect_samples": lost[:5],
+        "effects_settle_s": round(time.monotonic() - started, 1),
+        "duplicate_effects": sum(max(0, n - 1) for n in per_call.values()),
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -315,9 +358,7 @@ def main(args: argparse.Namespace) -> int:
                 "turns": sum(len(c.replies) for c in calls),
             }
             rep.update(score(calls, victims, chaos.kill_at))
-            stored, duplicated = await count_effects(cluster.nats_url)
-            rep["effects_stored"] = stored
-            rep["duplicate_effects"] = duplicated
+            rep.update(await score_effects(cluster.nats_url, calls))
             rep["errors"] = sum(len(c.errors) for c in calls)
             rep["error_samples"] = [e for c in calls for e in c.errors][:5]
             rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])
@@ -341,6 +382,12 @@ def main(args: argparse.Namespace) -> int:
         write_html(report, Path(args.html_path))
     ok = all(
         report[k] == 0
-        for k in ("lost_turns", "duplicate_replies", "duplicate_effects", "context_lost")
+        for k in (
+            "lost_turns",
+            "duplicate_replies",
+            "duplicate_effects",
+            "context_lost",
+            "lost_effects",
+        )
     )
     return 0 if ok else 1

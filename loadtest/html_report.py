@@ -31,7 +31,14 @@ _SECTIONS = {
     "failover_gap_definition",
 }
 # Counts that must be zero for a run to be clean, in whichever scenario has them.
-_MUST_BE_ZERO = ("errors", "lost_turns", "duplicate_replies", "duplicate_effects", "context_lost")
+_MUST_BE_ZERO = (
+    "errors",
+    "lost_turns",
+    "duplicate_replies",
+    "duplicate_effects",
+    "context_lost",
+    "lost_effects",
+)
 _MAX_ROWS = 200
 _MAX_ERRORS = 50
 

@@ -39,6 +39,7 @@ from callmesh.protocol import CloseCode, Out, encode, valid_id
 from callmesh.telemetry import Metrics
 from router.call_auth import CallAuth, bearer_token, sanitized_start
 from router.console import Console
+from router.limits import Admission, ConnectionLimits
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
@@ -51,6 +52,7 @@ from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
 from state_store.pins import PinStore
+from state_store.quota import CallQuota
 from state_store.resume import ResumeStore
 from state_store.store import StateStore
 
@@ -78,6 +80,11 @@ class Router:
             max_unacked_frames=config.max_unacked_frames,
             max_unacked_audio_ms=config.max_unacked_audio_ms,
             connect_timeout_s=config.connect_timeout_ms / 1000,
+            max_unacked_bytes=config.max_unacked_bytes,
+            max_frames_per_s=config.max_frames_per_s,
+            frame_burst=config.frame_burst,
+            max_relinks=config.max_relinks,
+            relink_window_s=config.relink_window_s,
         )
         # Raises ConfigError without a way to verify tokens, unless explicitly disabled.
         self.auth = CallAuth(config)
@@ -87,6 +94,15 @@ class Router:
                 "the router needs CALLMESH_LINK_SECRET to authenticate to nodes "
                 "(CALLMESH_AUTH_DISABLED=1 turns authentication off)"
             )
+        self.connection_limits = ConnectionLimits(
+            start_timeout_s=config.start_timeout_ms / 1000,
+            max_connections=config.max_connections,
+            max_connections_per_tenant=config.max_connections_per_tenant,
+            max_calls_per_tenant=config.max_calls_per_tenant,
+            max_new_calls_per_tenant_per_s=config.max_new_calls_per_tenant_per_s,
+            call_lease_s=config.call_lease_s,
+        )
+        self.admission = Admission(self.connection_limits, self.metrics, None)
         self._redis: Any = None
         self._http: aiohttp.ClientSession | None = None
         self._membership: MembershipView | None = None
@@ -127,6 +143,7 @@ class Router:
 
     async def start(self) -> None:
         self._redis = redis_connect(self.config.backends.redis_url)
+        self.admission = Admission(self.connection_limits, self.metrics, CallQuota(self._redis))
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
         self._store = StateStore(self._redis)
         self._membership.on_dead(self._node_dead)
@@ -152,6 +169,7 @@ class Router:
             await self._membership.refresh()
         self._membership.start()
         self._spawn(self._close_idle_twilio_streams(), "twilio-idle-sweep")
+        self._spawn(self.admission.renew_forever(), "quota-renewal")
         log.info("router started", extra={"fields": {"router": self.config.router_id}})
 
     async def drain(self) -> None:
@@ -334,11 +352,15 @@ class Router:
         *,
         token_in_start: bool,
     ) -> web.WebSocketResponse:
+        if not self.admission.connect():
+            await ws.close(code=CloseCode.OVER_LIMIT, message=b"connections")
+            return ws
         session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
         key: tuple[str, str] | None = None
-        admission = None
+        admitted = False
         try:
-            if not await session.wait_start():
+            # Bounded start (router.limits); the tenant's caps and quotas once it is verified.
+            if not await self.admission.wait_start(session):
                 return ws
             if self.draining:
                 # Before admission: a client moved elsewhere keeps its current resume secret.
@@ -364,6 +386,11 @@ class Router:
                 admission.secret,
             )
             session.on_ended = functools.partial(self.auth.release, admission)
+            admitted = await self.admission.admit(session)
+            if not admitted:
+                # Over a quota: the call never went live, so neither does its resume record.
+                await asyncio.shield(self.auth.release(admission))
+                return ws
             key = (session.tenant, session.call_id)
             old = self.calls.get(key)
             if old is not None:
@@ -377,6 +404,7 @@ class Router:
                 del self.calls[key]
                 if self.draining and not self.calls:
                     self._calls_gone.set()
+            await asyncio.shield(self.admission.release(session, started=admitted))
             if not ws.closed:
                 await ws.close()
         return ws

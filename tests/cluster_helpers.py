@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from callmesh_client.client import CallClient, Reply
 from localcluster.cluster import LocalCluster
 from state_store.client import connect
+from state_store.pins import PinStore
 from state_store.store import StateStore
 
 BOOKING_SCRIPT = [
@@ -70,3 +72,24 @@ def routers_cluster(
     }
     with LocalCluster(nodes=nodes, routers=routers, force_embedded=True, env=env) as c:
         yield c
+
+
+async def owner_of(cluster: LocalCluster, call_id: str, tenant: str = "demo") -> Any:
+    """The node process that owns ``call_id`` now (its pin)."""
+    redis = connect(cluster.redis_url)
+    try:
+        owner = await PinStore(redis).get(tenant, call_id)
+    finally:
+        await redis.aclose()
+    return next(n for n in cluster.nodes if n.name == owner)
+
+
+def node_metric(node_url: str, name: str) -> float:
+    """One unlabelled metric of a node, from its Prometheus text (0 when absent)."""
+    with urllib.request.urlopen(node_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key.endswith("_" + name):
+            return float(value)
+    return 0.0

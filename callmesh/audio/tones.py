@@ -38,6 +38,7 @@ __all__ = [
     "SAMPLE_RATE",
     "SpeechDecoder",
     "decode_speech",
+    "noise",
     "silence",
     "speech_from_text",
     "tones_for_text",
@@ -262,3 +263,11 @@ def decode_speech(mulaw: bytes) -> str:
     decoder = SpeechDecoder()
     decoder.push(mulaw)
     return decoder.take()[0]
+
+
+def noise(ms: float, sample_rate: int = SAMPLE_RATE, seed: int = 0) -> bytes:
+    """``ms`` of loud mu-law noise (about -20 dBFS) that carries no text: sound a voice
+    activity detector hears and the decoder reads nothing in (a cough, a door)."""
+    rng = np.random.default_rng(seed)
+    samples = rng.standard_normal(samples_in(int(ms), sample_rate)) * 3000
+    return mulaw_encode_array(samples.astype(np.int16))

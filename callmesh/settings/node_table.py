@@ -311,6 +311,56 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _PROVIDERS,
         env="CALLMESH_STT_ENDPOINTING_MS",
     ),
+    Setting(
+        "endpointing_min_ms",
+        Number(int, gt=0, le=5000),
+        150,
+        "adaptive endpointing: the shortest silence that ends an utterance (a complete "
+        "sentence, a yes/no answer) (ms)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_ENDPOINTING_MIN_MS",
+    ),
+    Setting(
+        "endpointing_max_ms",
+        Number(int, gt=0, le=5000),
+        800,
+        "adaptive endpointing: the longest silence that ends an utterance (mid-phrase) (ms)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_ENDPOINTING_MAX_MS",
+    ),
+    Setting(
+        "false_interruption_ms",
+        Number(int, ge=0, le=5000),
+        300,
+        "caller sound during a reply clears it only once it yields words; sound without "
+        "words for this long is a false interruption and the reply plays on (0: clear at "
+        "the first sound) (ms)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_FALSE_INTERRUPTION_MS",
+    ),
+    Setting(
+        "preemptive",
+        Choice(("on", "off")),
+        "on",
+        "preemptive generation: start the reply on a stable interim transcript, adopted "
+        "when the final one matches",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_PREEMPTIVE",
+    ),
+    Setting(
+        "preemptive_stable_ms",
+        Number(int, gt=0, le=5000),
+        100,
+        "preemptive generation: a pause this long inside an utterance makes its interim "
+        "transcript stable (ms)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_PREEMPTIVE_STABLE_MS",
+    ),
 )
 
 

@@ -81,6 +81,9 @@ class EnergyVAD:
         self._bytes = b""  # a partial sample (PCM16) waiting for its other byte
         self._samples = np.zeros(0, dtype=np.int16)  # a partial frame
         self._position_ms = 0.0
+        # The silence that ends an utterance: the config's, until adaptive endpointing
+        # changes it (it may, between frames).
+        self.end_silence_ms = self.config.end_silence_ms
         self.reset()
 
     def reset(self) -> None:
@@ -94,6 +97,11 @@ class EnergyVAD:
     @property
     def in_speech(self) -> bool:
         return self._in_speech
+
+    @property
+    def silence_ms(self) -> int:
+        """Consecutive quiet audio (ms) inside the utterance being heard (0 outside one)."""
+        return self._silence_ms if self._in_speech else 0
 
     @property
     def position_ms(self) -> float:
@@ -179,7 +187,7 @@ class EnergyVAD:
             self._last_voiced_end_ms = self._position_ms
             return None
         self._silence_ms += frame_ms
-        if self._silence_ms >= self.config.end_silence_ms:
+        if self._silence_ms >= self.end_silence_ms:
             end = self._last_voiced_end_ms if self._last_voiced_end_ms is not None else start
             self.reset()
             return VadEvent(VadEventKind.SPEECH_END, end)

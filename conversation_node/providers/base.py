@@ -37,6 +37,10 @@ class STTEventKind(StrEnum):
     SPEECH_STARTED = "speech_started"
     INTERIM = "interim"  # a hypothesis that may still change
     FINAL = "final"  # a finalized segment of the utterance
+    # The words so far look complete and the caller has paused: the turn may be ending
+    # (a short silence, or the provider's own eager end-of-turn). A hint: the utterance
+    # may yet go on; only UTTERANCE_END ends it.
+    EAGER_END = "eager_end"
     UTTERANCE_END = "utterance_end"  # the caller stopped speaking: end of the turn
 
 
@@ -48,6 +52,8 @@ class STTEvent:
     # For UTTERANCE_END: the whole utterance, its confidence, and when speech ended
     # (monotonic seconds), the moment turn latency is measured from.
     speech_end_at: float | None = None
+    # For UTTERANCE_END: the trailing silence that ended it (ms), where the provider knows.
+    endpoint_ms: float | None = None
 
 
 class STTStream(Protocol):
@@ -67,6 +73,12 @@ class STTStream(Protocol):
     def events(self) -> AsyncIterator[STTEvent]: ...
 
     async def aclose(self) -> None: ...
+
+    # A stream whose endpointing adapts (:mod:`conversation_node.endpointing`) may also
+    # offer ``expect_yes_no(flag: bool) -> None``: the agent just asked a yes/no question,
+    # so a short "yes" ends the turn sooner; and ``speech_probability(p: float) -> None``:
+    # a provider-supplied probability that speech goes on (a VAD such as Silero, a turn
+    # model), which then decides the wait.
 
 
 class STT(Protocol):

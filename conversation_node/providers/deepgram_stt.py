@@ -4,7 +4,9 @@ Deepgram's messages map onto :class:`STTEvent` like this:
 
 * ``SpeechStarted`` (and the first words of an utterance) → SPEECH_STARTED, once;
 * ``Results`` with ``is_final=false`` → INTERIM, text = finals so far + the hypothesis;
-* ``Results`` with ``is_final=true`` → FINAL for that segment;
+* ``Results`` with ``is_final=true`` → FINAL for that segment; when it does not also end
+  the utterance, EAGER_END with the finals so far (Deepgram finalizes a segment at a
+  pause: the words are stable, the turn may be ending);
 * ``speech_final=true`` (endpointing), ``from_finalize=true`` or ``UtteranceEnd`` (the
   fallback when endpointing is fooled by noise) → UTTERANCE_END, once per utterance,
   with the whole utterance, its mean confidence, and the monotonic time at which the
@@ -104,6 +106,9 @@ class DeepgramSTTOptions:
     endpointing_ms: int = 300
     utterance_end_ms: int = 1000
     smart_format: bool = True
+    # Report EAGER_END when a segment is finalized short of the end of the utterance
+    # (preemptive generation); off, the node never speculates.
+    eager: bool = True
     # Deepgram closes a socket that has had no audio for 10 s; 3-5 s keepalives are advised.
     keepalive_s: float = 4.0
     connect_timeout_s: float = 5.0
@@ -309,6 +314,9 @@ class DeepgramSTTStream:
             self._emit(STTEvent(STTEventKind.FINAL, transcript, confidence))
         if (message.speech_final or message.from_finalize) and self._in_speech:
             self._end_utterance(self._last_word_end)
+        elif transcript and self._stt.options.eager:
+            text = " ".join(t for t, _ in self._finals)
+            self._emit(STTEvent(STTEventKind.EAGER_END, text, confidence))
 
     def _speech_started(self) -> None:
         if not self._in_speech:

@@ -65,6 +65,10 @@ class ProviderSettings:
     deepgram_stt_model: str = _default("deepgram_stt_model")
     deepgram_tts_model: str = _default("deepgram_tts_model")
     stt_endpointing_ms: int = _default("stt_endpointing_ms")
+    endpointing_min_ms: int = _default("endpointing_min_ms")
+    endpointing_max_ms: int = _default("endpointing_max_ms")
+    preemptive: str = _default("preemptive")
+    preemptive_stable_ms: int = _default("preemptive_stable_ms")
     tts_chunk_ms: int = _default("tts_chunk_ms")
     vad: str = _default("vad")  # endpointing of the offline recognizer
     espeak_voice: str = _default("espeak_voice")
@@ -78,6 +82,8 @@ class ProviderSettings:
             raise ConfigError("a Deepgram provider is selected but DEEPGRAM_API_KEY is not set")
         if "openai" in uses and not (self.openai_api_key or self.openai_base_url):
             raise ConfigError("an OpenAI provider is selected but OPENAI_API_KEY is not set")
+        if self.endpointing_min_ms > self.endpointing_max_ms:
+            raise ConfigError("CALLMESH_ENDPOINTING_MIN_MS is above CALLMESH_ENDPOINTING_MAX_MS")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
@@ -122,6 +128,10 @@ _FROM_TABLE = (
     "deepgram_stt_model",
     "deepgram_tts_model",
     "stt_endpointing_ms",
+    "endpointing_min_ms",
+    "endpointing_max_ms",
+    "preemptive",
+    "preemptive_stable_ms",
     "tts_chunk_ms",
     "vad",
     "espeak_voice",
@@ -209,7 +219,9 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
         stt = DeepgramSTT(
             settings.deepgram_api_key,
             options=DeepgramSTTOptions(
-                model=settings.deepgram_stt_model, endpointing_ms=settings.stt_endpointing_ms
+                model=settings.deepgram_stt_model,
+                endpointing_ms=settings.stt_endpointing_ms,
+                eager=settings.preemptive == "on",
             ),
             environment=_deepgram_environment(settings),
         )
@@ -222,11 +234,18 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
         stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
     else:
         from conversation_node.audio.vad import VadConfig
+        from conversation_node.endpointing import EndpointingConfig
         from conversation_node.providers.simulated_audio import SimulatedSTT
 
         stt = SimulatedSTT(
             latency_ms=settings.sim_latency.stt_ms,
             vad=VadConfig(end_silence_ms=settings.stt_endpointing_ms),
+            endpointing=EndpointingConfig(
+                min_ms=settings.endpointing_min_ms,
+                max_ms=settings.endpointing_max_ms,
+                base_ms=settings.stt_endpointing_ms,
+            ),
+            eager_ms=settings.preemptive_stable_ms if settings.preemptive == "on" else None,
         )
     llm: LLM
     if settings.llm == "openai":

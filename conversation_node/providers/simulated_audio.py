@@ -20,6 +20,7 @@ from callmesh.audio.codec import Downsampler, SampleReader, mulaw_decode_array
 from callmesh.audio.format import AudioChunk, AudioEncoding, samples_in
 from callmesh.audio.tones import ONSET_LEVEL, SAMPLE_RATE, SpeechDecoder
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEventKind
+from conversation_node.endpointing import Endpointer, EndpointingConfig
 from conversation_node.providers.base import ProviderError, STTEvent
 from conversation_node.providers.base import STTEventKind as Kind
 
@@ -57,7 +58,12 @@ class SimulatedSTT:
     """A deterministic stand-in for a streaming recognizer, over 8 kHz audio.
 
     ``latency_ms`` delays FINAL and UTTERANCE_END after the endpoint (a real recognizer's
-    processing time); SPEECH_STARTED and INTERIM are not delayed.
+    processing time); SPEECH_STARTED, INTERIM and EAGER_END are not delayed.
+
+    ``endpointing``: the trailing silence that ends an utterance adapts to the words
+    heard (:mod:`conversation_node.endpointing`); without it, it is the VAD's.
+    ``eager_ms``: after this much silence inside an utterance, EAGER_END reports the words
+    so far (the transcript is stable: a speculative reply may start); None: never.
     """
 
     name = "simulated-stt"
@@ -68,12 +74,20 @@ class SimulatedSTT:
         latency_ms: float = 0.0,
         vad: VadConfig | None = None,
         interim_interval_ms: int = 200,
+        endpointing: EndpointingConfig | None = None,
+        eager_ms: int | None = None,
     ) -> None:
         if latency_ms < 0 or interim_interval_ms <= 0:
             raise ValueError("latency_ms must be >= 0 and interim_interval_ms > 0")
+        if eager_ms is not None and eager_ms <= 0:
+            raise ValueError("eager_ms must be > 0")
         self.latency_ms = latency_ms
         self.vad_config = vad or VadConfig()
         self.interim_interval_ms = interim_interval_ms
+        self.endpointing = endpointing or EndpointingConfig(
+            base_ms=self.vad_config.end_silence_ms, adaptive=False
+        )
+        self.eager_ms = eager_ms
 
     async def open(self, encoding: AudioEncoding, sample_rate: int) -> SimulatedSTTStream:
         # Wide-band calls (a browser's 16 kHz) are decimated to the decoder's 8 kHz: the
@@ -104,7 +118,20 @@ class SimulatedSTTStream:
         self._queue: asyncio.Queue[tuple[float, STTEvent | None]] = asyncio.Queue()
         self._last_voice_at: float | None = None
         self._last_interim = ("", -1e9)  # (text, audio ms)
+        self._endpointer = Endpointer(stt.endpointing)
+        self._speech_p: float | None = None
+        self._pause_text = ""  # the words before the current pause
+        self._eager_sent = False
         self._closed = False
+
+    def expect_yes_no(self, flag: bool) -> None:
+        """The agent just asked a yes/no question: a short answer ends the turn sooner."""
+        self._endpointer.expect_yes_no = flag
+
+    def speech_probability(self, p: float) -> None:
+        """A provider-supplied probability that speech goes on (the hook for a real VAD
+        or a turn model): the next pause's wait follows it."""
+        self._speech_p = p
 
     async def send_audio(self, chunk: AudioChunk) -> None:
         self.send_audio_nowait(chunk)
@@ -160,11 +187,34 @@ class SimulatedSTTStream:
             if event.kind is VadEventKind.SPEECH_START:
                 self._emit(STTEvent(Kind.SPEECH_STARTED))
             else:
-                self._end_utterance()
+                self._end_utterance(float(self._vad.end_silence_ms))
         if self._vad.last_voiced_end_ms == self._vad.position_ms:
             self._last_voice_at = time.monotonic()
         if self._vad.in_speech:
+            self._pause()
             self._maybe_interim()
+
+    def _pause(self) -> None:
+        """Inside an utterance: at the first quiet frame the words so far choose how long
+        a pause ends it; once the pause reaches ``eager_ms`` (short of that), EAGER_END."""
+        vad = self._vad
+        silence = vad.silence_ms
+        if silence == 0:
+            self._eager_sent = False
+            return
+        if silence == vad.config.frame_ms:
+            self._pause_text = _heard(self._decoder.text, self._decoder.confidence)[0]
+            vad.end_silence_ms = self._endpointer.wait_ms(self._pause_text, self._speech_p)
+        eager = self._stt.eager_ms
+        if (
+            eager is not None
+            and not self._eager_sent
+            and silence >= eager
+            and silence < vad.end_silence_ms
+            and self._pause_text
+        ):
+            self._eager_sent = True
+            self._emit(STTEvent(Kind.EAGER_END, self._pause_text))
 
     def _maybe_interim(self) -> None:
         last_text, last_ms = self._last_interim
@@ -176,7 +226,7 @@ class SimulatedSTTStream:
             self._last_interim = (text, now_ms)
             self._emit(STTEvent(Kind.INTERIM, text, confidence))
 
-    def _end_utterance(self) -> None:
+    def _end_utterance(self, endpoint_ms: float | None = None) -> None:
         text, confidence = _heard(*self._decoder.take())
         speech_end_at = self._last_voice_at or time.monotonic()
         not_before = time.monotonic() + self._stt.latency_ms / 1000
@@ -184,9 +234,12 @@ class SimulatedSTTStream:
             self._emit(STTEvent(Kind.FINAL, text, confidence), not_before)
         # An utterance that decodes to nothing was noise: reported with confidence 0 so
         # the node can tell it from words.
-        end = STTEvent(Kind.UTTERANCE_END, text, confidence if text else 0.0, speech_end_at)
+        end = STTEvent(
+            Kind.UTTERANCE_END, text, confidence if text else 0.0, speech_end_at, endpoint_ms
+        )
         self._emit(end, not_before)
         self._last_interim = ("", -1e9)
+        self._eager_sent = False
 
     def _emit(self, event: STTEvent, not_before: float = 0.0) -> None:
         self._queue.put_nowait((not_before, event))
