@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from callmesh.auth import mint_dev_token
 from callmesh.protocol import CloseCode, ErrorCode, encode
 from state_store import keys
 from state_store.client import RedisClient
@@ -22,6 +23,7 @@ from state_store.quota import CallQuota, QuotaVerdict
 from tests.cluster_helpers import eventually
 from tests.test_twilio_router import (  # noqa: F401 (fixtures: node, start_router)
     PAYLOAD,
+    SECRET,
     FakeNode,
     RouterFactory,
     next_json,
@@ -34,9 +36,15 @@ pytestmark = pytest.mark.timeout(60)
 WS = aiohttp.ClientWebSocketResponse
 
 
-async def call(http: aiohttp.ClientSession, url: str, call_id: str, tenant: str = "acme") -> WS:
+async def call(
+    http: aiohttp.ClientSession, url: str, call_id: str, tenant: str = "acme", resume: str = ""
+) -> WS:
     ws = await http.ws_connect(f"{url}/v1/calls/{call_id}")
-    await ws.send_str(encode({"type": "start", "seq": 1, "tenant": tenant}))
+    token = mint_dev_token(SECRET, tenant, call_id, "anonymous")
+    start = {"type": "start", "seq": 1, "tenant": tenant, "token": token}
+    if resume:  # a reconnect of a live call presents its resume secret
+        start["resume"] = resume
+    await ws.send_str(encode(start))
     return ws
 
 
@@ -106,8 +114,8 @@ async def test_concurrent_calls_per_tenant_are_enforced_across_routers(
     async with aiohttp.ClientSession() as http:
         one = await call(http, url_a, "q-1")
         two = await call(http, url_b, "q-2")
-        for ws in (one, two):
-            assert (await next_json(ws))["type"] == "ready"
+        readies = [await next_json(ws) for ws in (one, two)]
+        assert [r["type"] for r in readies] == ["ready", "ready"]
         three = await call(http, url_a, "q-3")
         frames, code = await frames_until_close(three)
         assert frames[-1]["code"] == ErrorCode.OVER_LIMIT
@@ -124,7 +132,7 @@ async def test_concurrent_calls_per_tenant_are_enforced_across_routers(
         four = await call(http, url_b, "q-4")
         assert (await next_json(four))["type"] == "ready"
         # A reconnect of a live call is not a new call.
-        two_again = await call(http, url_a, "q-2")
+        two_again = await call(http, url_a, "q-2", resume=readies[1]["resume"])
         assert (await next_json(two_again))["type"] == "ready"
         for ws in (two, four, two_again):
             await ws.close()
