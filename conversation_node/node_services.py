@@ -8,16 +8,16 @@ from pathlib import Path
 
 from callmesh.config import NodeConfig
 from callmesh.metric_names import (
+    FALLBACKS,
     INBOUND_FRAME_LAG_MS,
-    TURN_LATENCY_MS_SUM,
+    TIME_TO_FIRST_AUDIO_MS,
+    TURN_LATENCY_MS,
     TURN_OVERHEAD_MS,
-    TURN_OVERHEAD_MS_SUM,
-    TURN_RETRIEVAL_MS_SUM,
+    TURN_STAGE_MS,
     TURNS,
     TURNS_CUT_OFF_BEFORE_AUDIO,
     TURNS_OVER_BUDGET,
     TURNS_OVER_BUDGET_BY_CALLMESH,
-    fallback,
 )
 from callmesh.telemetry import Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
@@ -103,14 +103,18 @@ class NodeServices:
     def observe_turn(self, m: TurnMetrics) -> None:
         self.metrics.inc(TURNS)
         for f in m.fallbacks:
-            self.metrics.inc(fallback(f))
+            self.metrics.inc(FALLBACKS, kind=f)
+        if m.checkpoint_ms:
+            self.metrics.observe(TURN_STAGE_MS, m.checkpoint_ms, stage="checkpoint")
         if not m.spoke:
             self.metrics.inc(TURNS_CUT_OFF_BEFORE_AUDIO)
             return
-        self.metrics.inc(TURN_LATENCY_MS_SUM, m.latency_ms)
-        self.metrics.inc(TURN_OVERHEAD_MS_SUM, m.overhead_ms)
-        self.metrics.inc(TURN_RETRIEVAL_MS_SUM, m.retrieval_ms)
+        self.metrics.observe(TURN_LATENCY_MS, m.latency_ms)
+        if m.turn == 0:
+            self.metrics.observe(TIME_TO_FIRST_AUDIO_MS, m.latency_ms)
         self.metrics.observe(TURN_OVERHEAD_MS, m.overhead_ms)
+        for stage, ms in m.stages().items():
+            self.metrics.observe(TURN_STAGE_MS, ms, stage=stage)
         budget = self.config.turn_budget_ms
         if m.latency_ms > budget:
             self.metrics.inc(TURNS_OVER_BUDGET)
