@@ -366,7 +366,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "port",
         PORT,
-        9464,
+        9090,
         "port of /metrics, /livez and /readyz (0: any free port)",
         (WORKER,),
         _WORKER,
