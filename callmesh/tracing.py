@@ -32,7 +32,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from callmesh.telemetry import TurnMetrics
@@ -176,8 +176,6 @@ def record_turn(
         "callmesh.turn.fallbacks": list(m.fallbacks),
     }
     turn = _tracer.start_span(TURN, context=parent, start_time=_wall_ns(started), attributes=attrs)
-    if m.fallbacks:
-        turn.set_status(Status(StatusCode.OK, "fallback: " + ",".join(m.fallbacks)))
     inside = trace.set_span_in_context(turn)
     at = turn.start_time or _wall_ns(started)  # type: ignore[attr-defined]
     for stage, ms in m.stages().items():
