@@ -123,6 +123,10 @@ class NodeServices:
                 # callmesh's (a turn pushed over by a fraction of a ms of jitter is not).
                 self.metrics.inc(TURNS_OVER_BUDGET_BY_CALLMESH)
 
+    def __post_init__(self) -> None:
+        # Bound once: observed for every audio frame.
+        self._frame_lag = self.metrics.histogram(INBOUND_FRAME_LAG_MS)
+
     def observe_frame_lag(self, lag_ms: float) -> None:
         """How far behind the caller's clock an audio frame was processed."""
-        self.metrics.observe(INBOUND_FRAME_LAG_MS, lag_ms)
+        self._frame_lag.observe(lag_ms)

@@ -61,6 +61,15 @@ log = logging.getLogger("callmesh.node.session")
 
 __all__ = ["CallDropped", "CallSession", "CallState", "IllegalTransition"]
 
+# Why a router moved a call here (router.proxy); anything else a client sends in ``resume``
+# (a resume secret, per the protocol) is a reconnect and never becomes a label or attribute.
+_RELINK_REASONS = frozenset({"failover", "handoff", "reconnect"})
+
+
+def _resume_reason(start: Inbound) -> str:
+    reason = start.body.get("resume")
+    return reason if isinstance(reason, str) and reason in _RELINK_REASONS else "reconnect"
+
 
 class CallSession:
     """One live call: the I/O around its :class:`CallCore` (link, turn lock, tasks,
@@ -187,7 +196,7 @@ class CallSession:
         opening = core.owned(
             start, epoch, ckpt, working_memory_turns=self._svc.config.working_memory_turns
         )
-        resume = str(start.body.get("resume") or "") if opening.resumed else ""
+        resume = _resume_reason(start) if opening.resumed else ""
         self._start_span(resume, ckpt.trace if ckpt is not None else "")
         if opening.refusal is not None:
             await self._out(opening.refusal)
@@ -208,7 +217,7 @@ class CallSession:
         await self.commit(records)
         await self._out(core.ready(resumed=opening.resumed))
         if opening.resumed:
-            self._svc.metrics.inc(CALLS_RESUMED, reason=resume or "restart")
+            self._svc.metrics.inc(CALLS_RESUMED, reason=resume)
         else:
             self._svc.metrics.inc(CALLS_STARTED)
         if greeting is not None:
