@@ -1,6 +1,7 @@
 """Traces: a call's span, its turns and their stages on a real node (through the node
 harness), a failover that links the new owner's span to the call's trace, the router's
-placement, and nothing at all while tracing is off."""
+placement and relinks (with the fake node of tests/test_twilio_router.py), and nothing at
+all while tracing is off."""
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ from opentelemetry.trace import SpanKind
 
 from callmesh import tracing
 from callmesh.telemetry import TurnMetrics
+from callmesh_client.voice_wire import TwilioWire
+from tests.cluster_helpers import eventually
 from tests.exposition import assert_dashboards_use_only, parse_exposition
+from tests.test_twilio_router import (  # the fake node and the router, with their fixtures
+    FakeNode,
+    RouterFactory,
+    node,
+    start_router,
+    twilio_stream,
+)
+
+__all__ = ["node", "start_router"]
 
 STAGES = ("stt", "retrieval", "llm", "tts", "callmesh")
 
@@ -65,7 +77,7 @@ def _attr(span: ReadableSpan, key: str) -> Any:
 async def test_a_call_its_turns_and_stages_that_add_up_to_the_turn_latency(
     redis_url: str, nats_url: str, spans: InMemorySpanExporter
 ) -> None:
-    async with running_node(redis_url, nats_url, simulated_providers()) as (node, url):
+    async with running_node(redis_url, nats_url, simulated_providers()) as (owner, url):
         async with node_call(url, "tr-1") as call:
             await call.start()
             await call.speak("What are your opening hours?")
@@ -77,7 +89,7 @@ async def test_a_call_its_turns_and_stages_that_add_up_to_the_turn_latency(
     assert call_span.kind is SpanKind.SERVER
     assert _attr(call_span, tracing.CALL_ID) == "tr-1"
     assert _attr(call_span, tracing.TENANT) == "demo"
-    assert _attr(call_span, tracing.NODE) == node.config.node_id
+    assert _attr(call_span, tracing.NODE) == owner.config.node_id
     assert _attr(call_span, tracing.EPOCH) == 1
     assert not call_span.links and tracing.RESUME_REASON not in (call_span.attributes or {})
 
@@ -148,9 +160,9 @@ async def test_the_new_owner_links_to_the_calls_trace_with_the_resume_reason(
                 await second.send(type="user_text", text="Thanks, bye")
                 await second.turn(2)
         calls = await _ended_calls(spans, 2)
-    owner = {_attr(s, tracing.NODE): s for s in calls}
-    old = next(s for n, s in owner.items() if n != node_b.config.node_id)
-    new = owner[node_b.config.node_id]
+    by_node = {_attr(s, tracing.NODE): s for s in calls}
+    old = next(s for n, s in by_node.items() if n != node_b.config.node_id)
+    new = by_node[node_b.config.node_id]
     assert _attr(new, tracing.RESUME_REASON) == "failover"
     assert _attr(new, tracing.EPOCH) == 2 and _attr(old, tracing.EPOCH) == 1
     (link,) = new.links
@@ -211,3 +223,27 @@ def test_an_endpoint_turns_on_otlp_export_with_a_parent_based_ratio() -> None:
         tracing.install(None)
         if provider is not None:
             provider.shutdown()
+
+
+async def test_the_routers_relink_is_a_span_and_counted_by_outcome(
+    start_router: RouterFactory,
+    node: FakeNode,
+    spans: InMemorySpanExporter,
+) -> None:
+    router, url = await start_router()
+    wire = TwilioWire("CA0T01", "acme", "bob")
+    async with aiohttp.ClientSession() as http:
+        ws = await twilio_stream(http, url, wire)
+        await eventually(lambda: len(node.received("CA0T01")) == 1)
+        await node.links["CA0T01"][0].close()  # the link breaks; the node is fine
+        await eventually(lambda: len(node.frames["CA0T01"]) == 2)
+        await ws.close()
+    (relink,) = _named(spans, tracing.RELINK)
+    assert _attr(relink, tracing.CALL_ID) == "CA0T01"
+    assert _attr(relink, "callmesh.relink.outcome") == "lost"
+    assert _attr(relink, tracing.RESUME_REASON) == "reconnect"  # confirmed ready: same node
+    assert _attr(relink, "callmesh.relink.to") == "fake-1"
+    placements = _named(spans, tracing.PLACEMENT)
+    assert placements and _attr(placements[0], tracing.NODE) == "fake-1"
+    assert router.metrics.get("relinks", outcome="lost") == 1
+    assert sum(router.metrics.histograms["failover_gap_ms"].counts) == 1
