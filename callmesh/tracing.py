@@ -8,10 +8,10 @@ durations add up to the turn's latency; ``checkpoint`` follows the first audio. 
 stages are recorded when the turn completes, from the timings it measured anyway: nothing
 runs per audio frame. Outbox publishes are spans of their own under the call.
 
-A call that moves to a new owner (failover, hand-off, reconnect) gets a new call span that
-*links* to the trace of the call's first owner, whose context travels in the checkpoint
-(:func:`traceparent`), and carries the resume reason. The router's placement and relinks
-are spans too.
+A call that moves to a new owner (failover, hand-off, reconnect) gets a new call span in
+the same trace, child of and *linked* to the first owner's call span, whose context travels
+in the checkpoint (:func:`traceparent`), and carrying the resume reason. The router's
+placement and relinks are spans too.
 
 Off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the ``otlp_endpoint`` setting,
 :func:`configure`): then spans are
@@ -116,24 +116,31 @@ def traceparent(span: Span) -> str:
     return carrier.get("traceparent", "")
 
 
-def _link(parent: str) -> Link | None:
+def _previous(parent: str) -> tuple[Context | None, Link | None]:
     if not parent:
-        return None
-    ctx = trace.get_current_span(_propagator.extract({"traceparent": parent})).get_span_context()
-    return Link(ctx) if ctx.is_valid else None
+        return None, None
+    context = _propagator.extract({"traceparent": parent})
+    ctx = trace.get_current_span(context).get_span_context()
+    return (context, Link(ctx)) if ctx.is_valid else (None, None)
 
 
 def start_call(
     *, call_id: str, tenant: str, node: str, resume: str = "", previous: str = ""
 ) -> Span:
     """The span of a call on this owner; ``previous`` is the traceparent the call's first
-    owner recorded (a resumed call links to it), ``resume`` why the call came here."""
+    owner recorded, ``resume`` why the call came here. A resumed call's span continues the
+    first owner's trace (one trace per call, sampled or not as a whole: the parent-based
+    sampler follows the first owner's decision) and links to its span."""
     attrs: dict[str, Any] = {CALL_ID: call_id, TENANT: tenant, NODE: node}
     if resume:
         attrs[RESUME_REASON] = resume
-    link = _link(previous)
+    context, link = _previous(previous)
     return _tracer.start_span(
-        CALL, kind=SpanKind.SERVER, attributes=attrs, links=[link] if link else None
+        CALL,
+        context=context,
+        kind=SpanKind.SERVER,
+        attributes=attrs,
+        links=[link] if link else None,
     )
 
 

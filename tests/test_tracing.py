@@ -168,6 +168,9 @@ async def test_the_new_owner_links_to_the_calls_trace_with_the_resume_reason(
     (link,) = new.links
     assert link.context.trace_id == old.context.trace_id  # type: ignore[union-attr]
     assert link.context.span_id == old.context.span_id  # type: ignore[union-attr]
+    # One trace per call: the new owner continues the first owner's.
+    assert new.parent is not None and new.parent.span_id == old.context.span_id  # type: ignore[union-attr]
+    assert new.context.trace_id == old.context.trace_id  # type: ignore[union-attr]
     turns = [s for s in _children(spans, new) if s.name == tracing.TURN]
     assert [_attr(s, tracing.TURN_NUMBER) for s in turns] == [2]
     assert _attr(turns[0], tracing.EPOCH) == 2
