@@ -358,7 +358,7 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
         Text(empty_ok=False),
         "0.0.0.0",
-        "bind address of /metrics and /healthz",
+        "bind address of /metrics, /livez and /readyz",
         (WORKER,),
         _WORKER,
         flag="--host",
