@@ -74,6 +74,9 @@ class TurnMetrics:
         return d
 
 
+# A turn's stages (``TurnMetrics.stages``, then its checkpoint): the ``stage`` label's values.
+STAGES = ("stt", "retrieval", "llm", "tts", "callmesh", "checkpoint")
+
 # Milliseconds: fine where real-time audio lives (a 20 ms frame), coarse beyond.
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)
 

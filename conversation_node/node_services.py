@@ -19,7 +19,7 @@ from callmesh.metric_names import (
     TURNS_OVER_BUDGET,
     TURNS_OVER_BUDGET_BY_CALLMESH,
 )
-from callmesh.telemetry import Metrics, TurnMetrics
+from callmesh.telemetry import STAGES, Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
 from conversation_node.prompt import INSTRUCTIONS
 from conversation_node.providers.base import STT
@@ -105,7 +105,7 @@ class NodeServices:
         for f in m.fallbacks:
             self.metrics.inc(FALLBACKS, kind=f)
         if m.checkpoint_ms:
-            self.metrics.observe(TURN_STAGE_MS, m.checkpoint_ms, stage="checkpoint")
+            self._stages["checkpoint"].observe(m.checkpoint_ms)
         if not m.spoke:
             self.metrics.inc(TURNS_CUT_OFF_BEFORE_AUDIO)
             return
@@ -114,7 +114,7 @@ class NodeServices:
             self.metrics.observe(TIME_TO_FIRST_AUDIO_MS, m.latency_ms)
         self.metrics.observe(TURN_OVERHEAD_MS, m.overhead_ms)
         for stage, ms in m.stages().items():
-            self.metrics.observe(TURN_STAGE_MS, ms, stage=stage)
+            self._stages[stage].observe(ms)
         budget = self.config.turn_budget_ms
         if m.latency_ms > budget:
             self.metrics.inc(TURNS_OVER_BUDGET)
@@ -124,8 +124,9 @@ class NodeServices:
                 self.metrics.inc(TURNS_OVER_BUDGET_BY_CALLMESH)
 
     def __post_init__(self) -> None:
-        # Bound once: observed for every audio frame.
+        # Bound once: observed for every audio frame, and every turn's stages.
         self._frame_lag = self.metrics.histogram(INBOUND_FRAME_LAG_MS)
+        self._stages = {s: self.metrics.histogram(TURN_STAGE_MS, stage=s) for s in STAGES}
 
     def observe_frame_lag(self, lag_ms: float) -> None:
         """How far behind the caller's clock an audio frame was processed."""
