@@ -318,16 +318,16 @@ class Router:
 
     async def livez(self, request: web.Request) -> web.Response:
         """Liveness: the process serves HTTP (a restart would not help otherwise)."""
-        return web.json_response({"status": "ok", "redis": self.membership.redis_ok})
+        return web.json_response({"status": "draining" if self.draining else "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Readiness: 200 only while a new call could be placed: not draining, and at
         least one node live (routable)."""
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
         nodes = len(self.membership.routable())
-        ready = not self.draining and nodes > 0
-        reason = "draining" if self.draining else "ok" if nodes else "no live node"
-        body = {"status": reason, "nodes": nodes, "redis": self.membership.redis_ok}
-        return web.json_response(body, status=200 if ready else 503)
+        body = {"status": "ok" if nodes else "no live node", "nodes": nodes}
+        return web.json_response(body, status=200 if nodes else 503)
 
     async def status(self, request: web.Request) -> web.Response:
         nodes = [
