@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from callmesh import metric_names as names
+from callmesh import tracing
 from callmesh.mux import Channel
 from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
 from callmesh.telemetry import Metrics
@@ -352,7 +353,7 @@ class ProxySession:
                 if gap_started is not None:
                     gap_ms = (time.monotonic() - gap_started) * 1000
                     self._metrics.inc(names.FAILOVERS)
-                    self._metrics.inc(names.FAILOVER_GAP_MS_SUM, gap_ms)
+                    self._metrics.observe(names.FAILOVER_GAP_MS, gap_ms)
                     gap_started = None
                 deadline = time.monotonic() + self._limits.connect_timeout_s
                 self._placement.track(self, node)
@@ -362,14 +363,23 @@ class ProxySession:
                     return
                 gap_started = time.monotonic()
                 self.failovers += 1
-                self._metrics.inc(names.relinks(outcome.value))
+                self._metrics.inc(names.RELINKS, outcome=outcome.value)
                 log.info(
                     "call relinking",
                     extra={
                         "fields": {"call_id": self.call_id, "node": node, "outcome": outcome.value}
                     },
                 )
-                reason, node = await self._after(outcome, node)
+                attrs = {tracing.CALL_ID: self.call_id, tracing.NODE: node}
+                with tracing.span(tracing.RELINK, attrs) as span:
+                    reason, node = await self._after(outcome, node)
+                    span.set_attributes(
+                        {
+                            "callmesh.relink.outcome": outcome.value,
+                            tracing.RESUME_REASON: reason,
+                            "callmesh.relink.to": node or "",
+                        }
+                    )
                 continue
             if node is not None:
                 self._placement.suspect(node)
