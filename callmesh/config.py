@@ -106,6 +106,18 @@ class RouterConfig:
     # Unacknowledged caller audio kept for replay; beyond it the oldest audio is dropped
     # (live audio is never refused).
     max_unacked_audio_ms: int = _router("max_unacked_audio_ms")
+    # Bounds on clients (router.limits; docs/protocol.md "Limits").
+    start_timeout_ms: int = _router("start_timeout_ms")
+    max_connections: int = _router("max_connections")
+    max_connections_per_tenant: int = _router("max_connections_per_tenant")
+    max_calls_per_tenant: int = _router("max_calls_per_tenant")
+    max_new_calls_per_tenant_per_s: int = _router("max_new_calls_per_tenant_per_s")
+    call_lease_s: float = _router("call_lease_s")
+    max_frames_per_s: float = _router("max_frames_per_s")
+    frame_burst: int = _router("frame_burst")
+    max_unacked_bytes: int = _router("max_unacked_bytes")
+    max_relinks: int = _router("max_relinks")
+    relink_window_s: float = _router("relink_window_s")
     # Public base URL of this router (https://voice.example.com), for the Twilio stream
     # URL and signature checks; empty: derived from each request (Host, X-Forwarded-Proto).
     public_url: str = _router("public_url")
@@ -179,6 +191,8 @@ class NodeConfig:
     checkpoint_wait_ms: int = _node("checkpoint_wait_ms")
     # SIGTERM: how long live calls get to reach a turn boundary and be handed off.
     drain_timeout_s: float = _node("drain_timeout_s")
+    # A call whose link ended without hangup waits this long for a reconnect, then ends.
+    reconnect_grace_ms: int = _node("reconnect_grace_ms")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
     tts_chunk_ms: int = _node("tts_chunk_ms")
     # Below this STT confidence the caller is asked to repeat instead of being guessed at.

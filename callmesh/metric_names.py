@@ -114,6 +114,10 @@ CALLS_STARTED = _counter("calls_started", "New calls taken")
 CALLS_RESUMED = _counter("calls_resumed", "Calls resumed from a checkpoint, by reason", "reason")
 CALLS_HANDED_OFF = _counter("calls_handed_off", "Calls handed off to another node (drain)")
 CALLS_ENDED = _counter("calls_ended", "Calls ended by a hang-up")
+# Calls ended because their client left without hanging up and did not come back in time.
+CALLS_ABANDONED = _counter(
+    "calls_abandoned", "Calls ended because their client left and did not come back in time"
+)
 FENCED_WRITES = _counter(
     "fenced_writes", "Checkpoint writes refused because a newer owner took the call"
 )
@@ -215,6 +219,9 @@ UNACKED_AUDIO_FRAMES_DROPPED = _counter(
 REPLIES_DEDUPLICATED = _counter("replies_deduplicated", "Reply frames held as already heard")
 REPLIES_CLEARED = _counter("replies_cleared", "Partial replies cleared for a new owner's")
 RELINKS = _counter("relinks", "A call's links to a node that ended, by outcome", "outcome")
+# Connections, calls or frames refused over a bound (router.limits: connections,
+# start_timeout, tenant_calls, frame_rate, relinks...).
+REFUSED = _counter("refused", "Connections, calls or frames refused over a bound", "bound")
 CLIENT_ERRORS = _counter("client_errors", "Protocol errors sent to clients, by code", "code")
 
 # Twilio Media Streams.

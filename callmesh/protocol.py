@@ -26,9 +26,6 @@ from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024
-# The largest integer a frame may carry: what checkpoints (msgpack) and Redis can store.
-MAX_SEQ = 2**63 - 1
-
 # Identifiers end up in Redis keys and NATS subjects; dots, wildcards, braces and spaces
 # would break hash tags and subject tokens, so they are refused at the edge.
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -94,6 +91,14 @@ AUDIO_SAMPLE_RATES = frozenset({8000, 16000, 24000})
 DEFAULT_AUDIO = {"encoding": AudioEncoding.MULAW.value, "sample_rate": TELEPHONY_RATE}
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MAX_MARK_NAME = 64
+# Integers in frames (``seq``, ``ts``) are range-checked at parse: the checkpoint's Lua
+# compares seq as a double and JavaScript clients lose precision above 2^53, so a larger
+# number was accepted once and then failed every later turn of the call with ``internal``.
+MAX_INT = 2**53 - 1
+MAX_SEQ = MAX_INT  # the largest seq a frame may carry
+# A typed utterance longer than this is refused at the edge: it would be the model's
+# prompt, a retrieval query and a cache key (speech is bounded by its own duration).
+MAX_USER_TEXT_CHARS = 2000
 
 
 class ErrorCode(StrEnum):
@@ -107,6 +112,12 @@ class ErrorCode(StrEnum):
     CALL_ENDED = "call_ended"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # Over a bound of docs/protocol.md "Limits": frames per second, unacknowledged bytes,
+    # calls of the tenant; sustained, the connection is closed with CloseCode.OVER_LIMIT.
+    RATE_LIMITED = "rate_limited"
+    OVER_LIMIT = "over_limit"
+    # The call's node link was re-established too often in a short time: the call ends.
+    RELINK_LIMIT = "relink_limit"
 
 
 class CloseCode(IntEnum):
@@ -152,8 +163,8 @@ class Inbound:
 # field checks. Audio is 50 frames a second per call; any other spelling of a frame takes
 # the general path, which gives the same result.
 _AUDIO_FRAME = re.compile(
-    r'\{"type":"audio","seq":([1-9][0-9]{0,17}),"data":"([A-Za-z0-9+/]*={0,2})"'
-    r'(?:,"ts":(0|[1-9][0-9]{0,15}))?\}'
+    r'\{"type":"audio","seq":([1-9][0-9]{0,14}),"data":"([A-Za-z0-9+/]*={0,2})"'
+    r'(?:,"ts":(0|[1-9][0-9]{0,14}))?\}'
 )
 
 
@@ -180,9 +191,8 @@ def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
     seq = body.get("seq")
-    # Bounded: a seq past 2**63 was accepted and then failed every checkpoint (msgpack).
-    if type(seq) is not int or not 0 < seq <= MAX_SEQ:
-        raise ProtocolError(ErrorCode.BAD_SEQ, "'seq' must be an integer in 1..2**63-1")
+    if type(seq) is not int or not 1 <= seq <= MAX_INT:
+        raise ProtocolError(ErrorCode.BAD_SEQ, f"'seq' must be an integer in 1..{MAX_INT}")
     kind = body.get("type")
     msg_type = _IN_BY_VALUE.get(kind) if type(kind) is str else None
     if msg_type is None:
@@ -209,12 +219,18 @@ def _check_fields(kind: In, body: dict[str, Any], seq: int) -> None:
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'text' must be a non-empty string", seq)
+        if len(text) > MAX_USER_TEXT_CHARS:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"'text' is longer than {MAX_USER_TEXT_CHARS} chars", seq
+            )
     elif kind is In.AUDIO:
         if not isinstance(body.get("data"), str):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be base64 text", seq)
         ts = body.get("ts")
-        if ts is not None and (type(ts) is not int or not 0 <= ts <= MAX_SEQ):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'ts' must be a non-negative integer", seq)
+        if ts is not None and (type(ts) is not int or not 0 <= ts <= MAX_INT):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"'ts' must be an integer in 0..{MAX_INT}", seq
+            )
     elif kind is In.MARK:
         name = body.get("name")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_MARK_NAME:

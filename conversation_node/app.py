@@ -82,6 +82,8 @@ class ConversationNode:
         self.draining = False
         self._links: set[Mux] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
+        # Detached calls waiting out their reconnect grace, by (tenant, call_id).
+        self._graces: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._services: NodeServices | None = None
         self._drainer: OutboxDrainer | None = None
         self._sweep: OutboxSweep | None = None
@@ -193,6 +195,10 @@ class ConversationNode:
             return
         self.draining = True
         deadline = time.monotonic() + self.config.drain_timeout_s
+        # Detached calls are saved; their clients resume them on another node.
+        for grace in list(self._graces.values()):
+            grace.cancel()
+        await asyncio.gather(*self._graces.values(), return_exceptions=True)
         if self._heartbeat is not None:
             await self._heartbeat.set_state(NodeState.DRAINING)
         sessions = list(self.sessions.values())
@@ -228,6 +234,9 @@ class ConversationNode:
             await self._heartbeat.aclose()
         if self._sweep is not None:
             await self._sweep.aclose()
+        for grace in list(self._graces.values()):
+            grace.cancel()
+        await asyncio.gather(*self._graces.values(), return_exceptions=True)
         for s in list(self.sessions.values()):
             await s.aclose()
         for mux in list(self._links):
@@ -390,6 +399,10 @@ class ConversationNode:
         key = (tenant, call_id)
         previous = self.sessions.get(key)
         self.sessions[key] = session
+        grace = self._graces.pop(key, None)
+        if grace is not None:
+            grace.cancel()  # the caller is back in time
+            await asyncio.gather(grace, return_exceptions=True)
         try:
             if previous is not None:
                 await previous.aclose()  # superseded by this link; its epoch is stale anyway
@@ -406,6 +419,41 @@ class ConversationNode:
         except (ConnectionError, RuntimeError) as exc:
             log.info("router link lost", extra={"fields": {"call_id": call_id, "error": str(exc)}})
         finally:
+            if self.sessions.get(key) is session and self._may_come_back(session):
+                self._graces[key] = asyncio.get_running_loop().create_task(
+                    self._grace(key, session), name=f"grace:{call_id}"
+                )
+            else:
+                await session.aclose()
+                if self.sessions.get(key) is session:
+                    del self.sessions[key]
+
+    def _may_come_back(self, session: CallSession) -> bool:
+        """A live call whose link ended without a hangup (the client or its router went
+        away) waits for a reconnect, through any router, for the grace."""
+        return (
+            session.detached
+            and self.config.reconnect_grace_ms > 0
+            and not self.draining
+            and not self._closed
+        )
+
+    async def _grace(self, key: tuple[str, str], session: CallSession) -> None:
+        """Wait out the reconnect grace of a detached call, then end it and release it."""
+        try:
+            await asyncio.sleep(self.config.reconnect_grace_ms / 1000)
+            log.info("call abandoned", extra={"fields": {"call_id": session.call_id}})
+            await session.abandon()
+        except (CallDropped, StateStoreError) as exc:
+            # Fenced: the call lives on elsewhere; or the store is down: a later
+            # reconnect finds the call and goes on.
+            log.info(
+                "abandoned call not ended here",
+                extra={"fields": {"call_id": session.call_id, "reason": str(exc)}},
+            )
+        finally:
+            if self._graces.get(key) is asyncio.current_task():
+                del self._graces[key]
             await session.aclose()
             if self.sessions.get(key) is session:
                 del self.sessions[key]

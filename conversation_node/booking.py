@@ -22,3 +22,13 @@ def describe_booking(details: Mapping[str, Any]) -> str | None:
     if not (service and date and time):
         return None
     return f"{service} for {date} at {time}"
+
+
+def booking_read_back(details: Mapping[str, Any]) -> str | None:
+    """The words an agent says to read a booking back (``"cleaning on Tuesday at 3pm for
+    Ann"``): the node books only after the caller heard exactly these and said yes
+    (:mod:`conversation_node.sensitive`). None when a detail is missing."""
+    service, date, time, name = (details.get(k) for k in ("service", "date", "time", "name"))
+    if not all(isinstance(v, str) and v.strip() for v in (service, date, time, name)):
+        return None
+    return f"{service} on {date} at {time} for {name}"

@@ -347,6 +347,14 @@ class CallCore:
         self.to(CallState.ENDED)
         return [eventlog.record(EventType.CALL_ENDED, self.turn, seq=seq, reason="hangup")]
 
+    def abandon(self) -> list[Record]:
+        """The caller left without hanging up and did not come back within the reconnect
+        grace: the call ends as if they had hung up after their last frame."""
+        self.to(CallState.ENDED)
+        return [
+            eventlog.record(EventType.CALL_ENDED, self.turn, seq=self.last_seq, reason="abandoned")
+        ]
+
     def ended(self) -> str:
         return encode({"type": Out.CALL_ENDED.value, "turn": self.turn})
 

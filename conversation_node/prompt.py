@@ -22,8 +22,9 @@ from memory.prompt import DEFAULT_INSTRUCTIONS, Prompt
 CLINIC = "Brightsmile Dental"
 
 INSTRUCTIONS = (
-    f"{DEFAULT_INSTRUCTIONS} Call create_booking only after the caller said yes to the "
-    "details you read back."
+    f"{DEFAULT_INSTRUCTIONS} Before booking, read the booking back as "
+    "'<service> on <date> at <time> for <name>' and ask for a yes. Call create_booking "
+    "only after the caller said yes to those exact details: the node refuses it otherwise."
 )
 
 TOOLS: list[dict[str, Any]] = [

@@ -32,6 +32,7 @@ from opentelemetry.trace import Span
 
 from callmesh import tracing
 from callmesh.metric_names import (
+    CALLS_ABANDONED,
     CALLS_ENDED,
     CALLS_HANDED_OFF,
     CALLS_RESUMED,
@@ -326,9 +327,28 @@ class CallSession:
     def _query_for(self, text: str) -> Query:
         return self.core.memory.query_for(text)
 
+    @property
+    def detached(self) -> bool:
+        """The call is live but its link ended without a hangup: it may be resumed."""
+        return self.core.state is CallState.ACTIVE
+
+    async def abandon(self) -> None:
+        """End a detached call whose client did not come back in time, like a hangup."""
+        await self.vt.stop_turn()
+        async with self._turn_lock:
+            if self.core.state is not CallState.ACTIVE:
+                return
+            await self._end(self.core.abandon())
+        self._svc.metrics.inc(CALLS_ABANDONED)
+
     async def _hangup(self, seq: int) -> None:
+        await self._end(self.core.hangup(seq))
+        await self._out(self.core.ended())
+        self._svc.metrics.inc(CALLS_ENDED)
+
+    async def _end(self, records: list[Record]) -> None:
         core = self.core
-        await self.commit(core.hangup(seq))
+        await self.commit(records)
         # The final checkpoint should show what is left to republish, if anything.
         await self.ckpt.settle()
         if not self.ckpt.dirty:
@@ -336,8 +356,6 @@ class CallSession:
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(core.tenant, core.call_id, core.epoch)
         await save_history(self._svc, core.memory, core.caller, core.call_id)
-        await self._out(core.ended())
-        self._svc.metrics.inc(CALLS_ENDED)
 
     # ------------------------------------------------------------------ persistence
     # What the turn runner sees of the checkpoint (turn_runner.Durability); a fence is

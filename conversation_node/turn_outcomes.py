@@ -9,7 +9,7 @@ outbox. Replay rebuilds the checkpointed memory from these records
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from callmesh.telemetry import TurnMetrics
@@ -17,6 +17,7 @@ from conversation_node.booking import BOOKED_FACT, describe_booking
 from conversation_node.pipeline import TurnOutput
 from conversation_node.prompt import Greeting
 from conversation_node.providers.base import LLMRequest
+from conversation_node.sensitive import SENSITIVE_UNCONFIRMED, Refusal
 from conversation_node.turn_records import (
     FactOp,
     memory_record,
@@ -34,7 +35,9 @@ from state_store.checkpoint import OutboxEntry
 
 Record = dict[str, Any]
 
-# Tool calls the model may make, and the effect kind each becomes.
+# Tool calls the model may make, and the effect kind each becomes. Those that are
+# sensitive (conversation_node.sensitive.READ_BACKS: bookings) become effects only when
+# the caller confirmed them.
 EFFECT_KINDS = {"create_booking": "booking_create"}
 
 
@@ -71,6 +74,10 @@ class Reply:
     output: TurnOutput
     heard: str
     interrupted: bool
+    # Sensitive tool calls refused by the gate, by their index in output.tool_calls, and
+    # what the agent said after the model's reply to ask for a confirmation instead.
+    refused: dict[int, Refusal] = field(default_factory=dict)
+    asked: str = ""
 
 
 def greeting(memory: SessionMemory, g: Greeting) -> list[Record]:
@@ -108,9 +115,23 @@ def answer(memory: SessionMemory, tenant: str, call_id: str, t: UserTurn, r: Rep
             tool_calls=[{"name": c.name, "arguments": c.arguments} for c in output.tool_calls],
         ),
     ]
-    for call in output.tool_calls:
+    fallbacks = [*retrieval_fallbacks(r.retrieval), *output.fallbacks]
+    for i, call in enumerate(output.tool_calls):
         kind = EFFECT_KINDS.get(call.name)
         if kind is None:
+            continue
+        refusal = r.refused.get(i)
+        if refusal is not None:
+            if SENSITIVE_UNCONFIRMED not in fallbacks:
+                fallbacks.append(SENSITIVE_UNCONFIRMED)
+            records.append(
+                eventlog.record(
+                    EventType.FALLBACK,
+                    turn,
+                    kind=SENSITIVE_UNCONFIRMED,
+                    detail=f"{call.name}: {refusal.reason}",
+                )
+            )
             continue
         entry = effect_entry(tenant, call_id, turn, len(effects), kind, call.arguments)
         effects.append(entry)
@@ -122,12 +143,19 @@ def answer(memory: SessionMemory, tenant: str, call_id: str, t: UserTurn, r: Rep
         booked = describe_booking(call.arguments) if call.name == "create_booking" else None
         if booked is not None and memory.facts.set(BOOKED_FACT, booked, turn):
             ops.append((BOOKED_FACT, booked))
-    fallbacks = [*retrieval_fallbacks(r.retrieval), *output.fallbacks]
-    records += [eventlog.record(EventType.FALLBACK, turn, kind=f, detail="") for f in fallbacks]
+    records += [
+        eventlog.record(EventType.FALLBACK, turn, kind=f, detail="")
+        for f in fallbacks
+        if f != SENSITIVE_UNCONFIRMED
+    ]
     memory.observe_agent(turn, r.heard, interrupted=r.interrupted)
     records += [
         eventlog.record(
-            EventType.AGENT_REPLY, turn, text=output.text, heard=r.heard, interrupted=r.interrupted
+            EventType.AGENT_REPLY,
+            turn,
+            text=f"{output.text} {r.asked}" if r.asked else output.text,
+            heard=r.heard,
+            interrupted=r.interrupted,
         ),
         memory_record(memory, turn, ops),
     ]

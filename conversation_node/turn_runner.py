@@ -37,6 +37,7 @@ from conversation_node.pipeline import TEXT_MODE, Emit, PreparedReply, TurnOutpu
 from conversation_node.preemptive import Outcome, normalise
 from conversation_node.prompt import Greeting, build_request
 from conversation_node.providers.base import LLMRequest
+from conversation_node.sensitive import Refusal, review
 from conversation_node.turn_outcomes import Answer, Record, Reply
 from conversation_node.voice import Playback
 from memory.prompt import Prompt, default_counter
@@ -275,10 +276,18 @@ class TurnRunner:
         output = await self._pipeline.run(request, self.emit, self.voice, interrupt, prepared)
         if prepared is not None:
             await prepared.cancel()  # read to the end unless a barge-in stopped the reply
-        heard, interrupted = self._replies.heard(pb, output.text, output.interrupted)
-        answer = core.answered(
-            t, Reply(retrieval, retrieval_ms, prompt, request, output, heard, interrupted)
+        refused = self._refusals(output, t.turn, text)
+        said, asked, cut = output.text, "", output.interrupted
+        if refused and not cut:
+            # The model's words are already out; the ask follows them in the same turn.
+            asked = " ".join(r.ask() for r in refused.values())
+            spoken = await self._pipeline.speak(asked, self.emit, self.voice, interrupt)
+            said, cut = f"{output.text} {asked}".strip(), spoken.interrupted
+        heard, interrupted = self._replies.heard(pb, said, cut)
+        reply = Reply(
+            retrieval, retrieval_ms, prompt, request, output, heard, interrupted, refused, asked
         )
+        answer = core.answered(t, reply)
         # Retrieval is on the critical path, like the model's first sentence and the voice.
         provider_ms = retrieval_ms + output.first_sentence_s * 1000 + output.tts_first_chunk_ms
         metrics = TurnMetrics(
@@ -312,6 +321,30 @@ class TurnRunner:
                 traced["llm"][tracing.PREEMPTIVE_SAVED_MS] = round(metrics.preemptive_saved_ms, 3)
             traced["sources"] = {name: str(s) for name, s in retrieval.status.items()}
         return answer, metrics, traced
+
+    def _refusals(self, output: TurnOutput, turn: int, said: str) -> dict[int, Refusal]:
+        """The model's sensitive tool calls the caller did not confirm (by index), logged."""
+        last = self._core.memory.working.last()
+        heard_before = last.agent if last is not None and last.turn == turn - 1 else None
+        refused: dict[int, Refusal] = {}
+        for i, call in enumerate(output.tool_calls):
+            refusal = review(call.name, call.arguments, heard_before, said)
+            if refusal is not None:
+                refused[i] = refusal
+                # Names and reasons only: the arguments and the utterance may carry PII.
+                log.warning(
+                    "sensitive tool call refused",
+                    extra={
+                        "fields": {
+                            "tenant": self._core.tenant,
+                            "call_id": self._core.call_id,
+                            "turn": turn,
+                            "tool": call.name,
+                            "reason": refusal.reason,
+                        }
+                    },
+                )
+        return refused
 
     async def repeat_turn(
         self,

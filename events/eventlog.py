@@ -68,7 +68,7 @@ def to_outbox(
     return [
         OutboxEntry(
             subject,
-            subjects.event_msg_id(call_id, first_index + i),
+            subjects.event_msg_id(tenant, call_id, first_index + i),
             encode_for_log(r),
             int(r["turn"]),
         )

@@ -26,7 +26,7 @@ def effect_entry(
 ) -> OutboxEntry:
     """The n-th side effect of a turn as an outbox entry. The body carries everything the
     effects worker needs to deliver it and to log the outcome against the call."""
-    msg_id = subjects.effect_msg_id(call_id, turn, n)
+    msg_id = subjects.effect_msg_id(tenant, call_id, turn, n)
     body = {
         "id": msg_id,
         "tenant": tenant,

@@ -40,13 +40,21 @@ def tenant_events(tenant: str) -> str:
     return f"calls.{tenant}.*.events"
 
 
-def effect_msg_id(call_id: str, turn: int, n: int) -> str:
+# De-duplication ids are global to a stream (JetStream keeps one window per stream, not per
+# subject), and call ids are chosen by clients: two tenants may use the same call id, so
+# every id starts with the tenant. Without it the second tenant's records and effects were
+# dropped as duplicates of the first's. The effect id is also the CRM's Idempotency-Key.
+# Entries of the older ``{call_id}:...`` form still sitting in a checkpoint's outbox are
+# published once under that id (the id travels with the entry).
+
+
+def effect_msg_id(tenant: str, call_id: str, turn: int, n: int) -> str:
     """JetStream de-duplication id of the n-th effect of a turn (invariant 4)."""
-    return f"{call_id}:{turn}:{n}"
+    return f"{tenant}:{call_id}:{turn}:{n}"
 
 
-def event_msg_id(call_id: str, index: int) -> str:
+def event_msg_id(tenant: str, call_id: str, index: int) -> str:
     """De-duplication id of the call's index-th event-log record. The index is the call's
     event cursor, advanced only by committed checkpoints, so ids are stable across a
     republish by a new owner and never reused for a different record."""
-    return f"{call_id}:ev{index}"
+    return f"{tenant}:{call_id}:ev{index}"

@@ -27,6 +27,9 @@ from loadtest.callers import BOOKING, CallResult, scripted_call
 from loadtest.effects_audit import Booking, Ledger, expected_keys, read_ledger, score
 from localcluster.cluster import LocalCluster, Proc
 
+# The callers' tenant: effect ids (the CRM's Idempotency-Keys) begin with it.
+TENANT = "demo"
+
 
 def say(text: str) -> None:
     """Progress on stderr, without breaking the progress bar."""
@@ -99,6 +102,7 @@ class EffectsRun:
             self.cluster.router_url,
             call_id,
             len(BOOKING),
+            tenant=TENANT,
             seed=self.s.seed,
             think_s=self.s.think_s,
             on_turn=self._on_turn,
@@ -176,7 +180,7 @@ class EffectsRun:
                 reply = r.replies[-1]  # the reply to "Yes, book it"
                 out.append(
                     Booking(
-                        subjects.effect_msg_id(r.call_id, reply.turn, 0),
+                        subjects.effect_msg_id(TENANT, r.call_id, reply.turn, 0),
                         # The simulated model's confirmation ("... is booked for Tuesday").
                         "booked" in reply.text,
                         reply.done_at + self.wall_offset,

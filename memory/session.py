@@ -17,7 +17,7 @@ from typing import Any
 from memory.extract import MAX_VALUE_CHARS, SLOTS, Extraction, extract
 from memory.facts import SessionFacts
 from memory.history import CallRecord, check_scope
-from memory.sources import Query
+from memory.sources import MAX_QUERY_CHARS, Query
 from memory.working import Exchange, WorkingMemory
 
 STATE_VERSION = 1
@@ -188,6 +188,7 @@ class SessionMemory:
         """A retrieval query for a transcript (interim or final): the session's slots plus
         those the text itself states, so a prefetch on "on Tuesday" already asks for
         Tuesday. Uses the rules, also with a real model: it has to be instant."""
+        text = text[:MAX_QUERY_CHARS]  # the rules, like the sources, read a bounded text
         ex = extract(text)
         slots = {k: v for k, v in self.facts.values().items() if k in SLOTS}
         slots.update((k, v[:MAX_VALUE_CHARS]) for k, v in ex.slots.items())

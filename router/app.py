@@ -37,6 +37,7 @@ from callmesh.config import RouterConfig
 from callmesh.protocol import CloseCode, Out, encode, valid_id
 from callmesh.telemetry import Metrics
 from router.console import Console
+from router.limits import Admission, ConnectionLimits
 from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
@@ -49,6 +50,7 @@ from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
 from state_store.pins import PinStore
+from state_store.quota import CallQuota
 from state_store.store import StateStore
 
 log = logging.getLogger("callmesh.router")
@@ -75,7 +77,21 @@ class Router:
             max_unacked_frames=config.max_unacked_frames,
             max_unacked_audio_ms=config.max_unacked_audio_ms,
             connect_timeout_s=config.connect_timeout_ms / 1000,
+            max_unacked_bytes=config.max_unacked_bytes,
+            max_frames_per_s=config.max_frames_per_s,
+            frame_burst=config.frame_burst,
+            max_relinks=config.max_relinks,
+            relink_window_s=config.relink_window_s,
         )
+        self.connection_limits = ConnectionLimits(
+            start_timeout_s=config.start_timeout_ms / 1000,
+            max_connections=config.max_connections,
+            max_connections_per_tenant=config.max_connections_per_tenant,
+            max_calls_per_tenant=config.max_calls_per_tenant,
+            max_new_calls_per_tenant_per_s=config.max_new_calls_per_tenant_per_s,
+            call_lease_s=config.call_lease_s,
+        )
+        self.admission = Admission(self.connection_limits, self.metrics, None)
         self._redis: Any = None
         self._http: aiohttp.ClientSession | None = None
         self._membership: MembershipView | None = None
@@ -121,6 +137,7 @@ class Router:
             "callmesh-router", cfg.router_id, cfg.otlp_endpoint, cfg.trace_sample_ratio
         )
         self._redis = redis_connect(self.config.backends.redis_url)
+        self.admission = Admission(self.connection_limits, self.metrics, CallQuota(self._redis))
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
         self._store = StateStore(self._redis)
         self._membership.on_dead(self._node_dead)
@@ -139,6 +156,7 @@ class Router:
             await self._membership.refresh()
         self._membership.start()
         self._spawn(self._close_idle_twilio_streams(), "twilio-idle-sweep")
+        self._spawn(self.admission.renew_forever(), "quota-renewal")
         log.info("router started", extra={"fields": {"router": self.config.router_id}})
 
     async def drain(self) -> None:
@@ -292,10 +310,16 @@ class Router:
             raise web.HTTPServiceUnavailable(reason="router draining: use another router")
 
     async def _serve(self, ws: web.WebSocketResponse, link: ClientLink) -> web.WebSocketResponse:
+        if not self.admission.connect():
+            await ws.close(code=CloseCode.OVER_LIMIT, message=b"connections")
+            return ws
         session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
         key: tuple[str, str] | None = None
+        admitted = False
         try:
-            if not await session.wait_start():
+            # Bounded start, tenant connection cap, tenant call quotas (router.limits).
+            admitted = await self.admission.start(session)
+            if not admitted:
                 return ws
             if self.draining:
                 await self._move(session)
@@ -312,6 +336,7 @@ class Router:
                 del self.calls[key]
                 if self.draining and not self.calls:
                     self._calls_gone.set()
+            await asyncio.shield(self.admission.release(session, started=admitted))
             if not ws.closed:
                 await ws.close()
         return ws

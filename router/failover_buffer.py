@@ -7,7 +7,8 @@ keeps two things across a relink:
   acknowledges a ``seq`` once its checkpoint holds everything up to it), replayed in
   ``seq`` order to the next owner, which skips what its checkpoint already applied. Caller
   audio is kept apart: it is never refused, and only the oldest of it is dropped when
-  more than a bound of it waits; any other frame is refused beyond a count.
+  more than a bound of it waits; any other frame is refused beyond a count and beyond a
+  total of bytes (a count alone let 300 frames of 200 KiB each hold 60 MB of a router).
 - :class:`ReplyDedup`: the reply frames of turns the caller has not heard to the end,
   remembered by ``(turn, n)``. A new owner re-saying such a turn is not heard twice; if it
   says something else, the caller is told to ``clear`` the dead node's partial reply and
@@ -49,19 +50,28 @@ class UnackedFrames:
     __slots__ = (
         "_audio",
         "_audio_sizes",
+        "_frame_sizes",
         "_frames",
         "audio_bytes",
+        "frame_bytes",
         "max_audio_bytes",
+        "max_frame_bytes",
         "max_frames",
     )
 
-    def __init__(self, max_frames: int, max_audio_bytes: int = 0) -> None:
-        # Beyond ``max_frames`` unacknowledged non-audio frames, more are refused.
+    def __init__(
+        self, max_frames: int, max_audio_bytes: int = 0, max_frame_bytes: int = 1 << 20
+    ) -> None:
+        # Beyond ``max_frames`` unacknowledged non-audio frames, or ``max_frame_bytes`` of
+        # them (their raw text), more are refused.
         self.max_frames = max_frames
+        self.max_frame_bytes = max_frame_bytes
         # Beyond this much unacknowledged audio the oldest goes (set once the call's
         # audio format is known: its ``start``).
         self.max_audio_bytes = max_audio_bytes
         self._frames: deque[Inbound] = deque()
+        self._frame_sizes: deque[int] = deque()
+        self.frame_bytes = 0
         self._audio: deque[Inbound] = deque()
         self._audio_sizes: deque[int] = deque()  # bytes of each frame in ``_audio``
         self.audio_bytes = 0
@@ -102,18 +112,23 @@ class UnackedFrames:
         return dropped
 
     def keep(self, frame: Inbound) -> bool:
-        """Keep a frame other than audio; False (not kept) when ``max_frames`` of them
-        wait already: the caller is refused and must slow down."""
-        if len(self._frames) >= self.max_frames:
+        """Keep a frame other than audio; False (not kept) when ``max_frames`` of them, or
+        ``max_frame_bytes`` with this one, wait already: the caller is refused and must
+        slow down."""
+        size = len(frame.raw)
+        if len(self._frames) >= self.max_frames or self.frame_bytes + size > self.max_frame_bytes:
             return False
         self._frames.append(frame)
+        self._frame_sizes.append(size)
+        self.frame_bytes += size
         return True
 
     def ack(self, seq: int) -> None:
         """The owner acknowledged every frame up to ``seq``: they are no longer needed."""
-        frames = self._frames
+        frames, frame_sizes = self._frames, self._frame_sizes
         while frames and frames[0].seq <= seq:
             frames.popleft()
+            self.frame_bytes -= frame_sizes.popleft()
         audio, sizes = self._audio, self._audio_sizes
         while audio and audio[0].seq <= seq:
             audio.popleft()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from callmesh.mux import Channel
 from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
 from callmesh.telemetry import Metrics
 from router.failover_buffer import CLEAR, HOLD, SEND, ReplyDedup, UnackedFrames, clear_frame
+from router.limits import FrameRate, Rate
 from router.links import ClientLink
 from router.node_frames import kind_of, parse
 from router.node_links import NodeLinkError
@@ -47,6 +49,12 @@ class CallLimits:
     max_unacked_frames: int  # unacknowledged frames other than audio, refused beyond
     max_unacked_audio_ms: int  # unacknowledged audio, the oldest dropped beyond
     connect_timeout_s: float  # without a node for this long, the call is refused
+    max_unacked_bytes: int = 1 << 20  # bytes of those frames, refused beyond
+    max_frames_per_s: float = 0.0  # the client's frame rate (router.limits.FrameRate); 0: any
+    frame_burst: int = 1
+    # More than this many relinks within ``relink_window_s`` end the call (0: no cap).
+    max_relinks: int = 0
+    relink_window_s: float = 60.0
 
 
 class CallPlacement(Protocol):
@@ -116,7 +124,11 @@ class ProxySession:
         # This call's channel on the owner node's link.
         self.upstream: Channel | None = None
         # Unacknowledged frames, kept for replay (the audio bound is set by ``start``).
-        self.unacked = UnackedFrames(limits.max_unacked_frames)
+        self.unacked = UnackedFrames(
+            limits.max_unacked_frames, max_frame_bytes=limits.max_unacked_bytes
+        )
+        self.rate = FrameRate(limits.max_frames_per_s, limits.frame_burst)
+        self._relinks: deque[float] = deque()
         self.last_client_seq = 0
         self.replies = ReplyDedup()
         self._ready_sent = False
@@ -132,6 +144,11 @@ class ProxySession:
             f"unacked={len(self.unacked)} "
             f"turn={self.replies.completed_turn} failovers={self.failovers}>"
         )
+
+    @property
+    def ended(self) -> bool:
+        """The call ended (hangup → call_ended, or the node said it had ended)."""
+        return self._ended
 
     # ------------------------------------------------------------------ client side
 
@@ -160,10 +177,15 @@ class ProxySession:
 
     async def read_client(self) -> None:
         """Client → node: validate, keep until acknowledged, forward if a link is up."""
-        link, unacked, metrics = self.link, self.unacked, self._metrics
+        link, unacked, metrics, rate = self.link, self.unacked, self._metrics, self.rate
         try:
             while (inbound := await link.receive()) is not None:
                 seq = inbound.seq
+                verdict = rate.admit(time.monotonic())
+                if verdict is not Rate.ADMIT:
+                    if await self._over_rate(verdict, seq):
+                        return
+                    continue
                 if seq <= self.last_client_seq:
                     why = f"seq must increase (last was {self.last_client_seq})"
                     await link.refuse(ErrorCode.BAD_SEQ, why, seq)
@@ -191,6 +213,36 @@ class ProxySession:
             up = self.upstream
             if up is not None and not self._ended:
                 await up.close()
+
+    async def _over_rate(self, verdict: Rate, seq: int) -> bool:
+        """A frame over the rate is dropped; the client hears of it once a second, and is
+        closed (True) when it keeps sending at twice the rate."""
+        self._metrics.inc(names.REFUSED, bound="frame_rate")
+        if verdict is Rate.CLOSE:
+            log.info("frame rate sustained over its bound", extra={"fields": self._who()})
+            await self.link.refuse(ErrorCode.RATE_LIMITED, "frame rate over its bound; closing")
+            await self.link.close(CloseCode.OVER_LIMIT, b"frame_rate")
+            return True
+        if not self.rate.told:
+            self.rate.told = True
+            await self.link.refuse(ErrorCode.RATE_LIMITED, "too many frames a second", seq)
+        return False
+
+    def _who(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "call_id": self.call_id, "node": self.node_id}
+
+    def _relinked_too_often(self) -> bool:
+        """One more relink; True when there were more than ``max_relinks`` in the window
+        (a call that keeps losing its link is ended instead of looping)."""
+        cap = self._limits.max_relinks
+        if not cap:
+            return False
+        now = time.monotonic()
+        relinks = self._relinks
+        relinks.append(now)
+        while relinks and now - relinks[0] > self._limits.relink_window_s:
+            relinks.popleft()
+        return len(relinks) > cap
 
     # ------------------------------------------------------------------ node side
 
@@ -364,6 +416,14 @@ class ProxySession:
                 gap_started = time.monotonic()
                 self.failovers += 1
                 self._metrics.inc(names.RELINKS, outcome=outcome.value)
+                if self._relinked_too_often():
+                    self._metrics.inc(names.REFUSED, bound="relinks")
+                    log.warning("call relinked too often; ending it", extra={"fields": self._who()})
+                    await self.link.refuse(
+                        ErrorCode.RELINK_LIMIT, "the call lost its node link too often; call again"
+                    )
+                    await self.link.close(CloseCode.UNAVAILABLE, b"relink_limit")
+                    return
                 log.info(
                     "call relinking",
                     extra={

@@ -1,9 +1,10 @@
 """Every Redis key callmesh uses, in one place.
 
-Keys of one call share the hash tag ``{call_id}`` so multi-key Lua scripts work on Redis
-Cluster, and every call key starts with the tenant so one tenant's keys can never be
-named from another's (architecture invariants 8 and 9). Callers pass identifiers that
-:func:`callmesh.protocol.valid_id` accepted; the key functions do not re-validate.
+Keys of one call share the hash tag ``{call_id}`` (a tenant's quota keys the tag
+``{t:tenant}``) so multi-key Lua scripts work on Redis Cluster, and every call key starts
+with the tenant so one tenant's keys can never be named from another's (architecture
+invariants 8 and 9). Callers pass identifiers that :func:`callmesh.protocol.valid_id`
+accepted; the key functions do not re-validate.
 """
 
 from __future__ import annotations
@@ -45,3 +46,20 @@ def pin(tenant: str, call_id: str) -> str:
 def caller_history(tenant: str, caller: str) -> str:
     """Long-term memory of one caller of one tenant (list of msgpack call summaries)."""
     return f"{PREFIX}:{tenant}:caller:{{{caller}}}:history"
+
+
+# Per-tenant keys carry the tenant as their own hash tag: a tenant's quota keys share one
+# slot on Redis Cluster (the quota script touches both), apart from any call's keys.
+def _tenant(tenant: str, part: str) -> str:
+    return f"{PREFIX}:{{t:{tenant}}}:{part}"
+
+
+def tenant_calls(tenant: str) -> str:
+    """Sorted set of the tenant's live calls (member: call id, score: lease expiry in ms),
+    shared by every router: the concurrent-calls quota."""
+    return _tenant(tenant, "calls")
+
+
+def tenant_call_rate(tenant: str) -> str:
+    """Counter of the tenant's new calls in the current second: the call-rate quota."""
+    return _tenant(tenant, "callrate")

@@ -167,10 +167,12 @@ async def test_killing_a_server_under_load_loses_and_doubles_nothing(
             await sink.aclose()
 
     expected_effects = {
-        subjects.effect_msg_id(f"nc-{i}", t, 0) for i in range(CALLS) for t in range(1, TURNS + 1)
+        subjects.effect_msg_id(TENANT, f"nc-{i}", t, 0)
+        for i in range(CALLS)
+        for t in range(1, TURNS + 1)
     }
     expected_events = {
-        subjects.event_msg_id(f"nc-{i}", k) for i in range(CALLS) for k in range(2 * TURNS)
+        subjects.event_msg_id(TENANT, f"nc-{i}", k) for i in range(CALLS) for k in range(2 * TURNS)
     }
     effects = await _stored(js, subjects.EFFECTS_STREAM)
     events = await _stored(js, subjects.EVENTS_STREAM)

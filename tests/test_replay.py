@@ -65,7 +65,7 @@ def turn(
             R(
                 EventType.EFFECT,
                 n,
-                msg_id=subjects.effect_msg_id(CALL, n, 0),
+                msg_id=subjects.effect_msg_id(T, CALL, n, 0),
                 kind="booking_create",
                 payload=effect,
             )
@@ -173,7 +173,7 @@ async def publish_log(js: JetStreamContext, recs: list[dict[str, Any]]) -> None:
     delivery = R(
         EventType.EFFECT_DELIVERY,
         1,
-        msg_id=f"{CALL}:1:0",
+        msg_id=subjects.effect_msg_id(T, CALL, 1, 0),
         outcome="delivered",
         attempts=2,
         status=201,
@@ -183,7 +183,7 @@ async def publish_log(js: JetStreamContext, recs: list[dict[str, Any]]) -> None:
     await js.publish(
         subjects.call_events(T, CALL),
         eventlog.encode(delivery),
-        headers={"Nats-Msg-Id": f"{CALL}:1:0:delivery"},
+        headers={"Nats-Msg-Id": f"{subjects.effect_msg_id(T, CALL, 1, 0)}:delivery"},
     )
     await publisher.publish(entries[split:])
     await publisher.publish(entries[split:])  # a republish after failover: de-duplicated
@@ -232,7 +232,7 @@ async def test_rebuilds_the_call_and_verifies_it_against_the_checkpoint(
         "fallback retrieval_timeout",
         "interrupted, heard",
         "verified",
-        f"effect {CALL}:1:0 delivered after 2 attempt(s)",
+        f"effect {T}:{CALL}:1:0 delivered after 2 attempt(s)",
     ):
         assert expected in text
     doc = report.to_dict()
@@ -363,7 +363,7 @@ def test_a_delivery_logged_before_its_effect_record_still_settles_it() -> None:
     delivery = R(
         EventType.EFFECT_DELIVERY,
         1,
-        msg_id=f"{CALL}:1:0",
+        msg_id=subjects.effect_msg_id(T, CALL, 1, 0),
         outcome="dead_lettered",
         attempts=10,
         status=503,
@@ -372,7 +372,7 @@ def test_a_delivery_logged_before_its_effect_record_still_settles_it() -> None:
     )
     recs.insert(first_effect, delivery)
     state = build_report(T, CALL, recs, None).final
-    assert state.effects[f"{CALL}:1:0"].outcome == "dead_lettered"
+    assert state.effects[subjects.effect_msg_id(T, CALL, 1, 0)].outcome == "dead_lettered"
 
 
 async def test_undecodable_records_are_kept_and_flagged(

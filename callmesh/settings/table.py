@@ -52,6 +52,7 @@ _LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NO
 _BACKENDS = "Backends"
 _CLUSTER = "Membership and node links"
 _ROUTER = "Router"
+_LIMITS = "Limits"
 _WORKER = "Effects worker"
 _TOOLS = "Tools"
 _PRIVACY = "Privacy"
@@ -227,6 +228,122 @@ SETTINGS: tuple[Setting, ...] = (
         (ROUTER,),
         _ROUTER,
         env="CALLMESH_MAX_UNACKED_AUDIO_MS",
+    ),
+    # ------------------------------------------------------------------ limits
+    Setting(
+        "start_timeout_ms",
+        Number(int, gt=0, le=60_000),
+        5000,
+        "a connection that sends no valid start for this long is closed with 4408 (ms)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_START_TIMEOUT_MS",
+    ),
+    Setting(
+        "max_connections",
+        Number(int, ge=0),
+        10_000,
+        "client connections one router holds; more are closed with 4429 (0: no cap)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_CONNECTIONS",
+    ),
+    Setting(
+        "max_connections_per_tenant",
+        Number(int, ge=0),
+        10_000,
+        "client connections of one tenant on one router; more are closed with 4429 (0: no cap)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_CONNECTIONS_PER_TENANT",
+    ),
+    Setting(
+        "max_calls_per_tenant",
+        Number(int, ge=0),
+        10_000,
+        "live calls of one tenant across all routers (in Redis); more are refused with "
+        "over_limit and 4429 (0: no cap)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_CALLS_PER_TENANT",
+    ),
+    Setting(
+        "max_new_calls_per_tenant_per_s",
+        Number(int, ge=0),
+        500,
+        "new calls of one tenant a second across all routers (in Redis); more are refused "
+        "with over_limit and 4429 (0: no cap)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_NEW_CALLS_PER_TENANT_PER_S",
+    ),
+    Setting(
+        "call_lease_s",
+        Number(float, gt=0),
+        60.0,
+        "lease of a call's slot in its tenant's quota, renewed while a router holds the "
+        "call: a crashed router's slots free themselves after this long (s)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_CALL_LEASE_S",
+    ),
+    Setting(
+        "max_frames_per_s",
+        Number(float, ge=0),
+        200.0,
+        "frames a connection may send a second (token bucket; 0: no cap); over it frames "
+        "are refused with rate_limited, and twice it for a second closes with 4429",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_FRAMES_PER_S",
+    ),
+    Setting(
+        "frame_burst",
+        Number(int, gt=0),
+        400,
+        "frames a connection may send at once above its rate (the token bucket's size)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_FRAME_BURST",
+    ),
+    Setting(
+        "max_unacked_bytes",
+        Number(int, gt=0),
+        1024 * 1024,
+        "bytes of unacknowledged frames other than audio a call may hold on the router; "
+        "beyond it frames are refused with over_limit until the node catches up",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_UNACKED_BYTES",
+    ),
+    Setting(
+        "max_relinks",
+        Number(int, ge=0),
+        20,
+        "relinks of one call to a node within relink_window_s; one more ends the call with "
+        "relink_limit (0: no cap)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_MAX_RELINKS",
+    ),
+    Setting(
+        "relink_window_s",
+        Number(float, gt=0),
+        60.0,
+        "the window of max_relinks (s)",
+        (ROUTER,),
+        _LIMITS,
+        env="CALLMESH_RELINK_WINDOW_S",
+    ),
+    Setting(
+        "reconnect_grace_ms",
+        Number(int, ge=0),
+        30_000,
+        "a call whose client left without hangup waits this long for it to reconnect "
+        "(through any router), then ends and its state on the node is released (ms)",
+        (NODE,),
+        _LIMITS,
+        env="CALLMESH_RECONNECT_GRACE_MS",
     ),
     Setting(
         "router_drain_s",
