@@ -49,6 +49,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
+# A call whose client left without hanging up ends at once (its span too), instead of
+# waiting out the reconnect grace.
+NO_GRACE = {"reconnect_grace_ms": 0}
+
+
 def _named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
@@ -77,7 +82,11 @@ def _attr(span: ReadableSpan, key: str) -> Any:
 async def test_a_call_its_turns_and_stages_that_add_up_to_the_turn_latency(
     redis_url: str, nats_url: str, spans: InMemorySpanExporter
 ) -> None:
-    async with running_node(redis_url, nats_url, simulated_providers()) as (owner, url):
+    # No reconnect grace: the call ends when its client leaves, and its span with it.
+    async with running_node(redis_url, nats_url, simulated_providers(), **NO_GRACE) as (
+        owner,
+        url,
+    ):
         async with node_call(url, "tr-1") as call:
             await call.start()
             await call.speak("What are your opening hours?")
@@ -139,8 +148,8 @@ async def test_the_new_owner_links_to_the_calls_trace_with_the_resume_reason(
 ) -> None:
     providers = simulated_providers()
     async with (
-        running_node(redis_url, nats_url, providers) as (_, url_a),
-        running_node(redis_url, nats_url, simulated_providers()) as (node_b, url_b),
+        running_node(redis_url, nats_url, providers, **NO_GRACE) as (_, url_a),
+        running_node(redis_url, nats_url, simulated_providers(), **NO_GRACE) as (node_b, url_b),
     ):
         async with node_call(url_a, "tr-fo") as first:
             await first.start(audio=False)
