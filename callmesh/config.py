@@ -153,6 +153,9 @@ class RouterConfig:
     dev_control_url: str = _router("dev_control_url")
     # On SIGTERM: how long callers get to move to another router before the router exits.
     router_drain_s: float = _router("router_drain_s")
+    # Traces over OTLP/HTTP (callmesh.tracing): off while the endpoint is empty.
+    otlp_endpoint: str = _router("otlp_endpoint")
+    trace_sample_ratio: float = _router("trace_sample_ratio")
 
     def __post_init__(self) -> None:
         settings.check_fields(self, ROUTER)
@@ -224,6 +227,8 @@ class NodeConfig:
     link_secret: str = field(default=_node("link_secret"), repr=False)
     auth_disabled: int = _node("auth_disabled")
     dev_mode: int = _node("dev_mode")
+    otlp_endpoint: str = _node("otlp_endpoint")
+    trace_sample_ratio: float = _node("trace_sample_ratio")
     # Every node setting as read once at start-up (settings.load), for the parts the node
     # builds from them above this module (its providers); empty when built in code.
     settings: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)

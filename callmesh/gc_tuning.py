@@ -23,7 +23,7 @@ import gc
 import time
 from typing import Any
 
-from callmesh.metric_names import GC_PAUSE_MS, gc_collections
+from callmesh.metric_names import GC_COLLECTIONS, GC_PAUSE_MS
 from callmesh.telemetry import Metrics
 
 DEFAULT_GEN0_THRESHOLD = 7000
@@ -44,7 +44,7 @@ class GcPauses:
             return
         pause_ms = (time.perf_counter() - self._started) * 1000
         self._metrics.observe(GC_PAUSE_MS, pause_ms)
-        self._metrics.inc(gc_collections(info.get("generation", 0)))
+        self._metrics.inc(GC_COLLECTIONS, generation=str(info.get("generation", 0)))
 
     def install(self) -> None:
         if self not in gc.callbacks:

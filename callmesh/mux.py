@@ -200,6 +200,9 @@ class Mux:
         self.name = name
         self.channels: dict[int, Channel] = {}
         self._metrics = metrics
+        # Bound once: the writer counts every message it sends.
+        self._messages_sent = metrics.counter(LINK_MESSAGES_SENT)
+        self._records_sent = metrics.counter(LINK_RECORDS_SENT)
         self._on_open = on_open
         self._out: list[tuple[Any, ...]] = []
         self._out_bytes = 0
@@ -285,8 +288,8 @@ class Mux:
                 self._out_bytes = 0
                 for message in _batches(out):
                     await self.ws.send_bytes(msgpack.packb(message))
-                    self._metrics.inc(LINK_MESSAGES_SENT)
-                self._metrics.inc(LINK_RECORDS_SENT, len(out))
+                    self._messages_sent.inc()
+                self._records_sent.inc(len(out))
                 if self._out_bytes <= HIGH_WATER_BYTES:
                     self._drained.set()
         except (ConnectionError, RuntimeError) as exc:

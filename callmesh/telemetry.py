@@ -1,4 +1,5 @@
-"""Telemetry types shared by every process: per-turn metrics, counters, structured logs."""
+"""Telemetry types shared by every process: per-turn metrics, labelled metrics in the
+Prometheus text format, structured logs."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 import logging
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from callmesh import redaction
+from callmesh.metric_names import SPECS, Kind, of_process
 
 
 @dataclass
@@ -28,6 +29,8 @@ class TurnMetrics:
     stt_ms: float = 0.0
     retrieval_ms: float = 0.0
     llm_first_token_ms: float = 0.0
+    # The model's first sentence: what the voice waits for (the LLM's critical path).
+    llm_first_sentence_ms: float = 0.0
     tts_first_chunk_ms: float = 0.0
     provider_ms: float = 0.0
     overhead_ms: float = 0.0
@@ -56,6 +59,20 @@ class TurnMetrics:
     def update_overhead(self) -> None:
         self.overhead_ms = max(0.0, self.latency_ms - self.provider_ms) if self.spoke else 0.0
 
+    def stages(self) -> dict[str, float]:
+        """The turn's critical path, stage by stage (ms): speech-to-text, retrieval, the
+        model's first sentence, the voice's first chunk, and callmesh's own share; they add
+        up to ``latency_ms`` (empty for a turn that never spoke)."""
+        if not self.spoke:
+            return {}
+        return {
+            "stt": self.stt_ms,
+            "retrieval": self.retrieval_ms,
+            "llm": self.llm_first_sentence_ms,
+            "tts": self.tts_first_chunk_ms,
+            "callmesh": self.overhead_ms,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k, v in d.items():
@@ -63,6 +80,9 @@ class TurnMetrics:
                 d[k] = round(v, 3)
         return d
 
+
+# A turn's stages (``TurnMetrics.stages``, then its checkpoint): the ``stage`` label's values.
+STAGES = ("stt", "retrieval", "llm", "tts", "callmesh", "checkpoint")
 
 # Milliseconds: fine where real-time audio lives (a 20 ms frame), coarse beyond.
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -102,48 +122,145 @@ def histogram_quantile(buckets: list[float], counts: list[int], q: float) -> flo
     return float(buckets[-1])
 
 
+class Counter:
+    """One counter series (a metric with its label values bound): hot paths keep one and
+    call :meth:`inc`, with no lookup per event."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, value: float = 1.0) -> None:
+        self.value += value
+
+
+class Gauge:
+    """One gauge series."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+_Series = Counter | Gauge | Histogram
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    """``name`` or ``name{k="v",...}``: how /v1/status and :meth:`Metrics.snapshot` name a
+    series."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+
+
 class Metrics:
-    """Process-wide counters, gauges and histograms, in Prometheus text format at /metrics."""
+    """Process-wide counters, gauges and histograms with labels, in the Prometheus text
+    format at /metrics. Every name must be declared in :mod:`callmesh.metric_names` (with
+    its type, help and labels); a name or label set not declared there raises."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
-        self._counters: dict[str, float] = defaultdict(float)
-        self._gauges: dict[str, float] = {}
-        self.histograms: dict[str, Histogram] = {}
+        # family name -> label values -> series.
+        self._families: dict[str, dict[tuple[str, ...], _Series]] = {}
+        # Unlabelled series by name, and labelled ones by series key: the fast path.
+        self._by_key: dict[str, _Series] = {}
+        # The process's metrics exist from the start (a counter at 0, a labelled family
+        # with no series yet), so rates and alerts see them before their first event.
+        for spec in of_process(prefix):
+            if spec.labels:
+                self._families.setdefault(spec.name, {})
+            else:
+                self._series(spec.name, spec.kind, {})
 
-    def observe(self, name: str, value: float) -> None:
-        h = self.histograms.get(name)
-        if h is None:
-            h = self.histograms[name] = Histogram()
-        h.observe(value)
+    def _series(self, name: str, kind: Kind, labels: dict[str, str]) -> _Series:
+        key = series_key(name, tuple(sorted(labels.items()))) if labels else name
+        found = self._by_key.get(key)
+        if found is not None:
+            return found
+        spec = SPECS.get(name)
+        if spec is None:
+            raise KeyError(f"metric {name!r} is not declared in callmesh.metric_names")
+        if spec.kind is not kind:
+            raise TypeError(f"metric {name!r} is a {spec.kind}, not a {kind}")
+        if set(labels) != set(spec.labels):
+            raise ValueError(f"metric {name!r} takes labels {spec.labels}, got {sorted(labels)}")
+        values = tuple(str(labels[label]) for label in spec.labels)
+        series: _Series = (
+            Counter() if kind is Kind.COUNTER else Gauge() if kind is Kind.GAUGE else Histogram()
+        )
+        self._families.setdefault(name, {})[values] = series
+        self._by_key[key] = series
+        return series
 
-    def inc(self, name: str, value: float = 1.0) -> None:
-        self._counters[name] += value
+    # Bound series, for hot paths.
+    def counter(self, name: str, **labels: str) -> Counter:
+        return self._series(name, Kind.COUNTER, labels)  # type: ignore[return-value]
 
-    def set(self, name: str, value: float) -> None:
-        self._gauges[name] = value
+    def gauge(self, name: str, **labels: str) -> Gauge:
+        return self._series(name, Kind.GAUGE, labels)  # type: ignore[return-value]
 
-    def get(self, name: str) -> float:
-        return self._counters.get(name, self._gauges.get(name, 0.0))
+    def histogram(self, name: str, **labels: str) -> Histogram:
+        return self._series(name, Kind.HISTOGRAM, labels)  # type: ignore[return-value]
+
+    # One-off updates.
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self.counter(name, **labels).inc(value)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.gauge(name, **labels).set(value)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self.histogram(name, **labels).observe(value)
+
+    def get(self, name: str, **labels: str) -> float:
+        """A counter's or gauge's value (0 if never set)."""
+        key = series_key(name, tuple(sorted(labels.items()))) if labels else name
+        series = self._by_key.get(key)
+        return series.value if isinstance(series, Counter | Gauge) else 0.0
 
     def snapshot(self) -> dict[str, float]:
-        return {**self._counters, **self._gauges}
+        """Counters and gauges by series key (``name`` or ``name{label="value"}``)."""
+        return {k: s.value for k, s in self._by_key.items() if isinstance(s, Counter | Gauge)}
+
+    @property
+    def histograms(self) -> dict[str, Histogram]:
+        """Histograms by series key."""
+        return {k: s for k, s in self._by_key.items() if isinstance(s, Histogram)}
 
     def render(self) -> str:
-        lines = []
-        for name, value in sorted(self._counters.items()):
-            lines += [f"# TYPE {self._prefix}_{name} counter", f"{self._prefix}_{name} {value:g}"]
-        for name, value in sorted(self._gauges.items()):
-            lines += [f"# TYPE {self._prefix}_{name} gauge", f"{self._prefix}_{name} {value:g}"]
-        for name, h in sorted(self.histograms.items()):
-            full = f"{self._prefix}_{name}"
-            lines.append(f"# TYPE {full} histogram")
-            cumulative = 0
-            for bound, count in zip([*h.buckets, "+Inf"], h.counts, strict=True):
-                cumulative += count
-                lines.append(f'{full}_bucket{{le="{bound}"}} {cumulative}')
-            lines += [f"{full}_sum {h.total:g}", f"{full}_count {cumulative}"]
+        lines: list[str] = []
+        for name in sorted(self._families):
+            spec = SPECS[name]
+            full = spec.exposed(self._prefix)
+            lines += [f"# HELP {full} {spec.help}", f"# TYPE {full} {spec.kind}"]
+            for values, series in sorted(self._families[name].items()):
+                pairs = [f'{k}="{_escape(v)}"' for k, v in zip(spec.labels, values, strict=True)]
+                if isinstance(series, Histogram):
+                    lines += _histogram_lines(full, pairs, series)
+                else:
+                    labels = "{" + ",".join(pairs) + "}" if pairs else ""
+                    lines.append(f"{full}{labels} {series.value:g}")
         return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(full: str, pairs: list[str], h: Histogram) -> list[str]:
+    lines = []
+    cumulative = 0
+    for bound, count in zip([*h.buckets, "+Inf"], h.counts, strict=True):
+        cumulative += count
+        le = ",".join([*pairs, f'le="{bound}"'])
+        lines.append(f"{full}_bucket{{{le}}} {cumulative}")
+    labels = "{" + ",".join(pairs) + "}" if pairs else ""
+    return [*lines, f"{full}_sum{labels} {h.total:g}", f"{full}_count{labels} {cumulative}"]
 
 
 class JsonFormatter(logging.Formatter):

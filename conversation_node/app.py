@@ -6,7 +6,8 @@ Routes:
   (``callmesh.link_auth``: HMAC over a time and a nonce, accepted once);
 - ``GET /v1/node/calls/{call_id}`` (WebSocket): one call on its own WebSocket (for tools
   and tests that talk to a node directly); development mode only;
-- ``GET /healthz``: 200 while accepting calls, 503 while draining;
+- ``GET /livez`` (and ``/healthz``): 200 while the process serves;
+- ``GET /readyz``: 200 while taking calls; 503 while draining or Redis is unreachable;
 - ``GET /v1/status``: JSON summary of the node; its calls only for a request that
   proves the link secret (``callmesh.link_auth``);
 - ``GET /metrics``: Prometheus text.
@@ -30,10 +31,11 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from callmesh import tracing
 from callmesh.config import ConfigError, NodeConfig
 from callmesh.link_auth import HEADER as LINK_AUTH_HEADER
 from callmesh.link_auth import ROUTER_HEADER, LinkAuth, LinkAuthError
-from callmesh.metric_names import LIVE_CALLS, UNSAVED_CALLS
+from callmesh.metric_names import DRAINING, LIVE_CALLS, NATS_UP, REDIS_UP, UNSAVED_CALLS
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import (
     CloseCode,
@@ -102,6 +104,7 @@ class ConversationNode:
                 "a node needs CALLMESH_LINK_SECRET to authenticate routers "
                 "(CALLMESH_AUTH_DISABLED=1 turns authentication off)"
             )
+        self._tracing = False
 
     @property
     def services(self) -> NodeServices:
@@ -115,6 +118,9 @@ class ConversationNode:
 
     async def start(self) -> None:
         cfg = self.config
+        self._tracing = tracing.configure(
+            "callmesh-node", cfg.node_id, cfg.otlp_endpoint, cfg.trace_sample_ratio
+        )
         self._redis = redis_connect(cfg.backends.redis_url)
         # The heartbeat has a client of its own: on a Redis Cluster, a shard failing over
         # makes a client re-read its slot map, stalling and resetting every command in
@@ -274,6 +280,8 @@ class ConversationNode:
         for client in (self._redis, self._beat_redis, self._drain_redis):
             if client is not None:
                 await asyncio.shield(client.aclose())
+        if self._tracing:
+            tracing.shutdown()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -281,15 +289,28 @@ class ConversationNode:
         app = web.Application()
         app.router.add_get(LINK_PATH, self.router_link)
         app.router.add_get("/v1/node/calls/{call_id}", self.call_link)
-        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/healthz", self.livez)  # the liveness probe's older name
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get(STATUS_PATH, self.status)
         app.router.add_get("/metrics", self.metrics)
         return app
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok"})
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: the process serves HTTP. 200 while draining too: a restart mid-drain
+        would drop the calls being handed off."""
+        return web.json_response({"status": "draining" if self.draining else "ok"})
+
+    def _redis_ok(self) -> bool:
+        return self._heartbeat is not None and self._heartbeat.redis_ok
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 while the node takes new calls: not draining, Redis reachable
+        (without it no ownership can be taken or checkpoint written)."""
+        redis = self._redis_ok()
+        ready = not self.draining and redis
+        reason = "draining" if self.draining else "ok" if redis else "redis unreachable"
+        return web.json_response({"status": reason, "redis": redis}, status=200 if ready else 503)
 
     def _router_authenticated(self, request: web.Request, path: str) -> bool:
         """Whether the request proves the link secret (always true with authentication
@@ -332,6 +353,9 @@ class ConversationNode:
         m = self.services.metrics
         m.set(LIVE_CALLS, len(self.sessions))
         m.set(UNSAVED_CALLS, sum(1 for s in self.sessions.values() if s.unsaved))
+        m.set(DRAINING, float(self.draining))
+        m.set(REDIS_UP, float(self._redis_ok()))
+        m.set(NATS_UP, float(self._nc is not None and self._nc.is_connected))
         return web.Response(text=m.render(), content_type="text/plain")
 
     async def router_link(self, request: web.Request) -> web.StreamResponse:

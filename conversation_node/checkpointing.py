@@ -18,14 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opentelemetry.context import Context
+
+from callmesh import tracing
 from callmesh.metric_names import (
     CHECKPOINT_FAILURES,
+    CHECKPOINT_WRITE_MS,
     CHECKPOINTS,
     CHECKPOINTS_CAUGHT_UP,
     OUTBOX_PUBLISH_FAILURES,
+    OUTBOX_PUBLISH_MS,
     OUTBOX_PUBLISHED,
 )
 from conversation_node.node_services import NodeServices
@@ -84,6 +90,8 @@ class Checkpointer:
         self._publish_task: asyncio.Task[None] | None = None
         # Publishes never overlap: the event log keeps the turn order.
         self._publish_lock = asyncio.Lock()
+        # The call's span: outbox publishes are its children (None while tracing is off).
+        self.trace_parent: Context | None = None
 
     def effects_waiting(self, before_turn: int) -> bool:
         """Side effects of earlier turns still unpublished: the effect stream is down
@@ -114,6 +122,7 @@ class Checkpointer:
     async def persist(self, *, turn: int, retrying: bool = False) -> bool:
         """One CAS checkpoint write. Raises :class:`Fenced` if a newer owner holds the call."""
         async with self._save_lock:
+            t0 = time.monotonic()
             try:
                 await self._svc.store.save(self._snapshot())
             except StoreUnavailable as exc:
@@ -129,6 +138,7 @@ class Checkpointer:
             except FencedOut as exc:
                 raise Fenced(exc) from exc
             self.dirty = False
+            self._svc.metrics.observe(CHECKPOINT_WRITE_MS, (time.monotonic() - t0) * 1000)
             if retrying:
                 self._svc.metrics.inc(CHECKPOINTS_CAUGHT_UP)
                 log.info(
@@ -171,8 +181,11 @@ class Checkpointer:
         if not self.outbox or publisher is None:
             return True
         pending = list(self.outbox)
+        t0 = time.monotonic()
         try:
-            acked = set(await publisher.publish(pending))
+            attrs = {tracing.CALL_ID: self.call_id, "messaging.batch.message_count": len(pending)}
+            with tracing.span(tracing.OUTBOX_PUBLISH, attrs, self.trace_parent):
+                acked = set(await publisher.publish(pending))
         except EventsError as exc:
             self._svc.metrics.inc(OUTBOX_PUBLISH_FAILURES)
             if not self.publish_failing:
@@ -193,6 +206,7 @@ class Checkpointer:
         # republish these, which JetStream de-duplicates by msg id.
         self.outbox = [e for e in self.outbox if e.msg_id not in acked]
         self._svc.metrics.inc(OUTBOX_PUBLISHED, len(acked))
+        self._svc.metrics.observe(OUTBOX_PUBLISH_MS, (time.monotonic() - t0) * 1000)
         if self.publish_failing:
             self.publish_failing = False
             log.info("outbox publishing again", extra={"fields": {"call_id": self.call_id}})

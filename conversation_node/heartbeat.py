@@ -53,6 +53,11 @@ class Heartbeat:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="heartbeat")
 
+    @property
+    def redis_ok(self) -> bool:
+        """The state store answered the last heartbeat."""
+        return self._redis_ok
+
     async def set_state(self, state: NodeState) -> None:
         self.state = state
         with contextlib.suppress(StateStoreError):

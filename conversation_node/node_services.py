@@ -8,18 +8,18 @@ from pathlib import Path
 
 from callmesh.config import NodeConfig
 from callmesh.metric_names import (
+    FALLBACKS,
     INBOUND_FRAME_LAG_MS,
-    TURN_LATENCY_MS_SUM,
+    TIME_TO_FIRST_AUDIO_MS,
+    TURN_LATENCY_MS,
     TURN_OVERHEAD_MS,
-    TURN_OVERHEAD_MS_SUM,
-    TURN_RETRIEVAL_MS_SUM,
+    TURN_STAGE_MS,
     TURNS,
     TURNS_CUT_OFF_BEFORE_AUDIO,
     TURNS_OVER_BUDGET,
     TURNS_OVER_BUDGET_BY_CALLMESH,
-    fallback,
 )
-from callmesh.telemetry import Metrics, TurnMetrics
+from callmesh.telemetry import STAGES, Metrics, TurnMetrics
 from conversation_node.pipeline import TurnPipeline
 from conversation_node.prompt import INSTRUCTIONS
 from conversation_node.providers.base import STT
@@ -103,14 +103,18 @@ class NodeServices:
     def observe_turn(self, m: TurnMetrics) -> None:
         self.metrics.inc(TURNS)
         for f in m.fallbacks:
-            self.metrics.inc(fallback(f))
+            self.metrics.inc(FALLBACKS, kind=f)
+        if m.checkpoint_ms:
+            self._stages["checkpoint"].observe(m.checkpoint_ms)
         if not m.spoke:
             self.metrics.inc(TURNS_CUT_OFF_BEFORE_AUDIO)
             return
-        self.metrics.inc(TURN_LATENCY_MS_SUM, m.latency_ms)
-        self.metrics.inc(TURN_OVERHEAD_MS_SUM, m.overhead_ms)
-        self.metrics.inc(TURN_RETRIEVAL_MS_SUM, m.retrieval_ms)
+        self.metrics.observe(TURN_LATENCY_MS, m.latency_ms)
+        if m.turn == 0:
+            self.metrics.observe(TIME_TO_FIRST_AUDIO_MS, m.latency_ms)
         self.metrics.observe(TURN_OVERHEAD_MS, m.overhead_ms)
+        for stage, ms in m.stages().items():
+            self._stages[stage].observe(ms)
         budget = self.config.turn_budget_ms
         if m.latency_ms > budget:
             self.metrics.inc(TURNS_OVER_BUDGET)
@@ -119,6 +123,11 @@ class NodeServices:
                 # callmesh's (a turn pushed over by a fraction of a ms of jitter is not).
                 self.metrics.inc(TURNS_OVER_BUDGET_BY_CALLMESH)
 
+    def __post_init__(self) -> None:
+        # Bound once: observed for every audio frame, and every turn's stages.
+        self._frame_lag = self.metrics.histogram(INBOUND_FRAME_LAG_MS)
+        self._stages = {s: self.metrics.histogram(TURN_STAGE_MS, stage=s) for s in STAGES}
+
     def observe_frame_lag(self, lag_ms: float) -> None:
         """How far behind the caller's clock an audio frame was processed."""
-        self.metrics.observe(INBOUND_FRAME_LAG_MS, lag_ms)
+        self._frame_lag.observe(lag_ms)

@@ -28,13 +28,16 @@ import contextlib
 import logging
 import time
 
+from opentelemetry.trace import Span
+
+from callmesh import tracing
 from callmesh.metric_names import (
     CALLS_ABANDONED,
     CALLS_ENDED,
     CALLS_HANDED_OFF,
     CALLS_RESUMED,
     CALLS_STARTED,
-    FENCED_OUT,
+    FENCED_WRITES,
 )
 from callmesh.protocol import In, Inbound
 from callmesh.telemetry import now_ms
@@ -58,6 +61,15 @@ from state_store.errors import StoreUnavailable
 log = logging.getLogger("callmesh.node.session")
 
 __all__ = ["CallDropped", "CallSession", "CallState", "IllegalTransition"]
+
+# Why a router moved a call here (router.proxy); anything else a client sends in ``resume``
+# (a resume secret, per the protocol) is a reconnect and never becomes a label or attribute.
+_RELINK_REASONS = frozenset({"failover", "handoff", "reconnect"})
+
+
+def _resume_reason(start: Inbound) -> str:
+    reason = start.body.get("resume")
+    return reason if isinstance(reason, str) and reason in _RELINK_REASONS else "reconnect"
 
 
 class CallSession:
@@ -93,6 +105,9 @@ class CallSession:
         # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
         # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
         self.leftover: tuple[Checkpoint, bool] | None = None
+        # The call's span on this owner, and the traceparent of its first owner's span.
+        self._span: Span | None = None
+        self._trace = ""
         replies = Replies()
         self.turns = TurnRunner(
             self.core,
@@ -186,6 +201,8 @@ class CallSession:
         opening = core.owned(
             start, epoch, ckpt, working_memory_turns=self._svc.config.working_memory_turns
         )
+        resume = _resume_reason(start) if opening.resumed else ""
+        self._start_span(resume, ckpt.trace if ckpt is not None else "")
         if opening.refusal is not None:
             await self._out(opening.refusal)
             raise CallDropped("call already ended")
@@ -204,7 +221,10 @@ class CallSession:
         core.to(CallState.ACTIVE)
         await self.commit(records)
         await self._out(core.ready(resumed=opening.resumed))
-        self._svc.metrics.inc(CALLS_RESUMED if opening.resumed else CALLS_STARTED)
+        if opening.resumed:
+            self._svc.metrics.inc(CALLS_RESUMED, reason=resume)
+        else:
+            self._svc.metrics.inc(CALLS_STARTED)
         if greeting is not None:
             async with self._turn_lock:
                 await self.turns.greet(greeting, started, history_ms)
@@ -283,6 +303,26 @@ class CallSession:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         self.core.close()
+        if self._span is not None:
+            self._span.set_attribute("callmesh.call.state", str(self.core.state))
+            self._span.end()
+            self._span = None
+
+    def _start_span(self, resume: str, previous: str) -> None:
+        if not tracing.enabled():
+            return
+        core = self.core
+        span = tracing.start_call(
+            call_id=core.call_id,
+            tenant=core.tenant,
+            node=self._svc.node_id,
+            resume=resume,
+            previous=previous,
+        )
+        span.set_attribute(tracing.EPOCH, core.epoch)
+        self._span = self.turns.call_span = span
+        self.ckpt.trace_parent = tracing.call_context(span)
+        self._trace = previous or tracing.traceparent(span)
 
     def _query_for(self, text: str) -> Query:
         return self.core.memory.query_for(text)
@@ -343,11 +383,13 @@ class CallSession:
             raise CallDropped(str(exc)) from exc
 
     def _snapshot(self) -> Checkpoint:
-        return self.core.snapshot(self.ckpt.outbox, self.ckpt.event_cursor, now_ms())
+        ckpt = self.core.snapshot(self.ckpt.outbox, self.ckpt.event_cursor, now_ms())
+        ckpt.trace = self._trace
+        return ckpt
 
     def _fence(self, exc: Fenced) -> None:
         self.core.fence()
-        self._svc.metrics.inc(FENCED_OUT)
+        self._svc.metrics.inc(FENCED_WRITES)
         log.warning(
             "fenced out: dropping call",
             extra={

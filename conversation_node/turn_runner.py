@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from opentelemetry.trace import Span
+
+from callmesh import tracing
 from callmesh.metric_names import (
     ENDPOINT_MS_SUM,
     GREETINGS,
@@ -37,7 +40,7 @@ from conversation_node.providers.base import LLMRequest
 from conversation_node.sensitive import Refusal, review
 from conversation_node.turn_outcomes import Answer, Record, Reply
 from conversation_node.voice import Playback
-from memory.prompt import Prompt
+from memory.prompt import Prompt, default_counter
 from memory.retrieval import RetrievalResult
 from memory.session import SessionMemory
 from state_store.checkpoint import OutboxEntry
@@ -166,6 +169,8 @@ class TurnRunner:
         self._counters = counters
         self._observe_turn = observe_turn
         self.voice = TEXT_MODE
+        # The call's span on this owner (set by the session; None while tracing is off).
+        self.call_span: Span | None = None
 
     async def emit(self, frame: dict[str, Any]) -> None:
         """Send a reply frame of the current turn, following it in the playback."""
@@ -221,7 +226,9 @@ class TurnRunner:
         what became of this utterance's speculation when none is passed (cancelled)."""
         savepoint = self._core.savepoint()
         try:
-            answer, metrics = await self._answer(seq, text, confidence, started, speculation)
+            answer, metrics, traced = await self._answer(
+                seq, text, confidence, started, speculation
+            )
         except BaseException:
             self._core.rollback(savepoint)
             if speculation is not None:
@@ -237,7 +244,7 @@ class TurnRunner:
         metrics.provider_ms += stt_ms
         metrics.update_overhead()
         self._durability.queue_effects(answer.effects)
-        await self._finish(answer.records, metrics)
+        await self._finish(answer.records, metrics, started, **traced)
 
     async def _answer(
         self,
@@ -246,7 +253,7 @@ class TurnRunner:
         confidence: float,
         started: float,
         speculation: Speculation | None = None,
-    ) -> tuple[Answer, TurnMetrics]:
+    ) -> tuple[Answer, TurnMetrics, dict[str, Any]]:
         core = self._core
         t = core.begin_user_turn(seq, text, confidence)
         t0 = time.monotonic()
@@ -288,6 +295,7 @@ class TurnRunner:
             turn=t.turn,
             retrieval_ms=retrieval_ms,
             llm_first_token_ms=output.llm_first_token_ms,
+            llm_first_sentence_ms=output.first_sentence_s * 1000,
             tts_first_chunk_ms=output.tts_first_chunk_ms,
             provider_ms=provider_ms,
             intent=t.intent,
@@ -302,7 +310,17 @@ class TurnRunner:
                 # The model ran this long before the turn was confirmed.
                 metrics.preemptive_saved_ms = max(0.0, (t0 - prepared.started) * 1000)
         metrics.set_latency(started, output.first_audio_at)
-        return answer, metrics
+        traced: dict[str, Any] = {}
+        if self.call_span is not None and self.call_span.is_recording():
+            # Counted only for a sampled call: tokenizing is not free.
+            out_tokens = default_counter().count(output.text)
+            traced["llm"] = tracing.gen_ai_attributes(*output.llm, prompt.tokens, out_tokens)
+            if prepared is not None:
+                # The model's span is the adopted speculative generation's; a cancelled
+                # speculation has none (its cost is in the preemptive counters).
+                traced["llm"][tracing.PREEMPTIVE_SAVED_MS] = round(metrics.preemptive_saved_ms, 3)
+            traced["sources"] = {name: str(s) for name, s in retrieval.status.items()}
+        return answer, metrics, traced
 
     def _refusals(self, output: TurnOutput, turn: int, said: str) -> dict[int, Refusal]:
         """The model's sensitive tool calls the caller did not confirm (by index), logged."""
@@ -361,7 +379,7 @@ class TurnRunner:
             epoch=core.epoch,
         )
         metrics.set_latency(started, output.first_audio_at)
-        await self._finish(records, metrics)
+        await self._finish(records, metrics, started)
 
     async def greet(self, greeting: Greeting, started: float, history_ms: float) -> None:
         """Speak the committed greeting, then complete turn 0 like any other turn."""
@@ -381,7 +399,7 @@ class TurnRunner:
             epoch=core.epoch,
         )
         metrics.set_latency(started, output.first_audio_at)
-        await self._finish(core.greeted(output.fallbacks), metrics)
+        await self._finish(core.greeted(output.fallbacks), metrics, started)
         self._counters.inc(GREETINGS_RETURNING if greeting.returning else GREETINGS)
 
     async def respeak(self, text: str) -> None:
@@ -410,14 +428,26 @@ class TurnRunner:
         if records is not None:
             await self._durability.commit(records)
 
-    async def _finish(self, records: list[Record], metrics: TurnMetrics) -> None:
+    async def _finish(
+        self,
+        records: list[Record],
+        metrics: TurnMetrics,
+        started: float,
+        *,
+        llm: dict[str, Any] | None = None,
+        sources: dict[str, str] | None = None,
+    ) -> None:
         """Commit the turn, then tell the client it is complete (``turn_metrics``)."""
         core = self._core
         effects_waiting = self._durability.effects_waiting(metrics.turn)
         t0 = time.monotonic()
         core.close_turn(records, metrics, effects_waiting=effects_waiting)
         await self._durability.commit(records)
-        metrics.checkpoint_ms = (time.monotonic() - t0) * 1000
+        t1 = time.monotonic()
+        metrics.checkpoint_ms = (t1 - t0) * 1000
+        tracing.record_turn(
+            self.call_span, metrics, started=started, checkpoint=(t0, t1), llm=llm, sources=sources
+        )
         fields = metrics.to_dict()
         await self._send(encode({"type": Out.TURN_METRICS.value, "turn": metrics.turn, **fields}))
         self._observe_turn(metrics)

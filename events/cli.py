@@ -22,9 +22,11 @@ from typing import Any
 import nats
 from aiohttp import web
 
+from callmesh import metric_names as names
 from callmesh.settings import flags as settings_flags
 from callmesh.settings import mask_url
 from callmesh.settings.table import REPLAY, WORKER
+from callmesh.telemetry import Metrics
 from events.connection import server_urls
 from events.errors import EventsError
 from events.replay import build_report, list_calls, read_records
@@ -100,29 +102,46 @@ def make_sink(args: argparse.Namespace) -> Sink:
     return WebhookSink(args.webhook_url, timeout_s=args.webhook_timeout_s, headers=headers)
 
 
-def metrics_text(worker: EffectsWorker) -> str:
-    """Prometheus text exposition of the worker's counters."""
-    lines = []
-    for name, value in worker.snapshot().items():
-        kind, metric = ("gauge", name) if name == "in_flight" else ("counter", f"{name}_total")
-        lines += [f"# TYPE callmesh_effects_{metric} {kind}", f"callmesh_effects_{metric} {value}"]
-    return "\n".join(lines) + "\n"
+# The worker's counts (events.delivery.WorkerMetrics) as metrics: every outcome of a
+# delivery attempt is one label value of EFFECT_DELIVERIES.
+_OUTCOMES = ("delivered", "already_applied", "retried", "dead_lettered", "rejected", "malformed")
+
+
+def metrics_text(worker: EffectsWorker, nats_up: bool = True) -> str:
+    """Prometheus text exposition of the worker's counters and gauges."""
+    counts = worker.snapshot()
+    m = Metrics("callmesh_effects")
+    for outcome in _OUTCOMES:
+        m.inc(names.DELIVERIES, counts.get(outcome, 0), outcome=outcome)
+    m.inc(names.DEAD_LETTERS, counts.get("dead_lettered", 0))
+    m.set(names.IN_FLIGHT, counts.get("in_flight", 0))
+    m.set(names.NATS_UP, float(nats_up))
+    m.set(names.DRAINING, float(worker.state is not WorkerState.RUNNING))
+    return m.render()
 
 
 def metrics_app(worker: EffectsWorker, is_connected: Callable[[], bool]) -> web.Application:
-    """``/metrics`` and ``/healthz`` (200 while running and connected to NATS, else 503)."""
+    """``/metrics``, ``/livez`` (``/healthz``: 200 while the process serves) and
+    ``/readyz`` (200 while running and connected to NATS, else 503)."""
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=metrics_text(worker), content_type="text/plain")
+        return web.Response(text=metrics_text(worker, is_connected()), content_type="text/plain")
 
-    async def healthz(_: web.Request) -> web.Response:
+    def body() -> dict[str, object]:
+        return {"state": worker.state.value, "nats": is_connected(), **worker.snapshot()}
+
+    async def livez(_: web.Request) -> web.Response:
+        return web.json_response(body())
+
+    async def readyz(_: web.Request) -> web.Response:
         ok = worker.state is WorkerState.RUNNING and is_connected()
-        body = {"state": worker.state.value, "nats": is_connected(), **worker.snapshot()}
-        return web.json_response(body, status=200 if ok else 503)
+        return web.json_response(body(), status=200 if ok else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/healthz", livez)  # the liveness probe's older name
+    app.router.add_get("/readyz", readyz)
     return app
 
 

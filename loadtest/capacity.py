@@ -200,13 +200,27 @@ def _get(url: str, timeout_s: float = 10.0) -> bytes:
 
 
 def router_counters(url: str) -> dict[str, float]:
-    """The router's unlabelled counters and gauges, from its Prometheus text."""
+    """The router's counters and gauges, from its Prometheus text, by series key as the
+    node's /v1/status names them (``relinks{outcome="failover"}``: no prefix, no
+    ``_total``); histograms are left out."""
+    return counters_from_exposition(_get(url + "/metrics").decode(), "callmesh_router")
+
+
+def counters_from_exposition(text: str, prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in _get(url + "/metrics").decode().splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[name.removeprefix("callmesh_router_")] = float(value)
+    scalar: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(" ")
+            if kind in ("counter", "gauge"):
+                scalar.add(family)
+        elif line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            family = series.partition("{")[0]
+            if family in scalar:
+                key = series.removeprefix(prefix + "_").replace("_total{", "{", 1)
+                with contextlib.suppress(ValueError):
+                    out[key.removesuffix("_total")] = float(value)
     return out
 
 

@@ -6,12 +6,13 @@ Routes:
 - ``POST /v1/twilio/voice``: Twilio's voice webhook, answered with TwiML
   (``router.twilio_webhook``), and ``POST /v1/twilio/action``: the ``<Connect action>``
   Twilio requests when a stream ends, answered with a new stream or ``<Hangup/>``;
-- ``GET /healthz`` (200; 503 while draining), ``GET /v1/status`` (nodes and live calls,
-  JSON), ``GET /metrics``;
+- ``GET /livez`` (``/healthz``: 200 while the process serves), ``GET /readyz`` (503 while
+  draining or with no node live), ``GET /v1/status`` (nodes and live calls, JSON),
+  ``GET /metrics``;
 - ``/console``: the browser console and call inspector (``router.console``).
 Any other path answers 404 with a JSON error body.
 
-Drain (SIGTERM, :meth:`Router.drain`): new connections are refused (503) and /healthz says
+Drain (SIGTERM, :meth:`Router.drain`): new connections are refused (503) and /readyz says
 503 so the load balancer stops sending any; every native caller gets ``{"type":
 "reconnect","reason":"router_draining"}`` and a close with 4012, and every Twilio stream is
 ended, whose ``<Connect action>`` then opens a new stream through another router. The node
@@ -32,6 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from callmesh import metric_names as names
+from callmesh import tracing
 from callmesh.auth import AuthError, CallGrant
 from callmesh.config import ConfigError, RouterConfig
 from callmesh.link_auth import LinkAuth
@@ -113,6 +115,7 @@ class Router:
         self._calls_gone = asyncio.Event()  # set when a drain has no call left
         self._store: StateStore | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._tracing = False
 
     def __repr__(self) -> str:
         return f"<Router {self.config.router_id} [{len(self.calls)} calls]>"
@@ -142,6 +145,10 @@ class Router:
         return self._http
 
     async def start(self) -> None:
+        cfg = self.config
+        self._tracing = tracing.configure(
+            "callmesh-router", cfg.router_id, cfg.otlp_endpoint, cfg.trace_sample_ratio
+        )
         self._redis = redis_connect(self.config.backends.redis_url)
         self.admission = Admission(self.connection_limits, self.metrics, CallQuota(self._redis))
         self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
@@ -239,6 +246,8 @@ class Router:
         if self._redis is not None:
             await asyncio.shield(self._redis.aclose())
             self._redis = None
+        if self._tracing:
+            tracing.shutdown()
 
     # ------------------------------------------------------------------ nodes
 
@@ -274,7 +283,9 @@ class Router:
         app.router.add_get(MEDIA_PATH, self.twilio_media)
         app.router.add_post(VOICE_PATH, self.twilio_voice)
         app.router.add_post(ACTION_PATH, self.twilio_action)
-        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/healthz", self.livez)  # the liveness probe's older name
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.metrics_endpoint)
         if self.config.console == "on":
@@ -334,7 +345,7 @@ class Router:
         self, ws: web.WebSocketResponse, link: ClientLink, exc: AuthError
     ) -> web.WebSocketResponse:
         refusal = exc.refusal
-        self.metrics.inc(names.calls_refused(refusal.reason))
+        self.metrics.inc(names.CALLS_REFUSED, reason=refusal.reason)
         # The cause for the operator; never the token or secret itself.
         log.info(
             "call refused",
@@ -409,11 +420,18 @@ class Router:
                 await ws.close()
         return ws
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: the process serves HTTP (a restart would not help otherwise)."""
+        return web.json_response({"status": "draining" if self.draining else "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only while a new call could be placed: not draining, and at
+        least one node live (routable)."""
         if self.draining:
             return web.json_response({"status": "draining"}, status=503)
-        ok = self.membership.redis_ok
-        return web.json_response({"status": "ok" if ok else "degraded", "redis": ok})
+        nodes = len(self.membership.routable())
+        body = {"status": "ok" if nodes else "no live node", "nodes": nodes}
+        return web.json_response(body, status=200 if nodes else 503)
 
     async def status(self, request: web.Request) -> web.Response:
         nodes = [
@@ -440,6 +458,8 @@ class Router:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         self.metrics.set(names.LIVE_CALLS, len(self.calls))
+        self.metrics.set(names.DRAINING, float(self.draining))
+        self.metrics.set(names.REDIS_UP, float(self.membership.redis_ok))
         return web.Response(text=self.metrics.render(), content_type="text/plain")
 
 

@@ -114,7 +114,7 @@ class Admission:
         """A new client connection; False (not counted) over the router's cap."""
         cap = self.limits.max_connections
         if cap and self.connections >= cap:
-            self._metrics.inc(names.refused("connections"))
+            self._metrics.inc(names.REFUSED, bound="connections")
             return False
         self.connections += 1
         return True
@@ -131,7 +131,7 @@ class Admission:
             async with asyncio.timeout(self.limits.start_timeout_s):
                 return await session.wait_start()
         except TimeoutError:
-            self._metrics.inc(names.refused("start_timeout"))
+            self._metrics.inc(names.REFUSED, bound="start_timeout")
             await _close(session.link, CloseCode.START_TIMEOUT, "start_timeout")
             return False
 
@@ -166,7 +166,7 @@ class Admission:
         return True
 
     async def _refuse(self, session: Session, what: str, message: str) -> bool:
-        self._metrics.inc(names.refused(what))
+        self._metrics.inc(names.REFUSED, bound=what)
         await session.link.refuse(ErrorCode.OVER_LIMIT, message)
         await _close(session.link, CloseCode.OVER_LIMIT, what)
         if what != "tenant_connections":

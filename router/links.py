@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from callmesh.metric_names import client_errors
+from callmesh.metric_names import CLIENT_ERRORS
 from callmesh.protocol import ErrorCode, Inbound, Out, ProtocolError, error_frame, parse_inbound
 from callmesh.telemetry import Metrics
 
@@ -78,7 +78,7 @@ class NativeLink:
                 try:
                     return parse_inbound(msg.data, self._max_frame_bytes)
                 except ProtocolError as exc:
-                    self._metrics.inc(client_errors(exc.code.value))
+                    self._metrics.inc(CLIENT_ERRORS, code=exc.code.value)
                     await self._send_quietly(error_frame(exc.code, exc.message, seq=exc.seq))
             elif msg.type is WSMsgType.BINARY:
                 await self._send_quietly(error_frame(ErrorCode.BAD_MESSAGE, "use text frames"))

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import aiohttp
 
+from callmesh import tracing
 from router.ring import BoundedLoadRing
 from state_store.errors import StateStoreError
 
@@ -95,6 +96,15 @@ class Placement:
     ) -> str:
         """The node for a call: its pinned node if that is routable (and ``prefer_pin``),
         else a new choice, which is pinned. Raises :class:`~router.ring.NoNodeAvailable`."""
+        attrs = {tracing.CALL_ID: call_id, tracing.TENANT: tenant, "callmesh.pin": prefer_pin}
+        with tracing.span(tracing.PLACEMENT, attrs) as span:
+            node = await self._place(tenant, call_id, prefer_pin=prefer_pin, exclude=exclude)
+            span.set_attribute(tracing.NODE, node)
+            return node
+
+    async def _place(
+        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None
+    ) -> str:
         if prefer_pin:
             pinned = await self._pins.get(tenant, call_id)
             if pinned and pinned != exclude and pinned in self._nodes.routable():
@@ -148,12 +158,13 @@ class Placement:
 
 
 def http_health_probe(http: aiohttp.ClientSession) -> HealthProbe:
-    """A probe asking a node's ``/healthz``: healthy only on a 200 within the timeout."""
+    """A probe asking a node's ``/readyz``: healthy only on a 200 within the timeout (a
+    draining node is alive but not ready: the call moves on)."""
 
     async def probe(url: str) -> bool:
         try:
             async with http.get(
-                f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=CONFIRM_TIMEOUT_S)
+                f"{url}/readyz", timeout=aiohttp.ClientTimeout(total=CONFIRM_TIMEOUT_S)
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):

@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from callmesh import metric_names as names
+from callmesh import tracing
 from callmesh.mux import Channel
 from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
 from callmesh.telemetry import Metrics
@@ -227,7 +228,7 @@ class ProxySession:
     async def _over_rate(self, verdict: Rate, seq: int) -> bool:
         """A frame over the rate is dropped; the client hears of it once a second, and is
         closed (True) when it keeps sending at twice the rate."""
-        self._metrics.inc(names.refused("frame_rate"))
+        self._metrics.inc(names.REFUSED, bound="frame_rate")
         if verdict is Rate.CLOSE:
             log.info("frame rate sustained over its bound", extra={"fields": self._who()})
             await self.link.refuse(ErrorCode.RATE_LIMITED, "frame rate over its bound; closing")
@@ -427,7 +428,7 @@ class ProxySession:
                 if gap_started is not None:
                     gap_ms = (time.monotonic() - gap_started) * 1000
                     self._metrics.inc(names.FAILOVERS)
-                    self._metrics.inc(names.FAILOVER_GAP_MS_SUM, gap_ms)
+                    self._metrics.observe(names.FAILOVER_GAP_MS, gap_ms)
                     gap_started = None
                 deadline = time.monotonic() + self._limits.connect_timeout_s
                 self._placement.track(self, node)
@@ -437,9 +438,9 @@ class ProxySession:
                     return
                 gap_started = time.monotonic()
                 self.failovers += 1
-                self._metrics.inc(names.relinks(outcome.value))
+                self._metrics.inc(names.RELINKS, outcome=outcome.value)
                 if self._relinked_too_often():
-                    self._metrics.inc(names.refused("relinks"))
+                    self._metrics.inc(names.REFUSED, bound="relinks")
                     log.warning("call relinked too often; ending it", extra={"fields": self._who()})
                     await self.link.refuse(
                         ErrorCode.RELINK_LIMIT, "the call lost its node link too often; call again"
@@ -452,7 +453,16 @@ class ProxySession:
                         "fields": {"call_id": self.call_id, "node": node, "outcome": outcome.value}
                     },
                 )
-                reason, node = await self._after(outcome, node)
+                attrs = {tracing.CALL_ID: self.call_id, tracing.NODE: node}
+                with tracing.span(tracing.RELINK, attrs) as span:
+                    reason, node = await self._after(outcome, node)
+                    span.set_attributes(
+                        {
+                            "callmesh.relink.outcome": outcome.value,
+                            tracing.RESUME_REASON: reason,
+                            "callmesh.relink.to": node or "",
+                        }
+                    )
                 continue
             if node is not None:
                 self._placement.suspect(node)

@@ -322,7 +322,7 @@ class TwilioLink:
                 log.info("node error on a Twilio call", extra={"fields": fields})
 
     async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
-        self._metrics.inc(names.twilio_refused(code.value))
+        self._metrics.inc(names.TWILIO_REFUSED, code=code.value)
         log.info(
             "frame refused on a Twilio call",
             extra={"fields": {"call_id": self.call_id, "code": code.value, "message": message}},

@@ -7,7 +7,7 @@ log is referenced by a cursor rather than copied (architecture invariant 3).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -50,6 +50,9 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     created_ms: int = 0
     updated_ms: int = 0
+    # The W3C traceparent of the call's span on its first owner: a later owner's span
+    # links to it, so a failover shows in the call's trace ("" while tracing is off).
+    trace: str = ""
 
     def to_bytes(self) -> bytes:
         d = asdict(self)
@@ -61,7 +64,12 @@ class Checkpoint:
         try:
             d = msgpack.unpackb(blob, raw=False, strict_map_key=False)
             d.pop("v", None)
+            # A field a newer version added is ignored (rolling upgrades read both ways).
+            d = {k: v for k, v in d.items() if k in _FIELDS}
             d["outbox"] = [OutboxEntry(**p) for p in d.get("outbox", [])]
             return cls(**d)
         except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
             raise CorruptState(f"checkpoint does not decode: {exc}") from exc
+
+
+_FIELDS = frozenset(f.name for f in fields(Checkpoint))

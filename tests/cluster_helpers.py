@@ -85,11 +85,14 @@ async def owner_of(cluster: LocalCluster, call_id: str, tenant: str = "demo") ->
 
 
 def node_metric(node_url: str, name: str) -> float:
-    """One unlabelled metric of a node, from its Prometheus text (0 when absent)."""
+    """One unlabelled metric of a node, from its Prometheus text (0 when absent); a
+    counter's exposed name ends in ``_total``."""
     with urllib.request.urlopen(node_url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
         key, _, value = line.partition(" ")
-        if key.endswith("_" + name):
+        if key.startswith("#"):
+            continue
+        if key.endswith(("_" + name, "_" + name + "_total")):
             return float(value)
     return 0.0

@@ -21,6 +21,7 @@ from state_store.client import connect
 from state_store.store import StateStore
 from tests.backend_modes import MODES, cluster_kwargs
 from tests.cluster_helpers import BOOKING_SCRIPT, eventually, run_call
+from tests.exposition import assert_dashboards_use_only, parse_exposition
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,6 +78,25 @@ async def test_concurrent_calls_checkpoint_and_publish(cluster: LocalCluster) ->
         assert events.data is not None and json.loads(events.data)["type"] == "call_ended"
     finally:
         await nc.drain()
+
+
+async def test_every_process_is_ready_and_exports_what_the_dashboards_use(
+    cluster: LocalCluster,
+) -> None:
+    await run_call(cluster.router_url, "e2e-metrics", name="Gita")
+    assert cluster.router is not None
+    procs = [(cluster.router, "callmesh_router"), *((n, "callmesh_node") for n in cluster.nodes)]
+    turns = 0.0
+    async with aiohttp.ClientSession() as http:
+        for proc, prefix in procs:
+            for path in ("/livez", "/readyz"):
+                async with http.get(proc.url + path) as resp:
+                    assert resp.status == 200, (proc.name, path)
+            async with http.get(proc.url + "/metrics") as resp:
+                exposed = parse_exposition(await resp.text())
+            assert_dashboards_use_only(exposed, prefix)
+            turns += exposed.get("callmesh_node_turns_total", {}).get((), 0.0)
+    assert turns >= 6  # the greeting and five turns, counted by the node that owned them
 
 
 async def _next_frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, object]:

@@ -28,6 +28,7 @@ from events.worker_config import WorkerConfig, worker_config
 from loadtest.fake_crm import CRMMode, FakeCRM
 from localcluster.servers import free_port
 from state_store.checkpoint import OutboxEntry
+from tests.exposition import assert_dashboards_use_only, parse_exposition
 
 TENANT = "acme"
 FAST = WorkerConfig(
@@ -407,11 +408,15 @@ async def test_worker_process_delivers_serves_metrics_and_drains_on_sigterm(
         await OutboxPublisher(streams).publish(effects("call-p", 5))
         await crm.wait_applied(5, timeout_s=30)
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                assert resp.status == 200
-                assert (await resp.json())["state"] == "running"
+            for path in ("/livez", "/healthz", "/readyz"):
+                async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    assert resp.status == 200, path
+                    assert (await resp.json())["state"] == "running"
             async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                assert "# TYPE callmesh_effects_delivered_total counter" in await resp.text()
+                exposed = parse_exposition(await resp.text())
+        assert exposed["callmesh_effects_deliveries_total"][(("outcome", "delivered"),)] == 5
+        assert exposed["callmesh_effects_dead_letters_total"][()] == 0
+        assert_dashboards_use_only(exposed, "callmesh_effects")
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await proc.wait() == 0

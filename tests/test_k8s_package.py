@@ -130,7 +130,7 @@ def test_node_grace_period_exceeds_its_drain_bound(overlay: tuple[str, list[Obj]
     drain = float(_flag(container["args"], "--drain-timeout"))
     grace = spec["terminationGracePeriodSeconds"]
     assert grace > drain + NODE_DRAIN_EXTRA_S
-    # A draining node answers 503 on /healthz: liveness must not restart it mid-drain.
+    # Liveness must not restart a node mid-drain, even one too busy to answer /livez.
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > grace
 
@@ -160,7 +160,7 @@ def test_router_grace_period_exceeds_prestop_and_drain_bound(
     grace = spec["terminationGracePeriodSeconds"]
     # SIGTERM comes after the preStop; the HTTP server then needs its shutdown (2 s).
     assert grace > float(pre_stop[1]) + drain + 2
-    # A draining router answers 503 on /healthz: liveness must not restart it mid-drain.
+    # Liveness must not restart a router mid-drain.
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > grace
 
@@ -176,7 +176,7 @@ def test_effects_worker_grace_period_exceeds_its_drain_bound(
         objects, "callmesh-effects-worker", "--drain-timeout-s", WorkerConfig().drain_timeout_s
     )
     assert spec["terminationGracePeriodSeconds"] > drain
-    # A fixed port for /healthz and /metrics, the one the probes and the scrape use.
+    # A fixed port for /livez, /readyz and /metrics, the one the probes and the scrape use.
     port = int(_flag(container["args"], "--port"))
     assert port != 0
     assert container["ports"][0]["containerPort"] == port
@@ -190,10 +190,17 @@ def test_every_container_has_probes_on_a_port_it_serves(overlay: tuple[str, list
             where = f"{obj['metadata']['name']}/{c['name']}"
             port_names = {p["name"] for p in c.get("ports", [])}
             port_numbers = {p["containerPort"] for p in c.get("ports", [])}
-            for probe in ("readinessProbe", "livenessProbe"):
+            paths = {
+                "readinessProbe": "/readyz",
+                "livenessProbe": "/livez",
+                "startupProbe": "/livez",
+            }
+            for probe, path in paths.items():
+                if probe == "startupProbe" and probe not in c:
+                    continue
                 assert probe in c, f"{where} has no {probe}"
                 get = c[probe]["httpGet"]
-                assert get["path"] == "/healthz", where
+                assert get["path"] == path, f"{where} {probe}"
                 assert get["port"] in port_names | port_numbers, where
 
 
@@ -207,8 +214,8 @@ def test_the_probed_paths_are_served() -> None:
         inspect.getsource(Router.app),
         inspect.getsource(metrics_app),
     ):
-        assert re.search(r"add_get\(\s*\"/healthz\"", source)
-        assert re.search(r"add_get\(\s*\"/metrics\"", source)
+        for path in ("/livez", "/readyz", "/healthz", "/metrics"):
+            assert re.search(rf"add_get\(\s*\"{path}\"", source), path
 
 
 def test_pods_run_as_non_root_with_requests_and_limits(overlay: tuple[str, list[Obj]]) -> None:

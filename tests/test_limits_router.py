@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from callmesh.auth import mint_dev_token
+from callmesh.metric_names import REFUSED
 from callmesh.protocol import CloseCode, ErrorCode, encode
 from state_store import keys
 from state_store.client import RedisClient
@@ -72,7 +73,7 @@ async def test_a_connection_that_never_starts_is_closed_with_4408(
         idle = await http.ws_connect(f"{url}/v1/calls/idle-1")
         assert await closed_with(idle) == CloseCode.START_TIMEOUT
         await eventually(lambda: router.admission.connections == 0)
-        assert router.metrics.get("refused_start_timeout") == 1
+        assert router.metrics.get(REFUSED, bound="start_timeout") == 1
 
 
 async def test_connections_per_router_are_capped_with_4429(start_router: RouterFactory) -> None:
@@ -190,7 +191,7 @@ async def test_a_frame_flood_is_refused_then_closed_while_another_call_goes_on(
         for seq in range(2, 12):
             await calm.send_str(encode({"type": "audio", "seq": seq, "data": PAYLOAD}))
         await eventually(lambda: len(node.received("calm")) == 11)
-        assert router.metrics.get("refused_frame_rate") > 0
+        assert router.metrics.get(REFUSED, bound="frame_rate") > 0
         await calm.close()
 
 
@@ -225,4 +226,4 @@ async def test_a_call_that_relinks_too_often_is_ended_with_a_clear_error(
         assert frames[-1]["code"] == ErrorCode.RELINK_LIMIT, frames
         assert code == CloseCode.UNAVAILABLE
         assert len(node.links["loop-1"]) == 3
-        assert router.metrics.get("refused_relinks") == 1
+        assert router.metrics.get(REFUSED, bound="relinks") == 1

@@ -215,7 +215,7 @@ async def test_the_http_probe_wants_a_200_in_time() -> None:
         return web.json_response({}, status=status["code"])
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()

@@ -173,7 +173,7 @@ def test_twilio_link_is_quiet_only_when_every_mark_came_back() -> None:
     assert link.quiet()
 
 
-async def test_a_draining_router_refuses_new_calls_and_says_so_on_healthz() -> None:
+async def test_a_draining_router_refuses_new_calls_and_says_so_on_readyz() -> None:
     router = Router(RouterConfig(router_drain_s=0.5, auth_disabled=1))
     router.draining = True
     server = TestServer(router.app())
@@ -186,8 +186,10 @@ async def test_a_draining_router_refuses_new_calls_and_says_so_on_healthz() -> N
                     assert json.loads(await resp.text())["code"] == "http_503"
             async with http.post(server.make_url("/v1/twilio/voice?tenant=t"), data=FORM) as r:
                 assert r.status == 503
-            async with http.get(server.make_url("/healthz")) as resp:
+            async with http.get(server.make_url("/readyz")) as resp:
                 assert resp.status == 503
                 assert (await resp.json())["status"] == "draining"
+            async with http.get(server.make_url("/livez")) as resp:  # alive: not restarted
+                assert resp.status == 200
     finally:
         await server.close()

@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 from node_harness import NodeCall, node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
-from callmesh.metric_names import fallback
+from callmesh.metric_names import FALLBACKS
 from conversation_node.booking import booking_read_back
 from conversation_node.node_services import MemoryServices
 from conversation_node.providers.openai_llm import OpenAILLM, OpenAILLMOptions
@@ -131,7 +131,7 @@ async def test_a_model_calling_the_booking_tool_unprompted_is_refused_and_asks(
         # The agent reads the action back and asks, instead of booking.
         reply = call.reply_text(1)
         assert "cleaning on Tuesday at 3pm for Ann" in reply and "say yes" in reply
-        counted = node.services.metrics.snapshot()[fallback(SENSITIVE_UNCONFIRMED)]
+        counted = node.services.metrics.get(FALLBACKS, kind=SENSITIVE_UNCONFIRMED)
         assert counted == 1
         await no_booking(js, redis, "sg1", "sg-unprompted")
 
@@ -220,4 +220,4 @@ async def test_the_simulated_models_read_back_and_yes_still_books(
         assert "booked" in call.reply_text(len(BOOKING))
         ckpt = await StateStore(redis).load("sg5", "sg-sim")
         assert ckpt is not None and ckpt.facts.get("booked")
-        assert fallback(SENSITIVE_UNCONFIRMED) not in node.services.metrics.snapshot()
+        assert node.services.metrics.get(FALLBACKS, kind=SENSITIVE_UNCONFIRMED) == 0

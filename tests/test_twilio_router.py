@@ -47,6 +47,7 @@ class FakeNode:
         app = web.Application()
         app.router.add_get(LINK_PATH, self._link)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._healthz)
         self.server = TestServer(app)
 
     @property

@@ -57,6 +57,7 @@ _LIMITS = "Limits"
 _WORKER = "Effects worker"
 _TOOLS = "Tools"
 _PRIVACY = "Privacy"
+_TELEMETRY = "Telemetry"
 # Every process that writes logs or the event log redacts the same way (callmesh.redaction
 # reads these variables itself: its log filter sits below this package).
 _REDACTING = (ROUTER, NODE, WORKER, REPLAY)
@@ -178,6 +179,27 @@ SETTINGS: tuple[Setting, ...] = (
         SERVICES,
         _CLUSTER,
         env="CALLMESH_GC_GEN0_THRESHOLD",
+    ),
+    # ------------------------------------------------------------------ telemetry
+    Setting(
+        "otlp_endpoint",
+        Url(("http", "https"), empty_ok=True),
+        "",
+        "OpenTelemetry collector (OTLP/HTTP) base URL; traces go to its /v1/traces "
+        "(unset: no tracing, at no cost)",
+        SERVICES,
+        _TELEMETRY,
+        env="OTEL_EXPORTER_OTLP_ENDPOINT",
+    ),
+    Setting(
+        "trace_sample_ratio",
+        Number(float, ge=0, le=1),
+        1.0,
+        "share of calls traced, parent-based (a call's spans are kept or dropped together; "
+        "0.05 suits production)",
+        SERVICES,
+        _TELEMETRY,
+        env="CALLMESH_TRACE_SAMPLE_RATIO",
     ),
     # ------------------------------------------------------------------ router
     Setting(
@@ -456,7 +478,7 @@ SETTINGS: tuple[Setting, ...] = (
         "host",
         Text(empty_ok=False),
         "0.0.0.0",
-        "bind address of /metrics and /healthz",
+        "bind address of /metrics, /livez and /readyz",
         (WORKER,),
         _WORKER,
         flag="--host",
@@ -464,8 +486,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "port",
         PORT,
-        0,
-        "port of /metrics and /healthz (0: any free port)",
+        9090,
+        "port of /metrics, /livez and /readyz (0: any free port)",
         (WORKER,),
         _WORKER,
         env="CALLMESH_WORKER_PORT",
