@@ -471,6 +471,12 @@ class ConversationNode:
                 await session.aclose()
                 if self.sessions.get(key) is session:
                     del self.sessions[key]
+                self._adopt_leftover(session)
+
+    def _adopt_leftover(self, session: CallSession) -> None:
+        """An ended call whose final checkpoint or outbox is not out yet goes to the drainer."""
+        if session.leftover is not None and self._drainer is not None:
+            self._drainer.adopt(session.leftover[0], saved=session.leftover[1])
 
     def _may_come_back(self, session: CallSession) -> bool:
         """A live call whose link ended without a hangup (the client or its router went
@@ -501,8 +507,7 @@ class ConversationNode:
             await session.aclose()
             if self.sessions.get(key) is session:
                 del self.sessions[key]
-            if session.leftover is not None and self._drainer is not None:
-                self._drainer.adopt(session.leftover[0], saved=session.leftover[1])
+            self._adopt_leftover(session)
 
     async def _pump(self, link: CallLink, session: CallSession) -> None:
         if isinstance(link, Channel):

@@ -75,7 +75,9 @@ async def test_node_is_alive_but_not_ready_while_draining_or_without_redis(
 async def test_router_is_ready_only_while_a_node_is_live(
     redis_url: str, nats_url: str, redis: Redis
 ) -> None:
-    router = Router(RouterConfig(backends=Backends(redis_url=redis_url), membership=FAST))
+    router = Router(
+        RouterConfig(backends=Backends(redis_url=redis_url), membership=FAST, auth_disabled=1)
+    )
     await router.start()
     server = TestServer(router.app())
     await server.start_server()
