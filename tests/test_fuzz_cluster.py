@@ -42,7 +42,13 @@ ROUNDS = 120  # examples; each a few inputs on every entry point
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05"}
+    # A router configured for Twilio (public URL, auth token): the webhook's forms reach its
+    # signature check instead of stopping at "not configured".
+    env = {
+        "CALLMESH_SIM_LATENCY_SCALE": "0.05",
+        "CALLMESH_PUBLIC_URL": "http://127.0.0.1:9",
+        "TWILIO_AUTH_TOKEN": "fuzz-twilio-auth-token",
+    }
     with LocalCluster(nodes=1, force_embedded=True, env=env) as c:
         yield c
 
