@@ -8,7 +8,11 @@ each series over the completed calls, fitted after a warm-up (``--warmup``, by d
 first fifth of the run: allocators, caches and pools fill once, and that is not a leak).
 
 Target: no process grows more than 100 bytes per completed call (``pass``). Redis is
-reported, not judged: an ended call keeps what replay needs for the retention period.
+reported, not judged: an ended call keeps what replay needs for the retention period;
+at the end its keys are counted by kind, with their sizes and times to live
+(``redis_keys_by_kind``). ``--effects-worker`` adds an effects worker (effects logged, no
+CRM) whose RSS is sampled too; ``--heap-probe DIR`` traces the processes' allocations and
+names what grew between 1,000-call marks (``heap_growth``, :mod:`loadtest.soak_probes`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,9 +33,11 @@ import redis.asyncio as aioredis
 from loadtest.callers import scripted_call
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
+from loadtest.soak_probes import HeapProbes, redis_census
 from loadtest.stats import percentiles, run_meta, slope, write_report
 from loadtest.timeline import Timeline
-from localcluster.cluster import LocalCluster
+from localcluster.cluster import LocalCluster, Proc
+from localcluster.servers import free_port
 
 TARGET_BYTES_PER_CALL = 100.0
 
@@ -45,6 +53,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=float, help="s left out of the fit (default: a fifth)")
     p.add_argument("--json", dest="json_path", help="write the report here")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    p.add_argument(
+        "--effects-worker", action="store_true", help="run an effects worker and sample it too"
+    )
+    p.add_argument(
+        "--heap-probe",
+        metavar="DIR",
+        help="trace allocations in every process (slow) and diff probes at 1,000-call marks",
+    )
     add_progress_flag(p)
     p.set_defaults(func=main)
 
@@ -61,9 +77,18 @@ def rss_bytes(pid: int) -> int:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, cluster: LocalCluster) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cluster: LocalCluster,
+        worker: Proc | None = None,
+        probes: HeapProbes | None = None,
+    ) -> None:
         self.args = args
         self.cluster = cluster
+        self.worker = worker
+        self.probes = probes
+        self.redis_keys_by_kind: dict[str, dict[str, float]] = {}
         self.timeline = Timeline()
         self.calls = 0
         self.completed = 0
@@ -98,9 +123,16 @@ class Soak:
             "redis_used_memory_b": int(info["used_memory"]),
             "redis_keys": int(await redis.dbsize()),
         }
-        for node in self.cluster.nodes:
-            row[f"{node.name}_rss_b"] = rss_bytes(node.pid)
+        for name, pid in self.pids().items():
+            row[f"{name}_rss_b"] = rss_bytes(pid)
         self.samples.append(row)
+        if self.probes is not None and self.probes.due(self.completed):
+            await self.probes.take(self.completed, row["t_s"], self.pids())
+
+    def pids(self) -> dict[str, int]:
+        """The sampled processes by name: the router, each node, the effects worker."""
+        procs = [self.cluster.router, *self.cluster.nodes, self.worker]
+        return {p.name: p.pid for p in procs if p is not None}
 
     async def sampler(self, stop: asyncio.Event) -> None:
         redis = aioredis.Redis.from_url(self.cluster.redis_url)
@@ -110,6 +142,7 @@ class Soak:
                 try:
                     await asyncio.wait_for(stop.wait(), self.args.sample_every)
                     await self.sample(redis)  # the state at the end of the run
+                    self.redis_keys_by_kind = await redis_census(redis)
                     return
                 except TimeoutError:
                     continue
@@ -141,7 +174,7 @@ def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
     names = [k for k in (kept[0] if kept else {}) if k not in ("t_s", "completed_calls")]
     per_call = {k: round(slope(x, [float(s[k]) for s in kept]), 2) for k in names}
     rss = {k.removesuffix("_rss_b"): v for k, v in per_call.items() if k.endswith("_rss_b")}
-    nodes = [v for k, v in rss.items() if k != "router"]
+    nodes = [v for k, v in rss.items() if k.startswith("node")]
     return {
         "fit_from_calls": int(x[0]) if x else 0,
         "fitted_samples": len(kept),
@@ -183,7 +216,13 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
         "pass": {
             "router_flat": slopes.get("router", 0.0) <= TARGET_BYTES_PER_CALL,
             "nodes_flat": slopes["nodes_max"] <= TARGET_BYTES_PER_CALL,
+            **(
+                {"effects_worker_flat": slopes["effects-worker"] <= TARGET_BYTES_PER_CALL}
+                if "effects-worker" in slopes
+                else {}
+            ),
         },
+        "redis_keys_by_kind": soak.redis_keys_by_kind,
         "elapsed_s": round(elapsed_s, 2),
         "samples": soak.samples,
         # Growth since the first sample: absolute sizes (50-120 MB) would flatten a leak of
@@ -198,6 +237,8 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
             },
         },
     }
+    if soak.probes is not None:
+        rep["heap_growth"] = soak.probes.report(warmup)
     rep.update(soak.timeline.report())
     return rep
 
@@ -213,17 +254,49 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def start_worker(cluster: LocalCluster, env: dict[str, str]) -> Proc:
+    """An effects worker on the cluster's NATS, logging effects (no CRM), started before
+    the first call so that its RSS is sampled from the start."""
+    port = free_port()
+    argv = [sys.executable, "-m", "callmesh", "effects-worker", "--nats", cluster.nats_url]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    log = (cluster.log_dir or Path("/tmp")) / "effects-worker.log"
+    worker = Proc("effects-worker", argv, port, log, {**os.environ, **env})
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{worker.url}/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return worker
+        except OSError:
+            pass
+        if not worker.alive():
+            break
+        time.sleep(0.2)
+    worker.stop()
+    raise RuntimeError(f"the effects worker did not become ready; log in {log}")
+
+
 def main(args: argparse.Namespace) -> int:
     problem = check(args)
     if problem is not None:
         print(f"loadtest soak: {problem}", file=sys.stderr)
         return 2
     env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
+    probes = HeapProbes(Path(args.heap_probe).resolve()) if args.heap_probe else None
+    if probes is not None:
+        env.update(probes.env())
     with LocalCluster(nodes=args.nodes, env=env) as cluster:
-        soak = Soak(args, cluster)
-        t0 = time.monotonic()
-        asyncio.run(soak.run())
-        rep = build_report(soak, args, time.monotonic() - t0)
+        worker = start_worker(cluster, env) if args.effects_worker else None
+        try:
+            soak = Soak(args, cluster, worker, probes)
+            t0 = time.monotonic()
+            asyncio.run(soak.run())
+            rep = build_report(soak, args, time.monotonic() - t0)
+        finally:
+            if worker is not None:
+                worker.stop()
     rep["meta"] = run_meta()
     write_report(rep, args.json_path)
     if args.html_path:

@@ -123,6 +123,17 @@ SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_CHECKPOINT_REPLICAS",
     ),
     Setting(
+        "ended_call_retention_s",
+        Number(int, gt=0),
+        3600,
+        "how long an ended call's last checkpoint stays in Redis for replay to verify the "
+        "event log against (callmesh replay, the console's inspector); everything else of "
+        "the call (ownership lease, pin, resume record) is deleted at hang-up (s)",
+        (NODE,),
+        _BACKENDS,
+        env="CALLMESH_ENDED_CALL_RETENTION_S",
+    ),
+    Setting(
         "checkpoint_wait_ms",
         Number(int, gt=0),
         200,
@@ -200,6 +211,17 @@ SETTINGS: tuple[Setting, ...] = (
         SERVICES,
         _TELEMETRY,
         env="CALLMESH_TRACE_SAMPLE_RATIO",
+    ),
+    Setting(
+        "heap_probe_dir",
+        Text(),
+        "",
+        "diagnostics: trace allocations (tracemalloc: slow, never in production) and on "
+        "SIGUSR2 write a heap snapshot and an object census into this directory "
+        "(callmesh.heap_probe; loadtest soak --heap-probe)",
+        (ROUTER, NODE, WORKER),
+        _TELEMETRY,
+        env="CALLMESH_HEAP_PROBE_DIR",
     ),
     # ------------------------------------------------------------------ router
     Setting(
