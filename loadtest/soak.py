@@ -59,7 +59,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--heap-probe",
         metavar="DIR",
-        help="trace allocations in every process (slow) and diff probes at 1,000-call marks",
+        help="trace allocations in every process (slow) and diff probes at call marks",
+    )
+    p.add_argument(
+        "--heap-probe-every", type=int, default=1000, help="completed calls between probes"
+    )
+    p.add_argument(
+        "--heap-probe-trace",
+        action="store_true",
+        help="trace allocations from the first probe on, to name the lines (slow)",
+    )
+    p.add_argument(
+        "--heap-probe-of",
+        default="router",
+        help="comma-separated processes to probe (router, node-1, ..., effects-worker): "
+        "tracing slows each one down",
     )
     add_progress_flag(p)
     p.set_defaults(func=main)
@@ -127,7 +141,9 @@ class Soak:
             row[f"{name}_rss_b"] = rss_bytes(pid)
         self.samples.append(row)
         if self.probes is not None and self.probes.due(self.completed):
-            await self.probes.take(self.completed, row["t_s"], self.pids())
+            probed = set(self.args.heap_probe_of.split(","))
+            pids = {name: pid for name, pid in self.pids().items() if name in probed}
+            await self.probes.take(self.completed, row["t_s"], pids)
 
     def pids(self) -> dict[str, int]:
         """The sampled processes by name: the router, each node, the effects worker."""
@@ -251,6 +267,8 @@ def check(args: argparse.Namespace) -> str | None:
         return "--concurrency must be in [1, 10000]"
     if not 0.1 <= args.sample_every <= 600 or args.turns < 1 or args.nodes < 1:
         return "--sample-every must be in [0.1, 600] s, --turns and --nodes at least 1"
+    if args.heap_probe_every < 1:
+        return "--heap-probe-every must be at least 1"
     return None
 
 
@@ -284,7 +302,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"loadtest soak: {problem}", file=sys.stderr)
         return 2
     env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
-    probes = HeapProbes(Path(args.heap_probe).resolve()) if args.heap_probe else None
+    probes = (
+        HeapProbes(
+            Path(args.heap_probe).resolve(), args.heap_probe_every, traced=args.heap_probe_trace
+        )
+        if args.heap_probe
+        else None
+    )
     if probes is not None:
         env.update(probes.env())
     with LocalCluster(nodes=args.nodes, env=env) as cluster:

@@ -3,10 +3,11 @@
 - :func:`redis_census`: every key counted by what it is (:func:`state_store.keys.kind_of`),
   with the bytes and the time to live of a sample of each kind, so a slope of Redis memory
   per call can be read as "which keys, how big, gone when".
-- :class:`HeapProbes`: with ``--heap-probe DIR`` the processes trace their allocations
-  (:mod:`callmesh.heap_probe`); the soak asks each for a probe at every 1,000 completed
-  calls and diffs the first probe after the warm-up against the last: the source lines
-  whose memory stayed, and the object types whose count grew.
+- :class:`HeapProbes`: with ``--heap-probe DIR`` the soak asks the probed processes for a
+  probe (:mod:`callmesh.heap_probe`) at every 1,000 completed calls and compares the first
+  probe after the warm-up with the last: the object types whose count grew, pymalloc's
+  arenas and glibc's heap per call, and (``--heap-probe-trace``, which slows the process
+  down) the source lines whose memory stayed.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ async def redis_census(redis: aioredis.Redis) -> dict[str, dict[str, float]]:
 class HeapProbes:
     """Probes of the soak's processes, taken at call marks and diffed at the end."""
 
-    def __init__(self, directory: Path, every_calls: int = 1000) -> None:
+    def __init__(self, directory: Path, every_calls: int = 1000, *, traced: bool = False) -> None:
         self.directory = directory
         self.every_calls = every_calls
+        self.signal = heap_probe.TRACED_SIGNAL if traced else heap_probe.LIGHT_SIGNAL
         self.next_mark = every_calls
         # (completed calls, t_s, {process: probe stem}) per mark.
         self.marks: list[tuple[int, float, dict[str, Path]]] = []
@@ -77,12 +79,12 @@ class HeapProbes:
         return completed >= self.next_mark
 
     async def take(self, completed: int, t_s: float, pids: dict[str, int]) -> None:
-        """Ask every process for a probe (SIGUSR2) and wait until each has written it."""
+        """Ask every process for a probe and wait until each has written it."""
         self.next_mark = (completed // self.every_calls + 1) * self.every_calls
         before = {name: self._written(pid) for name, pid in pids.items()}
         for pid in pids.values():
             if pid:
-                os.kill(pid, heap_probe.PROBE_SIGNAL)
+                os.kill(pid, self.signal)
         got: dict[str, Path] = {}
         deadline = time.monotonic() + PROBE_WAIT_S
         while len(got) < len(pids) and time.monotonic() < deadline:
@@ -98,8 +100,8 @@ class HeapProbes:
         return {p.with_suffix("") for p in self.directory.glob(f"*-{pid}-*.json")}
 
     def report(self, warmup_s: float) -> dict[str, Any]:
-        """Per process: growth sites and object types between the first probe after the
-        warm-up and the last, per 1,000 calls."""
+        """Per process, between the first probe after the warm-up and the last: object
+        types that grew, allocator figures per call, and growth sites (traced probes)."""
         kept = [m for m in self.marks if m[1] >= warmup_s] or self.marks
         if len(kept) < 2:
             return {"marks": len(self.marks), "note": "fewer than two probes after warm-up"}
@@ -108,11 +110,25 @@ class HeapProbes:
         out: dict[str, Any] = {"from_calls": c0, "to_calls": c1, "processes": {}}
         for name in sorted(set(first) & set(last)):
             a, b = first[name], last[name]
-            sites = heap_probe.diff(Path(f"{a}.tracemalloc"), Path(f"{b}.tracemalloc"))
-            traced = [json.loads(Path(f"{p}.json").read_text())["traced_bytes"] for p in (a, b)]
-            out["processes"][name] = {
-                "traced_bytes_per_call": round((traced[1] - traced[0]) / calls, 1),
-                "sites": [{**s, "bytes_per_call": round(s["size_diff"] / calls, 2)} for s in sites],
-                "objects_grown": heap_probe.census_growth(Path(f"{a}.json"), Path(f"{b}.json")),
+            probes = [json.loads(Path(f"{p}.json").read_text()) for p in (a, b)]
+            grown = {
+                f"{part}.{k}": round((probes[1][part][k] - probes[0][part][k]) / calls, 1)
+                for part in ("pymalloc", "malloc")
+                for k in probes[1].get(part, {})
+                if k in probes[0].get(part, {})
             }
+            row: dict[str, Any] = {
+                "objects_per_call": round((probes[1]["objects"] - probes[0]["objects"]) / calls, 3),
+                "objects_grown": heap_probe.census_growth(Path(f"{a}.json"), Path(f"{b}.json")),
+                "allocators_bytes_per_call": grown,
+            }
+            if Path(f"{a}.tracemalloc").exists() and Path(f"{b}.tracemalloc").exists():
+                sites = heap_probe.diff(Path(f"{a}.tracemalloc"), Path(f"{b}.tracemalloc"))
+                row["traced_bytes_per_call"] = round(
+                    (probes[1]["traced_bytes"] - probes[0]["traced_bytes"]) / calls, 1
+                )
+                row["sites"] = [
+                    {**s, "bytes_per_call": round(s["size_diff"] / calls, 2)} for s in sites
+                ]
+            out["processes"][name] = row
         return out

@@ -42,7 +42,7 @@ from callmesh.telemetry import Metrics
 from router.call_auth import CallAuth, bearer_token, sanitized_start
 from router.console import Console
 from router.limits import Admission, ConnectionLimits
-from router.links import ClientLink, NativeLink
+from router.links import ClientLink, NativeLink, free_connections_at_end
 from router.membership import MembershipView
 from router.node_links import NodeLinks
 from router.placement import Placement, http_health_probe
@@ -278,7 +278,7 @@ class Router:
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors])
+        app = web.Application(middlewares=[_json_errors, free_connections_at_end])
         app.router.add_get("/v1/calls/{call_id}", self.call)
         app.router.add_get(MEDIA_PATH, self.twilio_media)
         app.router.add_post(VOICE_PATH, self.twilio_voice)

@@ -216,9 +216,10 @@ SETTINGS: tuple[Setting, ...] = (
         "heap_probe_dir",
         Text(),
         "",
-        "diagnostics: trace allocations (tracemalloc: slow, never in production) and on "
-        "SIGUSR2 write a heap snapshot and an object census into this directory "
-        "(callmesh.heap_probe; loadtest soak --heap-probe)",
+        "diagnostics: on SIGUSR1 write an object census and the allocators' figures into "
+        "this directory; SIGUSR2 also traces allocations (tracemalloc: slow, never in "
+        "production) and writes heap snapshots (callmesh.heap_probe; loadtest soak "
+        "--heap-probe)",
         (ROUTER, NODE, WORKER),
         _TELEMETRY,
         env="CALLMESH_HEAP_PROBE_DIR",
