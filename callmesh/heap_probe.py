@@ -11,7 +11,8 @@ garbage collection, then writes into that directory:
   (``tracemalloc.Snapshot.load``);
 - ``{process}-{pid}-{n}.json``: what the collection freed, the objects the collector
   tracks by type (count), tracemalloc's traced and peak bytes, and where the process's
-  memory sits below Python: pymalloc's arenas (``sys._debugmallocstats``) and glibc's
+  memory sits below Python: pymalloc's arenas (``sys._debugmallocstats``, which has none to
+  show while tracing) and glibc's
   heap, in use and free (``mallinfo2``). RSS that grows while the objects and the traced
   bytes do not is memory the allocators keep (fragmentation), not a leak of ours.
 

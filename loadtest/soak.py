@@ -46,6 +46,13 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("soak", help="calls back to back for N minutes; memory slopes per call")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=50, help="callers placing calls")
+    p.add_argument(
+        "--callers",
+        type=int,
+        help="distinct caller identities the calls cycle through (default: one per calling "
+        "loop, who calls back to back; 0: a new caller every call, each of whom Redis "
+        "remembers for the customer history's lifetime)",
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--turns", type=int, default=2, help="turns per call")
     p.add_argument("--latency-scale", type=float, default=1.0, help="simulated providers")
@@ -112,15 +119,25 @@ class Soak:
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:6]
 
-    async def caller(self, deadline: float) -> None:
+    def caller_of(self, n: int, i: int) -> str | None:
+        """Who places call ``i``, the next of calling loop ``n`` (None: a caller of its own)."""
+        if self.args.callers is None:
+            return f"soak-{self._prefix}-caller-{n}"
+        if self.args.callers == 0:
+            return None
+        return f"soak-{self._prefix}-caller-{i % self.args.callers}"
+
+    async def caller(self, n: int, deadline: float) -> None:
         while time.monotonic() < deadline:
             i = next(self._ids)
+            who = self.caller_of(n, i)
             res = await scripted_call(
                 self.cluster.router_url,
                 f"soak-{self._prefix}-{i}",
                 self.args.turns,
                 seed=i,
                 timeline=self.timeline,
+                caller=who,
             )
             # Figures only: this process runs for minutes and must not hold every reply.
             self.calls += 1
@@ -176,7 +193,7 @@ class Soak:
                 asyncio.TaskGroup() as tg,
             ):
                 for n in range(self.args.concurrency):
-                    tg.create_task(self.caller(deadline), name=f"soak-caller-{n}")
+                    tg.create_task(self.caller(n, deadline), name=f"soak-caller-{n}")
         finally:
             stop.set()
             await asyncio.gather(sampler, return_exceptions=True)
@@ -219,6 +236,7 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
         "concurrency": args.concurrency,
         "nodes": args.nodes,
         "turns_per_call": args.turns,
+        "callers": args.concurrency if args.callers is None else args.callers,
         "calls": soak.calls,
         "completed_calls": soak.completed,
         "calls_per_s": round(soak.completed / max(elapsed_s, 1e-9), 1),
@@ -267,6 +285,8 @@ def check(args: argparse.Namespace) -> str | None:
         return "--concurrency must be in [1, 10000]"
     if not 0.1 <= args.sample_every <= 600 or args.turns < 1 or args.nodes < 1:
         return "--sample-every must be in [0.1, 600] s, --turns and --nodes at least 1"
+    if args.callers is not None and args.callers < 0:
+        return "--callers must be at least 0"
     if args.heap_probe_every < 1:
         return "--heap-probe-every must be at least 1"
     return None

@@ -102,7 +102,11 @@ class HeapProbes:
     def report(self, warmup_s: float) -> dict[str, Any]:
         """Per process, between the first probe after the warm-up and the last: object
         types that grew, allocator figures per call, and growth sites (traced probes)."""
-        kept = [m for m in self.marks if m[1] >= warmup_s] or self.marks
+        marks = self.marks
+        if self.signal == heap_probe.TRACED_SIGNAL:
+            # The first traced probe starts tracing: its snapshot holds nothing to diff.
+            marks = marks[1:]
+        kept = [m for m in marks if m[1] >= warmup_s] or marks
         if len(kept) < 2:
             return {"marks": len(self.marks), "note": "fewer than two probes after warm-up"}
         (c0, _, first), (c1, _, last) = kept[0], kept[-1]
