@@ -119,8 +119,9 @@ def collect_garbage() -> tuple[int, Counter[str]]:
     return freed, kinds
 
 
-_MALLINFO_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
-_MALLINFO_FIELDS += ("uordblks", "fordblks", "keepcost")
+# struct mallinfo2, in order (glibc >= 2.33).
+_MALLINFO_FIELDS: tuple[str, ...] = ("arena", "ordblks", "smblks", "hblks", "hblkhd")
+_MALLINFO_FIELDS += ("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 
 
 class _Mallinfo2(ctypes.Structure):
