@@ -206,6 +206,8 @@ class NodeConfig:
     drain_timeout_s: float = _node("drain_timeout_s")
     # A call whose link ended without hangup waits this long for a reconnect, then ends.
     reconnect_grace_ms: int = _node("reconnect_grace_ms")
+    # An event loop that has not run for this long withholds the heartbeat (thread).
+    loop_stall_ms: int = _node("loop_stall_ms")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
     tts_chunk_ms: int = _node("tts_chunk_ms")
     # Below this STT confidence the caller is asked to repeat instead of being guessed at.

@@ -203,6 +203,9 @@ HISTORY_SAVE_FAILURES = _counter("history_save_failures", "Caller histories that
 
 # Membership.
 HEARTBEAT_FAILURES = _counter("heartbeat_failures", "Heartbeats the state store refused")
+HEARTBEATS_WITHHELD = _counter(
+    "heartbeats_withheld", "Heartbeats not sent because the event loop had stalled"
+)
 
 # ---------------------------------------------------------------- router
 _section(ROUTER)

@@ -59,9 +59,10 @@ from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
 from memory.history import RedisHistoryStore
 from state_store.client import connect as redis_connect
+from state_store.client import connect_sync as redis_connect_sync
 from state_store.ended_outbox import EndedOutboxIndex
 from state_store.errors import StateStoreError
-from state_store.membership import MembershipStore, NodeState
+from state_store.membership import MembershipWriter, NodeState
 from state_store.store import Durability, StateStore
 
 log = logging.getLogger("callmesh.node")
@@ -95,7 +96,6 @@ class ConversationNode:
         self._heartbeat: Heartbeat | None = None
         self._nc: NATS | None = None
         self._redis: Any = None
-        self._beat_redis: Any = None
         self._drain_redis: Any = None
         self._closed = False
         self._link_auth = LinkAuth(config.link_secret) if config.link_secret else None
@@ -122,10 +122,6 @@ class ConversationNode:
             "callmesh-node", cfg.node_id, cfg.otlp_endpoint, cfg.trace_sample_ratio
         )
         self._redis = redis_connect(cfg.backends.redis_url)
-        # The heartbeat has a client of its own: on a Redis Cluster, a shard failing over
-        # makes a client re-read its slot map, stalling and resetting every command in
-        # flight on it; a node must not look dead because another shard failed over.
-        self._beat_redis = redis_connect(cfg.backends.redis_url)
         self._nc = await nats.connect(
             server_urls(cfg.backends.nats_url),
             name=cfg.node_id,
@@ -188,8 +184,11 @@ class ConversationNode:
             drain_store, self._services.publisher, self._services.metrics, index
         )
         self._sweep = OutboxSweep(index, drain_store, self._drainer, cfg.node_id)
+        # The heartbeat has a thread and a (blocking) client of its own: a busy loop must
+        # not make the node look dead, nor must a Redis Cluster shard failing over (a
+        # client re-reading its slot map stalls and resets every command in flight on it).
         self._heartbeat = Heartbeat(
-            MembershipStore(self._beat_redis),
+            MembershipWriter(redis_connect_sync(cfg.backends.redis_url)),
             cfg,
             lambda: len(self.sessions),
             self.services.metrics,
@@ -277,7 +276,7 @@ class ConversationNode:
             if not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._nc.close())
-        for client in (self._redis, self._beat_redis, self._drain_redis):
+        for client in (self._redis, self._drain_redis):
             if client is not None:
                 await asyncio.shield(client.aclose())
         if self._tracing:

@@ -9,12 +9,18 @@ one is enough to discover the rest; listing several survives one being down at s
 Everything else (``redis://``, ``rediss://``, ``unix://``) is one server. Callers get a
 :data:`RedisClient` either way; the stores only use commands and scripts whose keys share
 one hash slot (state_store/keys.py), so both clients run the same code.
+
+:func:`connect_sync` is the same client, blocking, for a thread of its own (the node's
+heartbeat, which must not depend on the event loop being free).
 """
 
 from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+import redis
+import redis.cluster
+import redis.retry
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -28,6 +34,7 @@ MAX_CONNECTIONS = 128
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 RedisClient = Redis | RedisCluster
+SyncRedisClient = redis.Redis | redis.cluster.RedisCluster
 
 
 def is_cluster_url(url: str) -> bool:
@@ -100,6 +107,33 @@ def _connect_cluster(url: str, timeout_s: float) -> RedisCluster:
         # connection being reset and fails with an AttributeError instead of a
         # ConnectionError).
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
+
+
+def connect_sync(url: str, *, timeout_s: float = 1.0) -> SyncRedisClient:
+    """:func:`connect`'s blocking twin, with the same timeouts, for one thread's few
+    commands (a small pool: no call's operation shares it)."""
+    if is_cluster_url(url):
+        nodes, user, password, tls = cluster_nodes(url)
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes],
+            username=user,
+            password=password,
+            ssl=tls,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=redis.retry.Retry(NoBackoff(), 1),
+            require_full_coverage=False,
+            health_check_interval=0,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+    return redis.Redis.from_url(
+        url,
+        max_connections=4,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=redis.retry.Retry(NoBackoff(), 0),
+        health_check_interval=0,
     )
 
 

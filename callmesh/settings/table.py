@@ -153,6 +153,17 @@ SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_DEAD_AFTER_MS",
     ),
     Setting(
+        "loop_stall_ms",
+        Number(int, gt=0),
+        3000,
+        "a node whose event loop has not run for this long stops heartbeating, so routers "
+        "move its calls after dead_after_ms more; a loop that is merely busy keeps the "
+        "node alive (ms)",
+        (NODE,),
+        _CLUSTER,
+        env="CALLMESH_LOOP_STALL_MS",
+    ),
+    Setting(
         "poll_ms",
         Number(int, gt=0),
         100,
