@@ -442,14 +442,19 @@ class ConversationNode:
         key = (tenant, call_id)
         previous = self.sessions.get(key)
         self.sessions[key] = session
-        grace = self._graces.pop(key, None)
-        if grace is not None:
-            grace.cancel()  # the caller is back in time
-            await asyncio.gather(grace, return_exceptions=True)
+        heard = None
         try:
             if previous is not None:
+                # Before its grace ends (which closes it): the turn the caller finished
+                # before the old link ended commits, and this owner says what they missed.
+                heard = await previous.settle()
+            grace = self._graces.pop(key, None)
+            if grace is not None:
+                grace.cancel()  # the caller is back in time
+                await asyncio.gather(grace, return_exceptions=True)
+            if previous is not None:
                 await previous.aclose()  # superseded by this link; its epoch is stale anyway
-            await session.open(start)
+            await session.open(start, heard)
             await self._pump(link, session)
         except CallDropped as exc:
             log.info("call dropped", extra={"fields": {"call_id": call_id, "reason": str(exc)}})
@@ -463,6 +468,7 @@ class ConversationNode:
             log.info("router link lost", extra={"fields": {"call_id": call_id, "error": str(exc)}})
         finally:
             if self.sessions.get(key) is session and self._may_come_back(session):
+                session.link_ended()
                 self._graces[key] = asyncio.get_running_loop().create_task(
                     self._grace(key, session), name=f"grace:{call_id}"
                 )

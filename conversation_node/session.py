@@ -62,6 +62,11 @@ log = logging.getLogger("callmesh.node.session")
 
 __all__ = ["CallDropped", "CallSession", "CallState", "IllegalTransition"]
 
+# How long a call superseded by a new link gets to finish the turn its caller had finished
+# speaking before the old link ended: the new owner restores that turn's commit and says its
+# reply again. Past it the turn is dropped and the caller, hearing nothing, says it again.
+SETTLE_S = 5.0
+
 # Why a router moved a call here (router.proxy); anything else a client sends in ``resume``
 # (a resume secret, per the protocol) is a reconnect and never becomes a label or attribute.
 _RELINK_REASONS = frozenset({"failover", "handoff", "reconnect"})
@@ -102,6 +107,10 @@ class CallSession:
             active=lambda: self.core.state in (CallState.ACTIVE, CallState.ENDED),
         )
         self._link_lost = False
+        # Owned tasks: the end of the caller's audio when the link ended (link_ended), and
+        # the wait for the turn in flight when a new link took the call over (settle).
+        self._ending: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
         # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
         # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
         self.leftover: tuple[Checkpoint, bool] | None = None
@@ -185,10 +194,12 @@ class CallSession:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self, start: Inbound) -> None:
+    async def open(self, start: Inbound, heard_turn: int | None = None) -> None:
         """Take ownership (epoch + 1), restore the last checkpoint, log the ownership. A new
         call is greeted (turn 0); a resumed one is not, but a committed reply the caller
-        did not fully receive is said again."""
+        did not fully receive is said again: the last turn the caller received is the
+        start's ``delivered_turn`` (a native client knows it), else ``heard_turn`` (what the
+        session this link replaces on this node saw of its marks: a Twilio stream)."""
         started = time.monotonic()
         core = self.core
         if "audio" in start.body:
@@ -229,7 +240,8 @@ class CallSession:
             async with self._turn_lock:
                 await self.turns.greet(greeting, started, history_ms)
             return
-        again = core.reply_to_repeat(start.body.get("delivered_turn"))
+        delivered = start.body.get("delivered_turn")
+        again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
         if again is not None:
             async with self._turn_lock:
                 await self.turns.respeak(again)
@@ -238,6 +250,8 @@ class CallSession:
         """Apply one inbound frame (:meth:`CallCore.receive` says how; a replayed one is
         skipped). Audio, marks and keys never wait for a turn: the caller must be able to
         interrupt."""
+        if self._link_lost:
+            raise CallDropped("router link lost")
         step = self.core.receive(msg)
         if step is Step.AUDIO:
             await self.vt.on_audio(msg)
@@ -293,9 +307,68 @@ class CallSession:
         if self.core.state is CallState.ACTIVE and interim_text.strip():
             self._retriever.prefetch(interim_text)
 
+    # ------------------------------------------------------------------ the link ends
+
+    def link_ended(self) -> None:
+        """The call's link ended without a hangup (its router died, or moved it), or a new
+        link is taking the call over: nothing more comes in or goes out here. An utterance
+        the caller had finished is still answered, into the checkpoint (the caller's next
+        link hears the committed reply again); one cut off mid-speech is dropped, as the
+        caller never finished it. Idempotent."""
+        self._link_lost = True
+        if self._ending is None and self.core.active:
+            self._ending = asyncio.get_running_loop().create_task(
+                self.vt.end_of_audio(), name=f"end-of-audio:{self.call_id}"
+            )
+
+    async def settle(self) -> int | None:
+        """A new link takes this call over: let the turn in flight finish and commit
+        (bounded by :data:`SETTLE_S`), so that the new owner restores it instead of losing
+        it; then :meth:`heard_turn`. The session is closed afterwards by its successor."""
+        self.link_ended()
+        if self._settling is None:
+            self._settling = asyncio.get_running_loop().create_task(
+                self._settle(), name=f"settle:{self.call_id}"
+            )
+        # Shielded: whoever else closes this session waits for the same settling.
+        await asyncio.shield(self._settling)
+        return self.heard_turn()
+
+    async def _settle(self) -> None:
+        try:
+            async with asyncio.timeout(SETTLE_S):
+                if self._ending is not None:
+                    await asyncio.gather(self._ending, return_exceptions=True)
+                await self.vt.turn_done()
+                async with self._turn_lock:  # a text turn runs under the lock, not a task
+                    pass
+        except TimeoutError:
+            log.warning(
+                "turn in flight not settled before its call's new link: dropped",
+                extra={"fields": {"call_id": self.call_id, "turn": self.core.turn}},
+            )
+
+    def heard_turn(self) -> int | None:
+        """The last turn whose reply this session's caller heard whole, as far as the node
+        can tell from the marks they echoed (None for a client that echoes none). A reply
+        with a mark not yet echoed when the link ended was cut off: Twilio drops what it
+        was playing with the stream."""
+        replies, turn = self.vt.replies, self.core.turn
+        if not replies.marks_seen:
+            return None
+        pb = replies.playback
+        if pb is None or pb.turn != turn or pb.cleared:
+            return turn  # not replied to yet (or rolled back), or cut short by the caller
+        return turn if pb.finished_sending and not pb.playing(True) else turn - 1
+
     async def aclose(self) -> None:
         """Idempotent; stops the turn, the recognizer, retries and any prefetch. State
-        already committed stays in Redis."""
+        already committed stays in Redis. A settling turn (:meth:`settle`) is waited for."""
+        if self._settling is not None:
+            await asyncio.gather(self._settling, return_exceptions=True)
+        if self._ending is not None and not self._ending.done():
+            self._ending.cancel()
+            await asyncio.gather(self._ending, return_exceptions=True)
         await self.vt.aclose()
         await self.ckpt.aclose()
         if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):

@@ -312,6 +312,24 @@ class VoiceLane:
             with contextlib.suppress(ProviderError):
                 await self._stream.finalize()
 
+    async def end_of_audio(self) -> None:
+        """No more audio will come (the call's link ended). The recognizer is asked to end
+        an utterance whose speech had stopped and to drop one cut off mid-speech (a stream's
+        ``end_of_audio``; one without it finalizes what it heard), then closed; this
+        returns once its last events were handled, i.e. the turn of a finished utterance
+        has started."""
+        stream = self._stream
+        if stream is None or self.failed:
+            return
+        self._send_now = None
+        end = getattr(stream, "end_of_audio", None)
+        with contextlib.suppress(ProviderError):
+            await (end() if end is not None else stream.finalize())
+        with contextlib.suppress(Exception):
+            await stream.aclose()  # its events end after the ones already queued
+        if self._reader is not None:
+            await asyncio.gather(asyncio.shield(self._reader), return_exceptions=True)
+
     def _quiet_ack_due(self, now: float) -> bool:
         """Whether :meth:`_quiet_ack_seq` would now name audio to acknowledge."""
         recent = self._recent

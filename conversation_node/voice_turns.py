@@ -386,6 +386,19 @@ class VoiceTurns:
             async with self._turn_lock:
                 await self._turns.amend_heard(turn, heard)
 
+    async def end_of_audio(self) -> None:
+        """The call's link ended: no more audio comes. The recognizer finishes an utterance
+        the caller had finished (its turn starts, in its task, as ever) and drops one cut
+        off mid-speech (:meth:`VoiceLane.end_of_audio`)."""
+        if self.lane is not None:
+            await self.lane.end_of_audio()
+
+    async def turn_done(self) -> None:
+        """Until the turn in flight (and an amendment after a barge-in) has finished."""
+        for task in (self._turn_task, self._amend_task):
+            if task is not None and not task.done():
+                await asyncio.wait({task})
+
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
         self.replies.stop()

@@ -70,6 +70,10 @@ class STTStream(Protocol):
     async def finalize(self) -> None:
         """Ask for the pending hypothesis to be finalized now (caller hung up, DTMF...)."""
 
+    # A stream may also offer ``async end_of_audio() -> None``: no more audio will come
+    # (the call's link ended); end an utterance whose speech had stopped, and drop one cut
+    # off mid-speech. Streams without it get ``finalize()``.
+
     def events(self) -> AsyncIterator[STTEvent]: ...
 
     async def aclose(self) -> None: ...

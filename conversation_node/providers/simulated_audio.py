@@ -252,6 +252,18 @@ class SimulatedSTTStream:
             self._vad.flush()
             self._end_utterance()
 
+    async def end_of_audio(self) -> None:
+        """No more audio will come (the call's link ended). An utterance whose speech had
+        stopped (its trailing silence begun) ends now; one cut off mid-speech is dropped:
+        the caller never finished it, and will say it again."""
+        if self._closed:
+            return
+        if self._decoder.receiving or (self._vad.in_speech and self._vad.silence_ms == 0):
+            self._decoder.take()
+            self._vad.reset()
+            return
+        await self.finalize()
+
     async def events(self) -> AsyncGenerator[STTEvent, None]:
         while True:
             not_before, event = await self._queue.get()
