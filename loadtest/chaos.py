@@ -71,6 +71,7 @@ def add_parser(sub: Any) -> None:
     chaos_routers.add_router_flags(p)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    p.add_argument("--log-dir", help="keep the cluster's process logs in this directory")
     add_progress_flag(p)
     p.set_defaults(func=main)
 
@@ -336,7 +337,16 @@ def main(args: argparse.Namespace) -> int:
     clustered = {"redis_cluster": args.redis_cluster, "nats_cluster": args.nats_cluster}
     if routers_hit:
         env["CALLMESH_ROUTER_DRAIN_S"] = "20"
-    with LocalCluster(nodes=args.nodes, routers=args.routers, env=env, **clustered) as cluster:
+    if args.transport == "twilio":
+        # The TwiML names the public URL, the 'load balancer' in front of the routers: the
+        # simulated Twilio sends each request to a live router of its list instead. Its
+        # webhooks are unsigned, which only development mode accepts.
+        env["CALLMESH_PUBLIC_URL"] = "http://127.0.0.1:9"
+        env["CALLMESH_DEV_MODE"] = "1"
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    with LocalCluster(
+        nodes=args.nodes, routers=args.routers, env=env, log_dir=log_dir, **clustered
+    ) as cluster:
 
         async def go() -> dict[str, Any]:
             if routers_hit:

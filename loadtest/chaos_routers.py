@@ -14,6 +14,21 @@ connected through a victim then and had not ended. Scoring, per affected call:
   twice; Twilio, turns the node took beyond the utterances spoken (from the checkpoint);
 - context lost: native, the first reply after the fault lacks the caller's name given
   before it; Twilio, the call's checkpoint does not hold the name the caller gave.
+
+Twilio callers behave like people (``VoiceCaller(repeat_after_s=...)``): nobody on a phone
+knows that the media stream behind the line was replaced, so they talk on their own
+schedule, and what they say while no stream exists (between the old stream's end and the
+new one's start) reaches nobody. A caller who hears no answer within
+:data:`REPEAT_AFTER_S` of the end of an utterance says it again (at most
+:data:`MAX_REPEATS` times). Scored so:
+
+- an utterance answered only after the caller repeated it is not lost, and counts once
+  (a node that answered both the original and the repeat shows as a duplicate reply);
+- its gap runs from the end of its *first* saying, so the caller's patience is in it; the
+  gaps are reported apart: ``failover_gap_ms`` for the affected calls whose next utterance
+  reached callmesh (answered without a repeat: the failover's own cost), and
+  ``repeated_gap_ms`` with ``repeated_utterances`` for those whose utterance fell, whole
+  or in part, in the gap between streams; ``all_gap_ms`` has both.
 """
 
 from __future__ import annotations
@@ -41,6 +56,11 @@ from state_store.client import connect
 from state_store.store import StateStore
 
 SPEECH_BYTES_PER_S = 8000  # mu-law 8 kHz
+# A caller hearing nothing this long after finishing an utterance says it again (s); the
+# simulated agent's replies start within about 0.5 s at these loads, so only an utterance
+# that nobody heard is repeated.
+REPEAT_AFTER_S = 3.0
+MAX_REPEATS = 2
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:
@@ -68,8 +88,10 @@ class RouterCall:
     ended_at: float | None = None
     router: str = ""  # the router the call is connected through right now
     router_at_fault: str = ""
-    # (utterance end as planned, first reply after it, reply text) per answered turn
-    turns: list[tuple[float, float, str]] = field(default_factory=list)
+    # (utterance end as planned, first reply after it, reply text, times the caller
+    # repeated it) per answered turn
+    turns: list[tuple[float, float, str, int]] = field(default_factory=list)
+    repeated: int = 0  # utterances said again (Twilio): unanswered, answered or not
 
 
 def _rotated(urls: list[str], i: int) -> list[str]:
@@ -121,7 +143,7 @@ class RouterChaos:
                 if self.fault_at is not None and reply.frame_times:
                     after = [t for t in reply.frame_times if t > self.fault_at]
                     first = after[0] if after else first
-                call.turns.append((planned_end, first, reply.text))
+                call.turns.append((planned_end, first, reply.text, 0))
                 call.answered += 1
                 self.on_turn(reply.latency_ms)
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
@@ -133,7 +155,14 @@ class RouterChaos:
     ) -> None:
         phone = TwilioPhone(urls, call.call_id, "demo", give_up_after_s=30)
         async with VoiceCaller(
-            urls[0], call.call_id, "demo", phone=phone, timeout_s=30, timestamps="sent"
+            urls[0],
+            call.call_id,
+            "demo",
+            phone=phone,
+            timeout_s=30,
+            timestamps="sent",
+            repeat_after_s=REPEAT_AFTER_S,
+            max_repeats=MAX_REPEATS,
         ) as caller:
             call.router = _router_of(phone, urls)
             started()
@@ -145,9 +174,10 @@ class RouterChaos:
                 t0 = time.monotonic()
                 result: TurnResult = await caller.say(text)
                 call.router = _router_of(phone, urls)
+                call.repeated += result.repeats
                 if result.first_audio_at is not None and not result.timed_out:
                     planned_end = t0 + len(speech_from_text(text)) / SPEECH_BYTES_PER_S
-                    call.turns.append((planned_end, result.first_audio_at, ""))
+                    call.turns.append((planned_end, result.first_audio_at, "", result.repeats))
                     call.answered += 1
                     self.on_turn(result.response_ms or 0.0)
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
@@ -173,6 +203,7 @@ class RouterChaos:
     async def score(self) -> dict[str, Any]:
         fault_at = self.fault_at
         gaps: list[float] = []
+        repeated_gaps: list[float] = []
         affected = context_lost = 0
         extra_turns = 0
         twilio = self.args.transport == "twilio"
@@ -189,11 +220,12 @@ class RouterChaos:
             if fault_at is None or not call.router_at_fault:
                 continue
             affected += 1
-            after = [(end, first, text) for end, first, text in call.turns if first > fault_at]
+            after = [t for t in call.turns if t[1] > fault_at]
             if after:
-                end, first, _ = after[0]
-                gaps.append((first - max(fault_at, end)) * 1000)
-            knew_name = any(first <= fault_at for _, first, _ in call.turns)
+                end, first, _, repeats = after[0]
+                gap = (first - max(fault_at, end)) * 1000
+                (repeated_gaps if repeats else gaps).append(gap)
+            knew_name = any(t[1] <= fault_at for t in call.turns)
             if not knew_name:
                 continue
             if twilio:
@@ -207,6 +239,9 @@ class RouterChaos:
         return {
             "affected_calls": affected,
             "failover_gap_ms": percentiles(gaps, (50, 99)),
+            "repeated_utterances": sum(c.repeated for c in self.calls),
+            "repeated_gap_ms": percentiles(repeated_gaps, (50, 99)),
+            "all_gap_ms": percentiles(gaps + repeated_gaps, (50, 99)),
             "lost_turns": sum(c.sent - c.answered for c in self.calls),
             "duplicate_replies": duplicates,
             "context_lost": context_lost,
@@ -270,7 +305,10 @@ async def run(
         ]
     rep["failover_gap_definition"] = (
         "per affected call: from max(router fault, the end of the caller's next utterance as "
-        "planned) to the first reply frame (native) or agent audio (Twilio) after the fault"
+        "planned, its first saying if it was repeated) to the first reply frame (native) or "
+        "agent audio (Twilio) after the fault; failover_gap_ms: utterances answered without "
+        "a repeat; repeated_gap_ms: utterances the caller had to say again (Twilio callers "
+        f"repeat after {REPEAT_AFTER_S:g} s without an answer, at most {MAX_REPEATS} times)"
     )
     return rep
 
