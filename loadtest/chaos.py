@@ -21,6 +21,11 @@ masters + 3 replicas; 3 NATS servers, streams at R3). At the same moment as the 
 ``--kill-redis-master`` SIGKILLs the Valkey master holding most calls' state (restarted once
 its replica is promoted, as Kubernetes would, so it rejoins as a replica) and
 ``--kill-nats`` SIGKILLs one NATS server. The scoring is the same.
+
+Routers (``--routers N --kill-router K | --drain-router K``, native or ``--transport
+twilio`` callers): :mod:`loadtest.chaos_routers`. Node and backend faults asked for in the
+same run strike in the same moment as the router's (:mod:`loadtest.chaos_faults`); a call
+is then affected through its router or its node.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import sys
 import time
 import uuid
@@ -43,14 +47,13 @@ import nats
 from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
 from events.connection import server_urls
-from loadtest import chaos_routers
+from loadtest import chaos_faults, chaos_routers
 from loadtest.callers import NAMES, script
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
 from loadtest.stats import percentiles, run_meta, write_report
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
-from state_store import keys
 
 
 def add_parser(sub: Any) -> None:
@@ -129,22 +132,17 @@ class Chaos:
 
     async def strike(self) -> None:
         await self.trigger.wait()
-        status = self.cluster.status() or {}
-        nodes = status.get("nodes")
-        by_calls = sorted(
-            (n for n in nodes if isinstance(n, dict)) if isinstance(nodes, list) else [],
-            key=lambda n: -int(n.get("calls", 0)),
-        )
         count = self.args.kill or self.args.drain
-        names = [str(n["node"]) for n in by_calls[:count]]
-        self.victims = [p for p in self.cluster.nodes if p.name in names]
-        sig = signal.SIGKILL if self.args.kill else signal.SIGTERM
+        self.victims = chaos_faults.busiest_nodes(self.cluster, count)
         self.kill_at = time.monotonic()
+        sig = chaos_faults.strike_nodes(self.args, self.victims)
+        kind = "kill" if self.args.kill else "drain"
         for victim in self.victims:
-            victim.signal(sig)
-            kind = "kill" if self.args.kill else "drain"
             self.timeline.fault(kind, victim.name, sig.name, at=self.kill_at)
-        for name in await asyncio.to_thread(self.strike_backends):
+        self.backend_victims = await asyncio.to_thread(
+            chaos_faults.strike_backends, self.args, self.cluster, self.call_ids
+        )
+        for name in self.backend_victims:
             self.timeline.fault("kill", name, "SIGKILL", at=self.kill_at)
         # A drained node's exit marks the end of its drain on the report's time line.
         draining = list(self.victims) if self.args.drain else []
@@ -154,26 +152,6 @@ class Chaos:
                 draining.remove(v)
                 code = v.popen.returncode if v.popen else None
                 self.timeline.fault("exited", v.name, f"exit code {code}")
-
-    def strike_backends(self) -> list[str]:
-        """Kill what --kill-nats / --kill-redis-master name; their names."""
-        backends = self.cluster.backends
-        if backends is None:
-            return []
-        killed = []
-        if self.args.kill_nats and backends.nats_nodes is not None:
-            backends.nats_nodes.servers[0].stop(signal.SIGKILL)
-            killed.append(backends.nats_nodes.servers[0].name)
-        if self.args.kill_redis_master and backends.redis_nodes is not None:
-            servers = backends.redis_nodes
-            masters = [servers.master_of(keys.checkpoint("demo", c)) for c in self.call_ids]
-            master = max(masters, key=masters.count)
-            master.stop(signal.SIGKILL)
-            killed.append(master.name)
-            servers.wait_promoted(master)
-            master.start()
-        self.backend_victims = killed
-        return killed
 
     async def run(self) -> list[ChaosCall]:
         prefix = uuid.uuid4().hex[:6]
@@ -264,12 +242,6 @@ async def effects_per_call(nats_url: str) -> Counter[str]:
         await nc.drain()
 
 
-async def count_effects(nats_url: str) -> tuple[int, int]:
-    """(bookings stored, bookings beyond one per call) in the effects stream."""
-    per_call = await effects_per_call(nats_url)
-    return sum(per_call.values()), sum(max(0, n - 1) for n in per_call.values())
-
-
 async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, Any]:
     timeline = Timeline()
     t0 = time.monotonic()
@@ -277,19 +249,19 @@ async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict
     total = args.calls * args.turns
     async with LiveProgress(timeline, "chaos", total_turns=total, enabled=show):
         rep = {"scenario": "chaos", "nodes": args.nodes}
+        rep["backends"] = {
+            k: v for k, v in vars(args).items() if k in ("redis_cluster", "nats_cluster") and v
+        } or "single"
         rep.update(await chaos_routers.run(args, cluster, timeline))
-    stored, duplicated = await count_effects(cluster.nats_url)
-    rep["effects_stored"] = stored
-    rep["duplicate_effects"] = duplicated
+    rep.update(await score_effects(cluster.nats_url, set(rep.pop("confirmed_bookings"))))
     rep["elapsed_s"] = round(time.monotonic() - t0, 2)
     rep.update(timeline.report())
     return rep
 
 
-async def score_effects(nats_url: str, calls: list[ChaosCall]) -> dict[str, Any]:
-    """Bookings confirmed to callers against bookings stored (lost, duplicated), waiting
-    (bounded) for the stream to settle."""
-    confirmed = confirmed_bookings(calls)
+async def score_effects(nats_url: str, confirmed: set[str]) -> dict[str, Any]:
+    """Bookings confirmed to callers (their call ids) against bookings stored (lost,
+    duplicated), waiting (bounded) for the stream to settle."""
     deadline = time.monotonic() + EFFECTS_SETTLE_S
     started = time.monotonic()
     while True:
@@ -309,15 +281,9 @@ async def score_effects(nats_url: str, calls: list[ChaosCall]) -> dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> int:
+    # With a router fault, the node and backend faults asked for strike in the same moment
+    # (loadtest.chaos_routers); a call is affected by either.
     routers_hit = chaos_routers.router_fault(args)
-    if routers_hit and (args.kill or args.drain or args.kill_redis_master or args.kill_nats):
-        # Not composed yet: a router fault is scored per router, the others per node.
-        print(
-            "loadtest chaos: --kill-router/--drain-router do not combine with node or "
-            "backend faults in one run yet",
-            file=sys.stderr,
-        )
-        return 2
     if not (args.kill or args.drain or routers_hit):
         args.kill = 1
     env = {
@@ -368,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
                 "turns": sum(len(c.replies) for c in calls),
             }
             rep.update(score(calls, victims, chaos.kill_at))
-            rep.update(await score_effects(cluster.nats_url, calls))
+            rep.update(await score_effects(cluster.nats_url, confirmed_bookings(calls)))
             rep["errors"] = sum(len(c.errors) for c in calls)
             rep["error_samples"] = [e for c in calls for e in c.errors][:5]
             rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])
