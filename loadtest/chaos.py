@@ -182,6 +182,7 @@ def _owner_at(call: ChaosCall, t: float) -> str:
 
 def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> dict[str, Any]:
     gaps: list[float] = []
+    answering: list[float] = []  # of each gap, the new owner's retrieval and model time
     affected = context_lost = 0
     for call in calls:
         if kill_at is None or _owner_at(call, kill_at) not in victims:
@@ -199,12 +200,23 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
         first = after[0]
         frames = [t for t in first.frame_times if t > kill_at] or [first.done_at]
         gaps.append((frames[0] - max(kill_at, first.sent_at)) * 1000)
+        metrics = first.metrics
+        answering.append(
+            float(metrics.get("retrieval_ms", 0)) + float(metrics.get("llm_first_sentence_ms", 0))
+        )
         knew_name = any(r.done_at <= kill_at for r in call.replies)
         if knew_name and call.name not in first.text:
             context_lost += 1
     return {
         "affected_calls": affected,
         "failover_gap_ms": percentiles(gaps, (50, 99)),
+        # What the gap is made of: the new owner answering (retrieval and the model's first
+        # sentence, from its turn metrics), and the rest (detection, relink, ownership,
+        # restore, waiting for the new owner's loop).
+        "failover_gap_parts_ms": {
+            "answering": percentiles(answering, (50, 99)),
+            "failover": percentiles([g - a for g, a in zip(gaps, answering, strict=True)]),
+        },
         "lost_turns": sum(c.sent - len(c.replies) for c in calls),
         "duplicate_replies": sum(c.duplicates for c in calls),
         "context_lost": context_lost,
