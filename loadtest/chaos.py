@@ -74,7 +74,11 @@ def add_parser(sub: Any) -> None:
     chaos_routers.add_router_flags(p)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
-    p.add_argument("--log-dir", help="keep the cluster's process logs in this directory")
+    p.add_argument(
+        "--log-dir",
+        help="keep the cluster's process logs in this directory, at INFO (default: WARNING, "
+        "discarded)",
+    )
     add_progress_flag(p)
     p.set_defaults(func=main)
 
@@ -301,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
     env = {
         "CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale),
         "CALLMESH_TTS_CHUNK_MS": str(args.tts_chunk_ms),
-        "CALLMESH_LOG_LEVEL": "WARNING",
+        "CALLMESH_LOG_LEVEL": "INFO" if args.log_dir else "WARNING",
     }
     if (args.kill_redis_master and not args.redis_cluster) or (
         args.kill_nats and not args.nats_cluster
