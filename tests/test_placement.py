@@ -4,6 +4,7 @@ node is routable, re-chosen when it is dead, draining or suspect, forgotten at t
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, cast
 
@@ -204,6 +205,24 @@ async def test_confirm_alive_asks_the_nodes_health(world: World) -> None:
     assert not await world.placement.confirm_alive("gone")  # unknown: not even asked
     assert world.probe.asked == ["http://n1.test", "http://n2.test"]
     assert world.placement.url("n3") == "http://n3.test" and world.placement.url("x") is None
+
+
+async def test_calls_of_a_lost_link_share_one_probe_and_a_failed_one_stands(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("router.placement.time", world.clock)
+    # Every call on a node whose link dropped asks at once: one probe answers them all.
+    answers = await asyncio.gather(*(world.placement.confirm_alive("n2") for _ in range(50)))
+    assert answers == [False] * 50 and world.probe.asked == ["http://n2.test"]
+    # A node just found not alive is not asked again at once...
+    assert not await world.placement.confirm_alive("n2")
+    assert world.probe.asked == ["http://n2.test"]
+    # ...but after a while it is, and one found alive is asked every time.
+    world.clock.now += 1.0
+    world.probe.healthy.add("http://n2.test")
+    assert await world.placement.confirm_alive("n2")
+    assert await world.placement.confirm_alive("n2")
+    assert world.probe.asked == ["http://n2.test"] * 3
 
 
 async def test_the_http_probe_wants_a_200_in_time() -> None:
