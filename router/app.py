@@ -46,7 +46,8 @@ from router.links import ClientLink, NativeLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
 from router.placement import Placement, http_health_probe
-from router.proxy import CallLimits, ProxySession
+from router.proxy import ProxySession
+from router.proxy_ports import CallLimits
 from router.ring import BoundedLoadRing, NoNodeAvailable
 from router.twilio import TwilioLink
 from router.twilio_webhook import ACTION_PATH, MEDIA_PATH, VOICE_PATH, action_webhook, voice_webhook
