@@ -69,7 +69,7 @@ class Router(Protocol):
     @property
     def http(self) -> aiohttp.ClientSession: ...
 
-    async def _serve(
+    async def serve_call(
         self,
         ws: web.WebSocketResponse,
         link: ClientLink,
@@ -247,7 +247,7 @@ class Console:
         await ws.prepare(request)
         self._r.metrics.inc(CONSOLE_CALLS_ACCEPTED)
         link = TenantBoundLink(ws, call_id, grant, self._r.metrics, cfg.max_frame_bytes)
-        return await self._r._serve(ws, link, grant, token_in_start=False)
+        return await self._r.serve_call(ws, link, grant, token_in_start=False)
 
     async def api_calls(self, request: web.Request) -> web.Response:
         tenant = (await self._grant(request, SCOPE_INSPECT)).tenant
