@@ -34,7 +34,6 @@ from aiohttp import web
 
 from callmesh import metric_names as names
 from callmesh import tracing
-from callmesh.auth import CallGrant
 from callmesh.config import ConfigError, RouterConfig
 from callmesh.link_auth import LinkAuth
 from callmesh.protocol import CloseCode, Out, encode
@@ -43,7 +42,6 @@ from router.call_auth import CallAuth
 from router.call_intake import CallIntake
 from router.console import Console
 from router.limits import Admission, ConnectionLimits
-from router.links import ClientLink
 from router.membership import MembershipView
 from router.node_links import NodeLinks
 from router.placement import Placement, http_health_probe
@@ -153,18 +151,6 @@ class Router:
         """A live call ended or moved away: a drain waits for the last one."""
         if self.draining and not self.calls:
             self._calls_gone.set()
-
-    async def serve_call(
-        self,
-        ws: web.WebSocketResponse,
-        link: ClientLink,
-        grant: CallGrant | None,
-        *,
-        token_in_start: bool,
-    ) -> web.WebSocketResponse:
-        """One call on a client socket already upgraded and authenticated by its caller
-        (the console's)."""
-        return await self.intake.serve(ws, link, grant, token_in_start=token_in_start)
 
     @property
     def http(self) -> aiohttp.ClientSession:
