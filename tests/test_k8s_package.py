@@ -393,7 +393,7 @@ def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
     import dataclasses
 
     from callmesh import metric_names
-    from conversation_node.app import ConversationNode
+    from conversation_node.node_http import NodeHttp
     from conversation_node.node_services import NodeServices
 
     (field,) = [f for f in dataclasses.fields(NodeServices) if f.name == "metrics"]
@@ -403,7 +403,7 @@ def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
     metrics.set(metric_names.LIVE_CALLS, 3)
     assert f"{LIVE_CALLS_METRIC} 3" in metrics.render()
     # The node sets the gauge by that name when /metrics is read.
-    assert "m.set(LIVE_CALLS," in inspect.getsource(ConversationNode.metrics)
+    assert "m.set(LIVE_CALLS," in inspect.getsource(NodeHttp.metrics)
     values = yaml.safe_load((K8S / "deps" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]
     assert rule["seriesQuery"].startswith(LIVE_CALLS_METRIC + "{")
