@@ -141,7 +141,11 @@ class Placement:
             return False
         probe = self._probing.get(node)
         if probe is None:
-            probe = asyncio.get_running_loop().create_task(self._probe(url), name=f"probe:{node}")
+
+            async def ask() -> bool:
+                return await self._probe(url)
+
+            probe = asyncio.get_running_loop().create_task(ask(), name=f"probe:{node}")
             self._probing[node] = probe
             probe.add_done_callback(lambda _: self._probing.pop(node, None))
         # Shielded: an asker that gives up must not cancel the others' answer.
