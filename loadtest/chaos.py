@@ -187,6 +187,7 @@ def _owner_at(call: ChaosCall, t: float) -> str:
 def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> dict[str, Any]:
     gaps: list[float] = []
     answering: list[float] = []  # of each gap, the new owner's retrieval and model time
+    samples: list[tuple[float, str, float, float]] = []
     affected = context_lost = 0
     for call in calls:
         if kill_at is None or _owner_at(call, kill_at) not in victims:
@@ -208,6 +209,7 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
         answering.append(
             float(metrics.get("retrieval_ms", 0)) + float(metrics.get("llm_first_sentence_ms", 0))
         )
+        samples.append((gaps[-1], call.call_id, answering[-1], (first.sent_at - kill_at) * 1000))
         knew_name = any(r.done_at <= kill_at for r in call.replies)
         if knew_name and call.name not in first.text:
             context_lost += 1
@@ -221,6 +223,12 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
             "answering": percentiles(answering, (50, 99)),
             "failover": percentiles([g - a for g, a in zip(gaps, answering, strict=True)]),
         },
+        # The slowest gaps, to look up in the logs: call, gap, answering, and when the
+        # utterance was sent (ms, relative to the kill).
+        "slowest_gaps": [
+            {"call_id": c, "gap_ms": round(g), "answering_ms": round(a), "sent_ms": round(t)}
+            for g, c, a, t in sorted(samples, reverse=True)[:5]
+        ],
         "lost_turns": sum(c.sent - len(c.replies) for c in calls),
         "duplicate_replies": sum(c.duplicates for c in calls),
         "context_lost": context_lost,

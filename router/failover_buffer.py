@@ -85,6 +85,16 @@ class UnackedFrames:
     def __len__(self) -> int:
         return len(self._frames) + len(self._audio)
 
+    @property
+    def frames_waiting(self) -> int:
+        """Unacknowledged frames other than audio (an utterance in text, a hangup...)."""
+        return len(self._frames)
+
+    @property
+    def audio_waiting_ms(self) -> int:
+        """Unacknowledged caller audio (20 ms frames)."""
+        return 20 * len(self._audio)
+
     def bound_audio(self, max_ms: int, audio: dict[str, Any] | None) -> None:
         """Keep at most ``max_ms`` of unacknowledged audio in the format of the call's
         ``start`` (its ``audio`` object; none: mu-law at 8 kHz)."""

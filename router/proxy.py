@@ -13,7 +13,9 @@ works the same for every kind of client. Where the call runs is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +35,15 @@ from router.upstream import NodeFrames, Outcome
 from state_store.errors import StateStoreError
 
 log = logging.getLogger("callmesh.router.proxy")
+
+# When a node dies, every call on it relinks at once, and the new owners take them all
+# together. A call with nothing of the caller's unanswered waits a random pause of up to
+# this long first (or until the caller sends a frame), so that the calls with a turn in
+# flight reach the new owners first instead of queueing behind idle ones (s).
+IDLE_RELINK_SPREAD_S = 0.5
+# More unacknowledged caller audio than this means an utterance is being heard or
+# answered (a node acknowledges quiet audio once it is 1 s old, every 0.5 s).
+UTTERANCE_AUDIO_MS = 2000
 
 
 class ProxySession:
@@ -74,6 +85,8 @@ class ProxySession:
         self.on_ended: Callable[[], Awaitable[None]] | None = None
         self._ended = False
         self._client_gone = asyncio.Event()
+        # Set when the caller sends a frame other than audio (wakes an idle relink).
+        self._client_sent = asyncio.Event()
         self._node_dead = asyncio.Event()
         self.failovers = 0
         self._node_frames = NodeFrames(
@@ -148,6 +161,8 @@ class ProxySession:
                         ErrorCode.UNAVAILABLE, "too many unacknowledged frames; slow down", seq
                     )
                     continue
+                else:
+                    self._client_sent.set()
                 self.last_client_seq = seq
                 up = self.upstream
                 if up is not None and not up.closed:
@@ -357,4 +372,22 @@ class ProxySession:
             )
         except NoNodeAvailable:
             return "failover", None
-        return ("handoff" if outcome is Outcome.HANDOFF else "failover"), new
+        if outcome is Outcome.HANDOFF:
+            return "handoff", new
+        if not self._in_flight():
+            await self._idle_pause(random.uniform(0, IDLE_RELINK_SPREAD_S))
+        return "failover", new
+
+    def _in_flight(self) -> bool:
+        """Something of the caller's is unanswered: a frame, or an utterance's audio."""
+        unacked = self.unacked
+        return unacked.frames_waiting > 0 or unacked.audio_waiting_ms > UTTERANCE_AUDIO_MS
+
+    async def _idle_pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until the caller sends a frame."""
+        self._client_sent.clear()
+        if self._in_flight():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._client_sent.wait()
