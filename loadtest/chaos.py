@@ -188,6 +188,10 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
     gaps: list[float] = []
     answering: list[float] = []  # of each gap, the new owner's retrieval and model time
     samples: list[tuple[float, str, float, float]] = []
+    # Gaps of turns whose reply had not started before the kill, and of those the caller
+    # was already receiving: the new owner's first frame the caller lacks then comes after
+    # the part it already has (identical frames are not sent twice).
+    by_case: dict[str, list[float]] = {"reply_not_started": [], "reply_under_way": []}
     affected = context_lost = 0
     for call in calls:
         if kill_at is None or _owner_at(call, kill_at) not in victims:
@@ -210,6 +214,8 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
             float(metrics.get("retrieval_ms", 0)) + float(metrics.get("llm_first_sentence_ms", 0))
         )
         samples.append((gaps[-1], call.call_id, answering[-1], (first.sent_at - kill_at) * 1000))
+        under_way = any(t <= kill_at for t in first.frame_times)
+        by_case["reply_under_way" if under_way else "reply_not_started"].append(gaps[-1])
         knew_name = any(r.done_at <= kill_at for r in call.replies)
         if knew_name and call.name not in first.text:
             context_lost += 1
@@ -223,6 +229,7 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
             "answering": percentiles(answering, (50, 99)),
             "failover": percentiles([g - a for g, a in zip(gaps, answering, strict=True)]),
         },
+        "failover_gap_by_case_ms": {k: percentiles(v, (50, 99)) for k, v in by_case.items()},
         # The slowest gaps, to look up in the logs: call, gap, answering, and when the
         # utterance was sent (ms, relative to the kill).
         "slowest_gaps": [
