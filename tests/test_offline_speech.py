@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,6 +126,56 @@ async def test_word_error_rate_over_caller_sentences(stt: PocketsphinxSTT) -> No
             misheard.append((sentence, text))
     wer = errors / total
     assert wer <= 0.15, f"WER {wer:.3f}; misheard: {misheard}"
+
+
+async def test_a_new_decoders_first_utterance_is_heard_from_its_first_word() -> None:
+    # A fresh recognizer: its one decoder has never heard speech (its cepstral mean is the
+    # library's initial one, which lost the first words: "the is Sarah Johnson").
+    fresh = PocketsphinxSTT(workers=1)
+    try:
+        tts = EspeakTTS()
+        for sentence in ("My name is Sarah Johnson.", "Can I come in on Tuesday at 3 pm?"):
+            events = await hear(fresh, await speak(tts, sentence))
+            assert words(events[-1].text) == words(sentence)
+    finally:
+        await fresh.aclose()
+
+
+def test_only_a_new_decoders_first_utterance_is_decoded_again_and_within_a_bound() -> None:
+    from conversation_node.providers import sphinx_worker
+
+    class Decoder:
+        def __init__(self) -> None:
+            self.fed: list[int] = []  # bytes per utterance decoded
+
+        def start_utt(self) -> None:
+            self.fed.append(0)
+
+        def process_raw(self, pcm: bytes) -> None:
+            self.fed[-1] += len(pcm)
+
+        def end_utt(self) -> None:
+            pass
+
+        def seg(self) -> list[Any]:
+            return []
+
+    host = sphinx_worker._Host()
+    second = 16000 * 2  # bytes of one second of 16 kHz pcm16
+    for stream, utterances in ((1, [3, 2]), (2, [25])):
+        decoder = Decoder()
+        host.decoders[stream] = (("lm", "dict"), decoder)
+        for seconds in utterances:
+            host.handle("start", stream, None)
+            for _ in range(seconds):
+                host.handle("feed", stream, b"\0" * second)
+            host.handle("end", stream, None)
+        host.handle("close", stream, None)
+        if stream == 1:  # the first utterance twice, the next once
+            assert decoder.fed == [3 * second, 3 * second, 2 * second]
+        else:  # longer than 20 s: heard once, its audio not kept past the bound
+            assert decoder.fed == [25 * second]
+    assert host.first_utterance == {}
 
 
 async def test_interim_results_come_before_the_final(stt: PocketsphinxSTT) -> None:
