@@ -178,6 +178,24 @@ def test_only_a_new_decoders_first_utterance_is_decoded_again_and_within_a_bound
     assert host.first_utterance == {}
 
 
+async def test_a_stream_loads_its_models_off_the_event_loop(
+    stt: PocketsphinxSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Silero model's ONNX session took 0.2-0.35 s to load: on the event loop, every
+    # call of the node stalled (and the node missed its heartbeats).
+    made_on: list[threading.Thread] = []
+    endpointer = stt._endpointer
+
+    def spy() -> Any:
+        made_on.append(threading.current_thread())
+        return endpointer()
+
+    monkeypatch.setattr(stt, "_endpointer", spy)
+    stream = await stt.open(AudioEncoding.PCM16, 16000)
+    await stream.aclose()
+    assert made_on and threading.main_thread() not in made_on
+
+
 async def test_interim_results_come_before_the_final(stt: PocketsphinxSTT) -> None:
     audio = await speak(EspeakTTS(), "I'd like to book a consultation for Wednesday at 9 am.")
     events = await hear(stt, audio)

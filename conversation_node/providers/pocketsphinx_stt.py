@@ -135,8 +135,19 @@ class PocketsphinxSTT:
             # process busy while the other thread waits for its turn.
             threads = 2 * self._workers
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="pocketsphinx")
-        decoder = await asyncio.wrap_future(self._executor.submit(self._decoder, model))
-        return PocketsphinxSTTStream(self, model, decoder, encoding, sample_rate)
+        job = self._executor.submit(self._parts, model)
+        try:
+            decoder, vad = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_release)  # a stream nobody will close
+            raise
+        return PocketsphinxSTTStream(self, model, decoder, vad, encoding, sample_rate)
+
+    def _parts(self, model: DomainModel) -> tuple[DecoderProxy, _Endpointer]:
+        # The VAD is made here, off the event loop, as the decoder: a new Silero model
+        # loads its ONNX session (0.2-0.35 s measured on a busy 2-core machine), which
+        # stalled every call on the node.
+        return self._decoder(model), self._endpointer()
 
     def _decoder(self, model: DomainModel) -> DecoderProxy:
         """A decoder for ``model`` in the least loaded worker process (started on demand)."""
@@ -186,6 +197,7 @@ class PocketsphinxSTTStream:
         stt: PocketsphinxSTT,
         model: DomainModel,
         decoder: DecoderProxy,
+        vad: _Endpointer,
         encoding: AudioEncoding,
         rate: int,
     ) -> None:
@@ -201,7 +213,7 @@ class PocketsphinxSTTStream:
         self._job: Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # Worker state: touched only by the one job of this stream running at a time.
-        self._vad = stt._endpointer()
+        self._vad = vad
         self._block = np.zeros(0, dtype=np.int16)
         self._preroll: collections.deque[npt.NDArray[np.int16]] = collections.deque(
             maxlen=max(1, _PREROLL_MS * RATE // 1000 // _BLOCK)
@@ -364,6 +376,20 @@ class PocketsphinxSTTStream:
 def _words(tokens: list[str]) -> list[str]:
     """Dictionary entries → words (``can(2)`` is an alternate pronunciation of ``can``)."""
     return [t.split("(", 1)[0] for t in tokens if t not in _NON_WORDS and not t.startswith("[")]
+
+
+def _release(job: Future[tuple[DecoderProxy, _Endpointer]]) -> None:
+    """Close the decoder and VAD made for a stream whose opening was cancelled."""
+    if job.cancelled() or job.exception() is not None:
+        return
+    decoder, vad = job.result()
+    try:
+        decoder.close()
+    except WorkerError as exc:
+        log.warning("pocketsphinx worker: %s", exc)
+    close_vad = getattr(vad, "close", None)
+    if close_vad is not None:
+        close_vad()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
