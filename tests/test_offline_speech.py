@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,40 @@ async def test_a_stream_loads_its_models_off_the_event_loop(
     stream = await stt.open(AudioEncoding.PCM16, 16000)
     await stream.aclose()
     assert made_on and threading.main_thread() not in made_on
+
+
+async def test_speech_ends_at_the_last_voiced_audio_not_at_the_endpoint(
+    stt: PocketsphinxSTT,
+) -> None:
+    # Turn latency is measured from speech_end_at: the caller's wait includes the silence
+    # the endpointer needs (end_silence_ms) to know they stopped.
+    speech = await speak(EspeakTTS(), "I would like to book a cleaning.")
+    frame = 640  # 20 ms of 16 kHz pcm16
+    stream = await stt.open(AudioEncoding.PCM16, 16000)
+    try:
+        for part in (b"\0" * 12800, speech):
+            for i in range(0, len(part), frame):
+                chunk = AudioChunk(part[i : i + frame], AudioEncoding.PCM16, 16000)
+                stream.send_audio_nowait(chunk)
+                await asyncio.sleep(0.02)
+        # The endpoint cannot be known before this much silence has come in.
+        endpoint_known_at = time.monotonic() + stt.end_silence_ms / 1000
+        for _ in range(60):
+            stream.send_audio_nowait(AudioChunk(b"\0" * frame, AudioEncoding.PCM16, 16000))
+            await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            ends = [e async for e in _until_end(stream)]
+    finally:
+        await stream.aclose()
+    assert ends[-1].speech_end_at is not None
+    assert ends[-1].speech_end_at < endpoint_known_at
+
+
+async def _until_end(stream: Any) -> Any:
+    async for event in stream.events():
+        yield event
+        if event.kind is STTEventKind.UTTERANCE_END:
+            return
 
 
 async def test_interim_results_come_before_the_final(stt: PocketsphinxSTT) -> None:

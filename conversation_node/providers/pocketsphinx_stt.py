@@ -93,6 +93,12 @@ class _Endpointer(Protocol):
     @property
     def in_speech(self) -> bool: ...
 
+    @property
+    def position_ms(self) -> float: ...
+
+    @property
+    def last_voiced_end_ms(self) -> float | None: ...
+
     def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]: ...
 
     def flush(self) -> list[VadEvent]: ...
@@ -311,10 +317,12 @@ class PocketsphinxSTTStream:
                 self._start_utterance()
             elif event.kind is VadEventKind.SPEECH_END and self._in_utterance:
                 self._end_utterance()
-        if self._vad.in_speech:
+        # The end of speech is the last voiced block, not the silence that confirmed it
+        # (``in_speech`` lasts until then): turn latency counts that wait, as callers do.
+        if self._vad.last_voiced_end_ms == self._vad.position_ms:
             self._last_voice_at = time.monotonic()
-            if self._speech_samples >= self._stt.interim_ms * RATE // 1000:
-                self._interim()
+        if self._vad.in_speech and self._speech_samples >= self._stt.interim_ms * RATE // 1000:
+            self._interim()
 
     def _start_utterance(self) -> None:
         assert self._decoder is not None
