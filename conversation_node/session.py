@@ -49,10 +49,11 @@ from conversation_node.greeting import load_history, save_history
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
+from conversation_node.replies import Replies
 from conversation_node.turn_outcomes import Record
 from conversation_node.turn_runner import Send, TurnRunner
 from conversation_node.voice import AudioFormat
-from conversation_node.voice_turns import Replies, VoiceTurns
+from conversation_node.voice_turns import VoiceTurns
 from memory.session import SessionMemory
 from memory.sources import Query
 from state_store.checkpoint import Checkpoint, OutboxEntry
@@ -108,7 +109,10 @@ class CallSession:
         # The call's span on this owner, and the traceparent of its first owner's span.
         self._span: Span | None = None
         self._trace = ""
-        replies = Replies()
+        config = services.config
+        # Clearing at the caller's first sound keeps the unheard rest of a reply, to resume it.
+        clear_at_sound = config.barge_in_clear == "at_sound"
+        replies = Replies(self._out, retain=clear_at_sound and config.false_interruption_ms > 0)
         self.turns = TurnRunner(
             self.core,
             pipeline=services.pipeline,
@@ -130,8 +134,9 @@ class CallSession:
             counters=services.metrics,
             observe_lag=services.observe_frame_lag,
             prefetch=self._prefetch,
-            min_confidence=services.config.stt_min_confidence,
-            false_interruption_ms=services.config.false_interruption_ms,
+            min_confidence=config.stt_min_confidence,
+            false_interruption_ms=config.false_interruption_ms,
+            clear_at_sound=clear_at_sound,
         )
 
     def __repr__(self) -> str:

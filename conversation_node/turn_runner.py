@@ -34,12 +34,12 @@ from callmesh.protocol import Out, encode
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
 from conversation_node.pipeline import TEXT_MODE, Emit, PreparedReply, TurnOutput, Voice
+from conversation_node.playback import Playback
 from conversation_node.preemptive import Outcome, normalise
 from conversation_node.prompt import Greeting, build_request
 from conversation_node.providers.base import LLMRequest
 from conversation_node.sensitive import Refusal, review
 from conversation_node.turn_outcomes import Answer, Record, Reply
-from conversation_node.voice import Playback
 from memory.prompt import Prompt, default_counter
 from memory.retrieval import RetrievalResult
 from memory.session import SessionMemory
@@ -101,13 +101,13 @@ class Durability(Protocol):
 
 
 class Replies(Protocol):
-    """Follows replies as the caller plays them (:class:`voice_turns.Replies`)."""
+    """Sends replies and follows them as the caller plays them (:class:`replies.Replies`)."""
 
     def start_reply(self, turn: int) -> tuple[Playback, asyncio.Event]: ...
 
-    def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]: ...
+    async def emit(self, frame: dict[str, Any], bytes_per_ms: float) -> None: ...
 
-    def follow(self, frame: dict[str, Any], turn: int, bytes_per_ms: float) -> None: ...
+    async def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]: ...
 
 
 class Counters(Protocol):
@@ -173,11 +173,8 @@ class TurnRunner:
         self.call_span: Span | None = None
 
     async def emit(self, frame: dict[str, Any]) -> None:
-        """Send a reply frame of the current turn, following it in the playback."""
-        core = self._core
-        turn = core.stamp_reply(frame)
-        self._replies.follow(frame, turn, core.bytes_per_ms)
-        await self._send(encode(frame))
+        """Send a frame of the reply being spoken, following it in its playback."""
+        await self._replies.emit(frame, self._core.bytes_per_ms)
 
     # ------------------------------------------------------------------ turns
 
@@ -283,7 +280,7 @@ class TurnRunner:
             asked = " ".join(r.ask() for r in refused.values())
             spoken = await self._pipeline.speak(asked, self.emit, self.voice, interrupt)
             said, cut = f"{output.text} {asked}".strip(), spoken.interrupted
-        heard, interrupted = self._replies.heard(pb, said, cut)
+        heard, interrupted = await self._replies.heard(pb, said, cut)
         reply = Reply(
             retrieval, retrieval_ms, prompt, request, output, heard, interrupted, refused, asked
         )
@@ -361,7 +358,7 @@ class TurnRunner:
         t = core.begin_repeat_turn(seq, text, confidence)
         pb, interrupt = self._replies.start_reply(t.turn)
         output = await self._pipeline.speak(line, self.emit, self.voice, interrupt)
-        heard, interrupted = self._replies.heard(pb, line, output.interrupted)
+        heard, interrupted = await self._replies.heard(pb, line, output.interrupted)
         fallbacks = ["stt_low_confidence", *output.fallbacks]
         records = core.repeated(
             t, line=line, heard=heard, interrupted=interrupted, fallbacks=fallbacks
