@@ -33,7 +33,8 @@ from callmesh.metric_names import (
 from callmesh.protocol import Out, encode
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
-from conversation_node.pipeline import TEXT_MODE, Emit, PreparedReply, TurnOutput, Voice
+from conversation_node.model_reply import PreparedReply
+from conversation_node.pipeline import TEXT_MODE, Emit, TurnOutput, Voice
 from conversation_node.playback import Playback
 from conversation_node.preemptive import Outcome, normalise
 from conversation_node.prompt import Greeting, build_request
