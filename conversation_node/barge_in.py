@@ -29,7 +29,7 @@ from typing import Any
 from callmesh.metric_names import BARGE_INS, FALSE_INTERRUPTIONS, REPLIES_RESUMED
 from conversation_node.interruptions import Action, InterruptionGate
 from conversation_node.replies import Replies
-from conversation_node.turn_runner import Counters
+from conversation_node.turn_close import Counters
 
 __all__ = ["BargeIns"]
 

@@ -50,8 +50,9 @@ from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
 from conversation_node.replies import Replies
+from conversation_node.turn_close import Send
 from conversation_node.turn_outcomes import Record
-from conversation_node.turn_runner import Send, TurnRunner
+from conversation_node.turn_runner import TurnRunner
 from conversation_node.voice import AudioFormat
 from conversation_node.voice_turns import VoiceTurns
 from memory.session import SessionMemory
@@ -128,6 +129,7 @@ class CallSession:
             self.core,
             replies,
             self.turns,
+            self.turns.said,
             stt=services.stt,
             turn_lock=self._turn_lock,
             send=self._out,
@@ -199,7 +201,7 @@ class CallSession:
         if "audio" in start.body:
             fmt = AudioFormat.from_start(start.body)
             core.audio_format = fmt
-            self.turns.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
+            self.turns.said.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
         epoch, ckpt = await self._svc.store.take_ownership(
             core.tenant, core.call_id, self._svc.node_id
         )
@@ -232,12 +234,12 @@ class CallSession:
             self._svc.metrics.inc(CALLS_STARTED)
         if greeting is not None:
             async with self._turn_lock:
-                await self.turns.greet(greeting, started, history_ms)
+                await self.turns.said.greet(greeting, started, history_ms)
             return
         again = core.reply_to_repeat(start.body.get("delivered_turn"))
         if again is not None:
             async with self._turn_lock:
-                await self.turns.respeak(again)
+                await self.turns.said.respeak(again)
 
     async def handle(self, msg: Inbound) -> None:
         """Apply one inbound frame (:meth:`CallCore.receive` says how; a replayed one is

@@ -41,8 +41,8 @@ from conversation_node.errors import CallDropped
 from conversation_node.preemptive import Outcome, SpeculationConfig
 from conversation_node.providers.base import STT
 from conversation_node.replies import Replies
-from conversation_node.speculations import Speculations, started
-from conversation_node.turn_runner import Counters, Send, Speculation
+from conversation_node.speculations import Speculation, Speculations, started
+from conversation_node.turn_close import Counters, Send
 from conversation_node.voice import VoiceLane
 
 log = logging.getLogger("callmesh.node.voice")
@@ -71,11 +71,16 @@ class Turns(Protocol):
 
     async def drop(self, speculation: Speculation) -> None: ...
 
+    async def amend_heard(self, turn: int, heard: str) -> None: ...
+
+
+class Repeats(Protocol):
+    """Asks the caller to say it again (:class:`conversation_node.said_replies.SaidReplies`);
+    called under the turn lock."""
+
     async def repeat_turn(
         self, seq: int, text: str, *, line: str, confidence: float, started: float, stt_ms: float
     ) -> None: ...
-
-    async def amend_heard(self, turn: int, heard: str) -> None: ...
 
 
 class VoiceTurns:
@@ -87,6 +92,7 @@ class VoiceTurns:
         core: CallCore,
         replies: Replies,
         turns: Turns,
+        repeats: Repeats,
         *,
         stt: STT | None,
         turn_lock: asyncio.Lock,
@@ -102,6 +108,7 @@ class VoiceTurns:
         self._core = core
         self.replies = replies
         self._turns = turns
+        self._repeats = repeats
         self._stt = stt
         self._turn_lock = turn_lock
         self._send = send
@@ -258,7 +265,7 @@ class VoiceTurns:
                     return
                 stt_ms = max(0.0, (time.monotonic() - speech_end_at) * 1000)
                 if confidence < self._min_confidence:
-                    await self._turns.repeat_turn(
+                    await self._repeats.repeat_turn(
                         seq,
                         text,
                         line=REPEAT_LINE,

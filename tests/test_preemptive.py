@@ -15,7 +15,7 @@ from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, S
 from conversation_node.preemptive import normalise as norm
 from conversation_node.providers.base import LLMDelta, LLMRequest, ProviderError
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
-from conversation_node.turn_runner import same_request
+from conversation_node.speculations import same_request
 
 
 def test_normalise_ignores_case_punctuation_and_spacing() -> None:
