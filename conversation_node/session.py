@@ -37,13 +37,12 @@ from callmesh.metric_names import (
     CALLS_HANDED_OFF,
     CALLS_RESUMED,
     CALLS_STARTED,
-    FENCED_WRITES,
 )
 from callmesh.protocol import In, Inbound
 from callmesh.telemetry import now_ms
 from conversation_node.audio.convert import Transcoder
 from conversation_node.call_core import CallCore, CallState, IllegalTransition, Step
-from conversation_node.checkpointing import Checkpointer, Fenced
+from conversation_node.call_durability import CallDurability
 from conversation_node.errors import CallDropped
 from conversation_node.greeting import load_history, save_history
 from conversation_node.node_services import NodeServices
@@ -94,22 +93,16 @@ class CallSession:
         # Queries go through the core's memory, which a restore replaces.
         self._retriever = services.memory.retrieval.for_call(self._query_for)
         self._turn_lock = asyncio.Lock()
-        self.ckpt = Checkpointer(
-            services,
-            tenant,
-            call_id,
-            snapshot=self._snapshot,
-            acknowledge=self._ack,
-            turn_lock=self._turn_lock,
-            active=lambda: self.core.state in (CallState.ACTIVE, CallState.ENDED),
+        self.durable = CallDurability(
+            services, self.core, acknowledge=self._ack, turn_lock=self._turn_lock
         )
+        self.ckpt = self.durable.ckpt
         self._link_lost = False
         # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
         # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
         self.leftover: tuple[Checkpoint, bool] | None = None
-        # The call's span on this owner, and the traceparent of its first owner's span.
+        # The call's span on this owner.
         self._span: Span | None = None
-        self._trace = ""
         config = services.config
         # Clearing at the caller's first sound keeps the unheard rest of a reply, to resume it.
         clear_at_sound = config.barge_in_clear == "at_sound"
@@ -119,7 +112,7 @@ class CallSession:
             pipeline=services.pipeline,
             retrieval=self._retriever,
             prompts=services.memory.prompts,
-            durability=self,
+            durability=self.durable,
             replies=replies,
             send=self._out,
             counters=services.metrics,
@@ -226,7 +219,7 @@ class CallSession:
             history_ms = (time.monotonic() - t0) * 1000
             records += core.greet(greeting)
         core.to(CallState.ACTIVE)
-        await self.commit(records)
+        await self.durable.commit(records)
         await self._out(core.ready(resumed=opening.resumed))
         if opening.resumed:
             self._svc.metrics.inc(CALLS_RESUMED, reason=resume)
@@ -289,7 +282,7 @@ class CallSession:
         async with self._turn_lock:
             if self.core.state is not CallState.ACTIVE:
                 return
-            if self.ckpt.dirty and not await self._persist():
+            if self.ckpt.dirty and not await self.durable.persist():
                 return  # cannot hand off unsaved state; the drain bound decides what next
             await self._out(self.core.hand_off())
             self._svc.metrics.inc(CALLS_HANDED_OFF)
@@ -306,7 +299,7 @@ class CallSession:
         await self.vt.aclose()
         await self.ckpt.aclose()
         if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):
-            self.leftover = (self._snapshot(), not self.ckpt.dirty)
+            self.leftover = (self.durable.snapshot(), not self.ckpt.dirty)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         self.core.close()
@@ -329,7 +322,7 @@ class CallSession:
         span.set_attribute(tracing.EPOCH, core.epoch)
         self._span = self.turns.call_span = span
         self.ckpt.trace_parent = tracing.call_context(span)
-        self._trace = previous or tracing.traceparent(span)
+        self.durable.trace = previous or tracing.traceparent(span)
 
     def _query_for(self, text: str) -> Query:
         return self.core.memory.query_for(text)
@@ -355,56 +348,11 @@ class CallSession:
 
     async def _end(self, records: list[Record]) -> None:
         core = self.core
-        await self.commit(records)
+        await self.durable.commit(records)
         # The final checkpoint should show what is left to republish, if anything.
         await self.ckpt.settle()
         if not self.ckpt.dirty:
-            await self._persist()
+            await self.durable.persist()
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.release(core.tenant, core.call_id, core.epoch)
         await save_history(self._svc, core.memory, core.caller, core.call_id)
-
-    # ------------------------------------------------------------------ persistence
-    # What the turn runner sees of the checkpoint (turn_runner.Durability); a fence is
-    # translated here, once, into dropping the call.
-
-    def effects_waiting(self, before_turn: int) -> bool:
-        return self.ckpt.effects_waiting(before_turn)
-
-    def queue_effects(self, effects: list[OutboxEntry]) -> None:
-        self.ckpt.outbox.extend(effects)
-
-    async def commit(self, records: list[Record]) -> None:
-        """Record the turn's events in the outbox and write the checkpoint (CAS)."""
-        try:
-            await self.ckpt.commit(records, self.core.turn)
-        except Fenced as exc:
-            self._fence(exc)
-            raise CallDropped(str(exc)) from exc
-
-    async def _persist(self) -> bool:
-        try:
-            return await self.ckpt.persist(turn=self.core.turn)
-        except Fenced as exc:
-            self._fence(exc)
-            raise CallDropped(str(exc)) from exc
-
-    def _snapshot(self) -> Checkpoint:
-        ckpt = self.core.snapshot(self.ckpt.outbox, self.ckpt.event_cursor, now_ms())
-        ckpt.trace = self._trace
-        return ckpt
-
-    def _fence(self, exc: Fenced) -> None:
-        self.core.fence()
-        self._svc.metrics.inc(FENCED_WRITES)
-        log.warning(
-            "fenced out: dropping call",
-            extra={
-                "fields": {
-                    "tenant": self.core.tenant,
-                    "call_id": self.core.call_id,
-                    "epoch": exc.rejection.mine,
-                    "current_epoch": exc.rejection.current,
-                }
-            },
-        )
