@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import nats
@@ -88,11 +89,15 @@ async def test_noise_during_a_reply_does_not_stop_it(
         await call.turn(2)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05", "CALLMESH_FALSE_INTERRUPTION_MS": "300"}
+def _one_node_cluster(**env: str) -> Iterator[LocalCluster]:
+    env = {"CALLMESH_SIM_LATENCY_SCALE": "0.05", "CALLMESH_FALSE_INTERRUPTION_MS": "300", **env}
     with LocalCluster(nodes=1, force_embedded=True, env=env) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    yield from _one_node_cluster()
 
 
 @pytest.mark.timeout(180)
@@ -142,22 +147,32 @@ async def _verified(redis: Redis, nats_url: str, call_id: str) -> tuple[Any, lis
     return ckpt, records
 
 
-async def test_noise_clears_the_reply_and_it_resumes_from_the_first_unheard_sentence(
-    redis: Redis, redis_url: str, nats_url: str
-) -> None:
+@asynccontextmanager
+async def clearing_at_sound(
+    redis_url: str, nats_url: str, call_id: str, window_ms: int = 300, **providers: Any
+) -> AsyncIterator[tuple[ConversationNode, NodeCall]]:
+    """A call to a node that clears replies at the caller's first sound, past its
+    greeting (played to the end)."""
     async with (
         running_node(
             redis_url,
             nats_url,
-            simulated_providers(),
-            false_interruption_ms=300,
+            simulated_providers(**providers),
+            false_interruption_ms=window_ms,
             barge_in_clear="at_sound",
         ) as (node, url),
-        node_call(url, "resume-1") as call,
+        node_call(url, call_id) as call,
     ):
-        metrics = node.services.metrics
         await call.start(caller="eve")
         await call.echo_marks(0)
+        yield node, call
+
+
+async def test_noise_clears_the_reply_and_it_resumes_from_the_first_unheard_sentence(
+    redis: Redis, redis_url: str, nats_url: str
+) -> None:
+    async with clearing_at_sound(redis_url, nats_url, "resume-1") as (node, call):
+        metrics = node.services.metrics
         await call.speak("Hi, my name is Eve")
         await call.turn(1)
         texts = [f["text"] for f in call.of_turn(1, "agent_text")]
@@ -215,19 +230,8 @@ async def test_a_reply_still_being_spoken_is_held_while_paused_and_committed_onc
     redis: Redis, redis_url: str, nats_url: str
 ) -> None:
     llm = GatedLLM()
-    async with (
-        running_node(
-            redis_url,
-            nats_url,
-            simulated_providers(llm=llm),
-            # Longer than the test takes: the sound's end, not the window, judges it.
-            false_interruption_ms=3000,
-            barge_in_clear="at_sound",
-        ) as (node, url),
-        node_call(url, "resume-2") as call,
-    ):
-        await call.start(caller="cy")
-        await call.echo_marks(0)
+    # A window longer than the test takes: the sound's end, not the window, judges it.
+    async with clearing_at_sound(redis_url, nats_url, "resume-2", 3000, llm=llm) as (node, call):
         await call.speak("When is my appointment?")
         await call.wait_for(lambda f: f["type"] == "mark" and f["turn"] == 1)
         start = len(call.frames)
@@ -257,19 +261,8 @@ async def test_a_reply_still_being_spoken_is_held_while_paused_and_committed_onc
 async def test_words_while_paused_barge_in_without_a_second_clear(
     redis: Redis, redis_url: str, nats_url: str
 ) -> None:
-    async with (
-        running_node(
-            redis_url,
-            nats_url,
-            simulated_providers(),
-            false_interruption_ms=300,
-            barge_in_clear="at_sound",
-        ) as (node, url),
-        node_call(url, "resume-3") as call,
-    ):
+    async with clearing_at_sound(redis_url, nats_url, "resume-3") as (node, call):
         metrics = node.services.metrics
-        await call.start(caller="ben")
-        await call.echo_marks(0)
         await call.speak("Hi, my name is Ben")
         await call.turn(1)
         texts = [f["text"] for f in call.of_turn(1, "agent_text")]
@@ -288,13 +281,7 @@ async def test_words_while_paused_barge_in_without_a_second_clear(
 
 @pytest.fixture(scope="module")
 def resuming_cluster() -> Iterator[LocalCluster]:
-    env = {
-        "CALLMESH_SIM_LATENCY_SCALE": "0.05",
-        "CALLMESH_FALSE_INTERRUPTION_MS": "300",
-        "CALLMESH_BARGE_IN_CLEAR": "at_sound",
-    }
-    with LocalCluster(nodes=1, force_embedded=True, env=env) as c:
-        yield c
+    yield from _one_node_cluster(CALLMESH_BARGE_IN_CLEAR="at_sound")
 
 
 @pytest.mark.timeout(180)

@@ -130,12 +130,19 @@ class _Wire:
         self.frames.append(json.loads(raw))
 
 
-async def test_a_turn_ending_while_paused_waits_for_the_verdict() -> None:
+async def _replying(*sentences: str) -> tuple[_Wire, Replies, Playback, asyncio.Event]:
+    """Replies (kept for a resume) that have sent turn 1's ``sentences``."""
     wire = _Wire()
     replies = Replies(wire.send, retain=True)
-    pb, _ = replies.start_reply(1)
-    for f in _sentence("One.") + _sentence("Two."):
-        await replies.emit(f, BYTES_PER_MS)
+    pb, interrupt = replies.start_reply(1)
+    for text in sentences:
+        for f in _sentence(text):
+            await replies.emit(f, BYTES_PER_MS)
+    return wire, replies, pb, interrupt
+
+
+async def test_a_turn_ending_while_paused_waits_for_the_verdict() -> None:
+    wire, replies, pb, _ = await _replying("One.", "Two.")
     replies.on_mark("1.3")
     assert replies.marks_seen and replies.heard_now() is pb
     assert await replies.pause() is pb
@@ -149,11 +156,7 @@ async def test_a_turn_ending_while_paused_waits_for_the_verdict() -> None:
 
 
 async def test_a_barge_in_while_paused_sends_no_second_clear_and_keeps_what_was_heard() -> None:
-    wire = _Wire()
-    replies = Replies(wire.send, retain=True)
-    pb, interrupt = replies.start_reply(1)
-    for f in _sentence("One.") + _sentence("Two."):
-        await replies.emit(f, BYTES_PER_MS)
+    wire, replies, pb, interrupt = await _replying("One.", "Two.")
     replies.on_mark("1.3")
     await replies.pause()
     heard = asyncio.create_task(replies.heard(pb, "One. Two.", False))
@@ -164,11 +167,7 @@ async def test_a_barge_in_while_paused_sends_no_second_clear_and_keeps_what_was_
 
 
 async def test_hanging_up_while_paused_releases_the_turn() -> None:
-    wire = _Wire()
-    replies = Replies(wire.send, retain=True)
-    pb, _ = replies.start_reply(1)
-    for f in _sentence("One."):
-        await replies.emit(f, BYTES_PER_MS)
+    _, replies, pb, _ = await _replying("One.")
     await replies.pause()
     heard = asyncio.create_task(replies.heard(pb, "One.", False))
     replies.stop()
@@ -176,11 +175,7 @@ async def test_hanging_up_while_paused_releases_the_turn() -> None:
 
 
 async def test_frames_emitted_during_a_resume_follow_the_resumed_ones() -> None:
-    wire = _Wire()
-    replies = Replies(wire.send, retain=True)
-    replies.start_reply(1)
-    for f in _sentence("One."):
-        await replies.emit(f, BYTES_PER_MS)
+    wire, replies, _, _ = await _replying("One.")
     await replies.pause()
     resume = asyncio.create_task(replies.resume())
     await asyncio.sleep(0)  # the resume holds the outlet, mid-way through its frames
