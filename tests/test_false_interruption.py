@@ -152,7 +152,7 @@ async def clearing_at_sound(
     redis_url: str, nats_url: str, call_id: str, window_ms: int = 300, **providers: Any
 ) -> AsyncIterator[tuple[ConversationNode, NodeCall]]:
     """A call to a node that clears replies at the caller's first sound, past its
-    greeting (played to the end)."""
+    greeting (played to the end); its event log is published when the block ends."""
     async with (
         running_node(
             redis_url,
@@ -166,6 +166,9 @@ async def clearing_at_sound(
         await call.start(caller="eve")
         await call.echo_marks(0)
         yield node, call
+        # Every record committed is in the event log before the node goes.
+        session = node.sessions.get(("demo", call_id))
+        await eventually(lambda: session is None or not session.outbox)
 
 
 async def test_noise_clears_the_reply_and_it_resumes_from_the_first_unheard_sentence(
