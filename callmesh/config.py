@@ -215,6 +215,8 @@ class NodeConfig:
     # When caller sound during a reply clears it: once it yields words, or at once (then a
     # sound that yields none resumes the reply where the caller last heard it).
     barge_in_clear: str = _node("barge_in_clear")
+    # A speculative reply voices its first sentence before its turn is confirmed too.
+    preemptive_voice: str = _node("preemptive_voice")
     # Per-stage budgets (ms): a breach triggers the stage's fallback.
     llm_first_token_budget_ms: float = _node("llm_first_token_budget_ms")
     llm_total_budget_ms: float = _node("llm_total_budget_ms")

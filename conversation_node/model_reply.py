@@ -12,15 +12,24 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, Protocol, TypeVar
 
-from conversation_node.providers.base import LLM, LLMDelta, LLMRequest, ProviderError, ToolCall
+from callmesh.audio.format import AudioChunk
+from conversation_node.providers.base import (
+    LLM,
+    TTS,
+    LLMDelta,
+    LLMRequest,
+    ProviderError,
+    ToolCall,
+)
 
 __all__ = [
     "RECOVERY_LINE",
     "ModelOutput",
     "ModelReply",
+    "Prefetched",
     "PreparedReply",
     "SentenceSplitter",
     "next_or_none",
@@ -30,6 +39,8 @@ __all__ = [
 # TTS is not asked to say "Dr." on its own.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _MIN_SENTENCE_CHARS = 12
+
+T = TypeVar("T")
 
 RECOVERY_LINE = "Sorry, give me just a moment. Could you say that once more?"
 
@@ -162,43 +173,52 @@ class ModelReply:
         self._sentences.put_nowait(None)
 
 
-class PreparedReply:
-    """A model's reply generated before its turn is confirmed: a task of its own reads the
-    stream into memory; nothing reaches the caller until the turn adopts it (then
-    :meth:`stream` gives what was read so far and goes on live). Owned: ``cancel``
-    stops it, and the turn that adopts it closes it by reading it to the end."""
+class Prefetched(Generic[T]):
+    """An async stream read ahead into memory by a task of its own (started here: the
+    owner cancels it); :meth:`stream` gives what was read so far and goes on live.
+    ``on_item`` sees each item as it is read; ``on_end`` the stream's normal end."""
 
-    def __init__(self, llm: LLM, request: LLMRequest) -> None:
-        self.request = request
-        self.started = time.monotonic()
-        self._deltas: list[LLMDelta] = []
+    def __init__(
+        self,
+        source: AsyncIterator[T],
+        *,
+        name: str,
+        on_item: Callable[[T], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        self._items: list[T] = []
         self._error: BaseException | None = None
         self._done = False
         self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._read(llm.stream(request)), name="llm:preemptive")
+        self._on_item = on_item
+        self._on_end = on_end
+        self._task = asyncio.create_task(self._read(source), name=name)
 
     @property
-    def tokens(self) -> int:
-        """Deltas the model has written so far (roughly its tokens)."""
-        return len(self._deltas)
+    def count(self) -> int:
+        return len(self._items)
 
-    async def _read(self, stream: AsyncIterator[LLMDelta]) -> None:
+    async def _read(self, source: AsyncIterator[T]) -> None:
         try:
-            async for delta in stream:
-                self._deltas.append(delta)
+            async for item in source:
+                self._items.append(item)
                 self._changed.set()
+                if self._on_item is not None:
+                    self._on_item(item)
+            if self._on_end is not None:
+                self._on_end()
         except Exception as exc:  # given to the reader (the turn's budgets handle it)
             self._error = exc
         finally:
             self._done = True
             self._changed.set()
 
-    async def stream(self) -> AsyncIterator[LLMDelta]:
+    async def stream(self) -> AsyncIterator[T]:
         i = 0
         while True:
-            if i < len(self._deltas):
+            if i < len(self._items):
                 i += 1
-                yield self._deltas[i - 1]
+                yield self._items[i - 1]
                 continue
             if self._done:
                 if self._error is not None:
@@ -207,11 +227,68 @@ class PreparedReply:
             self._changed.clear()
             await self._changed.wait()
 
-    async def cancel(self) -> int:
-        """Stop the model now; the number of deltas it wrote for nothing."""
+    async def cancel(self) -> None:
         if not self._task.done():
             self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+class PreparedReply:
+    """A model's reply generated before its turn is confirmed: nothing reaches the caller
+    until the turn adopts it (then :meth:`stream` gives what was read so far and goes on
+    live). With ``voice``, its first sentence is voiced as soon as it is written, kept
+    for the turn (:meth:`voiced`). Owned: ``cancel`` stops it, and the turn that adopts it
+    closes it by reading it to the end."""
+
+    def __init__(self, llm: LLM, request: LLMRequest, voice: TTS | None = None) -> None:
+        self.request = request
+        self.started = time.monotonic()
+        self._voice = voice
+        self._splitter = SentenceSplitter()
+        self._first = ""  # the sentence voiced ahead, once written
+        self._audio: Prefetched[AudioChunk] | None = None
+        self._handed = False
+        self._model = Prefetched(
+            llm.stream(request), name="llm:preemptive", on_item=self._took, on_end=self._ended
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Deltas the model has written so far (roughly its tokens)."""
+        return self._model.count
+
+    def stream(self) -> AsyncIterator[LLMDelta]:
+        return self._model.stream()
+
+    def voiced(self, sentence: str) -> AsyncIterator[AudioChunk] | None:
+        """The voice of ``sentence`` if it is the first sentence, prepared (given once)."""
+        if self._audio is None or self._handed or sentence != self._first:
+            return None
+        self._handed = True
+        return self._audio.stream()
+
+    def _took(self, delta: LLMDelta) -> None:
+        if self._voice is not None and not self._first and delta.text:
+            sentences = self._splitter.feed(delta.text)
+            if sentences:
+                self._prepare_voice(self._voice, sentences[0])
+
+    def _ended(self) -> None:
+        # A reply of one sentence ends with the stream, as the turn's reading ends it.
+        if self._voice is not None and not self._first:
+            rest = self._splitter.flush()
+            if rest:
+                self._prepare_voice(self._voice, rest)
+
+    def _prepare_voice(self, voice: TTS, sentence: str) -> None:
+        self._first = sentence
+        self._audio = Prefetched(voice.synthesize(sentence), name="tts:preemptive")
+
+    async def cancel(self) -> int:
+        """Stop the model (and the voice) now; the number of deltas written for nothing."""
+        await self._model.cancel()
+        if self._audio is not None:
+            await self._audio.cancel()
         return self.tokens
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,10 +87,11 @@ class TurnPipeline:
         self._backup_tts = backup_tts
         self._budgets = budgets
 
-    def prepare(self, request: LLMRequest) -> PreparedReply:
+    def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply:
         """Start the model on ``request`` ahead of its turn (preemptive generation): its
-        output is kept, nothing is emitted. :meth:`run` with ``prepared`` speaks it."""
-        return PreparedReply(self._llm, request)
+        output is kept, nothing is emitted. :meth:`run` with ``prepared`` speaks it.
+        ``voice``: the main voice says its first sentence ahead too (kept, not sent)."""
+        return PreparedReply(self._llm, request, self._tts if voice else None)
 
     async def run(
         self,
@@ -128,7 +129,8 @@ class TurnPipeline:
                 producer = asyncio.create_task(model.read(), name="llm")
             n = 0
             while (sentence := await sentences.get()) is not None:
-                n = await self._speak(sentence, n, emit, out, voice)
+                ready = prepared.voiced(sentence) if prepared is not None else None
+                n = await self._speak(sentence, n, emit, out, voice, ready)
 
         try:
             await _unless_interrupted(speak_all(), interrupt, out)
@@ -166,7 +168,17 @@ class TurnPipeline:
         await _unless_interrupted(speak_all(), interrupt, out)
         return out
 
-    async def _speak(self, sentence: str, n: int, emit: Emit, out: TurnOutput, voice: Voice) -> int:
+    async def _speak(
+        self,
+        sentence: str,
+        n: int,
+        emit: Emit,
+        out: TurnOutput,
+        voice: Voice,
+        ready: AsyncIterator[AudioChunk] | None = None,
+    ) -> int:
+        """Say one sentence: its text, its audio, its mark. ``ready``: its audio from the
+        main voice, prepared before the turn was confirmed."""
         await emit({"type": _AGENT_TEXT, "n": n, "text": sentence})
         n += 1
         voices = [self._tts] + ([self._backup_tts] if self._backup_tts else [])
@@ -174,7 +186,7 @@ class TurnPipeline:
             t0 = time.monotonic()
             got_audio = False
             try:
-                stream = tts.synthesize(sentence)
+                stream = ready if ready is not None and i == 0 else tts.synthesize(sentence)
                 # A timeout scope, not wait_for: wait_for would run the request in a task of
                 # its own, which starts a turn of the event loop later.
                 async with asyncio.timeout(self._budgets.tts_first_chunk_ms / 1000):

@@ -117,6 +117,7 @@ class CallSession:
             send=self._out,
             counters=services.metrics,
             observe_turn=services.observe_turn,
+            prepare_voice=config.preemptive_voice == "on",
         )
         self.vt = VoiceTurns(
             self.core,

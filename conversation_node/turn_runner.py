@@ -58,7 +58,7 @@ class Pipeline(Protocol):
         prepared: PreparedReply | None = None,
     ) -> TurnOutput: ...
 
-    def prepare(self, request: LLMRequest) -> PreparedReply: ...
+    def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply: ...
 
     async def speak(
         self, text: str, emit: Emit, voice: Voice, interrupt: asyncio.Event | None = None
@@ -80,7 +80,8 @@ class Prompts(Protocol):
 
 
 class TurnRunner:
-    """Runs one call's turns; ``said`` says its replies decided without the model."""
+    """Runs one call's turns; ``said`` says its replies decided without the model.
+    ``prepare_voice``: a speculative reply voices its first sentence ahead too."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class TurnRunner:
         send: Send,
         counters: Counters,
         observe_turn: Callable[[TurnMetrics], None],
+        prepare_voice: bool = False,
     ) -> None:
         self._core = core
         self._pipeline = pipeline
@@ -102,6 +104,7 @@ class TurnRunner:
         self._durability = durability
         self._replies = replies
         self._counters = counters
+        self._prepare_voice = prepare_voice
         self._closer = TurnCloser(core, durability=durability, send=send, observe_turn=observe_turn)
         self.said = SaidReplies(
             core,
@@ -139,7 +142,8 @@ class TurnRunner:
             request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
         finally:
             core.rollback(savepoint)
-        return Speculation(t.turn, retrieval, self._pipeline.prepare(request))
+        prepared = self._pipeline.prepare(request, voice=self._prepare_voice)
+        return Speculation(t.turn, retrieval, prepared)
 
     async def drop(self, speculation: Speculation) -> None:
         """Stop a speculative reply; one that was never adopted is counted as cancelled,

@@ -373,6 +373,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _PROVIDERS,
         env="CALLMESH_PREEMPTIVE_STABLE_MS",
     ),
+    Setting(
+        "preemptive_voice",
+        Choice(("on", "off")),
+        "off",
+        "preemptive generation: the main voice also says the speculative reply's first "
+        "sentence before the turn is confirmed (kept, never sent unless adopted; a "
+        "cancelled one costs that sentence's synthesis)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_PREEMPTIVE_VOICE",
+    ),
 )
 
 
