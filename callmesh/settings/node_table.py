@@ -349,12 +349,24 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         "false_interruption_ms",
         Number(int, ge=0, le=5000),
         300,
-        "caller sound during a reply clears it only once it yields words; sound without "
-        "words for this long is a false interruption and the reply plays on (0: clear at "
-        "the first sound) (ms)",
+        "caller sound during a reply that yields no words for this long is a false "
+        "interruption: the reply plays on, or resumes where the caller last heard it "
+        "(barge_in_clear) (0: every sound is a barge-in) (ms)",
         (NODE,),
         _BUDGETS,
         env="CALLMESH_FALSE_INTERRUPTION_MS",
+    ),
+    Setting(
+        "barge_in_clear",
+        Choice(("on_words", "at_sound")),
+        "on_words",
+        "when caller sound clears the reply: on_words (once the sound yields words; noise "
+        "never stops it) or at_sound (at once; a sound that yields no words within "
+        "false_interruption_ms resumes the reply from the first sentence the caller had "
+        "not heard)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_BARGE_IN_CLEAR",
     ),
     Setting(
         "preemptive",
@@ -375,6 +387,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_PREEMPTIVE_STABLE_MS",
+    ),
+    Setting(
+        "preemptive_voice",
+        Choice(("on", "off")),
+        "off",
+        "preemptive generation: the main voice also says the speculative reply's first "
+        "sentence before the turn is confirmed (kept, never sent unless adopted; a "
+        "cancelled one costs that sentence's synthesis)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_PREEMPTIVE_VOICE",
     ),
 )
 
