@@ -25,7 +25,6 @@ second of call, that is the share of a core one spoken call keeps busy.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -49,7 +48,13 @@ from bench.console_page import (  # noqa: E402
     write_wav,
 )
 from loadtest.capacity import cpu_seconds  # noqa: E402
-from loadtest.stats import git_commit, machine_info, percentiles, utc_now  # noqa: E402
+from loadtest.stats import (  # noqa: E402
+    git_commit,
+    machine_info,
+    percentiles,
+    utc_now,
+    write_report,
+)
 from localcluster.cluster import LocalCluster  # noqa: E402
 
 # A booking, then a question and a goodbye. Each reply gets 8 s before the next sentence
@@ -207,18 +212,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3, help="calls, one after another")
     parser.add_argument("--speech", choices=("offline", "simulated"), default="offline")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args()
     missing = why_no_browser() or (why_no_offline_speech() if args.speech == "offline" else "")
     if missing:
         print(f"console_ttfa: {missing}", file=sys.stderr)
         return 2
-    result = run(args.calls, args.speech)
-    text = json.dumps(result, indent=2)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(run(args.calls, args.speech), args.json)
     return 0
 
 
