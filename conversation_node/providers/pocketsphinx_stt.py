@@ -93,6 +93,12 @@ class _Endpointer(Protocol):
     @property
     def in_speech(self) -> bool: ...
 
+    @property
+    def position_ms(self) -> float: ...
+
+    @property
+    def last_voiced_end_ms(self) -> float | None: ...
+
     def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]: ...
 
     def flush(self) -> list[VadEvent]: ...
@@ -135,8 +141,19 @@ class PocketsphinxSTT:
             # process busy while the other thread waits for its turn.
             threads = 2 * self._workers
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="pocketsphinx")
-        decoder = await asyncio.wrap_future(self._executor.submit(self._decoder, model))
-        return PocketsphinxSTTStream(self, model, decoder, encoding, sample_rate)
+        job = self._executor.submit(self._parts, model)
+        try:
+            decoder, vad = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_release)  # a stream nobody will close
+            raise
+        return PocketsphinxSTTStream(self, model, decoder, vad, encoding, sample_rate)
+
+    def _parts(self, model: DomainModel) -> tuple[DecoderProxy, _Endpointer]:
+        # The VAD is made here, off the event loop, as the decoder: a new Silero model
+        # loads its ONNX session (0.2-0.35 s measured on a busy 2-core machine), which
+        # stalled every call on the node.
+        return self._decoder(model), self._endpointer()
 
     def _decoder(self, model: DomainModel) -> DecoderProxy:
         """A decoder for ``model`` in the least loaded worker process (started on demand)."""
@@ -186,6 +203,7 @@ class PocketsphinxSTTStream:
         stt: PocketsphinxSTT,
         model: DomainModel,
         decoder: DecoderProxy,
+        vad: _Endpointer,
         encoding: AudioEncoding,
         rate: int,
     ) -> None:
@@ -201,7 +219,7 @@ class PocketsphinxSTTStream:
         self._job: Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # Worker state: touched only by the one job of this stream running at a time.
-        self._vad = stt._endpointer()
+        self._vad = vad
         self._block = np.zeros(0, dtype=np.int16)
         self._preroll: collections.deque[npt.NDArray[np.int16]] = collections.deque(
             maxlen=max(1, _PREROLL_MS * RATE // 1000 // _BLOCK)
@@ -293,10 +311,12 @@ class PocketsphinxSTTStream:
                 self._start_utterance()
             elif event.kind is VadEventKind.SPEECH_END and self._in_utterance:
                 self._end_utterance()
-        if self._vad.in_speech:
+        # The end of speech is the last voiced block, not the silence that confirmed it
+        # (``in_speech`` lasts until then): turn latency counts that wait, as callers do.
+        if self._vad.last_voiced_end_ms == self._vad.position_ms:
             self._last_voice_at = time.monotonic()
-            if self._speech_samples >= self._stt.interim_ms * RATE // 1000:
-                self._interim()
+        if self._vad.in_speech and self._speech_samples >= self._stt.interim_ms * RATE // 1000:
+            self._interim()
 
     def _start_utterance(self) -> None:
         assert self._decoder is not None
@@ -358,6 +378,20 @@ class PocketsphinxSTTStream:
 def _words(tokens: list[str]) -> list[str]:
     """Dictionary entries → words (``can(2)`` is an alternate pronunciation of ``can``)."""
     return [t.split("(", 1)[0] for t in tokens if t not in _NON_WORDS and not t.startswith("[")]
+
+
+def _release(job: Future[tuple[DecoderProxy, _Endpointer]]) -> None:
+    """Close the decoder and VAD made for a stream whose opening was cancelled."""
+    if job.cancelled() or job.exception() is not None:
+        return
+    decoder, vad = job.result()
+    try:
+        decoder.close()
+    except WorkerError as exc:
+        log.warning("pocketsphinx worker: %s", exc)
+    close_vad = getattr(vad, "close", None)
+    if close_vad is not None:
+        close_vad()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -16,6 +16,8 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 Offline speech (the ``[speech]`` extra, no key, models in the wheels):
 ``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing),
 ``CALLMESH_TTS=espeak`` (``CALLMESH_ESPEAK_VOICE``, ``CALLMESH_ESPEAK_WPM``).
+``CALLMESH_SPEECH=offline`` (what ``callmesh up`` gives its nodes) makes them the choice
+of every speech role that no name and no key chooses.
 
 Model and voice: ``CALLMESH_LLM_MODEL``, ``CALLMESH_OPENAI_TTS_MODEL``,
 ``CALLMESH_OPENAI_TTS_VOICE``, ``CALLMESH_DEEPGRAM_STT_MODEL``,
@@ -35,7 +37,7 @@ from callmesh.config import ConfigError, SimulatedLatency
 from callmesh.settings.table import NODE
 from conversation_node.providers.base import LLM, STT, TTS
 
-__all__ = ["ProviderSettings", "Providers", "build_providers"]
+__all__ = ["ProviderSettings", "Providers", "build_providers", "offline_missing"]
 
 # Local OpenAI-compatible servers ignore the key, but the client insists on one.
 _NO_KEY = "sk-no-key-needed"
@@ -89,7 +91,7 @@ class ProviderSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
         """Settings from environment variables (``os.environ`` when ``env`` is None), as
         declared in :mod:`callmesh.settings.table`; a role left unset follows the keys."""
-        return cls.from_values(settings.load(NODE, env, only=_FROM_TABLE))
+        return cls.from_values(settings.load(NODE, env, only=(*_FROM_TABLE, "speech")))
 
     @classmethod
     def from_values(cls, node_settings: Mapping[str, Any]) -> ProviderSettings:
@@ -97,12 +99,15 @@ class ProviderSettings:
         follows the keys."""
         values = {key: node_settings[key] for key in _FROM_TABLE}
         dg_key, oa_key = values["deepgram_api_key"], values["openai_api_key"]
-        tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else "simulated"))
+        # What a role no name and no key chooses: tones, or the offline engines.
+        offline = node_settings.get("speech") == "offline"
+        voice, hearing = ("espeak", "pocketsphinx") if offline else ("simulated", "simulated")
+        tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else voice))
         auto = {
-            "stt": "deepgram" if dg_key else "simulated",
+            "stt": "deepgram" if dg_key else hearing,
             "llm": "openai" if oa_key else "simulated",
             "tts": tts,
-            "backup_tts": "openai" if oa_key and tts != "openai" else "simulated",
+            "backup_tts": "openai" if oa_key and tts != "openai" else voice,
         }
         chosen: dict[str, Any] = {role: values[role] or auto[role] for role in auto}
         scale = values["sim_latency_scale"]
@@ -207,6 +212,20 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
     from conversation_node.providers.simulated import SimulatedTTS
 
     return SimulatedTTS(settings.sim_latency, chunk_ms=settings.tts_chunk_ms)
+
+
+def offline_missing(settings: ProviderSettings) -> str:
+    """The packages of the ``[speech]`` extra that the chosen providers need and that are
+    not installed ("" if none): what a launcher checks before starting nodes that would
+    each fail with it."""
+    from conversation_node.providers.espeak_tts import espeak_available
+    from conversation_node.providers.pocketsphinx_stt import speech_missing
+
+    missing = speech_missing(settings.vad) if settings.stt == "pocketsphinx" else ""
+    voices = {settings.tts, settings.backup_tts}
+    if "espeak" in voices and not espeak_available():
+        missing = ", ".join(filter(None, (missing, "espeakng-loader")))
+    return missing
 
 
 def build_providers(settings: ProviderSettings | None = None) -> Providers:
