@@ -243,7 +243,6 @@ class CallSession:
             return
         delivered = start.body.get("delivered_turn")
         again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
-        log.info("DIAG opened", extra={"fields": {"call_id": self.call_id, "turn": core.turn, "delivered": delivered, "heard": heard_turn, "again": again is not None, "ms": round((time.monotonic()-started)*1000)}})
         if again is not None:
             async with self._turn_lock:
                 await self.turns.said.respeak(again)
@@ -317,9 +316,6 @@ class CallSession:
         the caller had finished is still answered, into the checkpoint (the caller's next
         link hears the committed reply again); one cut off mid-speech is dropped, as the
         caller never finished it. Idempotent."""
-        if not self._link_lost:
-            lane = self.vt.lane
-            log.info("DIAG link_ended", extra={"fields": {"call_id": self.call_id, "turn": self.core.turn, "lane": repr(lane), "stt": repr(getattr(lane, "_stream", None)), "turn_task": repr(self.vt._turn_task)}})
         self._link_lost = True
         if self._ending is None and self.core.active:
             self._ending = asyncio.get_running_loop().create_task(
@@ -336,9 +332,7 @@ class CallSession:
                 self._settle(), name=f"settle:{self.call_id}"
             )
         # Shielded: whoever else closes this session waits for the same settling.
-        t0 = time.monotonic()
         await asyncio.shield(self._settling)
-        log.info("DIAG settled", extra={"fields": {"call_id": self.call_id, "turn": self.core.turn, "ms": round((time.monotonic()-t0)*1000), "heard": self.heard_turn()}})
         return self.heard_turn()
 
     async def _settle(self) -> None:
@@ -366,7 +360,8 @@ class CallSession:
         pb = replies.playback
         if pb is None or pb.turn != turn or pb.cleared:
             return turn  # not replied to yet (or rolled back), or cut short by the caller
-        return turn if pb.finished_sending and not pb.playing(True) else turn - 1
+        heard = pb.finished_sending and not pb.playing(True, time.monotonic())
+        return turn if heard else turn - 1
 
     async def aclose(self) -> None:
         """Idempotent; stops the turn, the recognizer, retries and any prefetch. State

@@ -306,9 +306,10 @@ class VoiceTurns:
 
     async def turn_done(self) -> None:
         """Until the turn in flight (and an amendment after a barge-in) has finished."""
-        for task in (self._turn_task, self._amend_task):
-            if task is not None and not task.done():
-                await asyncio.wait({task})
+        task = self._turn_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+        await self._barge.settled()
 
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
