@@ -217,7 +217,9 @@ _section(ROUTER)
 CALLS_ACCEPTED = _counter("calls_accepted", "Client calls accepted")
 FAILOVERS = _counter("failovers", "Calls moved to a new link after theirs ended")
 FAILOVER_GAP_MS = _histogram(
-    "failover_gap_ms", "Time a call had no node: its link's end to the next link (ms)"
+    "failover_gap_ms",
+    "Time a call had no node: its link's end to the next link (ms; an idle call waits up to "
+    "0.5 s of it on purpose, behind the calls with a turn in flight)",
 )
 NODE_LINKS_OPENED = _counter("node_links_opened", "Links opened to nodes")
 UNACKED_AUDIO_FRAMES_DROPPED = _counter(
