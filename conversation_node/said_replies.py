@@ -128,8 +128,9 @@ class SaidReplies:
         """Say the last committed reply again (:meth:`CallCore.reply_to_repeat`), frame for
         frame as the first time; nothing is committed."""
         core = self._core
-        pb, _ = self._replies.start_reply(core.turn)
-        output = await self._speaker.speak(text, self.emit, self.voice)
+        # Interruptible like any reply: the caller may talk over it.
+        pb, interrupt = self._replies.start_reply(core.turn)
+        output = await self._speaker.speak(text, self.emit, self.voice, interrupt)
         pb.finished_sending = True
         metrics = TurnMetrics(
             call_id=core.call_id,

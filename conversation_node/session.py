@@ -45,6 +45,7 @@ from conversation_node.call_core import CallCore, CallState, IllegalTransition, 
 from conversation_node.call_durability import CallDurability
 from conversation_node.errors import CallDropped
 from conversation_node.greeting import load_history, save_history
+from conversation_node.link_end import LinkEnd
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
@@ -62,11 +63,6 @@ from state_store.errors import StoreUnavailable
 log = logging.getLogger("callmesh.node.session")
 
 __all__ = ["CallDropped", "CallSession", "CallState", "IllegalTransition"]
-
-# How long a call superseded by a new link gets to finish the turn its caller had finished
-# speaking before the old link ended: the new owner restores that turn's commit and says its
-# reply again. Past it the turn is dropped and the caller, hearing nothing, says it again.
-SETTLE_S = 5.0
 
 # Why a router moved a call here (router.proxy); anything else a client sends in ``resume``
 # (a resume secret, per the protocol) is a reconnect and never becomes a label or attribute.
@@ -103,10 +99,8 @@ class CallSession:
         )
         self.ckpt = self.durable.ckpt
         self._link_lost = False
-        # Owned tasks: the end of the caller's audio when the link ended (link_ended), and
-        # the wait for the turn in flight when a new link took the call over (settle).
-        self._ending: asyncio.Task[None] | None = None
-        self._settling: asyncio.Task[None] | None = None
+        # A committed reply said again after a resume (open), under the turn lock.
+        self._respeaking: asyncio.Task[None] | None = None
         # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
         # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
         self.leftover: tuple[Checkpoint, bool] | None = None
@@ -143,6 +137,8 @@ class CallSession:
             false_interruption_ms=config.false_interruption_ms,
             clear_at_sound=clear_at_sound,
         )
+        # What becomes of the last utterance when the link ends without a hangup.
+        self.link_end = LinkEnd(self.core, self.vt, self._turn_lock)
 
     def __repr__(self) -> str:
         core = self.core
@@ -244,8 +240,28 @@ class CallSession:
         delivered = start.body.get("delivered_turn")
         again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
         if again is not None:
-            async with self._turn_lock:
-                await self.turns.said.respeak(again)
+            # Said while this link's frames are read, so the caller can talk over it; the
+            # turn lock, taken here, keeps the next turn's reply after it.
+            # (Released when the task is done, even one cancelled before it ran.)
+            await self._turn_lock.acquire()
+            self._respeaking = asyncio.get_running_loop().create_task(
+                self._respeak(again), name=f"respeak:{self.call_id}"
+            )
+            self._respeaking.add_done_callback(lambda _: self._turn_lock.release())
+
+    async def _respeak(self, text: str) -> None:
+        try:
+            await self.turns.said.respeak(text)
+        except CallDropped:
+            pass  # fenced: the next frame finds the session dropped
+        except Exception:
+            # As a turn's: a bug in saying it must not take the call down.
+            log.exception("reply said again failed", extra={"fields": {"call_id": self.call_id}})
+
+    async def reply_said_again(self) -> None:
+        """Until the committed reply said again by :meth:`open` (if any) is out."""
+        if self._respeaking is not None and not self._respeaking.done():
+            await asyncio.wait({self._respeaking})
 
     async def handle(self, msg: Inbound) -> None:
         """Apply one inbound frame (:meth:`CallCore.receive` says how; a replayed one is
@@ -311,66 +327,25 @@ class CallSession:
     # ------------------------------------------------------------------ the link ends
 
     def link_ended(self) -> None:
-        """The call's link ended without a hangup (its router died, or moved it), or a new
-        link is taking the call over: nothing more comes in or goes out here. An utterance
-        the caller had finished is still answered, into the checkpoint (the caller's next
-        link hears the committed reply again); one cut off mid-speech is dropped, as the
-        caller never finished it. Idempotent."""
+        """The call's link ended without a hangup, or a new link is taking the call over:
+        nothing more comes in or goes out here (:meth:`LinkEnd.ended`). Idempotent."""
         self._link_lost = True
-        if self._ending is None and self.core.active:
-            self._ending = asyncio.get_running_loop().create_task(
-                self.vt.end_of_audio(), name=f"end-of-audio:{self.call_id}"
-            )
+        self.link_end.ended()
 
     async def settle(self) -> int | None:
-        """A new link takes this call over: let the turn in flight finish and commit
-        (bounded by :data:`SETTLE_S`), so that the new owner restores it instead of losing
-        it; then :meth:`heard_turn`. The session is closed afterwards by its successor."""
-        self.link_ended()
-        if self._settling is None:
-            self._settling = asyncio.get_running_loop().create_task(
-                self._settle(), name=f"settle:{self.call_id}"
-            )
-        # Shielded: whoever else closes this session waits for the same settling.
-        await asyncio.shield(self._settling)
-        return self.heard_turn()
-
-    async def _settle(self) -> None:
-        try:
-            async with asyncio.timeout(SETTLE_S):
-                if self._ending is not None:
-                    await asyncio.gather(self._ending, return_exceptions=True)
-                await self.vt.turn_done()
-                async with self._turn_lock:  # a text turn runs under the lock, not a task
-                    pass
-        except TimeoutError:
-            log.warning(
-                "turn in flight not settled before its call's new link: dropped",
-                extra={"fields": {"call_id": self.call_id, "turn": self.core.turn}},
-            )
-
-    def heard_turn(self) -> int | None:
-        """The last turn whose reply this session's caller heard whole, as far as the node
-        can tell from the marks they echoed (None for a client that echoes none). A reply
-        with a mark not yet echoed when the link ended was cut off: Twilio drops what it
-        was playing with the stream."""
-        replies, turn = self.vt.replies, self.core.turn
-        if not replies.marks_seen:
-            return None
-        pb = replies.playback
-        if pb is None or pb.turn != turn or pb.cleared:
-            return turn  # not replied to yet (or rolled back), or cut short by the caller
-        heard = pb.finished_sending and not pb.playing(True, time.monotonic())
-        return turn if heard else turn - 1
+        """A new link takes this call over: the turn in flight commits first, bounded
+        (:meth:`LinkEnd.settle`); the last turn the caller heard whole. The session is
+        closed afterwards by its successor."""
+        self._link_lost = True
+        return await self.link_end.settle()
 
     async def aclose(self) -> None:
         """Idempotent; stops the turn, the recognizer, retries and any prefetch. State
         already committed stays in Redis. A settling turn (:meth:`settle`) is waited for."""
-        if self._settling is not None:
-            await asyncio.gather(self._settling, return_exceptions=True)
-        if self._ending is not None and not self._ending.done():
-            self._ending.cancel()
-            await asyncio.gather(self._ending, return_exceptions=True)
+        await self.link_end.aclose()
+        if self._respeaking is not None and not self._respeaking.done():
+            self._respeaking.cancel()
+            await asyncio.gather(self._respeaking, return_exceptions=True)
         await self.vt.aclose()
         await self.ckpt.aclose()
         if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):
