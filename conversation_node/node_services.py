@@ -69,6 +69,11 @@ class MemoryServices:
         kb = KnowledgeBase.from_directory(kb_dir)
         own: dict[str, KnowledgeBase] = {}
         if tenants is not None:
+            if tenants.root is not None and not tenants.root.is_dir():
+                log.error(
+                    "knowledge base directory not found: every tenant gets the demo's",
+                    extra={"fields": {"kb_dir": str(tenants.root)}},
+                )
             own, failed = tenants.index(max_tenants)
             for tenant, why in failed.items():  # no snippets for that tenant, not the demo's
                 fields = {"tenant": tenant}

@@ -159,17 +159,19 @@ class DomainModels:
 
     async def _looked(self, tenant: str) -> _Tenant:
         old = self._tenants.get(tenant)
+        unreadable: KnowledgeBaseError | None = None
         try:
             kb_dir, seen = await asyncio.to_thread(self._locate, tenant)
         except KnowledgeBaseError as exc:
-            # Unreadable (being rewritten, removed, too large): keep what the tenant has.
-            kb_dir, seen = None, f"unreadable: {exc}"
+            # Removed, unreadable, too large: what it says cannot be known; the same error
+            # next time is no change (not retried, not logged again).
+            kb_dir, seen, unreadable = None, f"unreadable: {exc}", exc
         if old is not None and old.seen == seen:
             old.checked_at = time.monotonic()
             return old
         try:
-            if seen.startswith("unreadable: "):
-                raise KnowledgeBaseError(seen)
+            if unreadable is not None:
+                raise unreadable
             model = self._models.get(seen) or await self._build(seen, tenant, kb_dir)
         except asyncio.CancelledError:
             raise
@@ -198,9 +200,9 @@ class DomainModels:
         return task
 
     async def _built(self, source: str, tenant: str, kb_dir: Path | None) -> DomainModel:
-        if self._dir is None:
-            self._dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="callmesh-lm-"))
         async with self._build_slot:  # one at a time: a build is all CPU
+            if self._dir is None:
+                self._dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="callmesh-lm-"))
             built = await asyncio.to_thread(
                 self._builder, tenant, kb_dir, self._dir / (source or "booking")
             )
