@@ -212,6 +212,10 @@ class NodeConfig:
     tts_chunk_ms: int = _node("tts_chunk_ms")
     # Below this STT confidence the caller is asked to repeat instead of being guessed at.
     stt_min_confidence: float = _node("stt_min_confidence")
+    # The tenants' knowledge bases (one subdirectory each; "": the demo's for everyone),
+    # and how long start-up waits for the offline recognizer's models built from them.
+    kb_dir: str = _node("kb_dir")
+    stt_lm_startup_s: float = _node("stt_lm_startup_s")
     # Caller sound during a reply must yield words to stop it (false interruptions).
     false_interruption_ms: int = _node("false_interruption_ms")
     # When caller sound during a reply clears it: once it yields words, or at once (then a

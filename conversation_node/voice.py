@@ -92,12 +92,14 @@ class VoiceLane:
         fmt: AudioFormat,
         events: VoiceEvents,
         *,
+        tenant: str,
         call_id: str,
         observe_lag: Callable[[float], None],
     ) -> None:
         self._stt = stt
         self.format = fmt
         self._events = events
+        self.tenant = tenant  # verified by the router: the recognizer adapts to it
         self.call_id = call_id
         self._observe_lag = observe_lag
         self._stream: STTStream | None = None
@@ -178,7 +180,9 @@ class VoiceLane:
 
     async def _open(self) -> None:
         try:
-            self._stream = await self._stt.open(self.format.encoding, self.format.sample_rate)
+            self._stream = await self._stt.open(
+                self.format.encoding, self.format.sample_rate, tenant=self.tenant
+            )
         except ProviderError as exc:
             self._fail(exc)
             raise

@@ -157,6 +157,7 @@ class VoiceTurns:
                 self._stt,
                 fmt,
                 self,
+                tenant=self._core.tenant,
                 call_id=self._core.call_id,
                 observe_lag=self._observe_lag,
             )

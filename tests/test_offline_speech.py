@@ -40,9 +40,10 @@ pytestmark = pytest.mark.skipif(
 
 
 async def test_confidence_is_the_share_of_words_callers_say_in_that_context() -> None:
-    from conversation_node.providers.domain_lm import DomainModels
+    from conversation_node.providers.domain_models import DomainModels
+    from memory.tenant_kb import TenantKnowledgeBases
 
-    models = DomainModels(default_kb=None)
+    models = DomainModels(TenantKnowledgeBases(default=None))
     try:
         model = await models.get("bare")
         known, odd = "how much does a filling cost", "the week o'clock over the link"
@@ -192,7 +193,7 @@ async def test_a_stream_loads_its_models_off_the_event_loop(
         return endpointer()
 
     monkeypatch.setattr(stt, "_endpointer", spy)
-    stream = await stt.open(AudioEncoding.PCM16, 16000)
+    stream = await stt.open(AudioEncoding.PCM16, 16000, tenant="demo")
     await stream.aclose()
     assert made_on and threading.main_thread() not in made_on
 
@@ -204,7 +205,7 @@ async def test_speech_ends_at_the_last_voiced_audio_not_at_the_endpoint(
     # the endpointer needs (end_silence_ms) to know they stopped.
     speech = await speak(EspeakTTS(), "I would like to book a cleaning.")
     frame = 640  # 20 ms of 16 kHz pcm16
-    stream = await stt.open(AudioEncoding.PCM16, 16000)
+    stream = await stt.open(AudioEncoding.PCM16, 16000, tenant="demo")
     try:
         for part in (b"\0" * 12800, speech):
             for i in range(0, len(part), frame):
@@ -266,7 +267,7 @@ async def test_closing_a_stream_releases_its_decoding(stt: PocketsphinxSTT) -> N
     audio = await speak(EspeakTTS(), "Can I come in on Tuesday?")
     tasks_before = len(asyncio.all_tasks())
     for _ in range(6):
-        stream = await stt.open(AudioEncoding.PCM16, 16000)
+        stream = await stt.open(AudioEncoding.PCM16, 16000, tenant="demo")
         for i in range(0, len(audio), 640):
             stream.send_audio_nowait(AudioChunk(audio[i : i + 640], AudioEncoding.PCM16, 16000))
         await stream.aclose()  # mid-utterance: pending audio is dropped
@@ -291,7 +292,7 @@ async def test_a_dead_decoding_process_fails_its_streams_not_the_recognizer(
     from conversation_node.providers.base import ProviderError
 
     audio = await speak(EspeakTTS(), "Do you see children?")
-    stream = await stt.open(AudioEncoding.PCM16, 16000)
+    stream = await stt.open(AudioEncoding.PCM16, 16000, tenant="demo")
     stream._decoder.worker._proc.kill()  # type: ignore[union-attr]
     stream._decoder.worker._proc.wait()  # type: ignore[union-attr]
     stream.send_audio_nowait(AudioChunk(b"\x00\x00" * 8000 + audio, AudioEncoding.PCM16, 16000))
@@ -304,26 +305,6 @@ async def test_a_dead_decoding_process_fails_its_streams_not_the_recognizer(
     assert words(events[-1].text) == ["do", "you", "see", "children"]
 
 
-async def test_domain_model_follows_the_knowledge_base(tmp_path: Path) -> None:
-    from conversation_node.providers.domain_lm import DomainModels
-
-    kb = tmp_path / "kb"
-    kb.mkdir()
-    (kb / "services.md").write_text("# Services\n\n## Cleaning\nA cleaning takes an hour.\n")
-    models = DomainModels({"acme": kb}, check_every_s=0.0)
-    try:
-        first = await models.get("acme")
-        assert "orthodontist" not in first.vocabulary
-        assert {"cleaning", "tuesday", "yes"} <= first.vocabulary
-        (kb / "staff.md").write_text("# Staff\n\n## Team\nOur orthodontist sees children.\n")
-        second = await models.refresh("acme")
-        assert "orthodontist" in second.vocabulary and second.digest != first.digest
-        assert await models.get("acme") is second
-        assert (await models.get("other")).vocabulary >= {"riverside"}  # the demo KB
-    finally:
-        await models.aclose()
-
-
 def test_registry_selects_offline_providers() -> None:
     from callmesh.config import ConfigError
     from conversation_node.providers.registry import ProviderSettings, build_providers
@@ -331,6 +312,11 @@ def test_registry_selects_offline_providers() -> None:
     env = {"CALLMESH_STT": "pocketsphinx", "CALLMESH_TTS": "espeak", "CALLMESH_VAD": "energy"}
     providers = build_providers(ProviderSettings.from_env(env))
     assert isinstance(providers.stt, PocketsphinxSTT) and providers.stt.vad == "energy"
+    assert providers.stt.models.knowledge.root is None  # every tenant: the demo's
+    kbs = {"CALLMESH_KB_DIR": "/srv/kb", "CALLMESH_STT_LM_TENANTS": "7"}
+    stt = build_providers(ProviderSettings.from_env({**env, **kbs})).stt
+    assert isinstance(stt, PocketsphinxSTT) and stt.models.max_tenants == 7
+    assert stt.models.knowledge.root == Path("/srv/kb")
     assert isinstance(providers.tts, EspeakTTS)
     assert build_providers(ProviderSettings.from_env({})).names()["stt"] == "simulated-stt"
     with pytest.raises(ConfigError):

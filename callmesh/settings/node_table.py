@@ -85,6 +85,18 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _NODE,
         env="TIKTOKEN_CACHE_DIR",
     ),
+    Setting(
+        "kb_dir",
+        Text(),
+        "",
+        "directory of the tenants' knowledge bases, one subdirectory per tenant id (Markdown "
+        "and YAML documents): what retrieval finds and what the offline recognizer expects "
+        "callers to say; a tenant without one gets the demo knowledge base",
+        (NODE,),
+        _NODE,
+        env="CALLMESH_KB_DIR",
+        default_doc="none: every tenant gets the demo knowledge base",
+    ),
     # ------------------------------------------------------------------ node budgets
     Setting(
         "stt_min_confidence",
@@ -205,6 +217,37 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_VAD",
+    ),
+    Setting(
+        "stt_lm_tenants",
+        Number(int, ge=1, le=100_000),
+        64,
+        "tenants whose language models the offline recognizer keeps built (the least "
+        "recently used beyond are dropped, rebuilt at their next call)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_TENANTS",
+    ),
+    Setting(
+        "stt_lm_check_s",
+        Number(float, ge=0),
+        5.0,
+        "how often, at most, the offline recognizer looks for a change in a tenant's "
+        "knowledge base when a call of that tenant opens; a change rebuilds its language "
+        "model in the background (s)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_CHECK_S",
+    ),
+    Setting(
+        "stt_lm_startup_s",
+        Number(float, ge=0),
+        15.0,
+        "how long a starting node waits for the offline recognizer's language models of "
+        "its tenants before it announces itself; the rest are built after (s)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_STARTUP_S",
     ),
     Setting(
         "espeak_voice",

@@ -1,8 +1,10 @@
 """Speech to text with pocketsphinx, offline: the en-us acoustic model is in the wheel.
 
 Each stream endpoints with a VAD (Silero by default, energy as the light option) and
-decodes the speech between endpoints incrementally with the tenant's domain language model
-(:mod:`~conversation_node.providers.domain_lm`): ``SPEECH_STARTED`` when the VAD hears
+decodes the speech between endpoints incrementally with the language model of the call's
+tenant (:mod:`~conversation_node.providers.domain_models`; ``open`` is told the verified
+tenant of the call, and ``prepare`` builds the node's tenants' models at start-up):
+``SPEECH_STARTED`` when the VAD hears
 speech (barge-in), ``INTERIM`` every ``interim_ms`` of speech from the partial hypothesis,
 then ``FINAL`` and ``UTTERANCE_END`` at the endpoint.
 
@@ -47,7 +49,8 @@ from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEvent
 from conversation_node.providers.base import EventQueue, ProviderError, STTEvent, read_events
 from conversation_node.providers.base import STTEventKind as Kind
 from conversation_node.providers.domain_corpus import written
-from conversation_node.providers.domain_lm import DomainModel, DomainModels
+from conversation_node.providers.domain_lm import DomainModel
+from conversation_node.providers.domain_models import DomainModels
 from conversation_node.providers.sphinx_worker import DecoderProxy, SphinxWorker, WorkerError
 
 __all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available", "speech_missing"]
@@ -106,7 +109,7 @@ class _Endpointer(Protocol):
 
 class PocketsphinxSTT:
     """Offline recognizer. ``vad`` is ``"silero"`` or ``"energy"``; ``models`` holds the
-    per-tenant language models (the demo knowledge base's by default)."""
+    per-tenant language models (by default every tenant on the demo knowledge base)."""
 
     name = "pocketsphinx-stt"
 
@@ -121,7 +124,7 @@ class PocketsphinxSTT:
     ) -> None:
         if vad not in ("silero", "energy"):
             raise ValueError(f"vad must be silero or energy, got {vad!r}")
-        self.models = models or DomainModels()
+        self.models = models if models is not None else DomainModels()
         self.vad = vad
         self.end_silence_ms = end_silence_ms
         self.interim_ms = interim_ms
@@ -130,23 +133,41 @@ class PocketsphinxSTT:
         self._processes: list[SphinxWorker] = []
         self._placing = threading.Lock()
 
+    async def prepare(self, within_s: float) -> bool:
+        """Build the language models of the tenants the node knows (``DomainModels``),
+        waiting at most ``within_s``; the rest are built after. True if all are ready."""
+        task = self.models.start_prepare()
+        done, _ = await asyncio.wait({task}, timeout=within_s)
+        if not done:
+            log.warning(
+                "speech models still building after the start-up bound",
+                extra={"fields": {"bound_s": within_s, "models": repr(self.models)}},
+            )
+        elif task.exception() is not None:
+            log.error("speech models failed at start-up: %s", task.exception())
+        return bool(done) and task.exception() is None
+
     async def open(
-        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = "demo"
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str
     ) -> PocketsphinxSTTStream:
+        """A stream for one call of ``tenant`` (the verified tenant: its model is used)."""
         if sample_rate not in (8000, RATE):
             raise ProviderError(self.name, f"8 or 16 kHz audio only, got {sample_rate}")
-        model = await self.models.get(tenant)
         if self._executor is None:
             # Threads block on a worker's pipe (GIL released): two per process keep each
             # process busy while the other thread waits for its turn.
             threads = 2 * self._workers
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="pocketsphinx")
-        job = self._executor.submit(self._parts, model)
         try:
-            decoder, vad = await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            job.add_done_callback(_release)  # a stream nobody will close
-            raise
+            async with self.models.use(tenant) as model:
+                job = self._executor.submit(self._parts, model)
+                try:
+                    decoder, vad = await asyncio.wrap_future(job)
+                except asyncio.CancelledError:
+                    job.add_done_callback(_release)  # a stream nobody will close
+                    raise
+        except (OSError, WorkerError) as exc:  # the model's files, or a decoding process
+            raise ProviderError(self.name, f"cannot open a stream: {exc}") from exc
         return PocketsphinxSTTStream(self, model, decoder, vad, encoding, sample_rate)
 
     def _parts(self, model: DomainModel) -> tuple[DecoderProxy, _Endpointer]:

@@ -14,7 +14,8 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 =========================  =================================================
 
 Offline speech (the ``[speech]`` extra, no key, models in the wheels):
-``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing),
+``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing, and
+per-tenant language models from the knowledge bases in ``CALLMESH_KB_DIR``),
 ``CALLMESH_TTS=espeak`` (``CALLMESH_ESPEAK_VOICE``, ``CALLMESH_ESPEAK_WPM``).
 ``CALLMESH_SPEECH=offline`` (what ``callmesh up`` gives its nodes) makes them the choice
 of every speech role that no name and no key chooses.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from callmesh import settings
@@ -73,6 +75,12 @@ class ProviderSettings:
     preemptive_stable_ms: int = _default("preemptive_stable_ms")
     tts_chunk_ms: int = _default("tts_chunk_ms")
     vad: str = _default("vad")  # endpointing of the offline recognizer
+    # The offline recognizer's per-tenant language models: where the knowledge bases are
+    # (the node's CALLMESH_KB_DIR), how many tenants' models it keeps, how often it looks
+    # for a changed knowledge base.
+    kb_dir: str = _default("kb_dir")
+    stt_lm_tenants: int = _default("stt_lm_tenants")
+    stt_lm_check_s: float = _default("stt_lm_check_s")
     espeak_voice: str = _default("espeak_voice")
     espeak_wpm: int = _default("espeak_wpm")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
@@ -139,6 +147,9 @@ _FROM_TABLE = (
     "preemptive_stable_ms",
     "tts_chunk_ms",
     "vad",
+    "kb_dir",
+    "stt_lm_tenants",
+    "stt_lm_check_s",
     "espeak_voice",
     "espeak_wpm",
     "sim_latency_scale",
@@ -214,6 +225,17 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
     return SimulatedTTS(settings.sim_latency, chunk_ms=settings.tts_chunk_ms)
 
 
+def _domain_models(settings: ProviderSettings) -> Any:
+    from conversation_node.providers.domain_models import DomainModels
+    from memory.tenant_kb import TenantKnowledgeBases
+
+    return DomainModels(
+        TenantKnowledgeBases(Path(settings.kb_dir) if settings.kb_dir else None),
+        max_tenants=settings.stt_lm_tenants,
+        check_every_s=settings.stt_lm_check_s,
+    )
+
+
 def offline_missing(settings: ProviderSettings) -> str:
     """The packages of the ``[speech]`` extra that the chosen providers need and that are
     not installed ("" if none): what a launcher checks before starting nodes that would
@@ -250,7 +272,11 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
         if missing := speech_missing(settings.vad):
             raise ConfigError(f"the pocketsphinx recognizer needs the [speech] extra ({missing})")
 
-        stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
+        stt = PocketsphinxSTT(
+            models=_domain_models(settings),
+            vad=settings.vad,
+            end_silence_ms=settings.stt_endpointing_ms,
+        )
     else:
         from conversation_node.audio.vad import VadConfig
         from conversation_node.endpointing import EndpointingConfig

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import IO, Any
 
 import msgpack
@@ -145,6 +146,10 @@ class DecoderProxy:
 # end of an utterance). So that utterance is decoded again, with the mean it taught;
 # longer than this, it is left as heard (its own updates of the mean suffice then).
 _RELEARN_MAX_BYTES = 20 * 16000 * 2  # 20 s of 16 kHz pcm16
+# Idle decoders kept for reuse, over all models: a node serving many tenants has a model
+# per tenant, and idle decoders of models no longer used (a tenant dropped, a knowledge
+# base rebuilt) must not pile up. The least recently used model's go first.
+_IDLE_MAX = 32
 
 
 class _Host:
@@ -152,7 +157,7 @@ class _Host:
 
     def __init__(self) -> None:
         self.decoders: dict[int, tuple[tuple[str, str], Any]] = {}
-        self.idle: dict[tuple[str, str], list[Any]] = {}
+        self.idle: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
         # The audio of the utterance in progress on a decoder that never finished one.
         self.first_utterance: dict[int, bytearray] = {}
         self.learned: set[int] = set()  # id() of decoders whose mean came from speech
@@ -164,6 +169,8 @@ class _Host:
             idle = self.idle.get(key)
             if idle:
                 decoder = idle.pop()
+                if not idle:
+                    del self.idle[key]
             else:
                 from pocketsphinx import Decoder
 
@@ -201,13 +208,19 @@ class _Host:
         if op == "close":  # the parent ended any utterance in progress first
             del self.decoders[stream_id]
             self.first_utterance.pop(stream_id, None)
-            idle = self.idle.setdefault(key, [])
-            if len(idle) < 32:
-                idle.append(decoder)
-            else:  # dropped: its id() may come back with a new decoder
-                self.learned.discard(id(decoder))
+            self.idle.setdefault(key, []).append(decoder)
+            self.idle.move_to_end(key)
+            self._trim_idle()
             return None
         raise ValueError(f"unknown op {op!r}")
+
+    def _trim_idle(self) -> None:
+        while sum(len(idle) for idle in self.idle.values()) > _IDLE_MAX:
+            key, idle = next(iter(self.idle.items()))
+            dropped = idle.pop(0)
+            if not idle:
+                del self.idle[key]
+            self.learned.discard(id(dropped))  # its id() may come back with a new decoder
 
 
 def main() -> int:
