@@ -198,6 +198,8 @@ class NodeConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     working_memory_turns: int = 8
     checkpoint_ttl_s: int = 24 * 3600
+    # An ended call's last checkpoint stays this long for replay; the rest goes at hang-up.
+    ended_call_retention_s: int = _node("ended_call_retention_s")
     # Replicas confirming a checkpoint before its turn is acknowledged (-1: by backend),
     # and how long to wait for them (state_store.store.Durability).
     checkpoint_replicas: int = _node("checkpoint_replicas")

@@ -27,7 +27,7 @@ for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_blas, "1")
 
 from callmesh import config as cfg  # noqa: E402 (after the thread settings)
-from callmesh import gc_tuning  # noqa: E402
+from callmesh import gc_tuning, heap_probe  # noqa: E402
 from callmesh.settings import flags as settings_flags  # noqa: E402
 from callmesh.settings import mask_url  # noqa: E402
 from callmesh.telemetry import setup_logging  # noqa: E402
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         settings_flags.resolve(args)  # the process's settings, read once: flag, env, default
         services = ("router", "node", "effects-worker")
         setup_logging(args.log_level, json_logs=args.command in services)
+        if args.command in services:
+            heap_probe.install_from_settings(args.settings, args.command)
         result = args.func(args)
         if asyncio.iscoroutine(result):
             from callmesh.runner import install_uvloop

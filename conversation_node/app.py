@@ -177,6 +177,7 @@ class ConversationNode:
             store=StateStore(
                 self._redis,
                 ttl_s=cfg.checkpoint_ttl_s,
+                ended_retention_s=cfg.ended_call_retention_s,
                 durability=Durability.for_url(
                     cfg.backends.redis_url,
                     cfg.checkpoint_replicas,
@@ -195,6 +196,7 @@ class ConversationNode:
         drain_store = StateStore(
             self._drain_redis,
             ttl_s=cfg.checkpoint_ttl_s,
+            ended_retention_s=cfg.ended_call_retention_s,
             durability=self._services.store.durability,
         )
         index = EndedOutboxIndex(self._drain_redis)

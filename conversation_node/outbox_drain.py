@@ -212,6 +212,9 @@ class OutboxDrainer:
                 # after JetStream's de-duplication window.
                 await self._store.save(ckpt)
                 left.saved = True
+            # Out and saved: the call keeps only its checkpoint, for replay (a False means a
+            # newer owner holds it, whose outbox it is now).
+            await self._store.end(ckpt.tenant, ckpt.call_id, ckpt.epoch, final=not ckpt.outbox)
             if self._index is not None:
                 await self._index.remove(ckpt.tenant, ckpt.call_id)
         except FencedOut:

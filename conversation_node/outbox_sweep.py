@@ -88,6 +88,8 @@ class OutboxSweep:
             await self._index.touch(tenant, call_id, now)
             epoch, ckpt = await self._store.take_ownership(tenant, call_id, self._node_id)
             if ckpt is None or not ckpt.outbox:
+                if epoch:  # the take made a lease: nothing is left to fence
+                    await self._store.end(tenant, call_id, epoch, final=True)
                 await self._index.remove(tenant, call_id)
                 continue
             log.info(

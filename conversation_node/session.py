@@ -403,6 +403,9 @@ class CallSession:
         await self.ckpt.settle()
         if not self.ckpt.dirty:
             await self.durable.persist()
+        # Everything but what replay needs goes now; with effects still to publish, the
+        # lease stays for the drainer, which ends the call again once they are out.
+        final = not self.ckpt.dirty and not self.ckpt.outbox
         with contextlib.suppress(StoreUnavailable):
-            await self._svc.store.release(core.tenant, core.call_id, core.epoch)
+            await self._svc.store.end(core.tenant, core.call_id, core.epoch, final=final)
         await save_history(self._svc, core.memory, core.caller, core.call_id)

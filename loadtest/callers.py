@@ -50,16 +50,18 @@ async def scripted_call(
     think_s: float = 0.0,
     on_turn: Callable[[], None] | None = None,
     timeline: Timeline | None = None,
+    caller: str | None = None,
 ) -> CallResult:
-    """One call of ``turns`` scripted lines; ``timeline`` (if given) sees it start, each
-    answered turn with its latency, its error and its end."""
+    """One call of ``turns`` scripted lines by ``caller`` (default: a caller of its own,
+    ``caller-{call_id}``); ``timeline`` (if given) sees it start, each answered turn with
+    its latency, its error and its end."""
     rng = random.Random(f"{seed}:{call_id}")
     name = rng.choice(NAMES)
     result = CallResult(call_id, name)
     started = False
     try:
         async with CallClient(router_url, call_id, timeout_s=60) as client:
-            await client.start(tenant, f"caller-{call_id}")
+            await client.start(tenant, caller or f"caller-{call_id}")
             if timeline is not None:
                 timeline.call_started()
                 started = True

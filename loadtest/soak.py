@@ -8,7 +8,11 @@ each series over the completed calls, fitted after a warm-up (``--warmup``, by d
 first fifth of the run: allocators, caches and pools fill once, and that is not a leak).
 
 Target: no process grows more than 100 bytes per completed call (``pass``). Redis is
-reported, not judged: an ended call keeps what replay needs for the retention period.
+reported, not judged: an ended call keeps what replay needs for the retention period;
+at the end its keys are counted by kind, with their sizes and times to live
+(``redis_keys_by_kind``). ``--effects-worker`` adds an effects worker (effects logged, no
+CRM) whose RSS is sampled too; ``--heap-probe DIR`` traces the processes' allocations and
+names what grew between 1,000-call marks (``heap_growth``, :mod:`loadtest.soak_probes`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,9 +33,11 @@ import redis.asyncio as aioredis
 from loadtest.callers import scripted_call
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
+from loadtest.soak_probes import HeapProbes, redis_census
 from loadtest.stats import percentiles, run_meta, slope, write_report
 from loadtest.timeline import Timeline
-from localcluster.cluster import LocalCluster
+from localcluster.cluster import LocalCluster, Proc
+from localcluster.servers import free_port
 
 TARGET_BYTES_PER_CALL = 100.0
 
@@ -38,6 +46,13 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("soak", help="calls back to back for N minutes; memory slopes per call")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, default=50, help="callers placing calls")
+    p.add_argument(
+        "--callers",
+        type=int,
+        help="distinct caller identities the calls cycle through (default: one per calling "
+        "loop, who calls back to back; 0: a new caller every call, each of whom Redis "
+        "remembers for the customer history's lifetime)",
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--turns", type=int, default=2, help="turns per call")
     p.add_argument("--latency-scale", type=float, default=1.0, help="simulated providers")
@@ -45,6 +60,28 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=float, help="s left out of the fit (default: a fifth)")
     p.add_argument("--json", dest="json_path", help="write the report here")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    p.add_argument(
+        "--effects-worker", action="store_true", help="run an effects worker and sample it too"
+    )
+    p.add_argument(
+        "--heap-probe",
+        metavar="DIR",
+        help="trace allocations in every process (slow) and diff probes at call marks",
+    )
+    p.add_argument(
+        "--heap-probe-every", type=int, default=1000, help="completed calls between probes"
+    )
+    p.add_argument(
+        "--heap-probe-trace",
+        action="store_true",
+        help="trace allocations from the first probe on, to name the lines (slow)",
+    )
+    p.add_argument(
+        "--heap-probe-of",
+        default="router",
+        help="comma-separated processes to probe (router, node-1, ..., effects-worker): "
+        "tracing slows each one down",
+    )
     add_progress_flag(p)
     p.set_defaults(func=main)
 
@@ -61,9 +98,18 @@ def rss_bytes(pid: int) -> int:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, cluster: LocalCluster) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cluster: LocalCluster,
+        worker: Proc | None = None,
+        probes: HeapProbes | None = None,
+    ) -> None:
         self.args = args
         self.cluster = cluster
+        self.worker = worker
+        self.probes = probes
+        self.redis_keys_by_kind: dict[str, dict[str, float]] = {}
         self.timeline = Timeline()
         self.calls = 0
         self.completed = 0
@@ -73,15 +119,25 @@ class Soak:
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:6]
 
-    async def caller(self, deadline: float) -> None:
+    def caller_of(self, n: int, i: int) -> str | None:
+        """Who places call ``i``, the next of calling loop ``n`` (None: a caller of its own)."""
+        if self.args.callers is None:
+            return f"soak-{self._prefix}-caller-{n}"
+        if self.args.callers == 0:
+            return None
+        return f"soak-{self._prefix}-caller-{i % self.args.callers}"
+
+    async def caller(self, n: int, deadline: float) -> None:
         while time.monotonic() < deadline:
             i = next(self._ids)
+            who = self.caller_of(n, i)
             res = await scripted_call(
                 self.cluster.router_url,
                 f"soak-{self._prefix}-{i}",
                 self.args.turns,
                 seed=i,
                 timeline=self.timeline,
+                caller=who,
             )
             # Figures only: this process runs for minutes and must not hold every reply.
             self.calls += 1
@@ -98,9 +154,18 @@ class Soak:
             "redis_used_memory_b": int(info["used_memory"]),
             "redis_keys": int(await redis.dbsize()),
         }
-        for node in self.cluster.nodes:
-            row[f"{node.name}_rss_b"] = rss_bytes(node.pid)
+        for name, pid in self.pids().items():
+            row[f"{name}_rss_b"] = rss_bytes(pid)
         self.samples.append(row)
+        if self.probes is not None and self.probes.due(self.completed):
+            probed = set(self.args.heap_probe_of.split(","))
+            pids = {name: pid for name, pid in self.pids().items() if name in probed}
+            await self.probes.take(self.completed, row["t_s"], pids)
+
+    def pids(self) -> dict[str, int]:
+        """The sampled processes by name: the router, each node, the effects worker."""
+        procs = [self.cluster.router, *self.cluster.nodes, self.worker]
+        return {p.name: p.pid for p in procs if p is not None}
 
     async def sampler(self, stop: asyncio.Event) -> None:
         redis = aioredis.Redis.from_url(self.cluster.redis_url)
@@ -110,6 +175,7 @@ class Soak:
                 try:
                     await asyncio.wait_for(stop.wait(), self.args.sample_every)
                     await self.sample(redis)  # the state at the end of the run
+                    self.redis_keys_by_kind = await redis_census(redis)
                     return
                 except TimeoutError:
                     continue
@@ -127,7 +193,7 @@ class Soak:
                 asyncio.TaskGroup() as tg,
             ):
                 for n in range(self.args.concurrency):
-                    tg.create_task(self.caller(deadline), name=f"soak-caller-{n}")
+                    tg.create_task(self.caller(n, deadline), name=f"soak-caller-{n}")
         finally:
             stop.set()
             await asyncio.gather(sampler, return_exceptions=True)
@@ -141,7 +207,7 @@ def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
     names = [k for k in (kept[0] if kept else {}) if k not in ("t_s", "completed_calls")]
     per_call = {k: round(slope(x, [float(s[k]) for s in kept]), 2) for k in names}
     rss = {k.removesuffix("_rss_b"): v for k, v in per_call.items() if k.endswith("_rss_b")}
-    nodes = [v for k, v in rss.items() if k != "router"]
+    nodes = [v for k, v in rss.items() if k.startswith("node")]
     return {
         "fit_from_calls": int(x[0]) if x else 0,
         "fitted_samples": len(kept),
@@ -170,6 +236,7 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
         "concurrency": args.concurrency,
         "nodes": args.nodes,
         "turns_per_call": args.turns,
+        "callers": args.concurrency if args.callers is None else args.callers,
         "calls": soak.calls,
         "completed_calls": soak.completed,
         "calls_per_s": round(soak.completed / max(elapsed_s, 1e-9), 1),
@@ -183,7 +250,13 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
         "pass": {
             "router_flat": slopes.get("router", 0.0) <= TARGET_BYTES_PER_CALL,
             "nodes_flat": slopes["nodes_max"] <= TARGET_BYTES_PER_CALL,
+            **(
+                {"effects_worker_flat": slopes["effects-worker"] <= TARGET_BYTES_PER_CALL}
+                if "effects-worker" in slopes
+                else {}
+            ),
         },
+        "redis_keys_by_kind": soak.redis_keys_by_kind,
         "elapsed_s": round(elapsed_s, 2),
         "samples": soak.samples,
         # Growth since the first sample: absolute sizes (50-120 MB) would flatten a leak of
@@ -198,6 +271,8 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
             },
         },
     }
+    if soak.probes is not None:
+        rep["heap_growth"] = soak.probes.report(warmup)
     rep.update(soak.timeline.report())
     return rep
 
@@ -210,7 +285,35 @@ def check(args: argparse.Namespace) -> str | None:
         return "--concurrency must be in [1, 10000]"
     if not 0.1 <= args.sample_every <= 600 or args.turns < 1 or args.nodes < 1:
         return "--sample-every must be in [0.1, 600] s, --turns and --nodes at least 1"
+    if args.callers is not None and args.callers < 0:
+        return "--callers must be at least 0"
+    if args.heap_probe_every < 1:
+        return "--heap-probe-every must be at least 1"
     return None
+
+
+def start_worker(cluster: LocalCluster, env: dict[str, str]) -> Proc:
+    """An effects worker on the cluster's NATS, logging effects (no CRM), started before
+    the first call so that its RSS is sampled from the start."""
+    port = free_port()
+    argv = [sys.executable, "-m", "callmesh", "effects-worker", "--nats", cluster.nats_url]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    log = (cluster.log_dir or Path("/tmp")) / "effects-worker.log"
+    worker = Proc("effects-worker", argv, port, log, {**os.environ, **env})
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{worker.url}/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return worker
+        except OSError:
+            pass
+        if not worker.alive():
+            break
+        time.sleep(0.2)
+    worker.stop()
+    raise RuntimeError(f"the effects worker did not become ready; log in {log}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -219,11 +322,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"loadtest soak: {problem}", file=sys.stderr)
         return 2
     env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
+    probes = (
+        HeapProbes(
+            Path(args.heap_probe).resolve(), args.heap_probe_every, traced=args.heap_probe_trace
+        )
+        if args.heap_probe
+        else None
+    )
+    if probes is not None:
+        env.update(probes.env())
     with LocalCluster(nodes=args.nodes, env=env) as cluster:
-        soak = Soak(args, cluster)
-        t0 = time.monotonic()
-        asyncio.run(soak.run())
-        rep = build_report(soak, args, time.monotonic() - t0)
+        worker = start_worker(cluster, env) if args.effects_worker else None
+        try:
+            soak = Soak(args, cluster, worker, probes)
+            t0 = time.monotonic()
+            asyncio.run(soak.run())
+            rep = build_report(soak, args, time.monotonic() - t0)
+        finally:
+            if worker is not None:
+                worker.stop()
     rep["meta"] = run_meta()
     write_report(rep, args.json_path)
     if args.html_path:

@@ -67,6 +67,10 @@ class TokenCounter(Protocol):
 
     def count(self, text: str) -> int: ...
 
+    def count_once(self, text: str) -> int:
+        """As ``count``, for text new every turn (a whole section): nothing is kept."""
+        ...
+
     def forget(self) -> None:
         """Drop whatever counts are kept between calls (benchmarks time cold builds)."""
         ...
@@ -98,6 +102,9 @@ class TiktokenCounter:
             return self._line_counts(text)
         return self._tokens(text)
 
+    def count_once(self, text: str) -> int:
+        return self._tokens(text)
+
     def forget(self) -> None:
         self._line_counts.cache_clear()
 
@@ -123,6 +130,9 @@ class ApproximateTokenCounter:
 
     def count(self, text: str) -> int:
         return max(math.ceil(len(text) / 4), len(text.split()))
+
+    def count_once(self, text: str) -> int:
+        return self.count(text)
 
     def forget(self) -> None:
         pass  # nothing is kept
@@ -253,7 +263,9 @@ class PromptBuilder:
         return Prompt(
             messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
             tokens=tokens,
-            section_tokens={n: self.counter.count(body) for n, body in bodies.items()},
+            # Whole sections are new every turn: kept in the line cache, they filled it with
+            # a kilobyte a turn that no later turn reads.
+            section_tokens={n: self.counter.count_once(body) for n, body in bodies.items()},
             truncated=tuple(dict.fromkeys(truncated)),
             facts=memory.facts.values(),
             # Only what the model can see: snippets cut by the budget are left out here too.
@@ -261,7 +273,7 @@ class PromptBuilder:
         )
 
     def _total(self, system: str, user: str) -> int:
-        count = self.counter.count
+        count = self.counter.count_once
         return count(system) + count(user) + 2 * MESSAGE_OVERHEAD + REPLY_PRIMING
 
     def _fit(

@@ -42,6 +42,7 @@ from router.call_auth import CallAuth
 from router.call_intake import CallIntake
 from router.console import Console
 from router.limits import Admission, ConnectionLimits
+from router.links import free_connections_at_end
 from router.membership import MembershipView
 from router.node_links import NodeLinks
 from router.placement import Placement, http_health_probe
@@ -293,7 +294,7 @@ class Router:
 
     def app(self) -> web.Application:
         intake, http = self.intake, self._endpoints
-        app = web.Application(middlewares=[json_errors])
+        app = web.Application(middlewares=[json_errors, free_connections_at_end])
         app.router.add_get("/v1/calls/{call_id}", intake.call)
         app.router.add_get(MEDIA_PATH, intake.twilio_media)
         app.router.add_post(VOICE_PATH, intake.twilio_voice)

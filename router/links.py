@@ -10,6 +10,7 @@ frames and native node frames back into what the client understands:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
@@ -101,3 +102,26 @@ class NativeLink:
 
     async def close(self, code: int, message: bytes = b"") -> None:
         await self.ws.close(code=code, message=message)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def free_connections_at_end(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Let a connection's memory go when its handler ends, not at a garbage collection.
+
+    aiohttp's server WebSocket with a heartbeat gives the connection's protocol its
+    data-received callback, a bound method of the response, and the protocol keeps it after
+    the connection is lost; the response keeps the request, which keeps the protocol. That
+    cycle (the response, request, protocol, parser, queues and buffers of one call) is
+    freed only by the cyclic garbage collector, which the router runs rarely (gc_tuning):
+    meanwhile the ended calls' connections pile up, and the allocator keeps the memory they
+    fragmented. Dropping the callback once the handler is done (the socket is closed by
+    then) lets reference counting free the connection at once."""
+    try:
+        return await handler(request)
+    finally:
+        protocol = request.protocol
+        if getattr(protocol, "_data_received_cb", None) is not None:
+            protocol._data_received_cb = None  # type: ignore[attr-defined]

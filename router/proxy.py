@@ -314,8 +314,10 @@ class ProxySession:
                     gap_started = None
                 deadline = time.monotonic() + self._limits.connect_timeout_s
                 self._placement.track(self, node)
-                outcome = await self._pump_or_death()
-                self._placement.untrack(self, node)
+                try:
+                    outcome = await self._pump_or_death()
+                finally:  # also when the handler is cancelled: placement must not keep it
+                    self._placement.untrack(self, node)
                 if outcome in (Outcome.ENDED, Outcome.CLIENT_GONE) or self._client_gone.is_set():
                     return
                 gap_started = time.monotonic()

@@ -15,6 +15,8 @@ import msgpack
 from state_store.errors import CorruptState
 
 FORMAT_VERSION = 1
+# ``Checkpoint.status`` of a call that ended: its final checkpoint, kept for replay.
+ENDED = "ended"
 
 
 @dataclass

@@ -43,6 +43,41 @@ def pin(tenant: str, call_id: str) -> str:
     return _call(tenant, call_id, "pin")
 
 
+# What hang-up does to each per-call key above (state_store.store.StateStore.end): an ended
+# call keeps only what replay needs (the last checkpoint: replay verifies the event log
+# against it), for ``ended_call_retention_s``; everything else goes at once.
+ENDED_CALL_KEPT = ("ckpt",)
+ENDED_CALL_RELEASED = ("lease", "pin", "resume")
+
+
+def ended_call_kept(tenant: str, call_id: str) -> list[str]:
+    """Keys an ended call keeps for replay, until its retention runs out."""
+    return [_call(tenant, call_id, part) for part in ENDED_CALL_KEPT]
+
+
+def ended_call_released(tenant: str, call_id: str) -> list[str]:
+    """Keys deleted when a call ends."""
+    return [_call(tenant, call_id, part) for part in ENDED_CALL_RELEASED]
+
+
+def kind_of(key: str) -> str:
+    """What a key of ours is, for memory reports: a per-call part (``ckpt``, ``lease``...),
+    ``caller_history``, ``tenant_calls``/``tenant_callrate``, or the key itself for the
+    cluster-wide ones (``other`` for anything not ours)."""
+    if key in (MEMBERS, ENDED_OUTBOX):
+        return key
+    parts = key.split(":")
+    if len(parts) < 3 or parts[0] != PREFIX:
+        return "other"
+    if key.startswith(f"{PREFIX}:{{t:"):
+        return f"tenant_{parts[-1]}"
+    if parts[2] == "call":
+        return parts[-1]
+    if parts[2] == "caller":
+        return "caller_history"
+    return "other"
+
+
 def caller_history(tenant: str, caller: str) -> str:
     """Long-term memory of one caller of one tenant (list of msgpack call summaries)."""
     return f"{PREFIX}:{tenant}:caller:{{{caller}}}:history"

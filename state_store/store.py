@@ -25,17 +25,28 @@ from redis import exceptions as redis_exc
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
 
 from state_store import keys
-from state_store.checkpoint import Checkpoint
+from state_store.checkpoint import ENDED, Checkpoint
 from state_store.client import RedisClient, as_bytes, is_cluster_url
 from state_store.errors import FencedOut, NotReplicated, StoreUnavailable, translate
 
-# KEYS: lease, ckpt   ARGV: node_id, lease_ttl_ms
-# Returns {epoch, checkpoint-or-empty}.
+# KEYS: lease, ckpt   ARGV: node_id, lease_ttl_ms, epoch floor ('' for none)
+# Returns {epoch, checkpoint-or-empty}, or {0, checkpoint} without taking anything when the
+# call has a checkpoint but no lease: it ended (its lease went at hang-up, see _END), unless
+# the caller reads otherwise in the checkpoint and asks again with its epoch as the floor.
+# A lease recreated after it was lost must not hand out an epoch a former owner had.
 _TAKE = """
+local blob = redis.call('GET', KEYS[2])
+if ARGV[3] == '' and blob and redis.call('EXISTS', KEYS[1]) == 0 then
+  return {0, blob}
+end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local floor = tonumber(ARGV[3]) or 0
+if epoch <= floor then
+  epoch = floor + 1
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local blob = redis.call('GET', KEYS[2])
 if not blob then blob = '' end
 return {epoch, blob}
 """
@@ -52,13 +63,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, tonumber(cur)}
 """
 
-# KEYS: lease   ARGV: epoch.  Deletes the lease only if still ours.
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'node')
-  return 1
+# KEYS: lease, the keys kept for replay (ARGV[4] of them), the other keys released at
+# hang-up.  ARGV: epoch, retention_ms, final ('1': the checkpoint is the call's last word,
+# its outbox empty), how many keys are kept.  Only the current owner ends a call. The keys
+# nobody needs once the call ended go at once; with a final checkpoint the lease goes too
+# and the kept keys expire after the retention; otherwise the lease stays, without a node,
+# to fence whoever publishes the outbox left (who then ends the call again).
+_END = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
 end
-return 0
+local kept = tonumber(ARGV[4])
+for i = kept + 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1])
+  for i = 2, kept + 1 do
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+else
+  redis.call('HDEL', KEYS[1], 'node')
+end
+return 1
 """
 
 
@@ -105,11 +132,14 @@ class StateStore:
         redis: RedisClient,
         *,
         ttl_s: int = 24 * 3600,
+        ended_retention_s: int = 3600,
         durability: Durability | None = None,
         takeover_wait_s: float | None = None,
     ) -> None:
         self._redis = redis
         self._ttl_ms = ttl_s * 1000
+        # How long an ended call's last checkpoint stays for replay (:meth:`end`).
+        self._ended_retention_ms = ended_retention_s * 1000
         self.durability = durability or Durability()
         # Taking a call over needs its state. On a Redis Cluster one shard is briefly
         # masterless while a replica is promoted (cluster-node-timeout plus an election):
@@ -119,12 +149,23 @@ class StateStore:
         self._takeover_wait_s = takeover_wait_s
         self._take = redis.register_script(_TAKE)
         self._cas = redis.register_script(_CAS)
-        self._release = redis.register_script(_RELEASE)
+        self._end = redis.register_script(_END)
 
     async def take_ownership(
         self, tenant: str, call_id: str, node_id: str
     ) -> tuple[int, Checkpoint | None]:
-        """Become the owner of a call: returns the new epoch and the last checkpoint."""
+        """Become the owner of a call: returns the new epoch and the last checkpoint. An
+        ended call is not taken: epoch 0 and its final checkpoint (status ``ended``)."""
+        epoch, ckpt = await self._take_once(tenant, call_id, node_id, "")
+        if epoch == 0 and ckpt is not None and ckpt.status != ENDED:
+            # A live call's checkpoint without its lease (evicted, or deleted by hand):
+            # take it past every epoch the checkpoint knows of.
+            epoch, ckpt = await self._take_once(tenant, call_id, node_id, str(ckpt.epoch))
+        return epoch, ckpt
+
+    async def _take_once(
+        self, tenant: str, call_id: str, node_id: str, floor: str
+    ) -> tuple[int, Checkpoint | None]:
         deadline = time.monotonic() + self._takeover_wait_s
         delay = 0.05
         while True:
@@ -132,7 +173,7 @@ class StateStore:
                 with translate():
                     epoch, blob = await self._take(
                         keys=[keys.lease(tenant, call_id), keys.checkpoint(tenant, call_id)],
-                        args=[node_id, self._ttl_ms],
+                        args=[node_id, self._ttl_ms, floor],
                     )
                 break
             except StoreUnavailable:
@@ -213,7 +254,17 @@ class StateStore:
             node, epoch = await self._redis.hmget(keys.lease(tenant, call_id), ["node", "epoch"])
         return (as_bytes(node).decode() if node else None), int(epoch or 0)
 
-    async def release(self, tenant: str, call_id: str, epoch: int) -> bool:
-        """Give up ownership at the end of a call (no-op if fenced out meanwhile)."""
+    async def end(self, tenant: str, call_id: str, epoch: int, *, final: bool) -> bool:
+        """The call ended under ``epoch``: release what it holds (no-op, False, if fenced out
+        meanwhile). ``final``: its last checkpoint is saved with an empty outbox, so it
+        keeps only that, for replay, for the ended-call retention; otherwise the lease
+        stays (without a node) for whoever publishes the outbox, which ends it again."""
+        lease = keys.lease(tenant, call_id)
+        kept = keys.ended_call_kept(tenant, call_id)
+        others = [k for k in keys.ended_call_released(tenant, call_id) if k != lease]
         with translate():
-            return bool(await self._release(keys=[keys.lease(tenant, call_id)], args=[epoch]))
+            done = await self._end(
+                keys=[lease, *kept, *others],
+                args=[epoch, self._ended_retention_ms, "1" if final else "0", len(kept)],
+            )
+        return bool(done)

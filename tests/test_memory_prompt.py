@@ -143,3 +143,26 @@ def test_approximate_counter_is_labelled_and_bounded() -> None:
     assert counter.count(counter.truncate(LONG, 30)) <= 30
     builder = PromptBuilder(counter=counter)
     assert builder.build(call_of(50, utterance=LONG), LONG).tokens <= builder.budget.total
+
+
+def test_the_line_cache_keeps_lines_never_whole_sections() -> None:
+    """Sections are new every turn; in the per-process line cache they would take a
+    kilobyte a turn that no turn reads again (what an ended call must not leave)."""
+    counter = TiktokenCounter()
+    kept: list[str] = []
+    cached = counter._line_counts
+
+    def recording(text: str) -> int:
+        kept.append(text)
+        return cached(text)
+
+    counter._line_counts = recording  # type: ignore[method-assign]
+    prompt = PromptBuilder(counter=counter).build(call_of(3), "How much is it?", retrieval())
+    system = prompt.messages[0]["content"]
+    sections = {
+        name: body
+        for name, body in (part.split("\n", 1) for part in system.split("\n\n## "))
+        if name.removeprefix("## ") in ("Recent conversation", "Retrieved knowledge")
+    }
+    assert len(sections) == 2 and all(body.count("\n") >= 2 for body in sections.values())
+    assert kept and not set(sections.values()) & set(kept)

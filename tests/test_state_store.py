@@ -57,13 +57,14 @@ async def test_stale_owner_is_fenced_out_and_cannot_overwrite(redis: RedisClient
     assert saved is not None and saved.turn == 2 and saved.node == "n2"
 
 
-async def test_release_only_by_current_owner(redis: RedisClient) -> None:
+async def test_end_only_by_current_owner(redis: RedisClient) -> None:
     store = StateStore(redis)
     e1, _ = await store.take_ownership("acme", "c1", "n1")
     e2, _ = await store.take_ownership("acme", "c1", "n2")
-    assert not await store.release("acme", "c1", e1)
-    assert await store.release("acme", "c1", e2)
-    assert (await store.owner("acme", "c1"))[0] is None
+    assert not await store.end("acme", "c1", e1, final=False)
+    assert await store.end("acme", "c1", e2, final=False)
+    # Effects still to publish: the lease stays, without a node, to fence their publisher.
+    assert await store.owner("acme", "c1") == (None, e2)
 
 
 async def test_keys_share_the_call_hash_tag_and_are_tenant_scoped() -> None:

@@ -122,6 +122,17 @@ SETTINGS: tuple[Setting, ...] = (
         env="CALLMESH_CHECKPOINT_REPLICAS",
     ),
     Setting(
+        "ended_call_retention_s",
+        Number(int, gt=0),
+        3600,
+        "how long an ended call's last checkpoint stays in Redis for replay to verify the "
+        "event log against (callmesh replay, the console's inspector); everything else of "
+        "the call (ownership lease, pin, resume record) is deleted at hang-up (s)",
+        (NODE,),
+        _BACKENDS,
+        env="CALLMESH_ENDED_CALL_RETENTION_S",
+    ),
+    Setting(
         "checkpoint_wait_ms",
         Number(int, gt=0),
         200,
@@ -210,6 +221,18 @@ SETTINGS: tuple[Setting, ...] = (
         SERVICES,
         _TELEMETRY,
         env="CALLMESH_TRACE_SAMPLE_RATIO",
+    ),
+    Setting(
+        "heap_probe_dir",
+        Text(),
+        "",
+        "diagnostics: on SIGUSR1 write an object census and the allocators' figures into "
+        "this directory; SIGUSR2 also traces allocations (tracemalloc: slow, never in "
+        "production) and writes heap snapshots (callmesh.heap_probe; loadtest soak "
+        "--heap-probe)",
+        (ROUTER, NODE, WORKER),
+        _TELEMETRY,
+        env="CALLMESH_HEAP_PROBE_DIR",
     ),
     *ROUTER_SETTINGS,
     *AUTH_SETTINGS,
