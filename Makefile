@@ -24,9 +24,11 @@ $(STAMP) $(UP_STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
-# ruff, then the layering contracts of pyproject.toml ([tool.importlinter]).
+# ruff (lint and formatting), then the layering contracts of pyproject.toml
+# ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 
 typecheck: install

@@ -5,7 +5,9 @@ replaced underneath it, invisibly to the caller (invariant 5): the caller's fram
 kept until the node acknowledges them and replayed to a new owner, and a turn the new
 owner says again is de-duplicated (:mod:`router.failover_buffer`). The client side is a
 :class:`~router.links.ClientLink` (native protocol or Twilio Media Streams), so all of it
-works the same for every kind of client. Where the call runs is :class:`CallPlacement`'s.
+works the same for every kind of client. Where the call runs is
+:class:`~router.proxy_ports.CallPlacement`'s; the node's frames are read by
+:class:`~router.upstream.NodeFrames`.
 """
 
 from __future__ import annotations
@@ -13,92 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from callmesh import metric_names as names
 from callmesh import tracing
 from callmesh.mux import Channel
-from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
+from callmesh.protocol import CloseCode, ErrorCode, In, Inbound, encode
 from callmesh.telemetry import Metrics
-from router.failover_buffer import CLEAR, HOLD, SEND, ReplyDedup, UnackedFrames, clear_frame
-from router.limits import FrameRate, Rate
+from router.failover_buffer import ReplyDedup, UnackedFrames
+from router.limits import FrameRate, Rate, RelinkCap
 from router.links import ClientLink
-from router.node_frames import kind_of, parse
 from router.node_links import NodeLinkError
+from router.proxy_ports import CallLimits, CallPlacement, NodeLinkOpener
 from router.ring import NoNodeAvailable
+from router.upstream import NodeFrames, Outcome
 from state_store.errors import StateStoreError
 
 log = logging.getLogger("callmesh.router.proxy")
-
-
-class Outcome(StrEnum):
-    ENDED = "ended"  # the call ended (hangup → call_ended)
-    HANDOFF = "handoff"  # the node drains: move the call
-    LOST = "lost"  # the link dropped: suspect the node
-    DEAD = "dead"  # membership declared the node dead
-    CLIENT_GONE = "client_gone"
-
-
-@dataclass(frozen=True, slots=True)
-class CallLimits:
-    """The router's bounds on one call (from :class:`callmesh.config.RouterConfig`)."""
-
-    max_unacked_frames: int  # unacknowledged frames other than audio, refused beyond
-    max_unacked_audio_ms: int  # unacknowledged audio, the oldest dropped beyond
-    connect_timeout_s: float  # without a node for this long, the call is refused
-    max_unacked_bytes: int = 1 << 20  # bytes of those frames, refused beyond
-    max_frames_per_s: float = 0.0  # the client's frame rate (router.limits.FrameRate); 0: any
-    frame_burst: int = 1
-    # More than this many relinks within ``relink_window_s`` end the call (0: no cap).
-    max_relinks: int = 0
-    relink_window_s: float = 60.0
-
-
-class CallPlacement(Protocol):
-    """Where the call runs (:class:`router.placement.Placement`)."""
-
-    async def place(
-        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None = None
-    ) -> str:
-        """A node for the call; raises :class:`~router.ring.NoNodeAvailable`."""
-        ...
-
-    async def forget(self, tenant: str, call_id: str, node: str) -> None: ...
-
-    async def confirm_alive(self, node: str) -> bool: ...
-
-    def url(self, node: str) -> str | None: ...
-
-    def suspect(self, node: str) -> None: ...
-
-    def track(self, call: ProxySession, node: str) -> None: ...
-
-    def untrack(self, call: ProxySession, node: str) -> None: ...
-
-
-class NodeLinkOpener(Protocol):
-    """Channels to nodes (:class:`router.node_links.NodeLinks`)."""
-
-    async def open(self, node_id: str, url: str, call_id: str, start: str) -> Channel:
-        """A channel for ``call_id`` whose first frame is ``start``; raises
-        :class:`~router.node_links.NodeLinkError`."""
-        ...
-
-
-def owner_frame(ready: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The ``owner`` frame for a new owner's ``ready`` (``reason``: failover, handoff or
-    reconnect)."""
-    return {
-        "type": Out.OWNER.value,
-        "turn": ready.get("turn", 0),
-        "node": ready.get("node", ""),
-        "epoch": ready.get("epoch", 0),
-        "reason": reason,
-    }
 
 
 class ProxySession:
@@ -129,10 +63,9 @@ class ProxySession:
             limits.max_unacked_frames, max_frame_bytes=limits.max_unacked_bytes
         )
         self.rate = FrameRate(limits.max_frames_per_s, limits.frame_burst)
-        self._relinks: deque[float] = deque()
+        self._relink_cap = RelinkCap(limits.max_relinks, limits.relink_window_s)
         self.last_client_seq = 0
         self.replies = ReplyDedup()
-        self._ready_sent = False
         self.relink_reason = ""
         # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
         self.resume_secret: str | None = None
@@ -143,6 +76,9 @@ class ProxySession:
         self._client_gone = asyncio.Event()
         self._node_dead = asyncio.Event()
         self.failovers = 0
+        self._node_frames = NodeFrames(
+            self.unacked, self.replies, metrics, self.send_client, self._call_ended
+        )
 
     def __repr__(self) -> str:
         return (
@@ -242,19 +178,6 @@ class ProxySession:
     def _who(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "call_id": self.call_id, "node": self.node_id}
 
-    def _relinked_too_often(self) -> bool:
-        """One more relink; True when there were more than ``max_relinks`` in the window
-        (a call that keeps losing its link is ended instead of looping)."""
-        cap = self._limits.max_relinks
-        if not cap:
-            return False
-        now = time.monotonic()
-        relinks = self._relinks
-        relinks.append(now)
-        while relinks and now - relinks[0] > self._limits.relink_window_s:
-            relinks.popleft()
-        return len(relinks) > cap
-
     # ------------------------------------------------------------------ node side
 
     async def attach(self, node_id: str, reason: str) -> bool:
@@ -297,53 +220,13 @@ class ProxySession:
         channel = self.upstream
         if channel is None:
             return Outcome.LOST
-        while (raw := await channel.receive()) is not None:
-            frame: dict[str, Any] | None = None
-            kind = kind_of(raw)
-            if kind is None:
-                frame = parse(raw)
-                if frame is None:
-                    log.error("node sent invalid JSON", extra={"fields": {"node": self.node_id}})
-                    continue
-                kind = str(frame.get("type"))
-            if kind in REPLY_TYPES:
-                frame = frame or parse(raw)
-                if frame is not None:
-                    await self._forward_reply(kind, frame, raw)
-            elif kind == Ctl.ACK:
-                frame = frame or parse(raw) or {}
-                self.unacked.ack(int(frame.get("seq", 0)))
-            elif kind == Ctl.HANDOFF:
-                return Outcome.HANDOFF
-            elif kind == Out.READY:
-                if not self._ready_sent:
-                    self._ready_sent = True
-                    if self.resume_secret is not None:
-                        frame = {**(frame or parse(raw) or {}), "resume": self.resume_secret}
-                        raw = encode(frame)
-                    await self.send_client(kind, raw, frame)
-                else:  # a relink: the client learns its call's new owner (docs/protocol.md)
-                    owner = owner_frame(frame or parse(raw) or {}, self.relink_reason)
-                    await self.send_client(Out.OWNER.value, encode(owner), owner)
-            elif kind == Out.TURN_METRICS:
-                frame = frame or parse(raw) or {}
-                if self.replies.complete(int(frame.get("turn", 0))):
-                    await self.send_client(kind, raw, frame)
-            elif kind == Out.CALL_ENDED:
-                await self._call_ended()
-                await self.send_client(kind, raw, frame)
-                return Outcome.ENDED
-            else:
-                if kind == Out.ERROR:
-                    frame = frame or parse(raw) or {}
-                    if frame.get("code") == ErrorCode.CALL_ENDED:
-                        await self._call_ended()
-                        await self.send_client(kind, raw, frame)
-                        return Outcome.ENDED
-                await self.send_client(kind, raw, frame)
-        if self._client_gone.is_set():
-            return Outcome.CLIENT_GONE
-        return Outcome.LOST
+        return await self._node_frames.pump(
+            channel,
+            node_id=self.node_id,
+            resume_secret=self.resume_secret,
+            relink_reason=self.relink_reason,
+            client_gone=self._client_gone,
+        )
 
     async def _call_ended(self) -> None:
         self._ended = True
@@ -353,22 +236,6 @@ class ProxySession:
                 await hook()
             except StateStoreError as exc:
                 log.warning("end of call not recorded", extra={"fields": {"error": str(exc)}})
-
-    async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
-        verdict = self.replies.offer(kind, raw, frame)
-        if verdict is SEND:
-            await self.send_client(kind, raw, frame)
-        elif verdict is HOLD:
-            self._metrics.inc(names.REPLIES_DEDUPLICATED)
-        elif verdict is CLEAR:
-            # The new owner says something else: the caller drops the partial reply first,
-            # then hears the new one from its start.
-            clear_raw, clear = clear_frame(int(frame.get("turn", 0)))
-            await self.send_client(Out.CLEAR.value, clear_raw, clear)
-            self._metrics.inc(names.REPLIES_CLEARED)
-            for held in self.replies.take_held():
-                await self.send_client(*held)
-            await self.send_client(kind, raw, frame)
 
     def node_died(self) -> None:
         """Membership declared our node dead (e.g. it is paused): abandon the link now."""
@@ -439,7 +306,7 @@ class ProxySession:
                 gap_started = time.monotonic()
                 self.failovers += 1
                 self._metrics.inc(names.RELINKS, outcome=outcome.value)
-                if self._relinked_too_often():
+                if self._relink_cap.exceeded(time.monotonic()):
                     self._metrics.inc(names.REFUSED, bound="relinks")
                     log.warning("call relinked too often; ending it", extra={"fields": self._who()})
                     await self.link.refuse(
@@ -475,7 +342,7 @@ class ProxySession:
                 node = await self._placement.place(self.tenant, self.call_id, prefer_pin=False)
             except NoNodeAvailable:
                 node = None
-            reason = "failover" if self._ready_sent else "start"
+            reason = "failover" if self._node_frames.ready_sent else "start"
 
     async def _after(self, outcome: Outcome, node: str) -> tuple[str, str | None]:
         """Where the call goes after its link ended: the same node if it is confirmed

@@ -287,7 +287,7 @@ class Call:
         return version
 
     def _router_forwards(self, frame: dict[str, Any]) -> None:
-        """What ProxySession._forward_reply does, the caller's side included."""
+        """What router.upstream.NodeFrames does with a reply frame, the caller's side included."""
         kind, raw = frame["type"], encode(frame)
         verdict = self.replies.offer(kind, raw, frame)
         if verdict is SEND:

@@ -8,7 +8,8 @@ never knows which one it runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -79,6 +80,23 @@ class STTStream(Protocol):
     # so a short "yes" ends the turn sooner; and ``speech_probability(p: float) -> None``:
     # a provider-supplied probability that speech goes on (a VAD such as Silero, a turn
     # model), which then decides the wait.
+
+
+# What a stream queues for its reader: events, then a failure (if any), then None: the end.
+EventQueue = asyncio.Queue[STTEvent | ProviderError | None]
+
+
+async def read_events(queue: EventQueue) -> AsyncGenerator[STTEvent, None]:
+    """A stream's events from its queue until the end; raises the :class:`ProviderError`
+    that broke it. The end is left queued, so a later reader ends too."""
+    while True:
+        item = await queue.get()
+        if item is None:
+            queue.put_nowait(None)
+            return
+        if isinstance(item, ProviderError):
+            raise item
+        yield item
 
 
 class STT(Protocol):

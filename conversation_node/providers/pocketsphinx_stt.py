@@ -44,7 +44,7 @@ from callmesh.audio.codec import SampleReader
 from callmesh.audio.format import AudioChunk, AudioEncoding
 from conversation_node.audio.resample import Resampler
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEventKind
-from conversation_node.providers.base import ProviderError, STTEvent
+from conversation_node.providers.base import EventQueue, ProviderError, STTEvent, read_events
 from conversation_node.providers.base import STTEventKind as Kind
 from conversation_node.providers.domain_corpus import written
 from conversation_node.providers.domain_lm import DomainModel, DomainModels
@@ -195,7 +195,7 @@ class PocketsphinxSTTStream:
         self._reader = SampleReader(mulaw=encoding is AudioEncoding.MULAW)
         self._upsampler = Resampler(rate, RATE) if rate != RATE else None
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[STTEvent | ProviderError | None] = asyncio.Queue()
+        self._events: EventQueue = asyncio.Queue()
         self._lock = threading.Lock()
         self._inbox: collections.deque[npt.NDArray[np.int16] | str] = collections.deque()
         self._job: Future[None] | None = None
@@ -237,15 +237,9 @@ class PocketsphinxSTTStream:
             if self._job is None:
                 self._job = self._stt.submit(self._drain)
 
-    async def events(self) -> AsyncGenerator[STTEvent, None]:
-        while True:
-            item = await self._events.get()
-            if item is None:
-                self._events.put_nowait(None)  # later readers end too
-                return
-            if isinstance(item, ProviderError):
-                raise item
-            yield item
+    def events(self) -> AsyncGenerator[STTEvent, None]:
+        """Events until the stream closes; raises :class:`ProviderError` if it broke."""
+        return read_events(self._events)
 
     async def aclose(self) -> None:
         """Stop: pending audio is dropped, the decoder goes back to the pool (idempotent)."""
