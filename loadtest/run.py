@@ -9,7 +9,7 @@ so that all ``--calls`` calls are live together:
 2. **talk**: every call says ``--turns`` scripted lines, a line every ``--think`` x
    uniform(0.5, 1.5) seconds (5-15 s by default: human pacing), the first within
    ``--think`` seconds of the phase's start; the calls stay up afterwards;
-3. **hang up**: every call hangs up.
+3. **hang up**: every call hangs up, ``--ramp`` calls a second (calls leave as they came).
 
 The cluster is measured with no call (baseline), with every call open and idle (after
 phase 1) and with every call open after its turns (after phase 2): RSS per call of the
@@ -238,7 +238,7 @@ async def drive(
             if watch is not None:
                 watch.start()
             for c in children:
-                await c.command({"cmd": "hangup"})
+                await c.command({"cmd": "hangup", "rate": args.ramp / len(children)})
             ended = await asyncio.gather(*(c.expect("ended", PHASE_TIMEOUT_S) for c in children))
             phases["hangup_s"] = round(time.monotonic() - t0, 1)
             if watch is not None:

@@ -18,8 +18,9 @@ finished the one before, so all calls are live together:
   within ``S`` seconds and each next one ``S`` x uniform(0.5, 1.5) seconds after the reply
   to the last (human pacing); the calls stay up afterwards; answered ``{"event":
   "talked"}``;
-- ``{"cmd": "hangup"}`` (or end of input): every call hangs up; answered ``{"event":
-  "ended", ...}`` with the results, then the process exits.
+- ``{"cmd": "hangup", "rate": R}`` (or end of input: all at once): every call hangs up,
+  R a second; answered ``{"event": "ended", ...}`` with the results, then the process
+  exits.
 
 While calls run, ``{"event": "tick", ...}`` reports once a second what happened since the
 last one (turn latencies with their times, errors, calls up), for the parent's timeline.
@@ -184,8 +185,18 @@ class Callers:
         except _CALL_ERRORS as exc:
             self._fail(call, f"turn: {type(exc).__name__}: {exc}")
 
-    async def hangup(self) -> dict[str, Any]:
-        await asyncio.gather(*(self._hangup_one(c) for c in self.calls))
+    async def hangup(self, rate: float = 0.0) -> dict[str, Any]:
+        """Every call hangs up, ``rate`` a second (0: all at once): calls end over time as
+        they arrived, not in one instant."""
+        gap = 1.0 / rate if rate > 0 else 0.0
+        tasks = []
+        t0 = time.monotonic()
+        for k, call in enumerate(self.calls):
+            due = t0 + k * gap
+            if (delay := due - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self._hangup_one(call)))
+        await asyncio.gather(*tasks)
         s = self.seen
         return {
             "event": "ended",
@@ -259,6 +270,7 @@ async def serve(args: argparse.Namespace) -> None:
     routers = [u for u in args.routers.split(",") if u]
     async with Callers(routers, args.first, args.calls, args.seed, args.tenant) as callers:
         ticker = asyncio.create_task(_ticker(callers), name="run-callers-tick")
+        hangup_rate = 0.0
         _emit({"event": "hello", "pid": os.getpid(), "nofile": raise_fd_limit()})
         try:
             while line := await reader.readline():
@@ -269,13 +281,14 @@ async def serve(args: argparse.Namespace) -> None:
                 elif kind == "talk":
                     _emit(await callers.talk(int(cmd["turns"]), float(cmd.get("think", 0))))
                 elif kind == "hangup":
+                    hangup_rate = float(cmd.get("rate", 0))
                     break
                 else:
                     _emit({"event": "error", "message": f"unknown command {kind!r}"})
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
-            ended = await callers.hangup()
+            ended = await callers.hangup(hangup_rate)
             _emit(callers.tick())
             _emit(ended)
 

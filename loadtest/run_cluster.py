@@ -46,6 +46,25 @@ def _status_kb(pid: int, name: str) -> int:
     return 0
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (every process, ours or not)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / CLK_TCK
+
+
 def open_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -82,10 +101,17 @@ class ClusterProbe:
 
     def sample(self) -> dict[str, Any]:
         """RSS (KB) and open files of every process, and the Valkey's memory and keys."""
-        out: dict[str, Any] = {"at": time.monotonic(), "rss_kb": {}, "fds": {}}
+        out: dict[str, Any] = {
+            "at": time.monotonic(),
+            "machine_busy_s": machine_busy_s(),
+            "rss_kb": {},
+            "fds": {},
+            "cpu_s": {},
+        }
         for role, pids in self.pids.items():
             out["rss_kb"][role] = [_status_kb(pid, "VmRSS") for pid in pids]
             out["fds"][role] = [open_fds(pid) for pid in pids]
+            out["cpu_s"][role] = [cpu_s(pid) for pid in pids]
         client = redis.Redis.from_url(self.redis_url)
         try:
             out["redis_used_memory_b"] = int(client.info("memory")["used_memory"])
@@ -116,6 +142,18 @@ def per_call(samples: dict[str, Any], calls: int) -> dict[str, Any]:
     idle = samples.get("idle")
     if idle is not None:
         out["fds_max"] = {role: max(v, default=0) for role, v in idle["fds"].items()}
+    talked = samples.get("after_turns")
+    if idle is not None and talked is not None:
+        # Cores each role used while the calls talked (the samples bracket that phase),
+        # and the whole machine's, other work on it included.
+        wall = talked["at"] - idle["at"]
+        out["talk_cpu_cores"] = {
+            role: round((sum(talked["cpu_s"][role]) - sum(idle["cpu_s"][role])) / wall, 3)
+            for role in talked["cpu_s"]
+        }
+        out["talk_machine_busy_cores"] = round(
+            (talked["machine_busy_s"] - idle["machine_busy_s"]) / wall, 3
+        )
     return out
 
 

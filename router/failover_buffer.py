@@ -44,6 +44,19 @@ def audio_bytes(frame: Inbound) -> int:
     return n
 
 
+class KeptAudio:
+    """An unacknowledged audio frame as kept for replay: its number and its text. The
+    parsed frame (its body and a copy of its payload) is not kept: a caller's frames wait
+    here for as long as an utterance and its reply take, some 70 of them per audio call on
+    average, and the parsed part would more than double their memory."""
+
+    __slots__ = ("raw", "seq")
+
+    def __init__(self, seq: int, raw: str) -> None:
+        self.seq = seq
+        self.raw = raw
+
+
 class UnackedFrames:
     """The caller's frames not yet acknowledged by the owner node, kept for replay."""
 
@@ -72,7 +85,7 @@ class UnackedFrames:
         self._frames: deque[Inbound] = deque()
         self._frame_sizes: deque[int] = deque()
         self.frame_bytes = 0
-        self._audio: deque[Inbound] = deque()
+        self._audio: deque[KeptAudio] = deque()
         self._audio_sizes: deque[int] = deque()  # bytes of each frame in ``_audio``
         self.audio_bytes = 0
 
@@ -98,7 +111,7 @@ class UnackedFrames:
         the oldest unacknowledged audio goes (a new owner hears the most recent of it);
         returns how many frames went (the newest frame always stays)."""
         size = audio_bytes(frame)
-        self._audio.append(frame)
+        self._audio.append(KeptAudio(frame.seq, frame.raw))
         self._audio_sizes.append(size)
         self.audio_bytes += size
         if self.audio_bytes <= self.max_audio_bytes:
@@ -134,10 +147,11 @@ class UnackedFrames:
             audio.popleft()
             self.audio_bytes -= sizes.popleft()
 
-    def replay(self) -> list[Inbound]:
-        """Every unacknowledged frame in ``seq`` order (a copy: more may be kept while the
-        replay is sent)."""
-        return list(heapq.merge(list(self._frames), list(self._audio), key=_SEQ))
+    def replay(self) -> list[Inbound | KeptAudio]:
+        """Every unacknowledged frame in ``seq`` order, each with its ``raw`` text (a copy:
+        more may be kept while the replay is sent)."""
+        frames: list[Inbound | KeptAudio] = list(self._frames)
+        return list(heapq.merge(frames, list(self._audio), key=_SEQ))
 
 
 class Verdict(Enum):
