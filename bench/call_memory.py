@@ -31,10 +31,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callmesh_client.client import CallClient  # noqa: E402
-from loadtest.capacity import rss_kb  # noqa: E402
-from loadtest.capacity_callers import CallerProcess  # noqa: E402
-from localcluster.cluster import LocalCluster  # noqa: E402
+from callmesh_client.client import CallClient
+from loadtest.capacity import rss_kb
+from loadtest.capacity_callers import CallerProcess
+from localcluster.cluster import LocalCluster
 
 PROBE = Path(__file__).resolve().parent / "memprobe"
 
@@ -184,7 +184,9 @@ async def _text(url: str, args: argparse.Namespace, pids: dict[str, int], out: P
     await asyncio.wait_for(ready.wait(), 300)
     await asyncio.sleep(args.settle)
     loop = asyncio.get_running_loop()
-    after = {role: await loop.run_in_executor(None, probe, pid, out, 2) for role, pid in pids.items()}
+    after = {
+        role: await loop.run_in_executor(None, probe, pid, out, 2) for role, pid in pids.items()
+    }
     rss1 = {role: rss_kb(pid) for role, pid in pids.items()}
     done.set()
     await holder

@@ -4,8 +4,8 @@ directory on ``PYTHONPATH`` and ``CALLMESH_MEMPROBE_DIR`` set (never in producti
 On SIGUSR2 the process collects garbage, then writes to that directory a count of live
 objects by type (``{pid}-{n}.json``) and, when tracing, a tracemalloc snapshot
 (``{pid}-{n}.snap``). With ``CALLMESH_MEMPROBE_TRACE=FRAMES`` tracing starts at the first
-signal (start-up stays fast), so later snapshots hold only what was allocated since. The handler runs between bytecodes of the main
-thread, so the event loop is paused while it writes.
+signal (start-up stays fast), so later snapshots hold only what was allocated since. The
+handler runs between bytecodes of the main thread: the event loop waits while it writes.
 """
 
 from __future__ import annotations
