@@ -51,18 +51,19 @@ async def test_node_is_alive_but_not_ready_while_draining_or_without_redis(
         gauges = await _gauges(http, url, "callmesh_node")
         assert (gauges["redis_up"], gauges["nats_up"], gauges["draining"]) == (1, 1, 0)
 
-        # Redis stops answering the heartbeat: not ready, still alive.
+        # Redis stops answering the heartbeat (beaten from its own thread): not ready,
+        # still alive.
         heartbeat: Any = node._heartbeat
-        real_beat = heartbeat.beat_once
+        real_beat = heartbeat.beat_with
 
-        async def failing_beat() -> None:
+        async def failing_beat(store: object) -> None:
             raise StoreUnavailable("test: redis unreachable")
 
-        heartbeat.beat_once = failing_beat
+        heartbeat.beat_with = failing_beat
         await _until(http, url + "/readyz", 503)
         assert await _status(http, url + "/livez") == 200
         assert (await _gauges(http, url, "callmesh_node"))["redis_up"] == 0
-        heartbeat.beat_once = real_beat
+        heartbeat.beat_with = real_beat
         await _until(http, url + "/readyz", 200)
 
         node.draining = True
