@@ -286,9 +286,13 @@ async def serve(args: argparse.Namespace) -> None:
                 else:
                     _emit({"event": "error", "message": f"unknown command {kind!r}"})
         finally:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
-            ended = await callers.hangup(hangup_rate)
+            # The ticks go on while calls hang up: the parent's time line is built from
+            # them in the order they arrive.
+            try:
+                ended = await callers.hangup(hangup_rate)
+            finally:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
             _emit(callers.tick())
             _emit(ended)
 
