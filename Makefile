@@ -15,7 +15,7 @@ install: $(STAMP)
 # Extras by role (pyproject.toml): `make up` needs the embedded servers ([local]) and the
 # provider SDKs an API key may switch on ([voice]); tests, lint and benchmarks need [dev],
 # which holds every extra.
-$(UP_STAMP): EXTRAS := local,voice
+$(UP_STAMP): EXTRAS := local,voice,speech
 $(STAMP): EXTRAS := dev
 $(STAMP) $(UP_STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callmesh needs Python 3.11+")'

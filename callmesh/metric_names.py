@@ -172,9 +172,13 @@ PREEMPTIVE_SAVED_MS_SUM = _counter(
 ENDPOINT_MS_SUM = _counter(
     "endpoint_ms_sum", "Utterance-ending silences waited for, adaptive endpointing (ms)"
 )
-# Caller noise that started a barge-in but said nothing: the reply went on.
+# Caller noise that started a barge-in but said nothing: the reply went on, or (cleared at
+# the first sound) was resumed from the first sentence the caller had not heard.
 FALSE_INTERRUPTIONS = _counter(
     "false_interruptions", "Barge-ins by caller noise that said nothing (the reply went on)"
+)
+REPLIES_RESUMED = _counter(
+    "replies_resumed", "Replies cleared at caller noise and resumed where the caller last heard"
 )
 
 # Checkpoints and the outbox of side effects.

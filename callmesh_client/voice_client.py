@@ -118,6 +118,10 @@ class VoiceCaller:
         self.ready: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
         self.clears: list[int | None] = []  # turn of each clear (None on Twilio)
+        # At each clear: (agent audio bytes received, those before the last mark played).
+        self.clear_points: list[tuple[int, int]] = []
+        self._mark_at: dict[str, int] = {}  # agent audio bytes received before each mark
+        self._heard_bytes = 0
         self.marks_received = 0
         self.marks_echoed = 0
         self.agent_audio_bytes = 0
@@ -381,6 +385,7 @@ class VoiceCaller:
         # The old stream's queued marks and buffered audio went with it.
         self._control.clear()
         self.playback.clear(time.monotonic())
+        self._mark_at.clear()
         self._control.extend(self.wire.opening())
         if self._speaking is not None and self._speech_pos > 0:
             self._speech_pos = 0  # cut off mid-sentence: say it again from its start
@@ -417,13 +422,16 @@ class VoiceCaller:
             self._on_audio(heard, now)
         elif kind == HEARD_MARK:
             self.marks_received += 1
+            self._mark_at[heard.name] = self.agent_audio_bytes
             if self.playback.mark(heard.name, now):
-                self._echo(heard.name)
+                self._played(heard.name)
         elif kind == HEARD_CLEAR:
             self.clears.append(heard.turn)
+            self.clear_points.append((self.agent_audio_bytes, self._heard_bytes))
             if self._listening is not None:
                 self._listening.result.cleared = True
             for name in self.playback.clear(now):
+                self._mark_at.pop(name, None)  # flushed, not played
                 self._echo(name)
         elif kind == Out.READY:
             self.ready = heard.frame
@@ -459,6 +467,10 @@ class VoiceCaller:
         if self.keep_audio:
             r.audio += base64.b64decode(heard.payload)
 
+    def _played(self, name: str) -> None:
+        self._heard_bytes = self._mark_at.pop(name, self._heard_bytes)
+        self._echo(name)
+
     def _echo(self, name: str) -> None:
         self._control.append(self.wire.mark(name))
         self.marks_echoed += 1
@@ -468,7 +480,7 @@ class VoiceCaller:
     def _tick(self, now: float) -> None:
         """Per frame: echo marks whose audio has played; see whether the reply is done."""
         for name in self.playback.due(now):
-            self._echo(name)
+            self._played(name)
         drained = self.playback.drained(now)
         if drained:
             self._playing.clear()

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -48,6 +49,7 @@ from events.connection import server_urls
 from events.outbox import OutboxPublisher
 from events.streams import ensure_streams
 from memory.history import RedisHistoryStore
+from memory.tenant_kb import TenantKnowledgeBases
 from state_store.client import connect as redis_connect
 from state_store.ended_outbox import EndedOutboxIndex
 from state_store.membership import MembershipStore, NodeState
@@ -168,10 +170,11 @@ class ConversationNode:
         )
         pipeline = TurnPipeline(providers.llm, providers.tts, providers.backup_tts, budgets)
         log.info("providers", extra={"fields": providers.names()})
-        # The knowledge base is indexed once, here; its caches are shared by the calls.
+        # The knowledge bases are indexed once, here; their caches are shared by the calls.
         memory = self._memory or MemoryServices.build(
             RedisHistoryStore(self._redis, max_calls=HISTORY_MAX_CALLS),
             working_turns=cfg.working_memory_turns,
+            tenants=TenantKnowledgeBases(Path(cfg.kb_dir)) if cfg.kb_dir else None,
         )
         self._services = NodeServices(
             config=cfg,
@@ -209,6 +212,11 @@ class ConversationNode:
             lambda: len(self.sessions),
             self.services.metrics,
         )
+        # The recognizer's models of the tenants this node knows (offline speech), built in
+        # a thread before the node is announced, within a bound (the rest follow).
+        prepare = getattr(providers.stt, "prepare", None)
+        if prepare is not None:
+            await prepare(cfg.stt_lm_startup_s)
         await self._heartbeat.beat_once()
         self._heartbeat.start()
         if cfg.auth_disabled:

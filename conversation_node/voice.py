@@ -1,4 +1,4 @@
-"""The audio side of one call: caller audio into speech-to-text, and what the caller heard.
+"""The audio side of one call: caller audio into speech-to-text.
 
 :class:`VoiceLane` feeds every ``audio`` frame into the call's STT stream (opened on the
 first frame) and turns the recognizer's events into the session's turn-taking calls:
@@ -14,10 +14,7 @@ in flight to the new owner. Audio heard while nobody speaks is acknowledged on i
 once it is ``QUIET_ACK_AFTER_S`` old (recognizers report speech late, so younger audio may
 still hold the start of an utterance); otherwise the router would keep minutes of silence.
 
-:class:`Playback` follows one reply as the caller plays it: each sentence ends with a
-``mark``, echoed by the client when played. After a barge-in (``clear``), the sentences
-whose marks came back before it are what the caller heard; marks echoed after it are the
-client flushing its buffer (Twilio echoes pending marks on ``clear``) and do not count.
+What the caller heard of a reply is followed by :mod:`conversation_node.playback`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callmesh.audio.format import AudioChunk, AudioEncoding, bytes_per_ms
@@ -49,9 +46,6 @@ QUIET_ACK_EVERY_S = 0.5
 # (the time and seq of the latest of them): five 20 ms frames an entry instead of one,
 # and the acknowledgement comes at most this much later.
 _RECENT_BUCKET_S = 0.1
-# A client that never echoes marks: a reply counts as played this long after its audio
-# would have finished at real-time speed.
-UNMARKED_GRACE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -68,78 +62,6 @@ class AudioFormat:
     @property
     def bytes_per_ms(self) -> float:
         return bytes_per_ms(self.encoding, self.sample_rate)
-
-
-@dataclass
-class _Sentence:
-    text: str
-    mark: str | None = None
-    audio_ms: float = 0.0
-    played: bool = False
-
-
-@dataclass
-class Playback:
-    """One reply (turn) as the caller plays it."""
-
-    turn: int
-    sentences: list[_Sentence] = field(default_factory=list)
-    first_audio_at: float | None = None
-    audio_ms: float = 0.0
-    finished_sending: bool = False
-    cleared: bool = False
-
-    def on_text(self, text: str) -> None:
-        self.sentences.append(_Sentence(text))
-
-    def on_audio(self, duration_ms: float) -> None:
-        if self.first_audio_at is None:
-            self.first_audio_at = time.monotonic()
-        self.audio_ms += duration_ms
-        if self.sentences:
-            self.sentences[-1].audio_ms += duration_ms
-
-    def on_mark_sent(self, name: str) -> None:
-        if self.sentences:
-            self.sentences[-1].mark = name
-
-    def on_mark_echoed(self, name: str) -> bool:
-        if self.cleared:
-            return False
-        for s in self.sentences:
-            if s.mark == name:
-                s.played = True
-                return True
-        return False
-
-    def heard(self, marks_seen: bool) -> str:
-        """What the caller has heard so far: sentences whose marks came back (or, from a
-        client that never echoed a mark, what real-time playback has reached)."""
-        if marks_seen:
-            return " ".join(s.text for s in self.sentences if s.played)
-        if self.first_audio_at is None:
-            return ""
-        played_ms = (time.monotonic() - self.first_audio_at) * 1000
-        out, at = [], 0.0
-        for s in self.sentences:
-            at += s.audio_ms
-            if at > played_ms:
-                break
-            out.append(s.text)
-        return " ".join(out)
-
-    def playing(self, marks_seen: bool) -> bool:
-        """True while the caller may still be hearing this reply."""
-        if self.cleared:
-            return False
-        if not self.finished_sending:
-            return True
-        if marks_seen:
-            return any(s.mark is not None and not s.played for s in self.sentences)
-        if self.first_audio_at is None:
-            return False
-        end = self.first_audio_at + self.audio_ms / 1000 + UNMARKED_GRACE_S
-        return time.monotonic() < end
 
 
 class VoiceEvents(Protocol):
@@ -174,12 +96,14 @@ class VoiceLane:
         fmt: AudioFormat,
         events: VoiceEvents,
         *,
+        tenant: str,
         call_id: str,
         observe_lag: Callable[[float], None],
     ) -> None:
         self._stt = stt
         self.format = fmt
         self._events = events
+        self.tenant = tenant  # verified by the router: the recognizer adapts to it
         self.call_id = call_id
         self._observe_lag = observe_lag
         self._stream: STTStream | None = None
@@ -267,7 +191,9 @@ class VoiceLane:
 
     async def _open(self) -> None:
         try:
-            self._stream = await self._stt.open(self.format.encoding, self.format.sample_rate)
+            self._stream = await self._stt.open(
+                self.format.encoding, self.format.sample_rate, tenant=self.tenant
+            )
         except ProviderError as exc:
             self._fail(exc)
             raise

@@ -193,7 +193,11 @@ class ReplyDedup:
         """Judge one reply frame (``agent_text``, ``agent_audio``, ``mark``) of the owner."""
         turn = int(frame.get("turn", 0))
         if turn <= self.completed_turn:
-            return DROP
+            # A reply resumed after a false interruption may go on after its turn is
+            # complete (it was committed while the caller still played it): its frames are
+            # new, with numbers never sent before. Anything else of a complete turn is a
+            # new owner saying it again.
+            return SEND if frame.get("resumed") is True else DROP
         digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
         key = (turn, int(frame.get("n", 0)))
         seen = self._delivered.get(key)

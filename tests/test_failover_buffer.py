@@ -187,6 +187,20 @@ def test_replies_of_a_complete_turn_are_dropped() -> None:
     assert repr(d) == "<ReplyDedup [turn 0 complete, 0 delivered, 0 held]>"
 
 
+def test_a_reply_resumed_after_its_turn_completed_still_reaches_the_caller() -> None:
+    """A reply cleared at caller noise and resumed goes on after its turn's metrics (the
+    turn committed while the caller was still playing it)."""
+    d = ReplyDedup()
+    f = reply(1, 0, "hello")
+    d.offer(f["type"], encode(f), f)
+    d.complete(1)
+    resumed = {**reply(1, 5, "hello"), "resumed": True}
+    assert d.offer(resumed["type"], encode(resumed), resumed) is SEND
+    assert d.offer(f["type"], encode(f), f) is DROP  # said again by a new owner: not
+    faked = {**f, "resumed": "yes"}
+    assert d.offer(faked["type"], encode(faked), faked) is DROP
+
+
 def test_relink_forgets_what_the_previous_link_held() -> None:
     d = ReplyDedup()
     f = reply(2, 0, "x")

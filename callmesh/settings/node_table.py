@@ -10,7 +10,7 @@ from typing import Any
 
 from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
 from callmesh.settings.model import Setting
-from callmesh.settings.processes import HTTP, ID, NODE, PORT
+from callmesh.settings.processes import HTTP, ID, NODE, PORT, UP
 
 _NODE = "Node"
 _BUDGETS = "Node: budgets and thresholds"
@@ -85,6 +85,18 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _NODE,
         env="TIKTOKEN_CACHE_DIR",
     ),
+    Setting(
+        "kb_dir",
+        Text(),
+        "",
+        "directory of the tenants' knowledge bases, one subdirectory per tenant id (Markdown "
+        "and YAML documents): what retrieval finds and what the offline recognizer expects "
+        "callers to say; a tenant without one gets the demo knowledge base",
+        (NODE,),
+        _NODE,
+        env="CALLMESH_KB_DIR",
+        default_doc="none: every tenant gets the demo knowledge base",
+    ),
     # ------------------------------------------------------------------ node budgets
     Setting(
         "stt_min_confidence",
@@ -142,6 +154,19 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     ),
     # ------------------------------------------------------------------ node providers
     Setting(
+        "speech",
+        Choice(("offline", "simulated")),
+        None,
+        "speech for the roles no CALLMESH_STT/CALLMESH_TTS/CALLMESH_BACKUP_TTS or API key "
+        "chooses: offline (pocketsphinx, eSpeak NG, Silero VAD; the [speech] extra) or "
+        "simulated (tones)",
+        (NODE, UP),
+        _PROVIDERS,
+        env="CALLMESH_SPEECH",
+        flag="--speech",
+        default_doc="offline for callmesh up (its nodes are told so), simulated for a node",
+    ),
+    Setting(
         "stt",
         Choice(("simulated", "deepgram", "pocketsphinx")),
         None,
@@ -149,7 +174,8 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_STT",
-        default_doc="deepgram if DEEPGRAM_API_KEY is set, else simulated",
+        default_doc="deepgram if DEEPGRAM_API_KEY is set, else pocketsphinx with CALLMESH_SPEECH="
+        "offline, else simulated",
     ),
     Setting(
         "llm",
@@ -170,7 +196,7 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _PROVIDERS,
         env="CALLMESH_TTS",
         default_doc="deepgram if DEEPGRAM_API_KEY is set, else openai if OPENAI_API_KEY is "
-        "set, else simulated",
+        "set, else espeak with CALLMESH_SPEECH=offline, else simulated",
     ),
     Setting(
         "backup_tts",
@@ -180,7 +206,8 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_BACKUP_TTS",
-        default_doc="openai if OPENAI_API_KEY is set and the primary is not openai, else simulated",
+        default_doc="openai if OPENAI_API_KEY is set and the primary is not openai, else espeak "
+        "with CALLMESH_SPEECH=offline, else simulated",
     ),
     Setting(
         "vad",
@@ -190,6 +217,37 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_VAD",
+    ),
+    Setting(
+        "stt_lm_tenants",
+        Number(int, ge=1, le=100_000),
+        64,
+        "tenants whose language models the offline recognizer keeps built (the least "
+        "recently used beyond are dropped, rebuilt at their next call)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_TENANTS",
+    ),
+    Setting(
+        "stt_lm_check_s",
+        Number(float, ge=0),
+        5.0,
+        "how often, at most, the offline recognizer looks for a change in a tenant's "
+        "knowledge base when a call of that tenant opens; a change rebuilds its language "
+        "model in the background (s)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_CHECK_S",
+    ),
+    Setting(
+        "stt_lm_startup_s",
+        Number(float, ge=0),
+        15.0,
+        "how long a starting node waits for the offline recognizer's language models of "
+        "its tenants before it announces itself; the rest are built after (s)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_STT_LM_STARTUP_S",
     ),
     Setting(
         "espeak_voice",
@@ -334,12 +392,24 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         "false_interruption_ms",
         Number(int, ge=0, le=5000),
         300,
-        "caller sound during a reply clears it only once it yields words; sound without "
-        "words for this long is a false interruption and the reply plays on (0: clear at "
-        "the first sound) (ms)",
+        "caller sound during a reply that yields no words for this long is a false "
+        "interruption: the reply plays on, or resumes where the caller last heard it "
+        "(barge_in_clear) (0: every sound is a barge-in) (ms)",
         (NODE,),
         _BUDGETS,
         env="CALLMESH_FALSE_INTERRUPTION_MS",
+    ),
+    Setting(
+        "barge_in_clear",
+        Choice(("on_words", "at_sound")),
+        "on_words",
+        "when caller sound clears the reply: on_words (once the sound yields words; noise "
+        "never stops it) or at_sound (at once; a sound that yields no words within "
+        "false_interruption_ms resumes the reply from the first sentence the caller had "
+        "not heard)",
+        (NODE,),
+        _BUDGETS,
+        env="CALLMESH_BARGE_IN_CLEAR",
     ),
     Setting(
         "preemptive",
@@ -360,6 +430,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         (NODE,),
         _PROVIDERS,
         env="CALLMESH_PREEMPTIVE_STABLE_MS",
+    ),
+    Setting(
+        "preemptive_voice",
+        Choice(("on", "off")),
+        "off",
+        "preemptive generation: the main voice also says the speculative reply's first "
+        "sentence before the turn is confirmed (kept, never sent unless adopted; a "
+        "cancelled one costs that sentence's synthesis)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_PREEMPTIVE_VOICE",
     ),
 )
 

@@ -102,7 +102,11 @@ async def read_events(queue: EventQueue) -> AsyncGenerator[STTEvent, None]:
 class STT(Protocol):
     name: str
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> STTStream: ...
+    # ``tenant`` is the call's verified tenant: a recognizer that adapts to what a
+    # tenant's callers say (pocketsphinx's per-tenant language model) uses it.
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str
+    ) -> STTStream: ...
 
 
 # ---------------------------------------------------------------- language model

@@ -138,7 +138,10 @@ class DeepgramSTT:
         self.options = options or DeepgramSTTOptions()
         self._client = make_client(api_key, environment)
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> DeepgramSTTStream:
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = ""
+    ) -> DeepgramSTTStream:
+        """A stream on one Deepgram socket (one general model for every tenant)."""
         stream = DeepgramSTTStream(self, encoding, sample_rate)
         await stream._connect()
         return stream

@@ -89,7 +89,10 @@ class SimulatedSTT:
         )
         self.eager_ms = eager_ms
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> SimulatedSTTStream:
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = ""
+    ) -> SimulatedSTTStream:
+        """A stream; the tones mean the same for every tenant."""
         # Wide-band calls (a browser's 16 kHz) are decimated to the decoder's 8 kHz: the
         # tones are below 2.4 kHz, so nothing of them is lost.
         if sample_rate % SAMPLE_RATE:
