@@ -277,8 +277,13 @@ def report(args: argparse.Namespace, run: dict[str, Any], elapsed_s: float) -> d
         "node_overhead_ms": percentiles(cat("node_overhead_ms")),
         "elapsed_s": round(elapsed_s, 2),
         "phases_s": run["phases"],
-        # /livez answer times of routers and nodes in each phase: their event loops' lag.
-        "livez_ms": run["livez_ms"],
+        # /livez answer times of routers and nodes in each phase (p99; every percentile
+        # under resource_samples): how far behind their event loops ran.
+        "livez_p99_ms": {
+            f"{phase}_{role}": p["p99"]
+            for phase, roles in run["livez_ms"].items()
+            for role, p in roles.items()
+        },
         "settings": {
             "turns": args.turns,
             "think_s": args.think,
@@ -293,7 +298,7 @@ def report(args: argparse.Namespace, run: dict[str, Any], elapsed_s: float) -> d
     samples = run["samples"]
     if "baseline" in samples:
         out.update(per_call(samples, args.calls))
-        out["resource_samples"] = samples
+        out["resource_samples"] = {**samples, "livez_ms": run["livez_ms"]}
     return out
 
 
