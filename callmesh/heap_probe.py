@@ -102,8 +102,10 @@ class HeapProbe:
         return stem
 
 
-_MALLINFO_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
-_MALLINFO_FIELDS += ("uordblks", "fordblks", "keepcost")
+_MALLINFO_FIELDS: tuple[str, ...] = (
+    *("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks"),
+    *("uordblks", "fordblks", "keepcost"),
+)
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -42,6 +42,10 @@ log = logging.getLogger("callmesh.node.voice")
 
 QUIET_ACK_AFTER_S = 1.0
 QUIET_ACK_EVERY_S = 0.5
+# Frames fed within this long of each other share one entry of the quiet-ack history
+# (the time and seq of the latest of them): five 20 ms frames an entry instead of one,
+# and the acknowledgement comes at most this much later.
+_RECENT_BUCKET_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,9 @@ class VoiceLane:
         self._reader: asyncio.Task[None] | None = None
         self.fed_seq = 0
         self.in_utterance = False
-        self._recent: deque[tuple[float, int]] = deque()  # (fed at, seq)
+        # (fed at, seq) of the latest frame of each _RECENT_BUCKET_S, oldest first.
+        self._recent: deque[tuple[float, int]] = deque()
+        self._bucket_since = 0.0
         self._last_quiet_ack = 0.0
         self._lag_base: float | None = None
         self.failed = False
@@ -168,7 +174,12 @@ class VoiceLane:
 
     def _fed(self, now: float, seq: int) -> None:
         self.fed_seq = seq
-        self._recent.append((now, seq))
+        recent = self._recent
+        if recent and now - self._bucket_since < _RECENT_BUCKET_S:
+            recent[-1] = (now, seq)
+        else:
+            recent.append((now, seq))
+            self._bucket_since = now
 
     def _frame_lag(self, now: float, ts_ms: int) -> None:
         # Lag behind the caller's own clock: how much later than real time this frame is

@@ -124,4 +124,4 @@ async def free_connections_at_end(request: web.Request, handler: Handler) -> web
     finally:
         protocol = request.protocol
         if getattr(protocol, "_data_received_cb", None) is not None:
-            protocol._data_received_cb = None  # type: ignore[attr-defined]
+            protocol._data_received_cb = None

@@ -87,7 +87,10 @@ class ProxySession:
         self._client_gone = asyncio.Event()
         # Set when the caller sends a frame other than audio (wakes an idle relink).
         self._client_sent = asyncio.Event()
-        self._node_dead = asyncio.Event()
+        # Set when membership declares the owner node dead; the pump (reading the node's
+        # frames) is then cancelled at once (no second task waits for the death).
+        self._node_dead = False
+        self._pump: asyncio.Task[Outcome] | None = None
         self.failovers = 0
         self._node_frames = NodeFrames(
             self.unacked, self.replies, metrics, self.send_client, self._call_ended
@@ -218,7 +221,7 @@ class ProxySession:
             return False
         self.node_id = node_id
         self.relink_reason = reason
-        self._node_dead.clear()
+        self._node_dead = False
         self.upstream = channel
         self.replies.relink()
         try:
@@ -254,26 +257,28 @@ class ProxySession:
 
     def node_died(self) -> None:
         """Membership declared our node dead (e.g. it is paused): abandon the link now."""
-        self._node_dead.set()
+        self._node_dead = True
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def _pump_or_death(self) -> Outcome:
         """Pump the link, unless the node is declared dead first: then stop reading at once
         (a paused node would hold a graceful close for seconds)."""
-        pump = asyncio.create_task(self.pump_upstream(), name=f"pump:{self.call_id}")
-        dead = asyncio.create_task(self._node_dead.wait(), name=f"death:{self.call_id}")
+        pump = self._pump = asyncio.create_task(self.pump_upstream(), name=f"pump:{self.call_id}")
         try:
-            await asyncio.wait({pump, dead}, return_when=asyncio.FIRST_COMPLETED)
+            # wait(), not await: the pump's cancellation by node_died is not ours.
+            await asyncio.wait({pump})
         finally:
-            dead.cancel()
+            self._pump = None
             if not pump.done():
                 pump.cancel()
-            await asyncio.gather(pump, dead, return_exceptions=True)
+                await asyncio.gather(pump, return_exceptions=True)
         if pump.cancelled() or pump.exception() is not None:
             outcome = Outcome.DEAD
         else:
             outcome = pump.result()
             # The death dropped the node's link too: that is not a link to health-check.
-            if outcome is Outcome.LOST and self._node_dead.is_set():
+            if outcome is Outcome.LOST and self._node_dead:
                 outcome = Outcome.DEAD
         if outcome is Outcome.DEAD and self.upstream is not None:
             await self.upstream.close()

@@ -37,7 +37,7 @@ def _reports(tmp_path: Path, name: str) -> tuple[dict[str, object], str]:
 
 
 def test_run_writes_the_series_and_the_html_report(tmp_path: Path) -> None:
-    argv = ["run", "--calls", "3", "--turns", "2", "--no-progress"]
+    argv = ["run", "--calls", "3", "--turns", "2", "--think", "0.5", "--no-progress"]
     argv += ["--json", str(tmp_path / "run.json"), "--html", str(tmp_path / "run.html")]
     assert main(argv) == 0
     report, page = _reports(tmp_path, "run")
