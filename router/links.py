@@ -111,17 +111,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def free_connections_at_end(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Let a connection's memory go when its handler ends, not at a garbage collection.
 
-    aiohttp's server WebSocket with a heartbeat gives the connection's protocol its
-    data-received callback, a bound method of the response, and the protocol keeps it after
-    the connection is lost; the response keeps the request, which keeps the protocol. That
-    cycle (the response, request, protocol, parser, queues and buffers of one call) is
-    freed only by the cyclic garbage collector, which the router runs rarely (gc_tuning):
-    meanwhile the ended calls' connections pile up, and the allocator keeps the memory they
-    fragmented. Dropping the callback once the handler is done (the socket is closed by
-    then) lets reference counting free the connection at once."""
+    Two reference cycles of aiohttp's server WebSocket outlive the connection, and hold
+    the response, request, protocol, parser, queues and buffers of one call. The cyclic
+    garbage collector frees them, but the router runs it rarely (gc_tuning): meanwhile
+    the ended calls' connections pile up, and the allocator keeps the memory they
+    fragmented. Both are broken here, once the handler is done (the socket is closed):
+
+    - with a heartbeat, the protocol keeps the response's data-received callback (a bound
+      method) after the connection is lost; the response keeps the request, which keeps
+      the protocol;
+    - a connection that failed (the client reset it) keeps its exception, whose traceback
+      holds the frames of the response's own methods.
+    """
+    response: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        response = await handler(request)
+        return response
     finally:
         protocol = request.protocol
         if getattr(protocol, "_data_received_cb", None) is not None:
             protocol._data_received_cb = None
+        if isinstance(response, web.WebSocketResponse) and response.closed:
+            _drop_tracebacks(response.exception())
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Unlink the frames from an exception and the ones it chains to (bounded)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__

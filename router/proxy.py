@@ -300,6 +300,7 @@ class ProxySession:
                 await asyncio.shield(self.upstream.close())
             if self._ended and self.node_id:
                 await self._placement.forget(self.tenant, self.call_id, self.node_id)
+            self._node_frames.release()
 
     async def _drive(self) -> None:
         reason = "start"

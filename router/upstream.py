@@ -64,6 +64,14 @@ class NodeFrames:
         # The caller heard its first ``ready``; every later one announces a new owner.
         self.ready_sent = False
 
+    def release(self) -> None:
+        """Drop the callbacks into the session once its call is over. They are bound
+        methods of the session that owns this reader: a reference cycle that would keep
+        an ended call's connection (its request, protocol and buffers) until a cyclic
+        garbage collection, which the router runs rarely."""
+        self._send_client = _closed_client
+        self._call_ended = _nothing
+
     async def pump(
         self,
         channel: Channel,
@@ -138,3 +146,11 @@ class NodeFrames:
             for held in self._replies.take_held():
                 await self._send_client(*held)
             await self._send_client(kind, raw, frame)
+
+
+async def _closed_client(*_: object) -> None:
+    """What a released reader sends to: nowhere, the call is over."""
+
+
+async def _nothing() -> None:
+    return None
