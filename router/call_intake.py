@@ -13,7 +13,7 @@ from aiohttp import web
 from callmesh import metric_names as names
 from callmesh.auth import AuthError, CallGrant
 from callmesh.config import RouterConfig
-from callmesh.protocol import CloseCode, valid_id
+from callmesh.protocol import CloseCode, ErrorCode, valid_id
 from callmesh.telemetry import Metrics
 from router.call_auth import CallAuth, bearer_token, sanitized_start
 from router.limits import Admission
@@ -22,6 +22,7 @@ from router.proxy import ProxySession
 from router.proxy_ports import CallLimits, CallPlacement, NodeLinkOpener
 from router.twilio import TwilioLink
 from router.twilio_webhook import action_webhook, voice_webhook
+from state_store.errors import StateStoreError
 from state_store.store import StateStore
 
 log = logging.getLogger("callmesh.router")
@@ -164,6 +165,17 @@ class CallIntake:
                 )
             except AuthError as exc:
                 return await self._refuse(ws, link, exc)
+            except StateStoreError as exc:
+                # The call's records could not be read (Redis away, or every pooled
+                # connection busy under load): a refusal the client may retry, not an
+                # unhandled error.
+                log.warning(
+                    "call not admitted: state store unavailable",
+                    extra={"fields": {"call_id": link.call_id, "error": str(exc)}},
+                )
+                await link.refuse(ErrorCode.UNAVAILABLE, "state store unavailable; try again")
+                await link.close(CloseCode.UNAVAILABLE, b"state_store")
+                return ws
             session.admit(
                 sanitized_start(start, admission.tenant, admission.caller),
                 admission.tenant,

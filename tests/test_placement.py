@@ -35,6 +35,9 @@ class Hash:
 
     def __init__(self, *nodes: str) -> None:
         self.records = {n: NodeRecord(n, f"http://{n}.test") for n in nodes}
+        # Seconds the router's loop stalls between asking and handling the reply.
+        self.stall_s = 0.0
+        self.clock: Clock | None = None
 
     def beat(self, node: str, **changes: Any) -> None:
         rec = self.records[node]
@@ -42,7 +45,10 @@ class Hash:
         self.records[node] = NodeRecord(**fields)
 
     async def read_all(self) -> dict[str, NodeRecord]:
-        return dict(self.records)
+        records = dict(self.records)
+        if self.clock is not None:
+            self.clock.now += self.stall_s
+        return records
 
 
 class Pins:
@@ -86,6 +92,7 @@ class World:
         self.clock = Clock()
         monkeypatch.setattr("router.membership.time", self.clock)
         self.hash = Hash(*nodes)
+        self.hash.clock = self.clock
         config = MembershipConfig(dead_after_ms=DEAD_AFTER_MS)
         self.view = MembershipView(cast(MembershipStore, self.hash), config)
         self.pins = Pins()
@@ -141,6 +148,20 @@ async def test_a_dead_nodes_calls_are_placed_again_elsewhere(world: World) -> No
     # Its heartbeat advancing again makes it routable again, for new calls.
     await world.later(100, beating=("n1", "n2", "n3"))
     assert pinned in world.view.routable()
+
+
+async def test_a_router_that_stalls_does_not_take_its_own_stall_for_dead_nodes(
+    world: World,
+) -> None:
+    await world.later(100, beating=("n1", "n2", "n3"))
+    # The reply was read before the stall and handled 3 s later: beats look frozen.
+    world.hash.stall_s = 3.0
+    await world.later(100, beating=())
+    world.hash.stall_s = 0.0
+    assert sorted(world.view.routable()) == ["n1", "n2", "n3"]
+    # A node that really stopped is still found dead at the next ask.
+    await world.later(100, beating=("n1", "n2"))
+    assert sorted(world.view.routable()) == ["n1", "n2"]
 
 
 async def test_draining_and_suspect_nodes_take_no_new_calls(world: World) -> None:
