@@ -15,7 +15,7 @@ install: $(STAMP)
 # Extras by role (pyproject.toml): `make up` needs the embedded servers ([local]) and the
 # provider SDKs an API key may switch on ([voice]); tests, lint and benchmarks need [dev],
 # which holds every extra.
-$(UP_STAMP): EXTRAS := local,voice
+$(UP_STAMP): EXTRAS := local,voice,speech
 $(STAMP): EXTRAS := dev
 $(STAMP) $(UP_STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callmesh needs Python 3.11+")'
@@ -24,9 +24,11 @@ $(STAMP) $(UP_STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
-# ruff, then the layering contracts of pyproject.toml ([tool.importlinter]).
+# ruff (lint and formatting), then the layering contracts of pyproject.toml
+# ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 
 typecheck: install

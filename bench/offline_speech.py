@@ -107,12 +107,13 @@ async def hear(
     rate: int = 16000,
     *,
     pace_s: float = 0.0,
+    tenant: str = "demo",
 ) -> list[STTEvent]:
-    """One utterance through a new stream in 20 ms frames (every ``pace_s`` if > 0), with
-    silence around it; the events up to its UTTERANCE_END."""
+    """One utterance of a caller of ``tenant`` through a new stream in 20 ms frames (every
+    ``pace_s`` if > 0), with silence around it; the events up to its UTTERANCE_END."""
     data = with_silence(audio, encoding, rate)
     frame = rate * (1 if encoding is AudioEncoding.MULAW else 2) // 50
-    stream = await stt.open(encoding, rate)
+    stream = await stt.open(encoding, rate, tenant=tenant)
     try:
         for i in range(0, len(data), frame):
             stream.send_audio_nowait(AudioChunk(data[i : i + frame], encoding, rate))
@@ -226,7 +227,7 @@ async def _loop_lag(audio: list[bytes], streams: int) -> dict[str, Any]:
         await hear(stt, audio[0])
         # Every stream's decoder exists before the clock starts (a process start is not
         # what this measures).
-        opened = [await stt.open(AudioEncoding.PCM16, 16000) for _ in range(streams)]
+        opened = [await stt.open(AudioEncoding.PCM16, 16000, tenant="demo") for _ in range(streams)]
         for stream in opened:
             await stream.aclose()
         ticker = asyncio.create_task(tick(), name="lag-ticker")

@@ -54,7 +54,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "run",
         "run",
         _a("run --calls 200 --turns 5 --think 2"),
-        _a("run --calls 5 --turns 2"),
+        _a("run --calls 5 --turns 2 --think 0.5"),
         {
             "calls": "calls",
             "completed_calls": "completed_calls",

@@ -208,12 +208,23 @@ class NodeConfig:
     drain_timeout_s: float = _node("drain_timeout_s")
     # A call whose link ended without hangup waits this long for a reconnect, then ends.
     reconnect_grace_ms: int = _node("reconnect_grace_ms")
+    # An event loop that has not run for this long withholds the heartbeat (thread).
+    loop_stall_ms: int = _node("loop_stall_ms")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
     tts_chunk_ms: int = _node("tts_chunk_ms")
     # Below this STT confidence the caller is asked to repeat instead of being guessed at.
     stt_min_confidence: float = _node("stt_min_confidence")
+    # The tenants' knowledge bases (one subdirectory each; "": the demo's for everyone),
+    # and how long start-up waits for the offline recognizer's models built from them.
+    kb_dir: str = _node("kb_dir")
+    stt_lm_startup_s: float = _node("stt_lm_startup_s")
     # Caller sound during a reply must yield words to stop it (false interruptions).
     false_interruption_ms: int = _node("false_interruption_ms")
+    # When caller sound during a reply clears it: once it yields words, or at once (then a
+    # sound that yields none resumes the reply where the caller last heard it).
+    barge_in_clear: str = _node("barge_in_clear")
+    # A speculative reply voices its first sentence before its turn is confirmed too.
+    preemptive_voice: str = _node("preemptive_voice")
     # Per-stage budgets (ms): a breach triggers the stage's fallback.
     llm_first_token_budget_ms: float = _node("llm_first_token_budget_ms")
     llm_total_budget_ms: float = _node("llm_total_budget_ms")

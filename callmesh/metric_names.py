@@ -172,9 +172,13 @@ PREEMPTIVE_SAVED_MS_SUM = _counter(
 ENDPOINT_MS_SUM = _counter(
     "endpoint_ms_sum", "Utterance-ending silences waited for, adaptive endpointing (ms)"
 )
-# Caller noise that started a barge-in but said nothing: the reply went on.
+# Caller noise that started a barge-in but said nothing: the reply went on, or (cleared at
+# the first sound) was resumed from the first sentence the caller had not heard.
 FALSE_INTERRUPTIONS = _counter(
     "false_interruptions", "Barge-ins by caller noise that said nothing (the reply went on)"
+)
+REPLIES_RESUMED = _counter(
+    "replies_resumed", "Replies cleared at caller noise and resumed where the caller last heard"
 )
 
 # Checkpoints and the outbox of side effects.
@@ -203,6 +207,9 @@ HISTORY_SAVE_FAILURES = _counter("history_save_failures", "Caller histories that
 
 # Membership.
 HEARTBEAT_FAILURES = _counter("heartbeat_failures", "Heartbeats the state store refused")
+HEARTBEATS_WITHHELD = _counter(
+    "heartbeats_withheld", "Heartbeats not sent because the event loop had stalled"
+)
 
 # ---------------------------------------------------------------- router
 _section(ROUTER)
@@ -210,7 +217,9 @@ _section(ROUTER)
 CALLS_ACCEPTED = _counter("calls_accepted", "Client calls accepted")
 FAILOVERS = _counter("failovers", "Calls moved to a new link after theirs ended")
 FAILOVER_GAP_MS = _histogram(
-    "failover_gap_ms", "Time a call had no node: its link's end to the next link (ms)"
+    "failover_gap_ms",
+    "Time a call had no node: its link's end to the next link (ms; an idle call waits up to "
+    "0.5 s of it on purpose, behind the calls with a turn in flight)",
 )
 NODE_LINKS_OPENED = _counter("node_links_opened", "Links opened to nodes")
 UNACKED_AUDIO_FRAMES_DROPPED = _counter(

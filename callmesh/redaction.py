@@ -11,8 +11,8 @@ Redaction is idempotent (a redacted text has nothing left to find), so a boundar
 redact what an earlier one already did, and replay may redact an old log again.
 
 The same pass masks credentials of URLs anywhere in the text (``redis://:pw@host`` →
-``redis://:***@host``, ``?token=...`` → ``?token=***``), so a log line that quotes a URL
-does not leak it (settings themselves are shown masked by :mod:`callmesh.settings`).
+``redis://:***@host``, ``?token=...`` → ``?token=***``, :mod:`callmesh.secret_masking`), so
+a log line that quotes a URL does not leak it.
 
 Detection is conservative where a false positive would mangle data the call needs:
 cards must be 13-19 digits that pass the Luhn check; national phone numbers must have a
@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from callmesh.secret_masking import mask_secrets
+
 ENV_MODE = "CALLMESH_REDACTION_MODE"
 ENV_KEY = "CALLMESH_REDACTION_KEY"
 MASK_CHAR = "•"
-SECRET_MASK = "***"
 HASH_HEX_CHARS = 8
 
 # Record and log fields that hold identifiers, never free text: left as they are so logs
@@ -208,32 +209,6 @@ def find_pii(text: str) -> list[Finding]:
         if all(f.end <= c.start or f.start >= c.end for c in chosen):
             chosen.append(f)
     return sorted(chosen, key=lambda f: f.start)
-
-
-# --------------------------------------------------------------------------- secrets
-
-_URL_USERINFO = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]{0,15}://)(?P<user>[^/\s:@?#]*)"
-    r"(?::(?P<password>[^/\s@?#]*))?@"
-)
-_SECRET_WORDS = r"(?:token|secret|passw(?:or)?d|pwd|api[_\-]?key|key|sig|signature|auth|credential)"
-_URL_SECRET_PARAM = re.compile(rf"(?P<name>[?&][^=&\s#]*{_SECRET_WORDS}[^=&\s#]*=)[^&\s#]+", re.I)
-
-
-def _userinfo(m: re.Match[str]) -> str:
-    if m.group("password") is not None:
-        return f"{m.group('scheme')}{m.group('user')}:{SECRET_MASK}@"
-    # A bare user part is often the credential itself (https://TOKEN@host).
-    return f"{m.group('scheme')}{SECRET_MASK}@"
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked (user info and secret
-    query parameters)."""
-    if "://" not in text and "=" not in text:
-        return text
-    text = _URL_USERINFO.sub(_userinfo, text)
-    return _URL_SECRET_PARAM.sub(lambda m: m.group("name") + SECRET_MASK, text)
 
 
 # --------------------------------------------------------------------------- redactor

@@ -75,10 +75,31 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_speech(speech: str) -> str:
+    """What the local cluster's nodes will use (their environment plus CALLMESH_SPEECH),
+    shown at start; a ConfigError when the offline speech is chosen and not installed,
+    rather than every node failing on it."""
+    from conversation_node.providers.registry import ProviderSettings, offline_missing
+
+    chosen = ProviderSettings.from_env({**os.environ, "CALLMESH_SPEECH": speech})
+    if missing := offline_missing(chosen):
+        raise cfg.ConfigError(
+            f"the offline speech needs the [speech] extra (missing: {missing}): "
+            "pip install -e '.[speech]' (make up installs it), or use simulated speech "
+            "(callmesh up --speech simulated, or CALLMESH_SPEECH=simulated)"
+        )
+    vad = f" ({chosen.vad} VAD)" if chosen.stt == "pocketsphinx" else ""
+    return f"stt {chosen.stt}{vad} · tts {chosen.tts} · llm {chosen.llm}"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from callmesh.auth.dev import write_dev_secret
     from localcluster.cluster import LocalCluster
 
+    # A person talks to this cluster: real offline speech unless asked otherwise.
+    speech = args.speech or "offline"
+    providers = _node_speech(speech)
+    hint = "   (--speech simulated: tones)" if speech == "offline" else ""
     stop = {"sig": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -94,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     # Development mode: console tokens and the console's kill button (localcluster/devcontrol.py).
     with LocalCluster(
-        nodes=args.nodes, routers=args.routers, router_port=args.port, dev=True
+        nodes=args.nodes, routers=args.routers, router_port=args.port, dev=True, speech=speech
     ) as cluster:
         secret_file = write_dev_secret(cluster.auth_secret)
         print(
@@ -104,6 +125,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  redis      {mask_url(cluster.redis_url)}\n"
             f"  nats       {mask_url(cluster.nats_url)}\n"
             f"  nodes      {', '.join(f'{n.name} {n.url}' for n in cluster.nodes)}\n"
+            f"  speech     {providers}{hint}\n"
             f"  logs       {cluster.log_dir}\n"
             f"  auth       call tokens are required; the development secret is in {secret_file}\n"
             "             (callmesh call and the load tests mint their tokens with it)\n\n"

@@ -89,6 +89,7 @@ class CallClient:
         reconnect: ReconnectPolicy | None = DEFAULT_RECONNECT,
         token: str | None = None,
         auth_secret: str | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         urls = [router_url] if isinstance(router_url, str) else list(router_url)
         self.routers = RouterList([u.rstrip("/") for u in urls])
@@ -108,6 +109,9 @@ class CallClient:
         self.close_code: int | None = None
         self.close_reason = ""
         self._session: aiohttp.ClientSession | None = None
+        # A session given by the caller (a load generator holding thousands of calls
+        # shares one) is the caller's to close; otherwise the call opens its own.
+        self._shared_session = session
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._turns: dict[int, _Turn] = {}
         self._done: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -131,11 +135,13 @@ class CallClient:
         return self.routers.url
 
     async def __aenter__(self) -> CallClient:
-        self._session = aiohttp.ClientSession()
+        self._session = self._shared_session or aiohttp.ClientSession()
         try:
             self._ws = await self._connect(self.routers.url)
         except BaseException:
-            await self._session.close()
+            if self._shared_session is None:
+                await self._session.close()
+            self._session = None
             raise
         self._reader = asyncio.create_task(self._run(), name=f"call-client:{self.call_id}")
         return self
@@ -158,7 +164,8 @@ class CallClient:
             await asyncio.shield(self._ws.close())
             self._ws = None
         if self._session is not None:
-            await asyncio.shield(self._session.close())
+            if self._shared_session is None:
+                await asyncio.shield(self._session.close())
             self._session = None
 
     async def send(self, msg: dict[str, Any]) -> int:

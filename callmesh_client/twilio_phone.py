@@ -12,8 +12,10 @@ new ``<Connect><Stream>`` re-opens the media (new ``streamSid``, same ``CallSid`
 
 The public URL in the TwiML is whatever router answered; in production a load balancer
 sends each request to a live router. :class:`TwilioPhone` plays that part too: a request or
-WebSocket to a router that refuses (down, or 503 while draining) goes to the next router of
-its list, with a short pause once all were tried, for at most ``give_up_after_s``.
+WebSocket goes to the first router of its list that has not refused one lately (a router
+that is down, or answers 503 while draining, is passed over for :data:`REFUSED_FOR_S`, as a
+load balancer's health check would), then to the URL as given, then to the routers that
+refused; with a short pause once all were tried, for at most ``give_up_after_s``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ T = TypeVar("T")
 Stream = tuple[aiohttp.ClientWebSocketResponse, TwilioWire]
 
 VOICE_PATH = "/v1/twilio/voice"
+# How long a router that refused a request is tried last (s).
+REFUSED_FOR_S = 10.0
 
 
 class TwilioCallEnded(Exception):
@@ -86,6 +90,8 @@ class TwilioPhone:
     account_sid: str = field(default_factory=lambda: "AC" + uuid.uuid4().hex)
     _action: str = ""
     _last_url: str = ""
+    # Routers (base URLs) that refused a request, and when (loop time).
+    _refused: dict[str, float] = field(default_factory=dict)
 
     def _form(self) -> dict[str, str]:
         return {
@@ -138,17 +144,23 @@ class TwilioPhone:
             return await resp.text()
 
     async def _balanced(self, attempt: Callable[[str], Awaitable[T]], url: str) -> T:
-        """``attempt(url)``, or the same request to the next router when it is refused."""
-        candidates = list(dict.fromkeys([url, *(_rebase(url, r) for r in self.routers)]))
+        """``attempt(url)`` through the 'load balancer': to the routers that have not
+        refused lately, the URL as given, then those that did; the same request to the
+        next one when it is refused."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.give_up_after_s
         while True:
-            for candidate in candidates:
+            now = loop.time()
+            routed = [_rebase(url, r) for r in self.routers]
+            refused = [u for u in routed if now - self._refused.get(_base(u), -1e9) < REFUSED_FOR_S]
+            healthy = [u for u in routed if u not in refused]
+            for candidate in dict.fromkeys([*healthy, url, *refused]):
                 try:
                     result = await attempt(candidate)
                     self._last_url = candidate
                     return result
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    self._refused[_base(candidate)] = loop.time()
                     last = exc
             if loop.time() > deadline:
                 raise last

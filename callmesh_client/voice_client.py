@@ -17,10 +17,16 @@ Used by the tests, the capacity benchmark and ``callmesh call --audio``. Like a 
 When the router goes away mid-call the caller re-opens its stream and goes on: over Twilio
 as Twilio does (``phone``: :class:`~callmesh_client.twilio_phone.TwilioPhone` requests the
 ``<Connect action>`` and opens the new stream it names), natively by reconnecting to the
-next router of ``routers`` with the call's resume secret and ``delivered_turn``. Like a person
-on a line that cut out, the simulated caller waits for the line to be back before it
-speaks, and says again from its start an utterance the drop cut off; what was playing is
-dropped with the old stream (Twilio discards a stream's buffer with it).
+next router of ``routers`` with the call's resume secret and ``delivered_turn``. What was
+playing is dropped with the old stream (Twilio discards a stream's buffer with it). By
+default the simulated caller knows when the line is down: it waits for it to be back before
+it speaks, and says again from its start an utterance the drop cut off.
+
+With ``repeat_after_s`` it behaves like a person instead, who cannot know that a stream
+behind the phone line was replaced: it speaks on its own schedule whether or not a stream
+is open (what it says while none is, nobody hears), and when no answer starts within
+``repeat_after_s`` of the end of an utterance it says it again, up to ``max_repeats``
+times (:attr:`TurnResult.repeats`).
 
 ``say(text)`` returns when the reply has finished playing: playback drained and no new
 agent audio for ``quiet_ms`` (native: the reply's ``turn_metrics`` arrived and playback
@@ -73,6 +79,7 @@ class _Utterance:
     # Native: only audio of a turn after this one belongs to the reply.
     after_turn: int = -1
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    heard: asyncio.Event = field(default_factory=asyncio.Event)  # its answer started (or done)
 
 
 class VoiceCaller:
@@ -92,6 +99,8 @@ class VoiceCaller:
         phone: TwilioPhone | None = None,
         routers: Sequence[str] = (),
         reconnect: ReconnectPolicy | None = None,
+        repeat_after_s: float | None = None,
+        max_repeats: int = 2,
     ) -> None:
         self.router_url = router_url.rstrip("/")
         # Twilio through its webhook and <Connect action> (``phone``); natively, ``routers``
@@ -101,7 +110,10 @@ class VoiceCaller:
         self.reconnect = reconnect
         self.reopens = 0  # streams re-opened after a lost one
         self.frames_in_gap = 0  # 20 ms frames due while no stream was open (not sent)
-        self.utterances_repeated = 0  # cut off by a lost stream, said again on the new one
+        self.utterances_repeated = 0  # said again: cut off by a lost stream, or unanswered
+        # A person's patience (see the module doc); None: a caller that knows the line.
+        self.repeat_after_s = repeat_after_s
+        self.max_repeats = max_repeats
         self._stream_open = asyncio.Event()
         self.call_id = call_id
         self.transport = transport
@@ -118,6 +130,10 @@ class VoiceCaller:
         self.ready: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
         self.clears: list[int | None] = []  # turn of each clear (None on Twilio)
+        # At each clear: (agent audio bytes received, those before the last mark played).
+        self.clear_points: list[tuple[int, int]] = []
+        self._mark_at: dict[str, int] = {}  # agent audio bytes received before each mark
+        self._heard_bytes = 0
         self.marks_received = 0
         self.marks_echoed = 0
         self.agent_audio_bytes = 0
@@ -199,6 +215,11 @@ class VoiceCaller:
 
     # ------------------------------------------------------------------ the caller's API
 
+    @property
+    def speaking(self) -> bool:
+        """An utterance's audio is being sent now."""
+        return self._speaking is not None
+
     async def wait_greeting(self) -> TurnResult:
         """The agent's greeting (turn 0), once it has finished playing."""
         if self._greeting is None:
@@ -206,8 +227,26 @@ class VoiceCaller:
         return await self._wait(self._greeting)
 
     async def say(self, text: str) -> TurnResult:
-        """Speak ``text`` and return when the reply to it has finished playing."""
-        return await self._wait(await self._speak(text))
+        """Speak ``text`` and return when the reply to it has finished playing (with
+        ``repeat_after_s``, saying it again while no answer starts in time)."""
+        utt = await self._speak(text)
+        if self.repeat_after_s is None:
+            return await self._wait(utt)
+        first_end = utt.result.speech_end_at
+        repeats = 0
+        while repeats < self.max_repeats and not await self._answered(utt, self.repeat_after_s):
+            repeats += 1
+            self.utterances_repeated += 1
+            utt = await self._speak(text)
+        utt.result.repeats, utt.result.first_speech_end_at = repeats, first_end
+        return await self._wait(utt)
+
+    async def _answered(self, utt: _Utterance, patience_s: float) -> bool:
+        """Whether the answer to ``utt`` starts within ``patience_s`` (a call that is over
+        counts as answered: there is nobody to repeat it to)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(utt.heard.wait(), patience_s)
+        return utt.heard.is_set() or self._closed_evt.is_set()
 
     async def barge_in(self, text: str, after_ms: float) -> TurnResult:
         """Speak ``text`` ``after_ms`` into the agent's reply audio (the one playing now, or
@@ -247,7 +286,8 @@ class VoiceCaller:
             utt = _Utterance(TurnResult(text, time.monotonic()))
             if self._closed_evt.is_set():
                 raise ConnectionError("the call is over")
-            await asyncio.wait_for(self._stream_open.wait(), self.timeout_s)
+            if self.repeat_after_s is None:  # a person does not know the line is down
+                await asyncio.wait_for(self._stream_open.wait(), self.timeout_s)
             self._speech_done = done_speaking = asyncio.Event()
             self._speaking, self._speech, self._speech_pos = utt, speech_from_text(text), 0
             await asyncio.wait_for(done_speaking.wait(), self.timeout_s + len(text) * 0.1)
@@ -301,7 +341,10 @@ class VoiceCaller:
                 ts = int((now - t0) * 1000) if self._stamp_sent else k * FRAME_MS
                 k += 1
                 if ws is None or ws.closed or not self._stream_open.is_set():
-                    self.frames_in_gap += 1  # the line is down: the caller holds its speech
+                    self.frames_in_gap += 1
+                    if self.repeat_after_s is not None:
+                        self._next_payload(now)  # a person talks on; nobody hears it
+                    # (else the caller holds its speech until the line is back)
                 else:
                     await ws.send_str(self.wire.media(self._next_payload(now), ts))
                 self._tick(now)
@@ -381,8 +424,9 @@ class VoiceCaller:
         # The old stream's queued marks and buffered audio went with it.
         self._control.clear()
         self.playback.clear(time.monotonic())
+        self._mark_at.clear()
         self._control.extend(self.wire.opening())
-        if self._speaking is not None and self._speech_pos > 0:
+        if self.repeat_after_s is None and self._speaking is not None and self._speech_pos > 0:
             self._speech_pos = 0  # cut off mid-sentence: say it again from its start
             self.utterances_repeated += 1
         self._ws = ws
@@ -417,13 +461,16 @@ class VoiceCaller:
             self._on_audio(heard, now)
         elif kind == HEARD_MARK:
             self.marks_received += 1
+            self._mark_at[heard.name] = self.agent_audio_bytes
             if self.playback.mark(heard.name, now):
-                self._echo(heard.name)
+                self._played(heard.name)
         elif kind == HEARD_CLEAR:
             self.clears.append(heard.turn)
+            self.clear_points.append((self.agent_audio_bytes, self._heard_bytes))
             if self._listening is not None:
                 self._listening.result.cleared = True
             for name in self.playback.clear(now):
+                self._mark_at.pop(name, None)  # flushed, not played
                 self._echo(name)
         elif kind == Out.READY:
             self.ready = heard.frame
@@ -455,9 +502,14 @@ class VoiceCaller:
         r = utt.result
         if r.first_audio_at is None:
             r.first_audio_at, r.turn = now, heard.turn
+            utt.heard.set()
         r.agent_audio_bytes += nbytes
         if self.keep_audio:
             r.audio += base64.b64decode(heard.payload)
+
+    def _played(self, name: str) -> None:
+        self._heard_bytes = self._mark_at.pop(name, self._heard_bytes)
+        self._echo(name)
 
     def _echo(self, name: str) -> None:
         self._control.append(self.wire.mark(name))
@@ -468,7 +520,7 @@ class VoiceCaller:
     def _tick(self, now: float) -> None:
         """Per frame: echo marks whose audio has played; see whether the reply is done."""
         for name in self.playback.due(now):
-            self._echo(name)
+            self._played(name)
         drained = self.playback.drained(now)
         if drained:
             self._playing.clear()
@@ -491,6 +543,7 @@ class VoiceCaller:
     def _finish(self, utt: _Utterance, now: float) -> None:
         utt.result.done_at = now
         utt.done.set()
+        utt.heard.set()
 
     def _finish_all(self) -> None:
         now = time.monotonic()

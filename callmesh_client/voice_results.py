@@ -49,6 +49,10 @@ class TurnResult:
     superseded: bool = False  # the caller spoke again before this reply was done
     timed_out: bool = False
     audio: bytearray = field(default_factory=bytearray)  # when keep_audio
+    # A caller that repeats itself (VoiceCaller's ``repeat_after_s``): how often it said
+    # this again for want of an answer, and when it first finished saying it.
+    repeats: int = 0
+    first_speech_end_at: float | None = None
 
     @property
     def response_ms(self) -> float | None:

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Any
 
-from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame, mark_name
+from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame
 from callmesh.telemetry import TurnMetrics
 from conversation_node import turn_outcomes
 from conversation_node.errors import CallDropped
@@ -275,13 +274,6 @@ class CallCore:
         if seq <= self.last_seq:
             return None
         return encode({"type": Ctl.ACK.value, "seq": seq, "turn": self.turn})
-
-    def stamp_reply(self, frame: dict[str, Any]) -> int:
-        """A reply frame of the current turn gets its turn (and a mark its name)."""
-        frame["turn"] = turn = self.turn
-        if frame["type"] == Out.MARK:
-            frame["name"] = mark_name(turn, frame["n"])
-        return turn
 
     # ------------------------------------------------------------------ turns
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,10 @@ from memory.prompt import PromptBuilder
 from memory.retrieval import RetrievalOrchestrator, SourcePolicy
 from memory.session import MemoryConfig
 from memory.sources import CustomerHistorySource, KnowledgeBaseSource, SimulatedBookingSlots
+from memory.tenant_kb import TenantKnowledgeBases
 from state_store.store import StateStore
+
+log = logging.getLogger("callmesh.node")
 
 # Earlier calls per caller kept in the customer history.
 HISTORY_MAX_CALLS = 5
@@ -51,14 +55,32 @@ class MemoryServices:
 
     @classmethod
     def build(
-        cls, history: HistoryStore, *, working_turns: int, kb_dir: Path = DEMO_KB_DIR
+        cls,
+        history: HistoryStore,
+        *,
+        working_turns: int,
+        kb_dir: Path = DEMO_KB_DIR,
+        tenants: TenantKnowledgeBases | None = None,
+        max_tenants: int = 10_000,
     ) -> MemoryServices:
-        """Index the knowledge base and wire the sources (the demo's: knowledge base,
-        customer history, a simulated booking system), each with its timeout and cache."""
+        """Index the knowledge bases (``kb_dir``, the default; and ``tenants``' own, up to
+        ``max_tenants``) and wire the sources (the demo's: knowledge base, customer
+        history, a simulated booking system), each with its timeout and cache."""
         kb = KnowledgeBase.from_directory(kb_dir)
+        own: dict[str, KnowledgeBase] = {}
+        if tenants is not None:
+            if tenants.root is not None and not tenants.root.is_dir():
+                log.error(
+                    "knowledge base directory not found: every tenant gets the demo's",
+                    extra={"fields": {"kb_dir": str(tenants.root)}},
+                )
+            own, failed = tenants.index(max_tenants)
+            for tenant, why in failed.items():  # no snippets for that tenant, not the demo's
+                fields = {"tenant": tenant}
+                log.error("knowledge base not indexed: %s", why, extra={"fields": fields})
         retrieval = RetrievalOrchestrator(
             [
-                (KnowledgeBaseSource(default=kb), SourcePolicy(timeout_ms=30)),
+                (KnowledgeBaseSource(by_tenant=own, default=kb), SourcePolicy(timeout_ms=30)),
                 (
                     CustomerHistorySource(history),
                     SourcePolicy(timeout_ms=30, fresh_ms=5_000, stale_ms=60_000),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,24 +19,16 @@ from typing import Any
 from callmesh.audio.format import AudioChunk
 from callmesh.protocol import Out
 from conversation_node.audio.convert import Transcoder
-from conversation_node.providers.base import (
-    LLM,
-    TTS,
-    LLMDelta,
-    LLMRequest,
-    ProviderError,
-    ToolCall,
+from conversation_node.model_reply import (
+    ModelReply,
+    PreparedReply,
+    SentenceSplitter,
+    next_or_none,
 )
+from conversation_node.providers.base import LLM, TTS, LLMRequest, ProviderError, ToolCall
 
 # Reply frame types as plain strings, looked up once: a frame is built per audio chunk.
 _AGENT_TEXT, _AGENT_AUDIO, _MARK = Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value
-
-# End of a sentence: terminal punctuation followed by space. Short fragments are merged so
-# TTS is not asked to say "Dr." on its own.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_MIN_SENTENCE_CHARS = 12
-
-RECOVERY_LINE = "Sorry, give me just a moment. Could you say that once more?"
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -86,30 +77,6 @@ class Voice:
 TEXT_MODE = Voice()
 
 
-class SentenceSplitter:
-    def __init__(self) -> None:
-        self._buf = ""
-
-    def feed(self, text: str) -> list[str]:
-        self._buf += text
-        parts = _SENTENCE_END.split(self._buf)
-        done, self._buf = parts[:-1], parts[-1]
-        out: list[str] = []
-        carry = ""
-        for p in done:
-            carry = f"{carry} {p}".strip() if carry else p
-            if len(carry) >= _MIN_SENTENCE_CHARS:
-                out.append(carry)
-                carry = ""
-        if carry:
-            self._buf = f"{carry} {self._buf}".strip()
-        return out
-
-    def flush(self) -> str:
-        rest, self._buf = self._buf.strip(), ""
-        return rest
-
-
 class TurnPipeline:
     """Runs one turn and emits its reply frames (``agent_text`` per sentence, then that
     sentence's ``agent_audio`` chunks). Frames carry ``n``, their ordinal in the turn."""
@@ -120,10 +87,11 @@ class TurnPipeline:
         self._backup_tts = backup_tts
         self._budgets = budgets
 
-    def prepare(self, request: LLMRequest) -> PreparedReply:
+    def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply:
         """Start the model on ``request`` ahead of its turn (preemptive generation): its
-        output is kept, nothing is emitted. :meth:`run` with ``prepared`` speaks it."""
-        return PreparedReply(self._llm, request)
+        output is kept, nothing is emitted. :meth:`run` with ``prepared`` speaks it.
+        ``voice``: the main voice says its first sentence ahead too (kept, not sent)."""
+        return PreparedReply(self._llm, request, self._tts if voice else None)
 
     async def run(
         self,
@@ -138,7 +106,14 @@ class TurnPipeline:
         the model's output is that generation's (adopted: it was started on this turn)."""
         out = TurnOutput(llm=(self._llm.name, _model_name(self._llm)))
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        model = _ModelReply(self._llm, request, out, sentences, self._budgets)
+        model = ModelReply(
+            self._llm,
+            request,
+            out,
+            sentences,
+            first_token_ms=self._budgets.llm_first_token_ms,
+            total_ms=self._budgets.llm_total_ms,
+        )
         if prepared is not None:
             model.adopt(prepared)
         producer: asyncio.Task[None] | None = None
@@ -154,7 +129,8 @@ class TurnPipeline:
                 producer = asyncio.create_task(model.read(), name="llm")
             n = 0
             while (sentence := await sentences.get()) is not None:
-                n = await self._speak(sentence, n, emit, out, voice)
+                ready = prepared.voiced(sentence) if prepared is not None else None
+                n = await self._speak(sentence, n, emit, out, voice, ready)
 
         try:
             await _unless_interrupted(speak_all(), interrupt, out)
@@ -192,7 +168,17 @@ class TurnPipeline:
         await _unless_interrupted(speak_all(), interrupt, out)
         return out
 
-    async def _speak(self, sentence: str, n: int, emit: Emit, out: TurnOutput, voice: Voice) -> int:
+    async def _speak(
+        self,
+        sentence: str,
+        n: int,
+        emit: Emit,
+        out: TurnOutput,
+        voice: Voice,
+        ready: AsyncIterator[AudioChunk] | None = None,
+    ) -> int:
+        """Say one sentence: its text, its audio, its mark. ``ready``: its audio from the
+        main voice, prepared before the turn was confirmed."""
         await emit({"type": _AGENT_TEXT, "n": n, "text": sentence})
         n += 1
         voices = [self._tts] + ([self._backup_tts] if self._backup_tts else [])
@@ -200,11 +186,11 @@ class TurnPipeline:
             t0 = time.monotonic()
             got_audio = False
             try:
-                stream = tts.synthesize(sentence)
+                stream = ready if ready is not None and i == 0 else tts.synthesize(sentence)
                 # A timeout scope, not wait_for: wait_for would run the request in a task of
                 # its own, which starts a turn of the event loop later.
                 async with asyncio.timeout(self._budgets.tts_first_chunk_ms / 1000):
-                    chunk = await _next(stream)
+                    chunk = await next_or_none(stream)
                 while chunk is not None:
                     if not got_audio:
                         got_audio = True
@@ -222,7 +208,7 @@ class TurnPipeline:
                         }
                     )
                     n += 1
-                    chunk = await _next(stream)
+                    chunk = await next_or_none(stream)
                 return await self._mark(n, emit, voice)
             except (TimeoutError, ProviderError):
                 if got_audio:
@@ -240,148 +226,6 @@ class TurnPipeline:
             return n
         await emit({"type": _MARK, "n": n})
         return n + 1
-
-
-class _ModelReply:
-    """One turn's model output, read into a queue of sentences (None at the end) by
-    whichever task needs it next. Budgets: the first token within ``llm_first_token_ms``,
-    the rest within ``llm_total_ms`` of it. A model that fails or misses a budget before
-    writing anything is replaced by the recovery line; after that, its reply ends there."""
-
-    def __init__(
-        self,
-        llm: LLM,
-        request: LLMRequest,
-        out: TurnOutput,
-        sentences: asyncio.Queue[str | None],
-        budgets: Budgets,
-    ) -> None:
-        self._llm = llm
-        self._request = request
-        self._out = out
-        self._sentences = sentences
-        self._budgets = budgets
-        self._splitter = SentenceSplitter()
-        self._stream: AsyncIterator[LLMDelta] | None = None
-        self._started = time.monotonic()
-        # Loop time by which the whole reply must be written; set at the first token.
-        self._deadline: float | None = None
-        self.finished = False
-
-    async def read(self, *, until_sentence: bool = False) -> None:
-        """Queue sentences as the model writes them, then None. With ``until_sentence``,
-        return as soon as one more sentence is queued (call again for the rest)."""
-        out, queue = self._out, self._sentences
-        queued = queue.qsize()
-        try:
-            if self._stream is None:
-                self._stream = self._llm.stream(self._request)
-            delta: LLMDelta | None = None
-            first = self._deadline is None
-            if first:
-                async with asyncio.timeout(self._budgets.llm_first_token_ms / 1000):
-                    delta = await _next(self._stream)
-                out.llm_first_token_ms = (time.monotonic() - self._started) * 1000
-                loop = asyncio.get_running_loop()
-                self._deadline = loop.time() + self._budgets.llm_total_ms / 1000
-            async with asyncio.timeout_at(self._deadline):
-                if not first:
-                    delta = await _next(self._stream)
-                while delta is not None:
-                    self._take(delta)
-                    if until_sentence and queue.qsize() > queued:
-                        return
-                    delta = await _next(self._stream)
-        except (TimeoutError, ProviderError) as exc:
-            out.fallbacks.append("llm_timeout" if isinstance(exc, TimeoutError) else "llm_error")
-            if not out.generated:
-                out.tool_calls.clear()
-                out.first_sentence_s = time.monotonic() - self._started
-                queue.put_nowait(RECOVERY_LINE)
-                out.text = RECOVERY_LINE
-                self._end()
-                return
-        rest = self._splitter.flush()
-        if rest:
-            self._sentence(rest)
-        out.text = "".join(out.generated).strip()
-        self._end()
-
-    def adopt(self, prepared: PreparedReply) -> None:
-        """Read ``prepared`` (started earlier on the same request) instead of a new
-        stream; budgets count from when it started."""
-        self._stream = prepared.stream()
-        self._started = prepared.started
-
-    def _take(self, delta: LLMDelta) -> None:
-        if delta.tool_call is not None:
-            self._out.tool_calls.append(delta.tool_call)
-        if delta.text:
-            self._out.generated.append(delta.text)
-            for sentence in self._splitter.feed(delta.text):
-                self._sentence(sentence)
-
-    def _sentence(self, sentence: str) -> None:
-        if not self._out.first_sentence_s:
-            self._out.first_sentence_s = time.monotonic() - self._started
-        self._sentences.put_nowait(sentence)
-
-    def _end(self) -> None:
-        self.finished = True
-        self._sentences.put_nowait(None)
-
-
-class PreparedReply:
-    """A model's reply generated before its turn is confirmed: a task of its own reads the
-    stream into memory; nothing reaches the caller until the turn adopts it (then
-    :meth:`stream` gives what was read so far and goes on live). Owned: ``cancel``
-    stops it, and the turn that adopts it closes it by reading it to the end."""
-
-    def __init__(self, llm: LLM, request: LLMRequest) -> None:
-        self.request = request
-        self.started = time.monotonic()
-        self._deltas: list[LLMDelta] = []
-        self._error: BaseException | None = None
-        self._done = False
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._read(llm.stream(request)), name="llm:preemptive")
-
-    @property
-    def tokens(self) -> int:
-        """Deltas the model has written so far (roughly its tokens)."""
-        return len(self._deltas)
-
-    async def _read(self, stream: AsyncIterator[LLMDelta]) -> None:
-        try:
-            async for delta in stream:
-                self._deltas.append(delta)
-                self._changed.set()
-        except Exception as exc:  # given to the reader (the turn's budgets handle it)
-            self._error = exc
-        finally:
-            self._done = True
-            self._changed.set()
-
-    async def stream(self) -> AsyncIterator[LLMDelta]:
-        i = 0
-        while True:
-            if i < len(self._deltas):
-                i += 1
-                yield self._deltas[i - 1]
-                continue
-            if self._done:
-                if self._error is not None:
-                    raise self._error
-                return
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def cancel(self) -> int:
-        """Stop the model now; the number of deltas it wrote for nothing."""
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        return self.tokens
 
 
 async def _unless_interrupted(
@@ -407,10 +251,3 @@ async def _unless_interrupted(
 def _model_name(llm: LLM) -> str:
     options = getattr(llm, "options", None)
     return str(getattr(options, "model", "") or llm.name)
-
-
-async def _next(stream: AsyncIterator[Any]) -> Any:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return None

@@ -37,22 +37,24 @@ from callmesh.metric_names import (
     CALLS_HANDED_OFF,
     CALLS_RESUMED,
     CALLS_STARTED,
-    FENCED_WRITES,
 )
 from callmesh.protocol import In, Inbound
 from callmesh.telemetry import now_ms
 from conversation_node.audio.convert import Transcoder
 from conversation_node.call_core import CallCore, CallState, IllegalTransition, Step
-from conversation_node.checkpointing import Checkpointer, Fenced
+from conversation_node.call_durability import CallDurability
 from conversation_node.errors import CallDropped
 from conversation_node.greeting import load_history, save_history
+from conversation_node.link_end import LinkEnd
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
+from conversation_node.replies import Replies
+from conversation_node.turn_close import Send
 from conversation_node.turn_outcomes import Record
-from conversation_node.turn_runner import Send, TurnRunner
+from conversation_node.turn_runner import TurnRunner
 from conversation_node.voice import AudioFormat
-from conversation_node.voice_turns import Replies, VoiceTurns
+from conversation_node.voice_turns import VoiceTurns
 from memory.session import SessionMemory
 from memory.sources import Query
 from state_store.checkpoint import Checkpoint, OutboxEntry
@@ -92,47 +94,51 @@ class CallSession:
         # Queries go through the core's memory, which a restore replaces.
         self._retriever = services.memory.retrieval.for_call(self._query_for)
         self._turn_lock = asyncio.Lock()
-        self.ckpt = Checkpointer(
-            services,
-            tenant,
-            call_id,
-            snapshot=self._snapshot,
-            acknowledge=self._ack,
-            turn_lock=self._turn_lock,
-            active=lambda: self.core.state in (CallState.ACTIVE, CallState.ENDED),
+        self.durable = CallDurability(
+            services, self.core, acknowledge=self._ack, turn_lock=self._turn_lock
         )
+        self.ckpt = self.durable.ckpt
         self._link_lost = False
+        # A committed reply said again after a resume (open), under the turn lock.
+        self._respeaking: asyncio.Task[None] | None = None
         # Set by aclose for an ended call whose final checkpoint is unsaved or outbox
         # unpublished (saved?): the node's drainer takes it over (conversation_node.outbox_drain).
         self.leftover: tuple[Checkpoint, bool] | None = None
-        # The call's span on this owner, and the traceparent of its first owner's span.
+        # The call's span on this owner.
         self._span: Span | None = None
-        self._trace = ""
-        replies = Replies()
+        config = services.config
+        # Clearing at the caller's first sound keeps the unheard rest of a reply, to resume it.
+        clear_at_sound = config.barge_in_clear == "at_sound"
+        replies = Replies(self._out, retain=clear_at_sound and config.false_interruption_ms > 0)
         self.turns = TurnRunner(
             self.core,
             pipeline=services.pipeline,
             retrieval=self._retriever,
             prompts=services.memory.prompts,
-            durability=self,
+            durability=self.durable,
             replies=replies,
             send=self._out,
             counters=services.metrics,
             observe_turn=services.observe_turn,
+            prepare_voice=config.preemptive_voice == "on",
         )
         self.vt = VoiceTurns(
             self.core,
             replies,
             self.turns,
+            self.turns.said,
             stt=services.stt,
             turn_lock=self._turn_lock,
             send=self._out,
             counters=services.metrics,
             observe_lag=services.observe_frame_lag,
             prefetch=self._prefetch,
-            min_confidence=services.config.stt_min_confidence,
-            false_interruption_ms=services.config.false_interruption_ms,
+            min_confidence=config.stt_min_confidence,
+            false_interruption_ms=config.false_interruption_ms,
+            clear_at_sound=clear_at_sound,
         )
+        # What becomes of the last utterance when the link ends without a hangup.
+        self.link_end = LinkEnd(self.core, self.vt, self._turn_lock)
 
     def __repr__(self) -> str:
         core = self.core
@@ -185,16 +191,18 @@ class CallSession:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self, start: Inbound) -> None:
+    async def open(self, start: Inbound, heard_turn: int | None = None) -> None:
         """Take ownership (epoch + 1), restore the last checkpoint, log the ownership. A new
         call is greeted (turn 0); a resumed one is not, but a committed reply the caller
-        did not fully receive is said again."""
+        did not fully receive is said again: the last turn the caller received is the
+        start's ``delivered_turn`` (a native client knows it), else ``heard_turn`` (what the
+        session this link replaces on this node saw of its marks: a Twilio stream)."""
         started = time.monotonic()
         core = self.core
         if "audio" in start.body:
             fmt = AudioFormat.from_start(start.body)
             core.audio_format = fmt
-            self.turns.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
+            self.turns.said.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
         epoch, ckpt = await self._svc.store.take_ownership(
             core.tenant, core.call_id, self._svc.node_id
         )
@@ -219,7 +227,7 @@ class CallSession:
             history_ms = (time.monotonic() - t0) * 1000
             records += core.greet(greeting)
         core.to(CallState.ACTIVE)
-        await self.commit(records)
+        await self.durable.commit(records)
         await self._out(core.ready(resumed=opening.resumed))
         if opening.resumed:
             self._svc.metrics.inc(CALLS_RESUMED, reason=resume)
@@ -227,17 +235,40 @@ class CallSession:
             self._svc.metrics.inc(CALLS_STARTED)
         if greeting is not None:
             async with self._turn_lock:
-                await self.turns.greet(greeting, started, history_ms)
+                await self.turns.said.greet(greeting, started, history_ms)
             return
-        again = core.reply_to_repeat(start.body.get("delivered_turn"))
+        delivered = start.body.get("delivered_turn")
+        again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
         if again is not None:
-            async with self._turn_lock:
-                await self.turns.respeak(again)
+            # Said while this link's frames are read, so the caller can talk over it; the
+            # turn lock, taken here, keeps the next turn's reply after it.
+            # (Released when the task is done, even one cancelled before it ran.)
+            await self._turn_lock.acquire()
+            self._respeaking = asyncio.get_running_loop().create_task(
+                self._respeak(again), name=f"respeak:{self.call_id}"
+            )
+            self._respeaking.add_done_callback(lambda _: self._turn_lock.release())
+
+    async def _respeak(self, text: str) -> None:
+        try:
+            await self.turns.said.respeak(text)
+        except CallDropped:
+            pass  # fenced: the next frame finds the session dropped
+        except Exception:
+            # As a turn's: a bug in saying it must not take the call down.
+            log.exception("reply said again failed", extra={"fields": {"call_id": self.call_id}})
+
+    async def reply_said_again(self) -> None:
+        """Until the committed reply said again by :meth:`open` (if any) is out."""
+        if self._respeaking is not None and not self._respeaking.done():
+            await asyncio.wait({self._respeaking})
 
     async def handle(self, msg: Inbound) -> None:
         """Apply one inbound frame (:meth:`CallCore.receive` says how; a replayed one is
         skipped). Audio, marks and keys never wait for a turn: the caller must be able to
         interrupt."""
+        if self._link_lost:
+            raise CallDropped("router link lost")
         step = self.core.receive(msg)
         if step is Step.AUDIO:
             await self.vt.on_audio(msg)
@@ -282,7 +313,7 @@ class CallSession:
         async with self._turn_lock:
             if self.core.state is not CallState.ACTIVE:
                 return
-            if self.ckpt.dirty and not await self._persist():
+            if self.ckpt.dirty and not await self.durable.persist():
                 return  # cannot hand off unsaved state; the drain bound decides what next
             await self._out(self.core.hand_off())
             self._svc.metrics.inc(CALLS_HANDED_OFF)
@@ -293,13 +324,32 @@ class CallSession:
         if self.core.state is CallState.ACTIVE and interim_text.strip():
             self._retriever.prefetch(interim_text)
 
+    # ------------------------------------------------------------------ the link ends
+
+    def link_ended(self) -> None:
+        """The call's link ended without a hangup, or a new link is taking the call over:
+        nothing more comes in or goes out here (:meth:`LinkEnd.ended`). Idempotent."""
+        self._link_lost = True
+        self.link_end.ended()
+
+    async def settle(self) -> int | None:
+        """A new link takes this call over: the turn in flight commits first, bounded
+        (:meth:`LinkEnd.settle`); the last turn the caller heard whole. The session is
+        closed afterwards by its successor."""
+        self._link_lost = True
+        return await self.link_end.settle()
+
     async def aclose(self) -> None:
         """Idempotent; stops the turn, the recognizer, retries and any prefetch. State
-        already committed stays in Redis."""
+        already committed stays in Redis. A settling turn (:meth:`settle`) is waited for."""
+        await self.link_end.aclose()
+        if self._respeaking is not None and not self._respeaking.done():
+            self._respeaking.cancel()
+            await asyncio.gather(self._respeaking, return_exceptions=True)
         await self.vt.aclose()
         await self.ckpt.aclose()
         if self.core.state is CallState.ENDED and (self.ckpt.dirty or self.ckpt.outbox):
-            self.leftover = (self._snapshot(), not self.ckpt.dirty)
+            self.leftover = (self.durable.snapshot(), not self.ckpt.dirty)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._retriever.aclose())
         self.core.close()
@@ -322,7 +372,7 @@ class CallSession:
         span.set_attribute(tracing.EPOCH, core.epoch)
         self._span = self.turns.call_span = span
         self.ckpt.trace_parent = tracing.call_context(span)
-        self._trace = previous or tracing.traceparent(span)
+        self.durable.trace = previous or tracing.traceparent(span)
 
     def _query_for(self, text: str) -> Query:
         return self.core.memory.query_for(text)
@@ -348,59 +398,14 @@ class CallSession:
 
     async def _end(self, records: list[Record]) -> None:
         core = self.core
-        await self.commit(records)
+        await self.durable.commit(records)
         # The final checkpoint should show what is left to republish, if anything.
         await self.ckpt.settle()
         if not self.ckpt.dirty:
-            await self._persist()
+            await self.durable.persist()
         # Everything but what replay needs goes now; with effects still to publish, the
         # lease stays for the drainer, which ends the call again once they are out.
         final = not self.ckpt.dirty and not self.ckpt.outbox
         with contextlib.suppress(StoreUnavailable):
             await self._svc.store.end(core.tenant, core.call_id, core.epoch, final=final)
         await save_history(self._svc, core.memory, core.caller, core.call_id)
-
-    # ------------------------------------------------------------------ persistence
-    # What the turn runner sees of the checkpoint (turn_runner.Durability); a fence is
-    # translated here, once, into dropping the call.
-
-    def effects_waiting(self, before_turn: int) -> bool:
-        return self.ckpt.effects_waiting(before_turn)
-
-    def queue_effects(self, effects: list[OutboxEntry]) -> None:
-        self.ckpt.outbox.extend(effects)
-
-    async def commit(self, records: list[Record]) -> None:
-        """Record the turn's events in the outbox and write the checkpoint (CAS)."""
-        try:
-            await self.ckpt.commit(records, self.core.turn)
-        except Fenced as exc:
-            self._fence(exc)
-            raise CallDropped(str(exc)) from exc
-
-    async def _persist(self) -> bool:
-        try:
-            return await self.ckpt.persist(turn=self.core.turn)
-        except Fenced as exc:
-            self._fence(exc)
-            raise CallDropped(str(exc)) from exc
-
-    def _snapshot(self) -> Checkpoint:
-        ckpt = self.core.snapshot(self.ckpt.outbox, self.ckpt.event_cursor, now_ms())
-        ckpt.trace = self._trace
-        return ckpt
-
-    def _fence(self, exc: Fenced) -> None:
-        self.core.fence()
-        self._svc.metrics.inc(FENCED_WRITES)
-        log.warning(
-            "fenced out: dropping call",
-            extra={
-                "fields": {
-                    "tenant": self.core.tenant,
-                    "call_id": self.core.call_id,
-                    "epoch": exc.rejection.mine,
-                    "current_epoch": exc.rejection.current,
-                }
-            },
-        )

@@ -15,13 +15,50 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
 from typing import Any
 
 from callmesh.metric_names import PREEMPTIVE_CANCELLED, PREEMPTIVE_STARTED
-from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, Speculator
-from conversation_node.turn_runner import Counters, Speculation
+from conversation_node.model_reply import PreparedReply
+from conversation_node.preemptive import (
+    Decision,
+    Outcome,
+    SpeculationConfig,
+    Speculator,
+    normalise,
+)
+from conversation_node.providers.base import LLMRequest
+from conversation_node.turn_close import Counters
+from memory.retrieval import RetrievalResult
 
 log = logging.getLogger("callmesh.node.voice")
+
+
+@dataclass
+class Speculation:
+    """A reply started before its turn was confirmed (the turn runner's ``speculate``):
+    for turn ``turn``, on ``retrieval``; ``outcome`` says what became of it."""
+
+    turn: int
+    retrieval: RetrievalResult
+    reply: PreparedReply
+    outcome: Outcome = Outcome.NONE  # not decided yet
+
+
+def same_request(a: LLMRequest, b: LLMRequest) -> bool:
+    """The same model request but for how the caller's words are written (case,
+    punctuation, spacing): a reply started on ``a`` is a reply to ``b``."""
+
+    def key(r: LLMRequest) -> LLMRequest:
+        said, norm = r.user_text, normalise(r.user_text)
+        messages = [
+            {k: (v.replace(said, norm) if isinstance(v, str) and said else v) for k, v in m.items()}
+            for m in r.messages
+        ]
+        return replace(r, messages=messages, user_text=norm)
+
+    return key(a) == key(b)
+
 
 Starter = Callable[[str], Coroutine[Any, Any, Speculation]]
 Dropper = Callable[[Speculation], Awaitable[None]]

@@ -1,5 +1,5 @@
-"""What a turn does between the caller's words and its commit, and the replies said
-without the model (the greeting, a committed reply said again after a failover).
+"""What a turn does between the caller's words and its commit (the replies said without
+the model are :mod:`conversation_node.said_replies`).
 
 A :class:`TurnRunner` composes a turn from memory, retrieval, the prompt and the pipeline;
 the call core (:class:`conversation_node.call_core.CallCore`) keeps the accounting and
@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from opentelemetry.trace import Span
@@ -22,33 +21,29 @@ from opentelemetry.trace import Span
 from callmesh import tracing
 from callmesh.metric_names import (
     ENDPOINT_MS_SUM,
-    GREETINGS,
-    GREETINGS_RETURNING,
     PREEMPTIVE_ADOPTED,
     PREEMPTIVE_CANCELLED,
     PREEMPTIVE_SAVED_MS_SUM,
     PREEMPTIVE_WASTED_TOKENS,
-    TURNS_RESPOKEN,
 )
-from callmesh.protocol import Out, encode
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
-from conversation_node.pipeline import TEXT_MODE, Emit, PreparedReply, TurnOutput, Voice
-from conversation_node.preemptive import Outcome, normalise
-from conversation_node.prompt import Greeting, build_request
+from conversation_node.model_reply import PreparedReply
+from conversation_node.pipeline import Emit, TurnOutput, Voice
+from conversation_node.preemptive import Outcome
+from conversation_node.prompt import build_request
 from conversation_node.providers.base import LLMRequest
+from conversation_node.said_replies import Replies, SaidReplies
 from conversation_node.sensitive import Refusal, review
-from conversation_node.turn_outcomes import Answer, Record, Reply
-from conversation_node.voice import Playback
+from conversation_node.speculations import Speculation, same_request
+from conversation_node.turn_close import Counters, Durability, Send, TurnCloser
+from conversation_node.turn_outcomes import Answer, Reply
 from memory.prompt import Prompt, default_counter
 from memory.retrieval import RetrievalResult
 from memory.session import SessionMemory
-from state_store.checkpoint import OutboxEntry
 
-# The per-turn log record keeps the logger it always had: log pipelines select on it.
+# Refused tool calls are logged where turns always were: log pipelines select on it.
 log = logging.getLogger("callmesh.node.session")
-
-Send = Callable[[str], Awaitable[None]]
 
 
 class Pipeline(Protocol):
@@ -63,7 +58,7 @@ class Pipeline(Protocol):
         prepared: PreparedReply | None = None,
     ) -> TurnOutput: ...
 
-    def prepare(self, request: LLMRequest) -> PreparedReply: ...
+    def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply: ...
 
     async def speak(
         self, text: str, emit: Emit, voice: Voice, interrupt: asyncio.Event | None = None
@@ -84,67 +79,9 @@ class Prompts(Protocol):
     ) -> Prompt: ...
 
 
-class Durability(Protocol):
-    """The call's checkpoint as turns use it (the session, over its checkpointer)."""
-
-    def effects_waiting(self, before_turn: int) -> bool:
-        """Effects of turns before this one are still unpublished."""
-        ...
-
-    def queue_effects(self, effects: list[OutboxEntry]) -> None:
-        """Side effects to publish with the next commit."""
-        ...
-
-    async def commit(self, records: list[Record]) -> None:
-        """Write the checkpoint with these records (CAS); raises CallDropped if fenced."""
-        ...
-
-
-class Replies(Protocol):
-    """Follows replies as the caller plays them (:class:`voice_turns.Replies`)."""
-
-    def start_reply(self, turn: int) -> tuple[Playback, asyncio.Event]: ...
-
-    def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]: ...
-
-    def follow(self, frame: dict[str, Any], turn: int, bytes_per_ms: float) -> None: ...
-
-
-class Counters(Protocol):
-    """The node's counters (:class:`callmesh.telemetry.Metrics`)."""
-
-    def inc(self, name: str, value: float = 1.0) -> None: ...
-
-
-@dataclass
-class Speculation:
-    """A reply started before its turn was confirmed (:meth:`TurnRunner.speculate`): for
-    turn ``turn``, on ``retrieval``; ``outcome`` says what became of it."""
-
-    turn: int
-    retrieval: RetrievalResult
-    reply: PreparedReply
-    outcome: Outcome = Outcome.NONE  # not decided yet
-
-
-def same_request(a: LLMRequest, b: LLMRequest) -> bool:
-    """The same model request but for how the caller's words are written (case,
-    punctuation, spacing): a reply started on ``a`` is a reply to ``b``."""
-
-    def key(r: LLMRequest) -> LLMRequest:
-        said, norm = r.user_text, normalise(r.user_text)
-        messages = [
-            {k: (v.replace(said, norm) if isinstance(v, str) and said else v) for k, v in m.items()}
-            for m in r.messages
-        ]
-        return replace(r, messages=messages, user_text=norm)
-
-    return key(a) == key(b)
-
-
 class TurnRunner:
-    """Runs one call's turns. ``voice`` is how replies are voiced (text mode until the
-    call's start declares audio)."""
+    """Runs one call's turns; ``said`` says its replies decided without the model.
+    ``prepare_voice``: a speculative reply voices its first sentence ahead too."""
 
     def __init__(
         self,
@@ -158,6 +95,7 @@ class TurnRunner:
         send: Send,
         counters: Counters,
         observe_turn: Callable[[TurnMetrics], None],
+        prepare_voice: bool = False,
     ) -> None:
         self._core = core
         self._pipeline = pipeline
@@ -165,19 +103,26 @@ class TurnRunner:
         self._prompts = prompts
         self._durability = durability
         self._replies = replies
-        self._send = send
         self._counters = counters
-        self._observe_turn = observe_turn
-        self.voice = TEXT_MODE
-        # The call's span on this owner (set by the session; None while tracing is off).
-        self.call_span: Span | None = None
+        self._prepare_voice = prepare_voice
+        self._closer = TurnCloser(core, durability=durability, send=send, observe_turn=observe_turn)
+        self.said = SaidReplies(
+            core,
+            speaker=pipeline,
+            replies=replies,
+            closer=self._closer,
+            send=send,
+            counters=counters,
+        )
 
-    async def emit(self, frame: dict[str, Any]) -> None:
-        """Send a reply frame of the current turn, following it in the playback."""
-        core = self._core
-        turn = core.stamp_reply(frame)
-        self._replies.follow(frame, turn, core.bytes_per_ms)
-        await self._send(encode(frame))
+    @property
+    def call_span(self) -> Span | None:
+        """The call's span on this owner (set by the session; None while tracing is off)."""
+        return self._closer.call_span
+
+    @call_span.setter
+    def call_span(self, span: Span | None) -> None:
+        self._closer.call_span = span
 
     # ------------------------------------------------------------------ turns
 
@@ -197,7 +142,8 @@ class TurnRunner:
             request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
         finally:
             core.rollback(savepoint)
-        return Speculation(t.turn, retrieval, self._pipeline.prepare(request))
+        prepared = self._pipeline.prepare(request, voice=self._prepare_voice)
+        return Speculation(t.turn, retrieval, prepared)
 
     async def drop(self, speculation: Speculation) -> None:
         """Stop a speculative reply; one that was never adopted is counted as cancelled,
@@ -244,7 +190,7 @@ class TurnRunner:
         metrics.provider_ms += stt_ms
         metrics.update_overhead()
         self._durability.queue_effects(answer.effects)
-        await self._finish(answer.records, metrics, started, **traced)
+        await self._closer.finish(answer.records, metrics, started, **traced)
 
     async def _answer(
         self,
@@ -273,7 +219,9 @@ class TurnRunner:
             else:
                 await self.drop(speculation)
         pb, interrupt = self._replies.start_reply(t.turn)
-        output = await self._pipeline.run(request, self.emit, self.voice, interrupt, prepared)
+        output = await self._pipeline.run(
+            request, self.said.emit, self.said.voice, interrupt, prepared
+        )
         if prepared is not None:
             await prepared.cancel()  # read to the end unless a barge-in stopped the reply
         refused = self._refusals(output, t.turn, text)
@@ -281,9 +229,9 @@ class TurnRunner:
         if refused and not cut:
             # The model's words are already out; the ask follows them in the same turn.
             asked = " ".join(r.ask() for r in refused.values())
-            spoken = await self._pipeline.speak(asked, self.emit, self.voice, interrupt)
+            spoken = await self._pipeline.speak(asked, self.said.emit, self.said.voice, interrupt)
             said, cut = f"{output.text} {asked}".strip(), spoken.interrupted
-        heard, interrupted = self._replies.heard(pb, said, cut)
+        heard, interrupted = await self._replies.heard(pb, said, cut)
         reply = Reply(
             retrieval, retrieval_ms, prompt, request, output, heard, interrupted, refused, asked
         )
@@ -346,110 +294,9 @@ class TurnRunner:
                 )
         return refused
 
-    async def repeat_turn(
-        self,
-        seq: int,
-        text: str,
-        *,
-        line: str,
-        confidence: float,
-        started: float,
-        stt_ms: float,
-    ) -> None:
-        """Low STT confidence: say ``line`` (asking again), taking nothing from ``text``."""
-        core = self._core
-        t = core.begin_repeat_turn(seq, text, confidence)
-        pb, interrupt = self._replies.start_reply(t.turn)
-        output = await self._pipeline.speak(line, self.emit, self.voice, interrupt)
-        heard, interrupted = self._replies.heard(pb, line, output.interrupted)
-        fallbacks = ["stt_low_confidence", *output.fallbacks]
-        records = core.repeated(
-            t, line=line, heard=heard, interrupted=interrupted, fallbacks=fallbacks
-        )
-        metrics = TurnMetrics(
-            call_id=core.call_id,
-            turn=t.turn,
-            stt_ms=stt_ms,
-            tts_first_chunk_ms=output.tts_first_chunk_ms,
-            provider_ms=stt_ms + output.tts_first_chunk_ms,
-            intent=t.intent,
-            fallbacks=fallbacks,
-            interrupted=interrupted,
-            node=core.node_id,
-            epoch=core.epoch,
-        )
-        metrics.set_latency(started, output.first_audio_at)
-        await self._finish(records, metrics, started)
-
-    async def greet(self, greeting: Greeting, started: float, history_ms: float) -> None:
-        """Speak the committed greeting, then complete turn 0 like any other turn."""
-        core = self._core
-        pb, _ = self._replies.start_reply(0)
-        output = await self._pipeline.speak(greeting.text, self.emit, self.voice)
-        pb.finished_sending = True
-        metrics = TurnMetrics(
-            call_id=core.call_id,
-            turn=0,
-            retrieval_ms=history_ms,
-            tts_first_chunk_ms=output.tts_first_chunk_ms,
-            provider_ms=history_ms + output.tts_first_chunk_ms,
-            intent="greeting",
-            fallbacks=list(output.fallbacks),
-            node=core.node_id,
-            epoch=core.epoch,
-        )
-        metrics.set_latency(started, output.first_audio_at)
-        await self._finish(core.greeted(output.fallbacks), metrics, started)
-        self._counters.inc(GREETINGS_RETURNING if greeting.returning else GREETINGS)
-
-    async def respeak(self, text: str) -> None:
-        """Say the last committed reply again (:meth:`CallCore.reply_to_repeat`), frame for
-        frame as the first time; nothing is committed."""
-        core = self._core
-        pb, _ = self._replies.start_reply(core.turn)
-        output = await self._pipeline.speak(text, self.emit, self.voice)
-        pb.finished_sending = True
-        metrics = TurnMetrics(
-            call_id=core.call_id,
-            turn=core.turn,
-            tts_first_chunk_ms=output.tts_first_chunk_ms,
-            intent="replayed",
-            fallbacks=output.fallbacks,
-            node=core.node_id,
-            epoch=core.epoch,
-        )
-        await self._send(encode({"type": Out.TURN_METRICS.value, **metrics.to_dict()}))
-        self._counters.inc(TURNS_RESPOKEN)
-
     async def amend_heard(self, turn: int, heard: str) -> None:
         """A barge-in after ``turn`` was committed: a small follow-up commit so memory (and
         replay) keep only what was heard."""
         records = self._core.amend_heard(turn, heard)
         if records is not None:
             await self._durability.commit(records)
-
-    async def _finish(
-        self,
-        records: list[Record],
-        metrics: TurnMetrics,
-        started: float,
-        *,
-        llm: dict[str, Any] | None = None,
-        sources: dict[str, str] | None = None,
-    ) -> None:
-        """Commit the turn, then tell the client it is complete (``turn_metrics``)."""
-        core = self._core
-        effects_waiting = self._durability.effects_waiting(metrics.turn)
-        t0 = time.monotonic()
-        core.close_turn(records, metrics, effects_waiting=effects_waiting)
-        await self._durability.commit(records)
-        t1 = time.monotonic()
-        metrics.checkpoint_ms = (t1 - t0) * 1000
-        tracing.record_turn(
-            self.call_span, metrics, started=started, checkpoint=(t0, t1), llm=llm, sources=sources
-        )
-        fields = metrics.to_dict()
-        await self._send(encode({"type": Out.TURN_METRICS.value, "turn": metrics.turn, **fields}))
-        self._observe_turn(metrics)
-        # The same record in the node's log, for log pipelines (one JSON object per turn).
-        log.info("turn", extra={"fields": {"tenant": core.tenant, **fields}})

@@ -1,4 +1,4 @@
-"""The audio side of one call: caller audio into speech-to-text, and what the caller heard.
+"""The audio side of one call: caller audio into speech-to-text.
 
 :class:`VoiceLane` feeds every ``audio`` frame into the call's STT stream (opened on the
 first frame) and turns the recognizer's events into the session's turn-taking calls:
@@ -14,10 +14,7 @@ in flight to the new owner. Audio heard while nobody speaks is acknowledged on i
 once it is ``QUIET_ACK_AFTER_S`` old (recognizers report speech late, so younger audio may
 still hold the start of an utterance); otherwise the router would keep minutes of silence.
 
-:class:`Playback` follows one reply as the caller plays it: each sentence ends with a
-``mark``, echoed by the client when played. After a barge-in (``clear``), the sentences
-whose marks came back before it are what the caller heard; marks echoed after it are the
-client flushing its buffer (Twilio echoes pending marks on ``clear``) and do not count.
+What the caller heard of a reply is followed by :mod:`conversation_node.playback`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callmesh.audio.format import AudioChunk, AudioEncoding, bytes_per_ms
@@ -45,9 +42,10 @@ log = logging.getLogger("callmesh.node.voice")
 
 QUIET_ACK_AFTER_S = 1.0
 QUIET_ACK_EVERY_S = 0.5
-# A client that never echoes marks: a reply counts as played this long after its audio
-# would have finished at real-time speed.
-UNMARKED_GRACE_S = 0.3
+# Frames fed within this long of each other share one entry of the quiet-ack history
+# (the time and seq of the latest of them): five 20 ms frames an entry instead of one,
+# and the acknowledgement comes at most this much later.
+_RECENT_BUCKET_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -64,78 +62,6 @@ class AudioFormat:
     @property
     def bytes_per_ms(self) -> float:
         return bytes_per_ms(self.encoding, self.sample_rate)
-
-
-@dataclass
-class _Sentence:
-    text: str
-    mark: str | None = None
-    audio_ms: float = 0.0
-    played: bool = False
-
-
-@dataclass
-class Playback:
-    """One reply (turn) as the caller plays it."""
-
-    turn: int
-    sentences: list[_Sentence] = field(default_factory=list)
-    first_audio_at: float | None = None
-    audio_ms: float = 0.0
-    finished_sending: bool = False
-    cleared: bool = False
-
-    def on_text(self, text: str) -> None:
-        self.sentences.append(_Sentence(text))
-
-    def on_audio(self, duration_ms: float) -> None:
-        if self.first_audio_at is None:
-            self.first_audio_at = time.monotonic()
-        self.audio_ms += duration_ms
-        if self.sentences:
-            self.sentences[-1].audio_ms += duration_ms
-
-    def on_mark_sent(self, name: str) -> None:
-        if self.sentences:
-            self.sentences[-1].mark = name
-
-    def on_mark_echoed(self, name: str) -> bool:
-        if self.cleared:
-            return False
-        for s in self.sentences:
-            if s.mark == name:
-                s.played = True
-                return True
-        return False
-
-    def heard(self, marks_seen: bool) -> str:
-        """What the caller has heard so far: sentences whose marks came back (or, from a
-        client that never echoed a mark, what real-time playback has reached)."""
-        if marks_seen:
-            return " ".join(s.text for s in self.sentences if s.played)
-        if self.first_audio_at is None:
-            return ""
-        played_ms = (time.monotonic() - self.first_audio_at) * 1000
-        out, at = [], 0.0
-        for s in self.sentences:
-            at += s.audio_ms
-            if at > played_ms:
-                break
-            out.append(s.text)
-        return " ".join(out)
-
-    def playing(self, marks_seen: bool) -> bool:
-        """True while the caller may still be hearing this reply."""
-        if self.cleared:
-            return False
-        if not self.finished_sending:
-            return True
-        if marks_seen:
-            return any(s.mark is not None and not s.played for s in self.sentences)
-        if self.first_audio_at is None:
-            return False
-        end = self.first_audio_at + self.audio_ms / 1000 + UNMARKED_GRACE_S
-        return time.monotonic() < end
 
 
 class VoiceEvents(Protocol):
@@ -170,19 +96,23 @@ class VoiceLane:
         fmt: AudioFormat,
         events: VoiceEvents,
         *,
+        tenant: str,
         call_id: str,
         observe_lag: Callable[[float], None],
     ) -> None:
         self._stt = stt
         self.format = fmt
         self._events = events
+        self.tenant = tenant  # verified by the router: the recognizer adapts to it
         self.call_id = call_id
         self._observe_lag = observe_lag
         self._stream: STTStream | None = None
         self._reader: asyncio.Task[None] | None = None
         self.fed_seq = 0
         self.in_utterance = False
-        self._recent: deque[tuple[float, int]] = deque()  # (fed at, seq)
+        # (fed at, seq) of the latest frame of each _RECENT_BUCKET_S, oldest first.
+        self._recent: deque[tuple[float, int]] = deque()
+        self._bucket_since = 0.0
         self._last_quiet_ack = 0.0
         self._lag_base: float | None = None
         self.failed = False
@@ -244,7 +174,12 @@ class VoiceLane:
 
     def _fed(self, now: float, seq: int) -> None:
         self.fed_seq = seq
-        self._recent.append((now, seq))
+        recent = self._recent
+        if recent and now - self._bucket_since < _RECENT_BUCKET_S:
+            recent[-1] = (now, seq)
+        else:
+            recent.append((now, seq))
+            self._bucket_since = now
 
     def _frame_lag(self, now: float, ts_ms: int) -> None:
         # Lag behind the caller's own clock: how much later than real time this frame is
@@ -256,7 +191,9 @@ class VoiceLane:
 
     async def _open(self) -> None:
         try:
-            self._stream = await self._stt.open(self.format.encoding, self.format.sample_rate)
+            self._stream = await self._stt.open(
+                self.format.encoding, self.format.sample_rate, tenant=self.tenant
+            )
         except ProviderError as exc:
             self._fail(exc)
             raise
@@ -311,6 +248,24 @@ class VoiceLane:
         if self._stream is not None and not self.failed:
             with contextlib.suppress(ProviderError):
                 await self._stream.finalize()
+
+    async def end_of_audio(self) -> None:
+        """No more audio will come (the call's link ended). The recognizer is asked to end
+        an utterance whose speech had stopped and to drop one cut off mid-speech (a stream's
+        ``end_of_audio``; one without it finalizes what it heard), then closed; this
+        returns once its last events were handled, i.e. the turn of a finished utterance
+        has started."""
+        stream = self._stream
+        if stream is None or self.failed:
+            return
+        self._send_now = None
+        end = getattr(stream, "end_of_audio", None)
+        with contextlib.suppress(ProviderError):
+            await (end() if end is not None else stream.finalize())
+        with contextlib.suppress(Exception):
+            await stream.aclose()  # its events end after the ones already queued
+        if self._reader is not None:
+            await asyncio.gather(asyncio.shield(self._reader), return_exceptions=True)
 
     def _quiet_ack_due(self, now: float) -> bool:
         """Whether :meth:`_quiet_ack_seq` would now name audio to acknowledge."""

@@ -7,10 +7,8 @@ recognizer, the link) come in explicitly. Rules:
 
 - an utterance's end starts a turn in a task of its own, closed with the call (frames
   keep flowing while it runs); turns never overlap (the turn lock), a new one waits for the last;
-- the caller speaking while a reply is playing is a barge-in: ``clear`` goes out at once,
-  the model and the voice are stopped, and memory keeps what the caller heard (from the
-  marks they echoed before the clear). A reply already committed is amended by a small
-  follow-up commit (``barge_in`` + ``memory`` records) so replay sees the same;
+- the caller making a sound while a reply is playing is a barge-in once it yields words,
+  a false interruption if it yields none (:mod:`conversation_node.barge_in`);
 - an utterance heard with low confidence is not guessed at: the caller is asked to repeat
   (fallback ``stt_low_confidence``), and nothing in it is taken as a fact;
 - a DTMF key ends the utterance in progress (press # when done);
@@ -27,27 +25,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from callmesh.metric_names import BARGE_INS, DTMF, FALSE_INTERRUPTIONS
+from callmesh.metric_names import DTMF
 from callmesh.protocol import (
     ErrorCode,
     Inbound,
-    Out,
-    encode,
     error_frame,
-    parse_mark_name,
     transcript_frame,
 )
+from conversation_node.barge_in import BargeIns
 from conversation_node.call_core import CallCore
 from conversation_node.endpointing import is_yes_no_question
 from conversation_node.errors import CallDropped
-from conversation_node.interruptions import Action, InterruptionGate
 from conversation_node.preemptive import Outcome, SpeculationConfig
 from conversation_node.providers.base import STT
-from conversation_node.speculations import Speculations, started
-from conversation_node.turn_runner import Counters, Send, Speculation
-from conversation_node.voice import Playback, VoiceLane
+from conversation_node.replies import Replies
+from conversation_node.speculations import Speculation, Speculations, started
+from conversation_node.turn_close import Counters, Send
+from conversation_node.voice import VoiceLane
 
 log = logging.getLogger("callmesh.node.voice")
 
@@ -75,65 +71,16 @@ class Turns(Protocol):
 
     async def drop(self, speculation: Speculation) -> None: ...
 
-    async def repeat_turn(
-        self, seq: int, text: str, *, line: str, confidence: float, started: float, stt_ms: float
-    ) -> None: ...
-
     async def amend_heard(self, turn: int, heard: str) -> None: ...
 
 
-class Replies:
-    """The reply being played (or last played), whether this client echoes marks, and the
-    event that stops the reply being spoken. Shared by the turn runner (which starts and
-    follows replies) and :class:`VoiceTurns` (marks, barge-in)."""
+class Repeats(Protocol):
+    """Asks the caller to say it again (:class:`conversation_node.said_replies.SaidReplies`);
+    called under the turn lock."""
 
-    def __init__(self) -> None:
-        self.playback: Playback | None = None
-        self.marks_seen = False
-        self._interrupt: asyncio.Event | None = None
-
-    def start_reply(self, turn: int) -> tuple[Playback, asyncio.Event]:
-        """A reply is about to be spoken: follow its playback; the event stops it."""
-        self.playback = Playback(turn)
-        self._interrupt = asyncio.Event()
-        return self.playback, self._interrupt
-
-    def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]:
-        """What the caller heard of a reply that has finished sending: all of it, unless
-        they barged in (then what they had played)."""
-        pb.finished_sending = True
-        if interrupted or pb.cleared:
-            return pb.heard(self.marks_seen), True
-        return said, False
-
-    def follow(self, frame: dict[str, Any], turn: int, bytes_per_ms: float) -> None:
-        """A reply frame of ``turn`` is going out."""
-        pb = self.playback
-        if pb is None or pb.turn != turn:
-            return
-        kind = frame["type"]
-        if kind == Out.AGENT_TEXT:
-            pb.on_text(frame["text"])
-        elif kind == Out.AGENT_AUDIO:
-            # base64: 4 characters per 3 bytes.
-            pb.on_audio(len(frame["data"]) * 3 / 4 / bytes_per_ms)
-        elif kind == Out.MARK:
-            pb.on_mark_sent(frame["name"])
-
-    def on_mark(self, name: str) -> None:
-        parsed = parse_mark_name(name)
-        pb = self.playback
-        if parsed is None or pb is None or parsed[0] != pb.turn:
-            return  # a mark of an earlier turn (replayed after a failover) or not ours
-        if pb.on_mark_echoed(name):
-            self.marks_seen = True
-
-    def stop(self) -> bool:
-        """Stop the reply being spoken; False if none was ever started."""
-        if self._interrupt is None:
-            return False
-        self._interrupt.set()
-        return True
+    async def repeat_turn(
+        self, seq: int, text: str, *, line: str, confidence: float, started: float, stt_ms: float
+    ) -> None: ...
 
 
 class VoiceTurns:
@@ -145,6 +92,7 @@ class VoiceTurns:
         core: CallCore,
         replies: Replies,
         turns: Turns,
+        repeats: Repeats,
         *,
         stt: STT | None,
         turn_lock: asyncio.Lock,
@@ -155,10 +103,12 @@ class VoiceTurns:
         min_confidence: float,
         speculation: SpeculationConfig | None = None,
         false_interruption_ms: float = 0.0,
+        clear_at_sound: bool = False,
     ) -> None:
         self._core = core
         self.replies = replies
         self._turns = turns
+        self._repeats = repeats
         self._stt = stt
         self._turn_lock = turn_lock
         self._send = send
@@ -168,7 +118,6 @@ class VoiceTurns:
         self._min_confidence = min_confidence
         self.lane: VoiceLane | None = None
         self._turn_task: asyncio.Task[None] | None = None
-        self._amend_task: asyncio.Task[None] | None = None
         self._spec = Speculations(
             speculation,
             start=turns.speculate,
@@ -176,10 +125,15 @@ class VoiceTurns:
             counters=counters,
             name=core.call_id,
         )
-        # Caller sound during a reply: barge-in or noise (conversation_node.interruptions).
-        self._gate = InterruptionGate(false_interruption_ms)
-        self._gate_timer: asyncio.TimerHandle | None = None
-        self._barge_task: asyncio.Task[None] | None = None
+        # Caller sound during a reply: a barge-in, or noise the reply survives.
+        self._barge = BargeIns(
+            replies,
+            window_ms=false_interruption_ms,
+            clear_at_sound=clear_at_sound,
+            counters=counters,
+            amend=self._amend_heard,
+            name=core.call_id,
+        )
 
     # ------------------------------------------------------------------ inbound
 
@@ -203,6 +157,7 @@ class VoiceTurns:
                 self._stt,
                 fmt,
                 self,
+                tenant=self._core.tenant,
                 call_id=self._core.call_id,
                 observe_lag=self._observe_lag,
             )
@@ -228,50 +183,15 @@ class VoiceTurns:
     # ------------------------------------------------------------------ recognizer events
 
     async def on_speech_started(self) -> None:
-        replies = self.replies
-        pb = replies.playback
+        pb = self.replies.playback
         if self.lane is not None and pb is not None:
             said = " ".join(s.text for s in pb.sentences)
             self.lane.expect_yes_no(is_yes_no_question(said))
-        if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
-            return  # nothing is being heard: the caller may speak while the agent thinks
-        action = self._gate.on_sound()
-        if action is Action.WAIT:  # no clear until the sound yields words
-            window_s = self._gate.window_ms / 1000
-            self._gate_timer = asyncio.get_running_loop().call_later(window_s, self._no_words)
-        elif action is Action.BARGE_IN:
-            await self._barge_in()
-
-    async def _barge_in(self) -> None:
-        if self._gate_timer is not None:
-            self._gate_timer.cancel()
-            self._gate_timer = None
-        replies = self.replies
-        pb = replies.playback
-        if pb is None or pb.first_audio_at is None or not pb.playing(replies.marks_seen):
-            return  # the reply ended on its own meanwhile
-        pb.cleared = True  # from here on, marks are the client flushing: not heard
-        await self._send(encode({"type": Out.CLEAR.value, "turn": pb.turn, "reason": "barge_in"}))
-        self._counters.inc(BARGE_INS)
-        # A reply still being sent stops talking and its turn commits what was heard;
-        # one already committed is amended.
-        if pb.finished_sending or not replies.stop():
-            heard = pb.heard(replies.marks_seen)
-            self._amend_task = asyncio.create_task(
-                self._amend_heard(pb.turn, heard), name=f"barge-in:{self._core.call_id}"
-            )
-
-    def _no_words(self) -> None:
-        self._gate_timer = None
-        if self._gate.on_timeout() is Action.FALSE:
-            self._counters.inc(FALSE_INTERRUPTIONS)
+        await self._barge.on_sound()
 
     def on_interim(self, text: str) -> None:
         self._prefetch(text)
-        if self._gate.on_words(text) is Action.BARGE_IN:
-            self._barge_task = asyncio.create_task(
-                self._barge_in(), name=f"barge-in:{self._core.call_id}"
-            )
+        self._barge.on_interim(text)
         self._spec.on_interim(text)
 
     def on_eager(self, text: str) -> None:
@@ -280,8 +200,7 @@ class VoiceTurns:
             not self._core.active
             or self._turn_lock.locked()
             or (self._turn_task is not None and not self._turn_task.done())
-            or (self._amend_task is not None and not self._amend_task.done())
-            or (self._barge_task is not None and not self._barge_task.done())
+            or self._barge.busy
         )
         self._spec.on_stable(text, busy=busy)
 
@@ -297,16 +216,9 @@ class VoiceTurns:
         seq: int,
         endpoint_ms: float | None = None,
     ) -> None:
-        if not text.strip():
-            if self._gate.on_silence() is Action.FALSE:
-                self._counters.inc(FALSE_INTERRUPTIONS)  # noise: the reply went on
-        elif self._gate.on_words(text) is Action.BARGE_IN:
-            await self._barge_in()
-        barging = self._barge_task
-        if barging is not None and not barging.done():
-            # The barge-in the words made goes first: what the caller heard of the last
-            # reply is amended before the next turn is answered.
-            await asyncio.wait({barging})
+        # The barge-in the words made goes first: what the caller heard of the last reply
+        # is amended before the next turn is answered.
+        await self._barge.on_final(text)
         answer = bool(text.strip()) and self._core.active
         spec_task, outcome = self._spec.on_final(text, answer=answer)
         if not answer:
@@ -354,7 +266,7 @@ class VoiceTurns:
                     return
                 stt_ms = max(0.0, (time.monotonic() - speech_end_at) * 1000)
                 if confidence < self._min_confidence:
-                    await self._turns.repeat_turn(
+                    await self._repeats.repeat_turn(
                         seq,
                         text,
                         line=REPEAT_LINE,
@@ -386,19 +298,33 @@ class VoiceTurns:
             async with self._turn_lock:
                 await self._turns.amend_heard(turn, heard)
 
+    async def end_of_audio(self) -> None:
+        """The call's link ended: no more audio comes. The recognizer finishes an utterance
+        the caller had finished (its turn starts, in its task, as ever) and drops one cut
+        off mid-speech (:meth:`VoiceLane.end_of_audio`)."""
+        if self.lane is not None:
+            await self.lane.end_of_audio()
+
+    async def turn_done(self) -> None:
+        """Until the turn in flight (and an amendment after a barge-in) has finished."""
+        task = self._turn_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+        await self._barge.settled()
+
     async def stop_turn(self) -> None:
         """Hang-up: stop talking; a turn not yet committed is abandoned with the call."""
         self.replies.stop()
         self._spec.abandon()
-        for task in (self._turn_task, self._amend_task, *self._spec.dropping):
+        for task in (self._turn_task, *self._spec.dropping):
             if task is not None and not task.done():
                 await asyncio.wait({task})
+        await self._barge.settled()
 
     async def aclose(self) -> None:
-        if self._gate_timer is not None:
-            self._gate_timer.cancel()
+        await self._barge.aclose()
         self._spec.abandon()
-        for task in (self._turn_task, self._amend_task, self._barge_task, *self._spec.dropping):
+        for task in (self._turn_task, *self._spec.dropping):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -21,6 +21,11 @@ masters + 3 replicas; 3 NATS servers, streams at R3). At the same moment as the 
 ``--kill-redis-master`` SIGKILLs the Valkey master holding most calls' state (restarted once
 its replica is promoted, as Kubernetes would, so it rejoins as a replica) and
 ``--kill-nats`` SIGKILLs one NATS server. The scoring is the same.
+
+Routers (``--routers N --kill-router K | --drain-router K``, native or ``--transport
+twilio`` callers): :mod:`loadtest.chaos_routers`. Node and backend faults asked for in the
+same run strike in the same moment as the router's (:mod:`loadtest.chaos_faults`); a call
+is then affected through its router or its node.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import sys
 import time
 import uuid
@@ -43,14 +47,13 @@ import nats
 from callmesh_client.client import CallClient, CallError, Reply
 from events import subjects
 from events.connection import server_urls
-from loadtest import chaos_routers
+from loadtest import chaos_faults, chaos_routers
 from loadtest.callers import NAMES, script
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
 from loadtest.stats import percentiles, run_meta, write_report
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
-from state_store import keys
 
 
 def add_parser(sub: Any) -> None:
@@ -71,6 +74,11 @@ def add_parser(sub: Any) -> None:
     chaos_routers.add_router_flags(p)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
+    p.add_argument(
+        "--log-dir",
+        help="keep the cluster's process logs in this directory, at INFO (default: WARNING, "
+        "discarded)",
+    )
     add_progress_flag(p)
     p.set_defaults(func=main)
 
@@ -128,22 +136,17 @@ class Chaos:
 
     async def strike(self) -> None:
         await self.trigger.wait()
-        status = self.cluster.status() or {}
-        nodes = status.get("nodes")
-        by_calls = sorted(
-            (n for n in nodes if isinstance(n, dict)) if isinstance(nodes, list) else [],
-            key=lambda n: -int(n.get("calls", 0)),
-        )
         count = self.args.kill or self.args.drain
-        names = [str(n["node"]) for n in by_calls[:count]]
-        self.victims = [p for p in self.cluster.nodes if p.name in names]
-        sig = signal.SIGKILL if self.args.kill else signal.SIGTERM
+        self.victims = chaos_faults.busiest_nodes(self.cluster, count)
         self.kill_at = time.monotonic()
+        sig = chaos_faults.strike_nodes(self.args, self.victims)
+        kind = "kill" if self.args.kill else "drain"
         for victim in self.victims:
-            victim.signal(sig)
-            kind = "kill" if self.args.kill else "drain"
             self.timeline.fault(kind, victim.name, sig.name, at=self.kill_at)
-        for name in await asyncio.to_thread(self.strike_backends):
+        self.backend_victims = await asyncio.to_thread(
+            chaos_faults.strike_backends, self.args, self.cluster, self.call_ids
+        )
+        for name in self.backend_victims:
             self.timeline.fault("kill", name, "SIGKILL", at=self.kill_at)
         # A drained node's exit marks the end of its drain on the report's time line.
         draining = list(self.victims) if self.args.drain else []
@@ -153,26 +156,6 @@ class Chaos:
                 draining.remove(v)
                 code = v.popen.returncode if v.popen else None
                 self.timeline.fault("exited", v.name, f"exit code {code}")
-
-    def strike_backends(self) -> list[str]:
-        """Kill what --kill-nats / --kill-redis-master name; their names."""
-        backends = self.cluster.backends
-        if backends is None:
-            return []
-        killed = []
-        if self.args.kill_nats and backends.nats_nodes is not None:
-            backends.nats_nodes.servers[0].stop(signal.SIGKILL)
-            killed.append(backends.nats_nodes.servers[0].name)
-        if self.args.kill_redis_master and backends.redis_nodes is not None:
-            servers = backends.redis_nodes
-            masters = [servers.master_of(keys.checkpoint("demo", c)) for c in self.call_ids]
-            master = max(masters, key=masters.count)
-            master.stop(signal.SIGKILL)
-            killed.append(master.name)
-            servers.wait_promoted(master)
-            master.start()
-        self.backend_victims = killed
-        return killed
 
     async def run(self) -> list[ChaosCall]:
         prefix = uuid.uuid4().hex[:6]
@@ -203,6 +186,12 @@ def _owner_at(call: ChaosCall, t: float) -> str:
 
 def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> dict[str, Any]:
     gaps: list[float] = []
+    answering: list[float] = []  # of each gap, the new owner's retrieval and model time
+    samples: list[tuple[float, str, float, float]] = []
+    # Gaps of turns whose reply had not started before the kill, and of those the caller
+    # was already receiving: the new owner's first frame the caller lacks then comes after
+    # the part it already has (identical frames are not sent twice).
+    by_case: dict[str, list[float]] = {"reply_not_started": [], "reply_under_way": []}
     affected = context_lost = 0
     for call in calls:
         if kill_at is None or _owner_at(call, kill_at) not in victims:
@@ -220,12 +209,33 @@ def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> d
         first = after[0]
         frames = [t for t in first.frame_times if t > kill_at] or [first.done_at]
         gaps.append((frames[0] - max(kill_at, first.sent_at)) * 1000)
+        metrics = first.metrics
+        answering.append(
+            float(metrics.get("retrieval_ms", 0)) + float(metrics.get("llm_first_sentence_ms", 0))
+        )
+        samples.append((gaps[-1], call.call_id, answering[-1], (first.sent_at - kill_at) * 1000))
+        under_way = any(t <= kill_at for t in first.frame_times)
+        by_case["reply_under_way" if under_way else "reply_not_started"].append(gaps[-1])
         knew_name = any(r.done_at <= kill_at for r in call.replies)
         if knew_name and call.name not in first.text:
             context_lost += 1
     return {
         "affected_calls": affected,
         "failover_gap_ms": percentiles(gaps, (50, 99)),
+        # What the gap is made of: the new owner answering (retrieval and the model's first
+        # sentence, from its turn metrics), and the rest (detection, relink, ownership,
+        # restore, waiting for the new owner's loop).
+        "failover_gap_parts_ms": {
+            "answering": percentiles(answering, (50, 99)),
+            "failover": percentiles([g - a for g, a in zip(gaps, answering, strict=True)]),
+        },
+        "failover_gap_by_case_ms": {k: percentiles(v, (50, 99)) for k, v in by_case.items()},
+        # The slowest gaps, to look up in the logs: call, gap, answering, and when the
+        # utterance was sent (ms, relative to the kill).
+        "slowest_gaps": [
+            {"call_id": c, "gap_ms": round(g), "answering_ms": round(a), "sent_ms": round(t)}
+            for g, c, a, t in sorted(samples, reverse=True)[:5]
+        ],
         "lost_turns": sum(c.sent - len(c.replies) for c in calls),
         "duplicate_replies": sum(c.duplicates for c in calls),
         "context_lost": context_lost,
@@ -263,12 +273,6 @@ async def effects_per_call(nats_url: str) -> Counter[str]:
         await nc.drain()
 
 
-async def count_effects(nats_url: str) -> tuple[int, int]:
-    """(bookings stored, bookings beyond one per call) in the effects stream."""
-    per_call = await effects_per_call(nats_url)
-    return sum(per_call.values()), sum(max(0, n - 1) for n in per_call.values())
-
-
 async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, Any]:
     timeline = Timeline()
     t0 = time.monotonic()
@@ -276,19 +280,19 @@ async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict
     total = args.calls * args.turns
     async with LiveProgress(timeline, "chaos", total_turns=total, enabled=show):
         rep = {"scenario": "chaos", "nodes": args.nodes}
+        rep["backends"] = {
+            k: v for k, v in vars(args).items() if k in ("redis_cluster", "nats_cluster") and v
+        } or "single"
         rep.update(await chaos_routers.run(args, cluster, timeline))
-    stored, duplicated = await count_effects(cluster.nats_url)
-    rep["effects_stored"] = stored
-    rep["duplicate_effects"] = duplicated
+    rep.update(await score_effects(cluster.nats_url, set(rep.pop("confirmed_bookings"))))
     rep["elapsed_s"] = round(time.monotonic() - t0, 2)
     rep.update(timeline.report())
     return rep
 
 
-async def score_effects(nats_url: str, calls: list[ChaosCall]) -> dict[str, Any]:
-    """Bookings confirmed to callers against bookings stored (lost, duplicated), waiting
-    (bounded) for the stream to settle."""
-    confirmed = confirmed_bookings(calls)
+async def score_effects(nats_url: str, confirmed: set[str]) -> dict[str, Any]:
+    """Bookings confirmed to callers (their call ids) against bookings stored (lost,
+    duplicated), waiting (bounded) for the stream to settle."""
     deadline = time.monotonic() + EFFECTS_SETTLE_S
     started = time.monotonic()
     while True:
@@ -308,21 +312,15 @@ async def score_effects(nats_url: str, calls: list[ChaosCall]) -> dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> int:
+    # With a router fault, the node and backend faults asked for strike in the same moment
+    # (loadtest.chaos_routers); a call is affected by either.
     routers_hit = chaos_routers.router_fault(args)
-    if routers_hit and (args.kill or args.drain or args.kill_redis_master or args.kill_nats):
-        # Not composed yet: a router fault is scored per router, the others per node.
-        print(
-            "loadtest chaos: --kill-router/--drain-router do not combine with node or "
-            "backend faults in one run yet",
-            file=sys.stderr,
-        )
-        return 2
     if not (args.kill or args.drain or routers_hit):
         args.kill = 1
     env = {
         "CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale),
         "CALLMESH_TTS_CHUNK_MS": str(args.tts_chunk_ms),
-        "CALLMESH_LOG_LEVEL": "WARNING",
+        "CALLMESH_LOG_LEVEL": "INFO" if args.log_dir else "WARNING",
     }
     if (args.kill_redis_master and not args.redis_cluster) or (
         args.kill_nats and not args.nats_cluster
@@ -336,7 +334,16 @@ def main(args: argparse.Namespace) -> int:
     clustered = {"redis_cluster": args.redis_cluster, "nats_cluster": args.nats_cluster}
     if routers_hit:
         env["CALLMESH_ROUTER_DRAIN_S"] = "20"
-    with LocalCluster(nodes=args.nodes, routers=args.routers, env=env, **clustered) as cluster:
+    if args.transport == "twilio":
+        # The TwiML names the public URL, the 'load balancer' in front of the routers: the
+        # simulated Twilio sends each request to a live router of its list instead. Its
+        # webhooks are unsigned, which only development mode accepts.
+        env["CALLMESH_PUBLIC_URL"] = "http://127.0.0.1:9"
+        env["CALLMESH_DEV_MODE"] = "1"
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    with LocalCluster(
+        nodes=args.nodes, routers=args.routers, env=env, log_dir=log_dir, **clustered
+    ) as cluster:
 
         async def go() -> dict[str, Any]:
             if routers_hit:
@@ -358,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
                 "turns": sum(len(c.replies) for c in calls),
             }
             rep.update(score(calls, victims, chaos.kill_at))
-            rep.update(await score_effects(cluster.nats_url, calls))
+            rep.update(await score_effects(cluster.nats_url, confirmed_bookings(calls)))
             rep["errors"] = sum(len(c.errors) for c in calls)
             rep["error_samples"] = [e for c in calls for e in c.errors][:5]
             rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])

@@ -14,6 +14,21 @@ connected through a victim then and had not ended. Scoring, per affected call:
   twice; Twilio, turns the node took beyond the utterances spoken (from the checkpoint);
 - context lost: native, the first reply after the fault lacks the caller's name given
   before it; Twilio, the call's checkpoint does not hold the name the caller gave.
+
+Twilio callers behave like people (``VoiceCaller(repeat_after_s=...)``): nobody on a phone
+knows that the media stream behind the line was replaced, so they talk on their own
+schedule, and what they say while no stream exists (between the old stream's end and the
+new one's start) reaches nobody. A caller who hears no answer within
+:data:`REPEAT_AFTER_S` of the end of an utterance says it again (at most
+:data:`MAX_REPEATS` times). Scored so:
+
+- an utterance answered only after the caller repeated it is not lost, and counts once
+  (a node that answered both the original and the repeat shows as a duplicate reply);
+- its gap runs from the end of its *first* saying, so the caller's patience is in it; the
+  gaps are reported apart: ``failover_gap_ms`` for the affected calls whose next utterance
+  reached callmesh (answered without a repeat: the failover's own cost), and
+  ``repeated_gap_ms`` with ``repeated_utterances`` for those whose utterance fell, whole
+  or in part, in the gap between streams; ``all_gap_ms`` has both.
 """
 
 from __future__ import annotations
@@ -33,14 +48,23 @@ from callmesh_client.reconnect import ReconnectPolicy
 from callmesh_client.twilio_phone import TwilioPhone
 from callmesh_client.voice_client import VoiceCaller, VoiceCallError
 from callmesh_client.voice_results import TurnResult
+from loadtest import chaos_faults
 from loadtest.callers import NAMES, script
 from loadtest.stats import percentiles
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
 from state_store.client import connect
+from state_store.pins import PinStore
 from state_store.store import StateStore
 
 SPEECH_BYTES_PER_S = 8000  # mu-law 8 kHz
+# A caller hearing nothing this long after finishing an utterance says it again (s); the
+# simulated agent's replies start within about 0.5 s at these loads, so only an utterance
+# that nobody heard is repeated.
+REPEAT_AFTER_S = 3.0
+# What the simulated agent says of a booking it made (loadtest.chaos scores the effects).
+BOOKED_WORD = "booked"
+MAX_REPEATS = 2
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:
@@ -68,8 +92,11 @@ class RouterCall:
     ended_at: float | None = None
     router: str = ""  # the router the call is connected through right now
     router_at_fault: str = ""
-    # (utterance end as planned, first reply after it, reply text) per answered turn
-    turns: list[tuple[float, float, str]] = field(default_factory=list)
+    node_at_fault: str = ""  # the call's node then, if a victim of --kill / --drain
+    # (utterance end as planned, first reply after it, reply text, times the caller
+    # repeated it) per answered turn
+    turns: list[tuple[float, float, str, int]] = field(default_factory=list)
+    repeated: int = 0  # utterances said again (Twilio): unanswered, answered or not
 
 
 def _rotated(urls: list[str], i: int) -> list[str]:
@@ -86,7 +113,9 @@ class RouterChaos:
         self.on_turn = on_turn  # called after every answered turn (progress, trigger)
         self.calls: list[RouterCall] = []
         self.fault_at: float | None = None
-        self.victims: list[Proc] = []
+        self.victims: list[Proc] = []  # routers
+        self.node_victims: list[Proc] = []
+        self.backend_victims: list[str] = []
 
     async def caller(self, call_id: str, seed: int, started: Any) -> RouterCall:
         rng = random.Random(seed)
@@ -121,7 +150,7 @@ class RouterChaos:
                 if self.fault_at is not None and reply.frame_times:
                     after = [t for t in reply.frame_times if t > self.fault_at]
                     first = after[0] if after else first
-                call.turns.append((planned_end, first, reply.text))
+                call.turns.append((planned_end, first, reply.text, 0))
                 call.answered += 1
                 self.on_turn(reply.latency_ms)
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
@@ -133,7 +162,14 @@ class RouterChaos:
     ) -> None:
         phone = TwilioPhone(urls, call.call_id, "demo", give_up_after_s=30)
         async with VoiceCaller(
-            urls[0], call.call_id, "demo", phone=phone, timeout_s=30, timestamps="sent"
+            urls[0],
+            call.call_id,
+            "demo",
+            phone=phone,
+            timeout_s=30,
+            timestamps="sent",
+            repeat_after_s=REPEAT_AFTER_S,
+            max_repeats=MAX_REPEATS,
         ) as caller:
             call.router = _router_of(phone, urls)
             started()
@@ -145,34 +181,66 @@ class RouterChaos:
                 t0 = time.monotonic()
                 result: TurnResult = await caller.say(text)
                 call.router = _router_of(phone, urls)
+                call.repeated += result.repeats
                 if result.first_audio_at is not None and not result.timed_out:
                     planned_end = t0 + len(speech_from_text(text)) / SPEECH_BYTES_PER_S
-                    call.turns.append((planned_end, result.first_audio_at, ""))
+                    call.turns.append((planned_end, result.first_audio_at, "", result.repeats))
                     call.answered += 1
                     self.on_turn(result.response_ms or 0.0)
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
             await caller.hangup()
 
     async def strike(self) -> None:
-        """SIGKILL or SIGTERM the routers serving the most calls."""
+        """SIGKILL or SIGTERM the routers serving the most calls; in the same moment, the
+        nodes and backends the other fault flags name (:mod:`loadtest.chaos_faults`)."""
+        args = self.args
         live = [c for c in self.calls if c.ended_at is None]
         by_router: dict[str, int] = {}
         for c in live:
             by_router[c.router] = by_router.get(c.router, 0) + 1
-        count = self.args.kill_router or self.args.drain_router
+        count = args.kill_router or args.drain_router
         ranked = sorted(self.cluster.all_routers, key=lambda p: -by_router.get(p.url, 0))
         self.victims = ranked[:count]
         victim_urls = {p.url for p in self.victims}
+        if chaos_faults.node_fault(args):
+            count = args.kill or args.drain
+            self.node_victims = await asyncio.to_thread(
+                chaos_faults.busiest_nodes, self.cluster, count
+            )
+            pins = await _pins(self.cluster.redis_url, [c.call_id for c in live])
+            victim_nodes = {p.name for p in self.node_victims}
+            for c in live:
+                c.node_at_fault = pins.get(c.call_id) or ""
+                c.node_at_fault = c.node_at_fault if c.node_at_fault in victim_nodes else ""
         self.fault_at = time.monotonic()
         for c in live:
             c.router_at_fault = c.router if c.router in victim_urls else ""
-        sig = signal.SIGKILL if self.args.kill_router else signal.SIGTERM
+        sig = signal.SIGKILL if args.kill_router else signal.SIGTERM
         for p in self.victims:
             p.signal(sig)
+        chaos_faults.strike_nodes(args, self.node_victims)
+        if chaos_faults.backend_fault(args):
+            ids = [c.call_id for c in self.calls]
+            self.backend_victims = await asyncio.to_thread(
+                chaos_faults.strike_backends, args, self.cluster, ids
+            )
+
+    async def confirmed_bookings(self) -> set[str]:
+        """The calls whose caller was told their booking was made: native, a reply said
+        so; Twilio (audio only), the agent's words in the call's checkpoint say so."""
+        if self.args.transport != "twilio":
+            return {c.call_id for c in self.calls if any(BOOKED_WORD in t[2] for t in c.turns)}
+        checkpoints = await _checkpoints(self.cluster.redis_url, [c.call_id for c in self.calls])
+        return {
+            call_id
+            for call_id, ckpt in checkpoints.items()
+            if ckpt is not None and BOOKED_WORD in str(ckpt.working)
+        }
 
     async def score(self) -> dict[str, Any]:
         fault_at = self.fault_at
         gaps: list[float] = []
+        repeated_gaps: list[float] = []
         affected = context_lost = 0
         extra_turns = 0
         twilio = self.args.transport == "twilio"
@@ -186,14 +254,15 @@ class RouterChaos:
                 ckpt = checkpoints.get(call.call_id)
                 took = ckpt.turn if ckpt is not None else 0
                 extra_turns += max(0, took - call.sent)
-            if fault_at is None or not call.router_at_fault:
+            if fault_at is None or not (call.router_at_fault or call.node_at_fault):
                 continue
             affected += 1
-            after = [(end, first, text) for end, first, text in call.turns if first > fault_at]
+            after = [t for t in call.turns if t[1] > fault_at]
             if after:
-                end, first, _ = after[0]
-                gaps.append((first - max(fault_at, end)) * 1000)
-            knew_name = any(first <= fault_at for _, first, _ in call.turns)
+                end, first, _, repeats = after[0]
+                gap = (first - max(fault_at, end)) * 1000
+                (repeated_gaps if repeats else gaps).append(gap)
+            knew_name = any(t[1] <= fault_at for t in call.turns)
             if not knew_name:
                 continue
             if twilio:
@@ -207,6 +276,9 @@ class RouterChaos:
         return {
             "affected_calls": affected,
             "failover_gap_ms": percentiles(gaps, (50, 99)),
+            "repeated_utterances": sum(c.repeated for c in self.calls),
+            "repeated_gap_ms": percentiles(repeated_gaps, (50, 99)),
+            "all_gap_ms": percentiles(gaps + repeated_gaps, (50, 99)),
             "lost_turns": sum(c.sent - c.answered for c in self.calls),
             "duplicate_replies": duplicates,
             "context_lost": context_lost,
@@ -236,6 +308,11 @@ async def run(
         kind = "kill-router" if args.kill_router else "drain-router"
         for v in chaos.victims:
             timeline.fault(kind, v.name, kind, at=chaos.fault_at)
+        node_kind = "kill" if args.kill else "drain"
+        for v in chaos.node_victims:
+            timeline.fault(node_kind, v.name, node_kind, at=chaos.fault_at)
+        for name in chaos.backend_victims:
+            timeline.fault("kill", name, "SIGKILL", at=chaos.fault_at)
 
     prefix = uuid.uuid4().hex[:6]
     striker = asyncio.create_task(strike(), name="chaos-router-strike")
@@ -257,6 +334,10 @@ async def run(
         "transport": args.transport,
         "routers": args.routers,
         "victims": sorted(v.name for v in chaos.victims),
+        "node_victims": sorted(v.name for v in chaos.node_victims),
+        "backend_victims": chaos.backend_victims,
+        "affected_by_router": sum(1 for c in calls if c.router_at_fault),
+        "affected_by_node": sum(1 for c in calls if c.node_at_fault),
         "calls": len(calls),
         "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
         "turns": sum(c.answered for c in calls),
@@ -268,9 +349,18 @@ async def run(
         rep["drained_exit_codes"] = [
             await asyncio.to_thread(v.popen.wait, 60) if v.popen else None for v in chaos.victims
         ]
+    if args.drain:
+        rep["drained_node_exit_codes"] = [
+            await asyncio.to_thread(v.popen.wait, 60) if v.popen else None
+            for v in chaos.node_victims
+        ]
+    rep["confirmed_bookings"] = sorted(await chaos.confirmed_bookings())
     rep["failover_gap_definition"] = (
         "per affected call: from max(router fault, the end of the caller's next utterance as "
-        "planned) to the first reply frame (native) or agent audio (Twilio) after the fault"
+        "planned, its first saying if it was repeated) to the first reply frame (native) or "
+        "agent audio (Twilio) after the fault; failover_gap_ms: utterances answered without "
+        "a repeat; repeated_gap_ms: utterances the caller had to say again (Twilio callers "
+        f"repeat after {REPEAT_AFTER_S:g} s without an answer, at most {MAX_REPEATS} times)"
     )
     return rep
 
@@ -285,5 +375,15 @@ async def _checkpoints(redis_url: str, call_ids: list[str]) -> dict[str, Any]:
     try:
         store = StateStore(redis)
         return {c: await store.load("demo", c) for c in call_ids}
+    finally:
+        await redis.aclose()
+
+
+async def _pins(redis_url: str, call_ids: list[str]) -> dict[str, str | None]:
+    """Each call's node, as its pin names it."""
+    redis = connect(redis_url)
+    try:
+        pins = PinStore(redis)
+        return {c: await pins.get("demo", c) for c in call_ids}
     finally:
         await redis.aclose()

@@ -25,6 +25,8 @@ from localcluster.backends import EmbeddedBackends
 from localcluster.devcontrol import KILL_SIGNAL, DevControl, new_secret
 from localcluster.servers import ServerError, die_with_parent, free_port
 
+SPEECH_ENV = "CALLMESH_SPEECH"  # offline or simulated (callmesh/settings/node_table.py)
+
 
 def ensure_dev_secrets(extra_env: dict[str, str]) -> dict[str, str]:
     """The call-token and link secrets of a local cluster: given ones are kept; missing
@@ -120,6 +122,7 @@ class LocalCluster:
         dev: bool = False,
         redis_cluster: bool = False,
         nats_cluster: bool = False,
+        speech: str = "simulated",
     ) -> None:
         self.n_nodes = nodes
         self.n_routers = routers
@@ -129,6 +132,10 @@ class LocalCluster:
         # Clustered backends (localcluster.server_clusters) instead of one server each.
         self._redis_cluster = redis_cluster
         self._nats_cluster = nats_cluster
+        # The nodes' speech (CALLMESH_SPEECH): simulated (tones) unless asked, whatever the
+        # caller's shell says, since the tests' and load tests' callers speak in tones;
+        # ``callmesh up`` asks for offline (a person talks to it). ``env`` overrides it.
+        self.speech = speech
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_dir = log_dir
         self.backends: EmbeddedBackends | None = None
@@ -202,6 +209,7 @@ class LocalCluster:
         self._env = {
             **os.environ,
             **self.secrets,
+            SPEECH_ENV: self.speech,
             **self._extra_env,
             "REDIS_URL": self.backends.redis_url,
             "NATS_URL": self.backends.nats_url,

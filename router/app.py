@@ -1,6 +1,7 @@
 """The session router process: accepts client calls and keeps each on its owner node.
 
-Routes:
+This module holds the router's resources and lifecycle (start, drain, close). Routes
+(calls: ``router.call_intake``; probes, status and metrics: ``router.router_http``):
 - ``GET /v1/calls/{call_id}`` (WebSocket): the native call protocol (docs/protocol.md);
 - ``GET /v1/twilio/media`` (WebSocket): Twilio Media Streams (``router.twilio``);
 - ``POST /v1/twilio/voice``: Twilio's voice webhook, answered with TwiML
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -34,22 +34,24 @@ from aiohttp import web
 
 from callmesh import metric_names as names
 from callmesh import tracing
-from callmesh.auth import AuthError, CallGrant
 from callmesh.config import ConfigError, RouterConfig
 from callmesh.link_auth import LinkAuth
-from callmesh.protocol import CloseCode, Out, encode, valid_id
+from callmesh.protocol import CloseCode, Out, encode
 from callmesh.telemetry import Metrics
-from router.call_auth import CallAuth, bearer_token, sanitized_start
+from router.call_auth import CallAuth
+from router.call_intake import CallIntake
 from router.console import Console
 from router.limits import Admission, ConnectionLimits
-from router.links import ClientLink, NativeLink, free_connections_at_end
+from router.links import free_connections_at_end
 from router.membership import MembershipView
 from router.node_links import NodeLinks
 from router.placement import Placement, http_health_probe
-from router.proxy import CallLimits, ProxySession
+from router.proxy import ProxySession
+from router.proxy_ports import CallLimits
 from router.ring import BoundedLoadRing, NoNodeAvailable
+from router.router_http import RouterHttp, json_errors
 from router.twilio import TwilioLink
-from router.twilio_webhook import ACTION_PATH, MEDIA_PATH, VOICE_PATH, action_webhook, voice_webhook
+from router.twilio_webhook import ACTION_PATH, MEDIA_PATH, VOICE_PATH
 from state_store.client import connect as redis_connect
 from state_store.errors import StateStoreError
 from state_store.membership import MembershipStore
@@ -116,6 +118,8 @@ class Router:
         self._store: StateStore | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._tracing = False
+        self.intake = CallIntake(self)
+        self._endpoints = RouterHttp(self)
 
     def __repr__(self) -> str:
         return f"<Router {self.config.router_id} [{len(self.calls)} calls]>"
@@ -137,6 +141,17 @@ class Router:
         if self._node_links is None:
             raise RuntimeError("router not started")
         return self._node_links
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            raise RuntimeError("router not started")
+        return self._store
+
+    def call_left(self) -> None:
+        """A live call ended or moved away: a drain waits for the last one."""
+        if self.draining and not self.calls:
+            self._calls_gone.set()
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -190,7 +205,7 @@ class Router:
         # speech); the rest for callers to leave, streams still open then are ended anyway.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(bound * 0.8):
-                await asyncio.gather(*(self._move(s) for s in sessions))
+                await asyncio.gather(*(self.move(s) for s in sessions))
         for s in sessions:
             if not s.link.closed:
                 with contextlib.suppress(ConnectionError, RuntimeError):
@@ -202,7 +217,7 @@ class Router:
         if self.calls:
             log.warning("drain bound reached", extra={"fields": {"calls": len(self.calls)}})
 
-    async def _move(self, session: ProxySession) -> None:
+    async def move(self, session: ProxySession) -> None:
         """Send one caller elsewhere: a native client is told to reconnect (4012); a Twilio
         stream is ended, and Twilio requests the ``<Connect action>``, which gets a new
         stream through another router (this one answers 503 now)."""
@@ -278,202 +293,20 @@ class Router:
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors, free_connections_at_end])
-        app.router.add_get("/v1/calls/{call_id}", self.call)
-        app.router.add_get(MEDIA_PATH, self.twilio_media)
-        app.router.add_post(VOICE_PATH, self.twilio_voice)
-        app.router.add_post(ACTION_PATH, self.twilio_action)
-        app.router.add_get("/livez", self.livez)
-        app.router.add_get("/healthz", self.livez)  # the liveness probe's older name
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/v1/status", self.status)
-        app.router.add_get("/metrics", self.metrics_endpoint)
+        intake, http = self.intake, self._endpoints
+        app = web.Application(middlewares=[json_errors, free_connections_at_end])
+        app.router.add_get("/v1/calls/{call_id}", intake.call)
+        app.router.add_get(MEDIA_PATH, intake.twilio_media)
+        app.router.add_post(VOICE_PATH, intake.twilio_voice)
+        app.router.add_post(ACTION_PATH, intake.twilio_action)
+        app.router.add_get("/livez", http.livez)
+        app.router.add_get("/healthz", http.livez)  # the liveness probe's older name
+        app.router.add_get("/readyz", http.readyz)
+        app.router.add_get("/v1/status", http.status)
+        app.router.add_get("/metrics", http.metrics)
         if self.config.console == "on":
             Console(self).register(app)  # /console and /console/api (router/console.py)
         return app
-
-    async def call(self, request: web.Request) -> web.StreamResponse:
-        call_id = request.match_info["call_id"]
-        if not valid_id(call_id):
-            raise web.HTTPBadRequest(reason="call id must match [A-Za-z0-9_-]{1,64}")
-        self._refuse_if_draining()
-        # The hard cap closes with 1009; frames between the limit and the cap get an error
-        # frame and the call goes on.
-        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, heartbeat=20)
-        await ws.prepare(request)
-        self.metrics.inc(names.CALLS_ACCEPTED)
-        link = NativeLink(ws, call_id, self.metrics, self.config.max_frame_bytes)
-        grant: CallGrant | None = None
-        header = request.headers.get("Authorization")
-        if header is not None and not self.auth.disabled:
-            # Checked before anything else is read or touched.
-            try:
-                grant = await self.auth.grant(bearer_token(header), call_id)
-            except AuthError as exc:
-                return await self._refuse(ws, link, exc)
-        return await self._serve(ws, link, grant, token_in_start=header is None)
-
-    async def twilio_media(self, request: web.Request) -> web.StreamResponse:
-        # Twilio does not negotiate compression; refusing it keeps 50 frames/s cheap.
-        # No heartbeat: see TWILIO_IDLE_S.
-        self._refuse_if_draining()
-        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes * 4, compress=False)
-        await ws.prepare(request)
-        self.metrics.inc(names.TWILIO_STREAMS_ACCEPTED)
-        link = TwilioLink(ws, self.metrics, self.config.max_frame_bytes, self.auth.stream_key)
-        return await self._serve(ws, link, None, token_in_start=False)
-
-    async def twilio_voice(self, request: web.Request) -> web.Response:
-        self._refuse_if_draining()
-        return await voice_webhook(request, self.config, self.metrics, self.auth.stream_key)
-
-    async def twilio_action(self, request: web.Request) -> web.Response:
-        # A draining router still answers the action of a stream it just ended: the TwiML
-        # names the stream URL of the public base, which the load balancer sends elsewhere.
-        if self._store is None:
-            raise RuntimeError("router not started")
-        return await action_webhook(
-            request, self.config, self.metrics, self._store, self.auth.stream_key
-        )
-
-    def _refuse_if_draining(self) -> None:
-        if self.draining:
-            self.metrics.inc(names.ROUTER_DRAIN_REFUSED)
-            raise web.HTTPServiceUnavailable(reason="router draining: use another router")
-
-    async def _refuse(
-        self, ws: web.WebSocketResponse, link: ClientLink, exc: AuthError
-    ) -> web.WebSocketResponse:
-        refusal = exc.refusal
-        self.metrics.inc(names.CALLS_REFUSED, reason=refusal.reason)
-        # The cause for the operator; never the token or secret itself.
-        log.info(
-            "call refused",
-            extra={"fields": {"call_id": link.call_id, "reason": refusal.reason, "why": str(exc)}},
-        )
-        if not ws.closed:
-            await link.close(refusal.close_code, refusal.reason.encode())
-        return ws
-
-    async def _serve(
-        self,
-        ws: web.WebSocketResponse,
-        link: ClientLink,
-        grant: CallGrant | None,
-        *,
-        token_in_start: bool,
-    ) -> web.WebSocketResponse:
-        if not self.admission.connect():
-            await ws.close(code=CloseCode.OVER_LIMIT, message=b"connections")
-            return ws
-        session = ProxySession(link, self.placement, self.node_links, self.metrics, self.limits)
-        key: tuple[str, str] | None = None
-        admitted = False
-        try:
-            # Bounded start (router.limits); the tenant's caps and quotas once it is verified.
-            if not await self.admission.wait_start(session):
-                return ws
-            if self.draining:
-                # Before admission: a client moved elsewhere keeps its current resume secret.
-                await self._move(session)
-                return ws
-            start = session.start
-            assert start is not None
-            try:
-                if token_in_start and not self.auth.disabled:
-                    grant = await self.auth.grant(start.body.get("token"), link.call_id)
-                admission = await self.auth.admit(
-                    grant,
-                    start,
-                    link.call_id,
-                    resumable=link.resumable,
-                    proven=link.kind == "twilio",
-                )
-            except AuthError as exc:
-                return await self._refuse(ws, link, exc)
-            session.admit(
-                sanitized_start(start, admission.tenant, admission.caller),
-                admission.tenant,
-                admission.secret,
-            )
-            session.on_ended = functools.partial(self.auth.release, admission)
-            admitted = await self.admission.admit(session)
-            if not admitted:
-                # Over a quota: the call never went live, so neither does its resume record.
-                await asyncio.shield(self.auth.release(admission))
-                return ws
-            key = (session.tenant, session.call_id)
-            old = self.calls.get(key)
-            if old is not None:
-                # The call's own client reconnected (it proved the resume secret): the
-                # newest connection wins.
-                await old.link.close(CloseCode.GOING_AWAY, b"replaced")
-            self.calls[key] = session
-            await session.run()
-        finally:
-            if key is not None and self.calls.get(key) is session:
-                del self.calls[key]
-                if self.draining and not self.calls:
-                    self._calls_gone.set()
-            await asyncio.shield(self.admission.release(session, started=admitted))
-            if not ws.closed:
-                await ws.close()
-        return ws
-
-    async def livez(self, request: web.Request) -> web.Response:
-        """Liveness: the process serves HTTP (a restart would not help otherwise)."""
-        return web.json_response({"status": "draining" if self.draining else "ok"})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: 200 only while a new call could be placed: not draining, and at
-        least one node live (routable)."""
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        nodes = len(self.membership.routable())
-        body = {"status": "ok" if nodes else "no live node", "nodes": nodes}
-        return web.json_response(body, status=200 if nodes else 503)
-
-    async def status(self, request: web.Request) -> web.Response:
-        nodes = [
-            {
-                "node": n,
-                "url": v.record.url,
-                "state": v.record.state,
-                "alive": v.alive,
-                "suspect": v.suspect_since is not None,
-                "calls": v.record.calls,
-            }
-            for n, v in sorted(self.membership.nodes.items())
-        ]
-        return web.json_response(
-            {
-                "router": self.config.router_id,
-                "draining": self.draining,
-                "redis": self.membership.redis_ok,
-                "calls": len(self.calls),
-                "nodes": nodes,
-                "links": self.node_links.summary(),
-            }
-        )
-
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.set(names.LIVE_CALLS, len(self.calls))
-        self.metrics.set(names.DRAINING, float(self.draining))
-        self.metrics.set(names.REDIS_UP, float(self.membership.redis_ok))
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response(
-            {"type": Out.ERROR.value, "code": "http_" + str(exc.status), "message": exc.reason},
-            status=exc.status,
-        )
 
 
 __all__ = ["NoNodeAvailable", "Router"]

@@ -39,9 +39,10 @@ from callmesh.config import RouterConfig
 from callmesh.metric_names import CONSOLE_CALLS_ACCEPTED, CONSOLE_NODES_KILLED
 from callmesh.protocol import ErrorCode, In, Inbound, valid_id
 from callmesh.telemetry import Metrics
+from router.call_intake import CallIntake
 from router.console_auth import SCOPE_INSPECT, ConsoleTokens
 from router.console_replay import ReplayReader, ReplayUnavailable
-from router.links import ClientLink, NativeLink
+from router.links import NativeLink
 
 log = logging.getLogger("callmesh.router.console")
 
@@ -69,14 +70,8 @@ class Router(Protocol):
     @property
     def http(self) -> aiohttp.ClientSession: ...
 
-    async def _serve(
-        self,
-        ws: web.WebSocketResponse,
-        link: ClientLink,
-        grant: CallGrant | None,
-        *,
-        token_in_start: bool,
-    ) -> web.WebSocketResponse: ...
+    @property
+    def intake(self) -> CallIntake: ...
 
 
 class TenantBoundLink(NativeLink):
@@ -247,7 +242,7 @@ class Console:
         await ws.prepare(request)
         self._r.metrics.inc(CONSOLE_CALLS_ACCEPTED)
         link = TenantBoundLink(ws, call_id, grant, self._r.metrics, cfg.max_frame_bytes)
-        return await self._r._serve(ws, link, grant, token_in_start=False)
+        return await self._r.intake.serve(ws, link, grant, token_in_start=False)
 
     async def api_calls(self, request: web.Request) -> web.Response:
         tenant = (await self._grant(request, SCOPE_INSPECT)).tenant

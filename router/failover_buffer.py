@@ -44,13 +44,25 @@ def audio_bytes(frame: Inbound) -> int:
     return n
 
 
+class KeptAudio:
+    """An unacknowledged audio frame as kept for replay: its number and its text. The
+    parsed frame (its body and a copy of its payload) is not kept: a caller's frames wait
+    here for as long as an utterance and its reply take, some 70 of them per audio call on
+    average, and the parsed part would more than double their memory."""
+
+    __slots__ = ("raw", "seq", "size")
+
+    def __init__(self, seq: int, raw: str, size: int) -> None:
+        self.seq = seq
+        self.raw = raw
+        self.size = size  # bytes of audio (a 20 ms frame's 160 is a cached small int)
+
+
 class UnackedFrames:
     """The caller's frames not yet acknowledged by the owner node, kept for replay."""
 
     __slots__ = (
         "_audio",
-        "_audio_sizes",
-        "_frame_sizes",
         "_frames",
         "audio_bytes",
         "frame_bytes",
@@ -69,11 +81,11 @@ class UnackedFrames:
         # Beyond this much unacknowledged audio the oldest goes (set once the call's
         # audio format is known: its ``start``).
         self.max_audio_bytes = max_audio_bytes
+        # Two deques a call, no more: an empty deque is 760 bytes (a block of 64 slots), and
+        # a frame's size is its raw text's length (audio: kept with it).
         self._frames: deque[Inbound] = deque()
-        self._frame_sizes: deque[int] = deque()
         self.frame_bytes = 0
-        self._audio: deque[Inbound] = deque()
-        self._audio_sizes: deque[int] = deque()  # bytes of each frame in ``_audio``
+        self._audio: deque[KeptAudio] = deque()
         self.audio_bytes = 0
 
     def __repr__(self) -> str:
@@ -84,6 +96,16 @@ class UnackedFrames:
 
     def __len__(self) -> int:
         return len(self._frames) + len(self._audio)
+
+    @property
+    def frames_waiting(self) -> int:
+        """Unacknowledged frames other than audio (an utterance in text, a hangup...)."""
+        return len(self._frames)
+
+    @property
+    def audio_waiting_ms(self) -> int:
+        """Unacknowledged caller audio (20 ms frames)."""
+        return 20 * len(self._audio)
 
     def bound_audio(self, max_ms: int, audio: dict[str, Any] | None) -> None:
         """Keep at most ``max_ms`` of unacknowledged audio in the format of the call's
@@ -98,16 +120,14 @@ class UnackedFrames:
         the oldest unacknowledged audio goes (a new owner hears the most recent of it);
         returns how many frames went (the newest frame always stays)."""
         size = audio_bytes(frame)
-        self._audio.append(frame)
-        self._audio_sizes.append(size)
+        self._audio.append(KeptAudio(frame.seq, frame.raw, size))
         self.audio_bytes += size
         if self.audio_bytes <= self.max_audio_bytes:
             return 0
-        audio, sizes = self._audio, self._audio_sizes
+        audio = self._audio
         dropped = 0
         while self.audio_bytes > self.max_audio_bytes and len(audio) > 1:
-            audio.popleft()
-            self.audio_bytes -= sizes.popleft()
+            self.audio_bytes -= audio.popleft().size
             dropped += 1
         return dropped
 
@@ -119,25 +139,23 @@ class UnackedFrames:
         if len(self._frames) >= self.max_frames or self.frame_bytes + size > self.max_frame_bytes:
             return False
         self._frames.append(frame)
-        self._frame_sizes.append(size)
         self.frame_bytes += size
         return True
 
     def ack(self, seq: int) -> None:
         """The owner acknowledged every frame up to ``seq``: they are no longer needed."""
-        frames, frame_sizes = self._frames, self._frame_sizes
+        frames = self._frames
         while frames and frames[0].seq <= seq:
-            frames.popleft()
-            self.frame_bytes -= frame_sizes.popleft()
-        audio, sizes = self._audio, self._audio_sizes
+            self.frame_bytes -= len(frames.popleft().raw)
+        audio = self._audio
         while audio and audio[0].seq <= seq:
-            audio.popleft()
-            self.audio_bytes -= sizes.popleft()
+            self.audio_bytes -= audio.popleft().size
 
-    def replay(self) -> list[Inbound]:
-        """Every unacknowledged frame in ``seq`` order (a copy: more may be kept while the
-        replay is sent)."""
-        return list(heapq.merge(list(self._frames), list(self._audio), key=_SEQ))
+    def replay(self) -> list[Inbound | KeptAudio]:
+        """Every unacknowledged frame in ``seq`` order, each with its ``raw`` text (a copy:
+        more may be kept while the replay is sent)."""
+        frames: list[Inbound | KeptAudio] = list(self._frames)
+        return list(heapq.merge(frames, list(self._audio), key=_SEQ))
 
 
 class Verdict(Enum):
@@ -185,7 +203,11 @@ class ReplyDedup:
         """Judge one reply frame (``agent_text``, ``agent_audio``, ``mark``) of the owner."""
         turn = int(frame.get("turn", 0))
         if turn <= self.completed_turn:
-            return DROP
+            # A reply resumed after a false interruption may go on after its turn is
+            # complete (it was committed while the caller still played it): its frames are
+            # new, with numbers never sent before. Anything else of a complete turn is a
+            # new owner saying it again.
+            return SEND if frame.get("resumed") is True else DROP
         digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
         key = (turn, int(frame.get("n", 0)))
         seen = self._delivered.get(key)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -83,6 +83,29 @@ class FrameRate:
             self._window, self._refused, self.told = now, 0, False
         self._refused += 1
         return Rate.CLOSE if self._refused > self._per_s else Rate.REFUSE
+
+
+class RelinkCap:
+    """A call's relinks within a sliding window: one that keeps losing its link is ended
+    instead of looping (``max_relinks`` 0: no cap)."""
+
+    __slots__ = ("_max", "_relinks", "_window_s")
+
+    def __init__(self, max_relinks: int, window_s: float) -> None:
+        self._max = max_relinks
+        self._window_s = window_s
+        self._relinks: deque[float] = deque()
+
+    def exceeded(self, now: float) -> bool:
+        """Count one more relink; True when there were more than ``max_relinks`` in the
+        window."""
+        if not self._max:
+            return False
+        relinks = self._relinks
+        relinks.append(now)
+        while relinks and now - relinks[0] > self._window_s:
+            relinks.popleft()
+        return len(relinks) > self._max
 
 
 class Session(Protocol):

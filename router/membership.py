@@ -77,8 +77,13 @@ class MembershipView:
             await asyncio.gather(task, return_exceptions=True)
 
     async def refresh(self) -> None:
-        records = await self._store.read_all()
+        # Judged as of when the records were asked for, not when the reply was handled: a
+        # router whose own loop stalled (at 10,000 calls, for seconds) handles a reply
+        # that old, and its beats looked frozen for the length of the stall, so every
+        # node was declared dead. A node that really stopped still shows no progress
+        # between two asks more than ``dead_after_ms`` apart.
         now = time.monotonic()
+        records = await self._store.read_all()
         dead_after = self._config.dead_after_ms / 1000
         died: list[str] = []
         for node_id, rec in records.items():

@@ -14,7 +14,9 @@ probe are given to it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -27,6 +29,11 @@ from state_store.errors import StateStoreError
 
 # A paused node does not answer at all; a quarter second tells it from a busy one.
 CONFIRM_TIMEOUT_S = 0.25
+# When a node's link drops, every call on it asks at once whether the node is alive: one
+# probe answers them all, and a node found not alive is taken as such, without asking
+# again, for this long (a hundred probes of a dead port cost the router more than the
+# relinks themselves, and delay them).
+CONFIRMED_DOWN_S = 0.5
 
 # A node's base URL → whether it answers healthy.
 HealthProbe = Callable[[str], Awaitable[bool]]
@@ -83,6 +90,8 @@ class Placement:
         self._probe = probe
         self._ring = ring
         self._by_node: defaultdict[str, set[LiveCall]] = defaultdict(set)
+        self._probing: dict[str, asyncio.Task[bool]] = {}  # node → the probe under way
+        self._found_down: dict[str, float] = {}  # node → when a probe last failed
 
     def __repr__(self) -> str:
         live = sum(len(calls) for calls in self._by_node.values())
@@ -122,11 +131,30 @@ class Placement:
 
     async def confirm_alive(self, node: str) -> bool:
         """Confirm a suspicion: a dead process refuses connections at once; a draining
-        node answers 503; a paused one does not answer within the timeout."""
+        node answers 503; a paused one does not answer within the timeout. Concurrent
+        askers share one probe; a failed one stands for :data:`CONFIRMED_DOWN_S`."""
         url = self._nodes.url(node)
         if url is None:
             return False
-        return await self._probe(url)
+        failed_at = self._found_down.get(node)
+        if failed_at is not None and time.monotonic() - failed_at < CONFIRMED_DOWN_S:
+            return False
+        probe = self._probing.get(node)
+        if probe is None:
+
+            async def ask() -> bool:
+                return await self._probe(url)
+
+            probe = asyncio.get_running_loop().create_task(ask(), name=f"probe:{node}")
+            self._probing[node] = probe
+            probe.add_done_callback(lambda _: self._probing.pop(node, None))
+        # Shielded: an asker that gives up must not cancel the others' answer.
+        alive = await asyncio.shield(probe)
+        if alive:
+            self._found_down.pop(node, None)
+        else:
+            self._found_down[node] = time.monotonic()
+        return alive
 
     def url(self, node: str) -> str | None:
         return self._nodes.url(node)

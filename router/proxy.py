@@ -5,100 +5,45 @@ replaced underneath it, invisibly to the caller (invariant 5): the caller's fram
 kept until the node acknowledges them and replayed to a new owner, and a turn the new
 owner says again is de-duplicated (:mod:`router.failover_buffer`). The client side is a
 :class:`~router.links.ClientLink` (native protocol or Twilio Media Streams), so all of it
-works the same for every kind of client. Where the call runs is :class:`CallPlacement`'s.
+works the same for every kind of client. Where the call runs is
+:class:`~router.proxy_ports.CallPlacement`'s; the node's frames are read by
+:class:`~router.upstream.NodeFrames`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from callmesh import metric_names as names
 from callmesh import tracing
 from callmesh.mux import Channel
-from callmesh.protocol import REPLY_TYPES, CloseCode, Ctl, ErrorCode, In, Inbound, Out, encode
+from callmesh.protocol import CloseCode, ErrorCode, In, Inbound, encode
 from callmesh.telemetry import Metrics
-from router.failover_buffer import CLEAR, HOLD, SEND, ReplyDedup, UnackedFrames, clear_frame
-from router.limits import FrameRate, Rate
+from router.failover_buffer import ReplyDedup, UnackedFrames
+from router.limits import FrameRate, Rate, RelinkCap
 from router.links import ClientLink
-from router.node_frames import kind_of, parse
 from router.node_links import NodeLinkError
+from router.proxy_ports import CallLimits, CallPlacement, NodeLinkOpener
 from router.ring import NoNodeAvailable
+from router.upstream import NodeFrames, Outcome
 from state_store.errors import StateStoreError
 
 log = logging.getLogger("callmesh.router.proxy")
 
-
-class Outcome(StrEnum):
-    ENDED = "ended"  # the call ended (hangup → call_ended)
-    HANDOFF = "handoff"  # the node drains: move the call
-    LOST = "lost"  # the link dropped: suspect the node
-    DEAD = "dead"  # membership declared the node dead
-    CLIENT_GONE = "client_gone"
-
-
-@dataclass(frozen=True, slots=True)
-class CallLimits:
-    """The router's bounds on one call (from :class:`callmesh.config.RouterConfig`)."""
-
-    max_unacked_frames: int  # unacknowledged frames other than audio, refused beyond
-    max_unacked_audio_ms: int  # unacknowledged audio, the oldest dropped beyond
-    connect_timeout_s: float  # without a node for this long, the call is refused
-    max_unacked_bytes: int = 1 << 20  # bytes of those frames, refused beyond
-    max_frames_per_s: float = 0.0  # the client's frame rate (router.limits.FrameRate); 0: any
-    frame_burst: int = 1
-    # More than this many relinks within ``relink_window_s`` end the call (0: no cap).
-    max_relinks: int = 0
-    relink_window_s: float = 60.0
-
-
-class CallPlacement(Protocol):
-    """Where the call runs (:class:`router.placement.Placement`)."""
-
-    async def place(
-        self, tenant: str, call_id: str, *, prefer_pin: bool, exclude: str | None = None
-    ) -> str:
-        """A node for the call; raises :class:`~router.ring.NoNodeAvailable`."""
-        ...
-
-    async def forget(self, tenant: str, call_id: str, node: str) -> None: ...
-
-    async def confirm_alive(self, node: str) -> bool: ...
-
-    def url(self, node: str) -> str | None: ...
-
-    def suspect(self, node: str) -> None: ...
-
-    def track(self, call: ProxySession, node: str) -> None: ...
-
-    def untrack(self, call: ProxySession, node: str) -> None: ...
-
-
-class NodeLinkOpener(Protocol):
-    """Channels to nodes (:class:`router.node_links.NodeLinks`)."""
-
-    async def open(self, node_id: str, url: str, call_id: str, start: str) -> Channel:
-        """A channel for ``call_id`` whose first frame is ``start``; raises
-        :class:`~router.node_links.NodeLinkError`."""
-        ...
-
-
-def owner_frame(ready: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The ``owner`` frame for a new owner's ``ready`` (``reason``: failover, handoff or
-    reconnect)."""
-    return {
-        "type": Out.OWNER.value,
-        "turn": ready.get("turn", 0),
-        "node": ready.get("node", ""),
-        "epoch": ready.get("epoch", 0),
-        "reason": reason,
-    }
+# When a node dies, every call on it relinks at once, and the new owners take them all
+# together. A call with nothing of the caller's unanswered waits a random pause of up to
+# this long first (or until the caller sends a frame), so that the calls with a turn in
+# flight reach the new owners first instead of queueing behind idle ones (s).
+IDLE_RELINK_SPREAD_S = 0.5
+# More unacknowledged caller audio than this means an utterance is being heard or
+# answered (a node acknowledges quiet audio once it is 1 s old, every 0.5 s).
+UTTERANCE_AUDIO_MS = 2000
 
 
 class ProxySession:
@@ -129,10 +74,9 @@ class ProxySession:
             limits.max_unacked_frames, max_frame_bytes=limits.max_unacked_bytes
         )
         self.rate = FrameRate(limits.max_frames_per_s, limits.frame_burst)
-        self._relinks: deque[float] = deque()
+        self._relink_cap = RelinkCap(limits.max_relinks, limits.relink_window_s)
         self.last_client_seq = 0
         self.replies = ReplyDedup()
-        self._ready_sent = False
         self.relink_reason = ""
         # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
         self.resume_secret: str | None = None
@@ -141,8 +85,16 @@ class ProxySession:
         self.on_ended: Callable[[], Awaitable[None]] | None = None
         self._ended = False
         self._client_gone = asyncio.Event()
-        self._node_dead = asyncio.Event()
+        # Set when the caller sends a frame other than audio (wakes an idle relink).
+        self._client_sent = asyncio.Event()
+        # Set when membership declares the owner node dead; the pump (reading the node's
+        # frames) is then cancelled at once (no second task waits for the death).
+        self._node_dead = False
+        self._pump: asyncio.Task[Outcome] | None = None
         self.failovers = 0
+        self._node_frames = NodeFrames(
+            self.unacked, self.replies, metrics, self.send_client, self._call_ended
+        )
 
     def __repr__(self) -> str:
         return (
@@ -212,6 +164,8 @@ class ProxySession:
                         ErrorCode.UNAVAILABLE, "too many unacknowledged frames; slow down", seq
                     )
                     continue
+                else:
+                    self._client_sent.set()
                 self.last_client_seq = seq
                 up = self.upstream
                 if up is not None and not up.closed:
@@ -242,19 +196,6 @@ class ProxySession:
     def _who(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "call_id": self.call_id, "node": self.node_id}
 
-    def _relinked_too_often(self) -> bool:
-        """One more relink; True when there were more than ``max_relinks`` in the window
-        (a call that keeps losing its link is ended instead of looping)."""
-        cap = self._limits.max_relinks
-        if not cap:
-            return False
-        now = time.monotonic()
-        relinks = self._relinks
-        relinks.append(now)
-        while relinks and now - relinks[0] > self._limits.relink_window_s:
-            relinks.popleft()
-        return len(relinks) > cap
-
     # ------------------------------------------------------------------ node side
 
     async def attach(self, node_id: str, reason: str) -> bool:
@@ -280,7 +221,7 @@ class ProxySession:
             return False
         self.node_id = node_id
         self.relink_reason = reason
-        self._node_dead.clear()
+        self._node_dead = False
         self.upstream = channel
         self.replies.relink()
         try:
@@ -297,53 +238,13 @@ class ProxySession:
         channel = self.upstream
         if channel is None:
             return Outcome.LOST
-        while (raw := await channel.receive()) is not None:
-            frame: dict[str, Any] | None = None
-            kind = kind_of(raw)
-            if kind is None:
-                frame = parse(raw)
-                if frame is None:
-                    log.error("node sent invalid JSON", extra={"fields": {"node": self.node_id}})
-                    continue
-                kind = str(frame.get("type"))
-            if kind in REPLY_TYPES:
-                frame = frame or parse(raw)
-                if frame is not None:
-                    await self._forward_reply(kind, frame, raw)
-            elif kind == Ctl.ACK:
-                frame = frame or parse(raw) or {}
-                self.unacked.ack(int(frame.get("seq", 0)))
-            elif kind == Ctl.HANDOFF:
-                return Outcome.HANDOFF
-            elif kind == Out.READY:
-                if not self._ready_sent:
-                    self._ready_sent = True
-                    if self.resume_secret is not None:
-                        frame = {**(frame or parse(raw) or {}), "resume": self.resume_secret}
-                        raw = encode(frame)
-                    await self.send_client(kind, raw, frame)
-                else:  # a relink: the client learns its call's new owner (docs/protocol.md)
-                    owner = owner_frame(frame or parse(raw) or {}, self.relink_reason)
-                    await self.send_client(Out.OWNER.value, encode(owner), owner)
-            elif kind == Out.TURN_METRICS:
-                frame = frame or parse(raw) or {}
-                if self.replies.complete(int(frame.get("turn", 0))):
-                    await self.send_client(kind, raw, frame)
-            elif kind == Out.CALL_ENDED:
-                await self._call_ended()
-                await self.send_client(kind, raw, frame)
-                return Outcome.ENDED
-            else:
-                if kind == Out.ERROR:
-                    frame = frame or parse(raw) or {}
-                    if frame.get("code") == ErrorCode.CALL_ENDED:
-                        await self._call_ended()
-                        await self.send_client(kind, raw, frame)
-                        return Outcome.ENDED
-                await self.send_client(kind, raw, frame)
-        if self._client_gone.is_set():
-            return Outcome.CLIENT_GONE
-        return Outcome.LOST
+        return await self._node_frames.pump(
+            channel,
+            node_id=self.node_id,
+            resume_secret=self.resume_secret,
+            relink_reason=self.relink_reason,
+            client_gone=self._client_gone,
+        )
 
     async def _call_ended(self) -> None:
         self._ended = True
@@ -354,44 +255,30 @@ class ProxySession:
             except StateStoreError as exc:
                 log.warning("end of call not recorded", extra={"fields": {"error": str(exc)}})
 
-    async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
-        verdict = self.replies.offer(kind, raw, frame)
-        if verdict is SEND:
-            await self.send_client(kind, raw, frame)
-        elif verdict is HOLD:
-            self._metrics.inc(names.REPLIES_DEDUPLICATED)
-        elif verdict is CLEAR:
-            # The new owner says something else: the caller drops the partial reply first,
-            # then hears the new one from its start.
-            clear_raw, clear = clear_frame(int(frame.get("turn", 0)))
-            await self.send_client(Out.CLEAR.value, clear_raw, clear)
-            self._metrics.inc(names.REPLIES_CLEARED)
-            for held in self.replies.take_held():
-                await self.send_client(*held)
-            await self.send_client(kind, raw, frame)
-
     def node_died(self) -> None:
         """Membership declared our node dead (e.g. it is paused): abandon the link now."""
-        self._node_dead.set()
+        self._node_dead = True
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def _pump_or_death(self) -> Outcome:
         """Pump the link, unless the node is declared dead first: then stop reading at once
         (a paused node would hold a graceful close for seconds)."""
-        pump = asyncio.create_task(self.pump_upstream(), name=f"pump:{self.call_id}")
-        dead = asyncio.create_task(self._node_dead.wait(), name=f"death:{self.call_id}")
+        pump = self._pump = asyncio.create_task(self.pump_upstream(), name=f"pump:{self.call_id}")
         try:
-            await asyncio.wait({pump, dead}, return_when=asyncio.FIRST_COMPLETED)
+            # wait(), not await: the pump's cancellation by node_died is not ours.
+            await asyncio.wait({pump})
         finally:
-            dead.cancel()
+            self._pump = None
             if not pump.done():
                 pump.cancel()
-            await asyncio.gather(pump, dead, return_exceptions=True)
+                await asyncio.gather(pump, return_exceptions=True)
         if pump.cancelled() or pump.exception() is not None:
             outcome = Outcome.DEAD
         else:
             outcome = pump.result()
             # The death dropped the node's link too: that is not a link to health-check.
-            if outcome is Outcome.LOST and self._node_dead.is_set():
+            if outcome is Outcome.LOST and self._node_dead:
                 outcome = Outcome.DEAD
         if outcome is Outcome.DEAD and self.upstream is not None:
             await self.upstream.close()
@@ -413,6 +300,7 @@ class ProxySession:
                 await asyncio.shield(self.upstream.close())
             if self._ended and self.node_id:
                 await self._placement.forget(self.tenant, self.call_id, self.node_id)
+            self._node_frames.release()
 
     async def _drive(self) -> None:
         reason = "start"
@@ -441,7 +329,7 @@ class ProxySession:
                 gap_started = time.monotonic()
                 self.failovers += 1
                 self._metrics.inc(names.RELINKS, outcome=outcome.value)
-                if self._relinked_too_often():
+                if self._relink_cap.exceeded(time.monotonic()):
                     self._metrics.inc(names.REFUSED, bound="relinks")
                     log.warning("call relinked too often; ending it", extra={"fields": self._who()})
                     await self.link.refuse(
@@ -477,7 +365,7 @@ class ProxySession:
                 node = await self._placement.place(self.tenant, self.call_id, prefer_pin=False)
             except NoNodeAvailable:
                 node = None
-            reason = "failover" if self._ready_sent else "start"
+            reason = "failover" if self._node_frames.ready_sent else "start"
 
     async def _after(self, outcome: Outcome, node: str) -> tuple[str, str | None]:
         """Where the call goes after its link ended: the same node if it is confirmed
@@ -492,4 +380,22 @@ class ProxySession:
             )
         except NoNodeAvailable:
             return "failover", None
-        return ("handoff" if outcome is Outcome.HANDOFF else "failover"), new
+        if outcome is Outcome.HANDOFF:
+            return "handoff", new
+        if not self._in_flight():
+            await self._idle_pause(random.uniform(0, IDLE_RELINK_SPREAD_S))
+        return "failover", new
+
+    def _in_flight(self) -> bool:
+        """Something of the caller's is unanswered: a frame, or an utterance's audio."""
+        unacked = self.unacked
+        return unacked.frames_waiting > 0 or unacked.audio_waiting_ms > UTTERANCE_AUDIO_MS
+
+    async def _idle_pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until the caller sends a frame."""
+        self._client_sent.clear()
+        if self._in_flight():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._client_sent.wait()

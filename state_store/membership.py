@@ -3,6 +3,9 @@
 All records live in one hash (one key, one slot). A record carries a heartbeat counter;
 readers judge liveness by whether the counter advanced on *their own* monotonic clock,
 so clock skew between machines never makes a live node look dead or a dead one alive.
+
+Nodes write their record from a thread of their own (:class:`MembershipWriter`, blocking);
+routers read the hash on their event loop (:class:`MembershipStore`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from enum import StrEnum
 import msgpack
 
 from state_store import keys
-from state_store.client import RedisClient, as_bytes
+from state_store.client import RedisClient, SyncRedisClient, as_bytes
 from state_store.errors import translate
 
 
@@ -64,3 +67,22 @@ class MembershipStore:
             if rec is not None:
                 out[rec.node_id] = rec
         return out
+
+
+class MembershipWriter:
+    """A node's own record, written with a blocking client from the heartbeat's thread
+    (conversation_node.heartbeat). Errors are translated like the async store's."""
+
+    def __init__(self, redis: SyncRedisClient) -> None:
+        self._redis = redis
+
+    def publish(self, record: NodeRecord) -> None:
+        with translate():
+            self._redis.hset(keys.MEMBERS, record.node_id, record.to_bytes())
+
+    def remove(self, node_id: str) -> None:
+        with translate():
+            self._redis.hdel(keys.MEMBERS, node_id)
+
+    def close(self) -> None:
+        self._redis.close()

@@ -41,7 +41,7 @@ def test_abuse_bench_tiny(tmp_path: Path) -> None:
     out = tmp_path / "abuse.json"
     argv = [sys.executable, "-m", "loadtest", "abuse", "--calls", "2", "--turns", "2"]
     argv += ["--think", "0.3", "--attackers", "1", "--idle", "3", "--excess", "3"]
-    argv += ["--nodes", "1", "--latency-scale", "0.05", "--json", str(out)]
+    argv += ["--nodes", "1", "--latency-scale", "0.05", "--rounds", "1", "--json", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

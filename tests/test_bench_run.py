@@ -37,7 +37,7 @@ def _reports(tmp_path: Path, name: str) -> tuple[dict[str, object], str]:
 
 
 def test_run_writes_the_series_and_the_html_report(tmp_path: Path) -> None:
-    argv = ["run", "--calls", "3", "--turns", "2", "--no-progress"]
+    argv = ["run", "--calls", "3", "--turns", "2", "--think", "0.5", "--no-progress"]
     argv += ["--json", str(tmp_path / "run.json"), "--html", str(tmp_path / "run.html")]
     assert main(argv) == 0
     report, page = _reports(tmp_path, "run")
@@ -61,6 +61,26 @@ def test_chaos_marks_the_kill_on_its_time_line(tmp_path: Path) -> None:
     assert events[0]["target"] == report["victims"][0]  # type: ignore[index]
     assert 0 < events[0]["t_s"] < report["elapsed_s"]  # type: ignore[operator]
     assert page.count('class="event"') == 3  # on each of the three time charts
+
+
+def test_chaos_strikes_a_router_and_a_node_in_one_moment(tmp_path: Path) -> None:
+    argv = ["chaos", "--calls", "6", "--routers", "2", "--nodes", "3", "--turns", "5"]
+    argv += ["--think", "0.3", "--kill-router", "1", "--kill", "1", "--no-progress"]
+    argv += ["--json", str(tmp_path / "chaos.json"), "--html", str(tmp_path / "chaos.html")]
+    code = main(argv)
+    report, _ = _reports(tmp_path, "chaos")
+    events = report["events"]
+    assert isinstance(events, list)
+    assert sorted(e["kind"] for e in events) == ["kill", "kill-router"]
+    assert len({e["t_s"] for e in events}) == 1  # one moment
+    assert len(report["victims"]) == len(report["node_victims"]) == 1  # type: ignore[arg-type]
+    affected = report["affected_calls"]
+    assert isinstance(affected, int) and 0 < affected <= 6
+    assert affected >= max(report["affected_by_router"], report["affected_by_node"])  # type: ignore[type-var]
+    # Every call survives both: nothing lost, nothing twice, no context forgotten.
+    for key in ("lost_turns", "duplicate_replies", "duplicate_effects", "context_lost"):
+        assert report[key] == 0, key
+    assert report["completed_calls"] == 6 and code == 0
 
 
 def test_soak_samples_memory_against_completed_calls(tmp_path: Path) -> None:

@@ -157,7 +157,22 @@ def test_soak_slopes_are_bytes_per_completed_call_after_the_warm_up() -> None:
 
 
 def test_soak_refuses_arguments_that_make_no_soak() -> None:
-    good = argparse.Namespace(minutes=1.0, concurrency=5, sample_every=5.0, turns=2, nodes=2)
+    good = argparse.Namespace(
+        minutes=1.0,
+        concurrency=5,
+        sample_every=5.0,
+        turns=2,
+        nodes=2,
+        callers=None,
+        heap_probe_every=1000,
+    )
     assert check(good) is None
-    for change in ({"minutes": 0}, {"concurrency": 0}, {"sample_every": 0.0}, {"turns": 0}):
+    for change in (
+        {"minutes": 0},
+        {"concurrency": 0},
+        {"sample_every": 0.0},
+        {"turns": 0},
+        {"callers": -1},
+        {"heap_probe_every": 0},
+    ):
         assert check(argparse.Namespace(**{**vars(good), **change})) is not None

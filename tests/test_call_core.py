@@ -410,16 +410,6 @@ def test_a_turn_closes_with_its_metrics_and_a_deferred_effect_sink_is_named() ->
     assert kinds(c.greeted(["tts_backup"])) == ["fallback"]
 
 
-def test_reply_frames_carry_the_turn_and_marks_their_name() -> None:
-    c = opened()
-    answer_turn(c, 2, "hi")
-    text = {"type": "agent_text", "n": 0, "text": "Sure."}
-    mark = {"type": "mark", "n": 1}
-    assert c.stamp_reply(text) == 1 and text["turn"] == 1
-    c.stamp_reply(mark)
-    assert mark == {"type": "mark", "n": 1, "turn": 1, "name": "1.1"}
-
-
 def test_hangup_ends_the_call_with_its_record_and_frame() -> None:
     c = opened(seq=1)
     answer_turn(c, 2, "hi")

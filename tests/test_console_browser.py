@@ -10,76 +10,38 @@ call inspector shows the call's replay with both owners.
 
 With the simulated providers the microphone says what the simulated recognizer reads:
 text carried in tones (callmesh/audio/tones.py), synthesized here at 16 kHz. Chromium loops
-the file, so the caller keeps talking. Screenshots go to ``out/console-test/``.
+the file, so the caller keeps talking. Screenshots go to ``out/console-test/``. The same
+call in real speech (eSpeak NG, pocketsphinx, Silero VAD): test_console_browser_speech.py.
 """
 
 from __future__ import annotations
 
-import shutil
-import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from bench.console_page import Line, console_browser, why_no_browser, write_wav
 from callmesh.audio.tones import tones_for_text
 from localcluster.cluster import LocalCluster
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        "Chromium is not installed (Debian: apt-get install -y chromium; .ci/run does it)",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install callmesh[dev])"
-)
+if why_no_browser():
+    pytest.skip(why_no_browser(), allow_module_level=True)
 
 pytestmark = pytest.mark.timeout(240)
 
 RATE = 16000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "console-test"
 # The first words come while the greeting plays (a barge-in), the next ones after a pause.
-SCRIPT: list[tuple[float, str]] = [
-    (3.0, "Hi, my name is Alice"),
-    (7.0, "I'd like a cleaning"),
-    (7.0, ""),
-]
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-]
+SCRIPT = [Line(3.0, "Hi, my name is Alice"), Line(7.0, "I'd like a cleaning"), Line(7.0, "")]
 WAIT_MS = 40_000
 
 
 def tone_speech(text: str) -> np.ndarray:
     """What the simulated recognizer understands: ``text`` in tones, at 16 kHz."""
     return tones_for_text(text, RATE)
-
-
-def write_mic_wav(path: Path, speech: Callable[[str], np.ndarray] = tone_speech) -> None:
-    """Silence and speech (int16 samples at 16 kHz from ``speech``), 16 kHz mono pcm16, as
-    Chromium's fake microphone. A real-speech variant passes a synthesizer's voice."""
-    parts = []
-    for pause_s, text in SCRIPT:
-        parts.append(np.zeros(int(RATE * pause_s), dtype=np.int16))
-        if text:
-            parts.append(speech(text).astype(np.int16))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(np.concatenate(parts).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +52,14 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
-def page(tmp_path: Path) -> Iterator[Any]:
+def page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
     wav = tmp_path / "mic.wav"
-    write_mic_wav(wav)
+    write_wav(wav, SCRIPT, tone_speech)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh --user-data-dir
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
-            viewport={"width": 1280, "height": 900},
-            permissions=["microphone"],
-        )
-        try:
-            pg = context.pages[0] if context.pages else context.new_page()
-            pg.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield pg
-        finally:
-            context.close()
+    with console_browser(tmp_path / "profile", wav) as (pg, errors):
+        yield pg
+    with capsys.disabled():
+        print(f"\nconsole in tones: screenshots in {ARTIFACTS}")
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 

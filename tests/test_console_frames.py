@@ -12,7 +12,7 @@ from node_harness import node_call, running_node, simulated_providers
 
 from callmesh.audio.tones import tones_for_text
 from callmesh.protocol import Out, transcript_frame
-from router.proxy import owner_frame
+from router.upstream import owner_frame
 
 RATE = 16000
 FRAME = 640  # 20 ms of 16 kHz pcm16

@@ -187,6 +187,20 @@ def test_replies_of_a_complete_turn_are_dropped() -> None:
     assert repr(d) == "<ReplyDedup [turn 0 complete, 0 delivered, 0 held]>"
 
 
+def test_a_reply_resumed_after_its_turn_completed_still_reaches_the_caller() -> None:
+    """A reply cleared at caller noise and resumed goes on after its turn's metrics (the
+    turn committed while the caller was still playing it)."""
+    d = ReplyDedup()
+    f = reply(1, 0, "hello")
+    d.offer(f["type"], encode(f), f)
+    d.complete(1)
+    resumed = {**reply(1, 5, "hello"), "resumed": True}
+    assert d.offer(resumed["type"], encode(resumed), resumed) is SEND
+    assert d.offer(f["type"], encode(f), f) is DROP  # said again by a new owner: not
+    faked = {**f, "resumed": "yes"}
+    assert d.offer(faked["type"], encode(faked), faked) is DROP
+
+
 def test_relink_forgets_what_the_previous_link_held() -> None:
     d = ReplyDedup()
     f = reply(2, 0, "x")
@@ -287,7 +301,7 @@ class Call:
         return version
 
     def _router_forwards(self, frame: dict[str, Any]) -> None:
-        """What ProxySession._forward_reply does, the caller's side included."""
+        """What router.upstream.NodeFrames does with a reply frame, the caller's side included."""
         kind, raw = frame["type"], encode(frame)
         verdict = self.replies.offer(kind, raw, frame)
         if verdict is SEND:

@@ -21,8 +21,8 @@ import nats
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
+from conversation_node.model_reply import RECOVERY_LINE
 from conversation_node.node_services import MemoryServices
-from conversation_node.pipeline import RECOVERY_LINE
 from conversation_node.prompt import INSTRUCTIONS
 from conversation_node.providers.base import LLMDelta, LLMRequest
 from conversation_node.providers.simulated import SimulatedTTS

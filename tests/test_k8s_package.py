@@ -9,12 +9,15 @@ import inspect
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from callmesh import metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -23,7 +26,8 @@ OVERLAYS = ("dev", "production")
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # After --drain-timeout the node gives routers 2 s to move links and closes HTTP (2 s).
 NODE_DRAIN_EXTRA_S = 4.0
-LIVE_CALLS_METRIC = "callmesh_node_live_calls"
+# The node's live-calls gauge as Prometheus sees it: the autoscaler's metric.
+LIVE_CALLS_METRIC = metric_names.SPECS[metric_names.LIVE_CALLS].exposed(metric_names.NODE)
 
 Obj = dict[str, Any]
 
@@ -389,28 +393,6 @@ def test_autoscaler_targets_the_node_statefulset_on_live_calls(
     assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
 
 
-def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
-    import dataclasses
-
-    from callmesh import metric_names
-    from conversation_node.app import ConversationNode
-    from conversation_node.node_services import NodeServices
-
-    (field,) = [f for f in dataclasses.fields(NodeServices) if f.name == "metrics"]
-    factory = field.default_factory
-    assert callable(factory)
-    metrics = factory()
-    metrics.set(metric_names.LIVE_CALLS, 3)
-    assert f"{LIVE_CALLS_METRIC} 3" in metrics.render()
-    # The node sets the gauge by that name when /metrics is read.
-    assert "m.set(LIVE_CALLS," in inspect.getsource(ConversationNode.metrics)
-    values = yaml.safe_load((K8S / "deps" / "prometheus-adapter-values.yaml").read_text())
-    (rule,) = values["rules"]["custom"]
-    assert rule["seriesQuery"].startswith(LIVE_CALLS_METRIC + "{")
-    assert rule["name"]["as"] == LIVE_CALLS_METRIC
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-
-
 def test_ingress_terminates_tls_for_long_lived_websockets() -> None:
     objects = render.render(K8S / "overlays" / "production")
     ingress = _one(objects, "Ingress", "callmesh")
@@ -429,11 +411,183 @@ def test_ingress_terminates_tls_for_long_lived_websockets() -> None:
     assert config["CALLMESH_PUBLIC_URL"] == f"https://{next(iter(hosts))}"
 
 
+# ---------------------------------------------------------------- dependency charts (k8s/deps)
+
+
+@dataclass(frozen=True)
+class ChartKeys:
+    """The values keys a file in k8s/deps sets, each checked against the chart's own values
+    (and templates where the meaning matters) at ``version``, read where ``read`` says.
+    ``x.*`` admits anything under ``x``: a free-form map (ACL users, config merged into the
+    server's) or a Kubernetes object the chart passes through."""
+
+    values_file: str
+    chart: str
+    version: str
+    read: str
+    keys: frozenset[str]
+
+
+CHARTS = (
+    ChartKeys(
+        "valkey-values.yaml",
+        "valkey/valkey",
+        "1.0.0",
+        "valkey-io/valkey-helm: valkey/README.md (values table, 1.0 layout), valkey/UPGRADE.md "
+        "(0.x to 1.0), valkey/tests/persistence_test.yaml and removed_values_test.yaml, "
+        "valkey/templates/init_config.yaml; 1.0.0 released per valkey.io/blog/valkey-helm-1.0.0-ga",
+        frozenset(
+            {
+                "replica.enabled",
+                "replica.replicas",
+                "replica.replicationUser",
+                "replica.minReplicasToWrite",
+                "persistence.enabled",
+                "persistence.size",
+                "extraConfig",
+                "auth.enabled",
+                "auth.usersExistingSecret",
+                "auth.aclUsers.*",
+                "podDisruptionBudget.enabled",
+                "podDisruptionBudget.maxUnavailable",
+                "resources.*",
+                "metrics.enabled",
+            }
+        ),
+    ),
+    ChartKeys(
+        "nats-values.yaml",
+        "nats/nats",
+        "2.12.5",
+        "nats-io/k8s: helm/charts/nats/values.yaml at b30d530 (nats 2.12.4, before the 2.12.5 "
+        "bump, nats-io/k8s#1141), files/config/jetstream.yaml, files/stateful-set/"
+        "pod-template.yaml, files/pod-disruption-budget.yaml, test/config_test.go and "
+        "resources_test.go",
+        frozenset(
+            {
+                "config.cluster.enabled",
+                "config.cluster.replicas",
+                "config.jetstream.enabled",
+                "config.jetstream.fileStore.enabled",
+                "config.jetstream.fileStore.pvc.enabled",
+                "config.jetstream.fileStore.pvc.size",
+                "config.jetstream.memoryStore.enabled",
+                "config.jetstream.merge.*",
+                "podTemplate.topologySpreadConstraints.*",
+                "podTemplate.merge.*",
+                "container.merge.*",
+                "podDisruptionBudget.enabled",
+                "promExporter.enabled",
+                "natsBox.enabled",
+            }
+        ),
+    ),
+    ChartKeys(
+        "prometheus-adapter-values.yaml",
+        "prometheus-community/prometheus-adapter",
+        "5.3.0",
+        "prometheus-community/helm-charts: charts/prometheus-adapter/Chart.yaml (5.3.0), "
+        "values.yaml (4.x; the same keys since 3.x), templates/configmap.yaml and "
+        "deployment.yaml",
+        frozenset({"prometheus.url", "prometheus.port", "rules.default", "rules.custom"}),
+    ),
+)
+
+
+def _values(name: str) -> Obj:
+    values: Obj = yaml.safe_load((K8S / "deps" / name).read_text())
+    return values
+
+
+def _leaf_keys(values: Obj, prefix: str = "") -> Iterator[str]:
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{path}.")
+        else:
+            yield path
+
+
+def _verified_key(path: str, keys: frozenset[str]) -> str | None:
+    """The entry of ``keys`` that admits ``path``, if any."""
+    for key in keys:
+        if path == key or (key.endswith(".*") and path.startswith(key[:-1])):
+            return key
+    return None
+
+
+@pytest.mark.parametrize("chart", CHARTS, ids=lambda c: c.values_file)
+def test_dependency_values_set_only_keys_checked_against_the_chart(chart: ChartKeys) -> None:
+    used = set()
+    for path in _leaf_keys(_values(chart.values_file)):
+        key = _verified_key(path, chart.keys)
+        assert key is not None, f"{chart.values_file}: {path} is not a key of {chart.chart}"
+        used.add(key)
+    # Every checked key is still set: the table describes the file, not an older one.
+    assert used == chart.keys
+    # The file and the install guide install the chart version the keys were checked at.
+    for text in ((K8S / "deps" / chart.values_file).read_text(), (K8S / "README.md").read_text()):
+        installs = re.findall(rf"helm install \S+ {re.escape(chart.chart)}\b(.*)", text)
+        assert installs, f"no helm install of {chart.chart}"
+        for rest in installs:
+            assert f"--version {chart.version}" in rest, (chart.chart, rest)
+
+
+def test_valkey_keeps_every_checkpoint_on_disk_and_on_one_url() -> None:
+    from state_store.store import AUTO, Durability
+
+    valkey = _values("valkey-values.yaml")
+    replica = valkey["replica"]
+    # Replication needs a volume per pod: the chart refuses it without one.
+    assert replica["enabled"] and valkey["persistence"]["enabled"]
+    assert valkey["persistence"]["size"]
+    # replica.replicas counts the primary (chart 1.0): a primary and two replicas.
+    pods = replica["replicas"]
+    assert pods >= 3
+    lines = (line.split(None, 1) for line in valkey["extraConfig"].splitlines())
+    assert {name: value for name, value in lines} == {
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "maxmemory-policy": "noeviction",
+    }
+    # callmesh speaks one redis:// URL, not Sentinel.
+    assert not valkey.get("sentinel", {}).get("enabled", False)
+    users = valkey["auth"]["aclUsers"]
+    assert "default" in users
+    assert set(users[replica["replicationUser"]]["permissions"].split()) >= {
+        "+psync",
+        "+replconf",
+        "+ping",
+    }
+    # Neither Valkey nor callmesh waits for more replicas than there are.
+    assert replica["minReplicasToWrite"] <= pods - 1
+    production = _one(render.render(K8S / "overlays" / "production"), "ConfigMap", "callmesh")
+    wanted = int(production["data"].get("CALLMESH_CHECKPOINT_REPLICAS", AUTO))
+    url = "redis://default:x@valkey.callmesh.svc.cluster.local:6379/0"
+    assert Durability.for_url(url, wanted).replicas <= pods - 1
+
+
+def test_nats_keeps_the_streams_on_disk_in_a_quorum() -> None:
+    from nats.js.api import StorageType
+
+    from events.streams import stream_configs
+
+    nats = _values("nats-values.yaml")["config"]
+    assert nats["cluster"]["enabled"] and nats["cluster"]["replicas"] >= 3
+    jetstream = nats["jetstream"]
+    assert jetstream["enabled"]
+    assert jetstream["fileStore"]["enabled"] and jetstream["fileStore"]["pvc"]["enabled"]
+    # No memory store: callmesh's streams are all on file.
+    assert jetstream["memoryStore"]["enabled"] is False
+    assert {c.storage for c in stream_configs(replicas=3)} == {StorageType.FILE}
+    # Merged into the server's jetstream block: fsync on every write.
+    assert jetstream["merge"] == {"sync_interval": "always"}
+
+
 def test_stream_replicas_match_the_nats_servers() -> None:
     from events.streams import REPLICAS_ENV, stream_configs, stream_replicas
 
-    nats = yaml.safe_load((K8S / "deps" / "nats-values.yaml").read_text())
-    servers = nats["config"]["cluster"]["replicas"]
+    servers = _values("nats-values.yaml")["config"]["cluster"]["replicas"]
     for overlay_name, expected in (("production", servers), ("dev", 1)):
         config = _one(render.render(K8S / "overlays" / overlay_name), "ConfigMap", "callmesh")
         replicas = stream_replicas({REPLICAS_ENV: config["data"][REPLICAS_ENV]})
@@ -441,6 +595,50 @@ def test_stream_replicas_match_the_nats_servers() -> None:
         assert {c.num_replicas for c in stream_configs(replicas=replicas)} == {expected}
     with pytest.raises(ValueError, match=REPLICAS_ENV):
         stream_replicas({REPLICAS_ENV: "7"})
+
+
+def test_the_autoscaling_metric_is_exported_and_served_by_the_adapter() -> None:
+    import dataclasses
+
+    from conversation_node.node_http import NodeHttp
+    from conversation_node.node_services import NodeServices
+
+    spec = metric_names.SPECS[metric_names.LIVE_CALLS]
+    assert spec.kind is metric_names.Kind.GAUGE and metric_names.NODE in spec.processes
+    (field,) = [f for f in dataclasses.fields(NodeServices) if f.name == "metrics"]
+    factory = field.default_factory
+    assert callable(factory)
+    metrics = factory()
+    metrics.set(metric_names.LIVE_CALLS, 3)
+    assert f"{LIVE_CALLS_METRIC} 3" in metrics.render()
+    # The node sets the gauge by that name when /metrics is read.
+    assert "m.set(LIVE_CALLS," in inspect.getsource(NodeHttp.metrics)
+    # Prometheus scrapes it from the node pods, which gives the series their pod label.
+    node = _one(render.render(K8S / "base"), "StatefulSet", "callmesh-node")["spec"]["template"]
+    annotations = node["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    ports = {p["containerPort"] for p in node["spec"]["containers"][0]["ports"]}
+    assert int(annotations["prometheus.io/port"]) in ports
+
+    rules = _values("prometheus-adapter-values.yaml")["rules"]
+    assert rules["default"] is False
+    (rule,) = rules["custom"]
+    series = re.fullmatch(r"(\w+)\{(.*)\}", rule["seriesQuery"])
+    assert series is not None and series[1] == LIVE_CALLS_METRIC
+    assert set(series[2].split(",")) == {'namespace!=""', 'pod!=""'}
+    assert re.fullmatch(rule["name"]["matches"], LIVE_CALLS_METRIC)
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    for field_name in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert field_name in rule["metricsQuery"]
+    # The chart runs these rules through Helm's tpl.
+    assert "{{" not in yaml.safe_dump(rule)
+    # The HPA asks for the name the adapter serves.
+    hpa = _one(render.render(K8S / "base"), "HorizontalPodAutoscaler", "callmesh-node")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"] == LIVE_CALLS_METRIC
 
 
 # ---------------------------------------------------------------- the renderer itself

@@ -20,6 +20,7 @@ from callmesh.metric_names import REFUSED
 from callmesh.protocol import CloseCode, ErrorCode, encode
 from state_store import keys
 from state_store.client import RedisClient
+from state_store.errors import StoreUnavailable
 from state_store.quota import CallQuota, QuotaVerdict
 from tests.cluster_helpers import eventually
 from tests.test_twilio_router import (  # noqa: F401 (fixtures: node, start_router)
@@ -74,6 +75,22 @@ async def test_a_connection_that_never_starts_is_closed_with_4408(
         assert await closed_with(idle) == CloseCode.START_TIMEOUT
         await eventually(lambda: router.admission.connections == 0)
         assert router.metrics.get(REFUSED, bound="start_timeout") == 1
+
+
+async def test_a_call_whose_records_cannot_be_read_is_refused_with_4503(
+    start_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router, url = await start_router()
+
+    async def store_away(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("No connection available.")
+
+    monkeypatch.setattr(router.auth, "admit", store_away)
+    async with aiohttp.ClientSession() as http:
+        frames, code = await frames_until_close(await call(http, url, "no-records-1"))
+    assert code == CloseCode.UNAVAILABLE
+    assert [f.get("code") for f in frames] == [ErrorCode.UNAVAILABLE]
+    await eventually(lambda: router.admission.connections == 0)
 
 
 async def test_connections_per_router_are_capped_with_4429(start_router: RouterFactory) -> None:

@@ -53,16 +53,16 @@ async def test_node_is_alive_but_not_ready_while_draining_or_without_redis(
 
         # Redis stops answering the heartbeat: not ready, still alive.
         heartbeat: Any = node._heartbeat
-        real_beat = heartbeat.beat_once
+        real_beat = heartbeat.publish
 
-        async def failing_beat() -> None:
+        def failing_beat() -> None:
             raise StoreUnavailable("test: redis unreachable")
 
-        heartbeat.beat_once = failing_beat
+        heartbeat.publish = failing_beat
         await _until(http, url + "/readyz", 503)
         assert await _status(http, url + "/livez") == 200
         assert (await _gauges(http, url, "callmesh_node"))["redis_up"] == 0
-        heartbeat.beat_once = real_beat
+        heartbeat.publish = real_beat
         await _until(http, url + "/readyz", 200)
 
         node.draining = True

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from callmesh import mux as mux_module
 from callmesh.mux import LINK_PATH, Channel, LinkClosed, Mux, Op
+from callmesh.mux import channel as channel_module
 from callmesh.protocol import CloseCode
 from callmesh.telemetry import Metrics
 from tests.cluster_helpers import eventually
@@ -193,7 +194,7 @@ async def test_a_reader_that_falls_behind_loses_its_call_not_the_link(
     router_link: Mux, node: tuple[EchoNode, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     echo, _ = node
-    monkeypatch.setattr(mux_module, "MAX_QUEUED_FRAMES", 10)
+    monkeypatch.setattr(channel_module, "MAX_QUEUED_FRAMES", 10)
     echo.stall = True
     stuck = await router_link.open("stuck", "start")
     for k in range(20):

@@ -409,6 +409,7 @@ async def test_a_new_owner_repeats_an_undelivered_greeting_and_does_not_greet_ag
         # so with delivered_turn -1); the new owner restores turn 0 and says it again.
         start = {"type": "start", "tenant": "demo", "caller": "maya"}
         await second.session.open(second.inbound(**start, resume="failover", delivered_turn=-1))
+        await second.session.reply_said_again()
         ready = next(f for f in second.frames if f["type"] == "ready")
         assert ready["resumed"] and ready["turn"] == 0
         again = [f for f in second.frames if f["type"] in ("agent_text", "agent_audio")]

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from callmesh.audio.format import AudioChunk
-from conversation_node.pipeline import RECOVERY_LINE, Budgets, TurnOutput, TurnPipeline
+from conversation_node.model_reply import RECOVERY_LINE
+from conversation_node.pipeline import Budgets, TurnOutput, TurnPipeline
 from conversation_node.providers.base import LLMDelta, LLMRequest, ProviderError, ToolCall
 
 REQUEST = LLMRequest(messages=[{"role": "user", "content": "hi"}])

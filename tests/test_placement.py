@@ -4,6 +4,7 @@ node is routable, re-chosen when it is dead, draining or suspect, forgotten at t
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, cast
 
@@ -34,6 +35,9 @@ class Hash:
 
     def __init__(self, *nodes: str) -> None:
         self.records = {n: NodeRecord(n, f"http://{n}.test") for n in nodes}
+        # Seconds the router's loop stalls between asking and handling the reply.
+        self.stall_s = 0.0
+        self.clock: Clock | None = None
 
     def beat(self, node: str, **changes: Any) -> None:
         rec = self.records[node]
@@ -41,7 +45,10 @@ class Hash:
         self.records[node] = NodeRecord(**fields)
 
     async def read_all(self) -> dict[str, NodeRecord]:
-        return dict(self.records)
+        records = dict(self.records)
+        if self.clock is not None:
+            self.clock.now += self.stall_s
+        return records
 
 
 class Pins:
@@ -85,6 +92,7 @@ class World:
         self.clock = Clock()
         monkeypatch.setattr("router.membership.time", self.clock)
         self.hash = Hash(*nodes)
+        self.hash.clock = self.clock
         config = MembershipConfig(dead_after_ms=DEAD_AFTER_MS)
         self.view = MembershipView(cast(MembershipStore, self.hash), config)
         self.pins = Pins()
@@ -140,6 +148,20 @@ async def test_a_dead_nodes_calls_are_placed_again_elsewhere(world: World) -> No
     # Its heartbeat advancing again makes it routable again, for new calls.
     await world.later(100, beating=("n1", "n2", "n3"))
     assert pinned in world.view.routable()
+
+
+async def test_a_router_that_stalls_does_not_take_its_own_stall_for_dead_nodes(
+    world: World,
+) -> None:
+    await world.later(100, beating=("n1", "n2", "n3"))
+    # The reply was read before the stall and handled 3 s later: beats look frozen.
+    world.hash.stall_s = 3.0
+    await world.later(100, beating=())
+    world.hash.stall_s = 0.0
+    assert sorted(world.view.routable()) == ["n1", "n2", "n3"]
+    # A node that really stopped is still found dead at the next ask.
+    await world.later(100, beating=("n1", "n2"))
+    assert sorted(world.view.routable()) == ["n1", "n2"]
 
 
 async def test_draining_and_suspect_nodes_take_no_new_calls(world: World) -> None:
@@ -204,6 +226,24 @@ async def test_confirm_alive_asks_the_nodes_health(world: World) -> None:
     assert not await world.placement.confirm_alive("gone")  # unknown: not even asked
     assert world.probe.asked == ["http://n1.test", "http://n2.test"]
     assert world.placement.url("n3") == "http://n3.test" and world.placement.url("x") is None
+
+
+async def test_calls_of_a_lost_link_share_one_probe_and_a_failed_one_stands(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("router.placement.time", world.clock)
+    # Every call on a node whose link dropped asks at once: one probe answers them all.
+    answers = await asyncio.gather(*(world.placement.confirm_alive("n2") for _ in range(50)))
+    assert answers == [False] * 50 and world.probe.asked == ["http://n2.test"]
+    # A node just found not alive is not asked again at once...
+    assert not await world.placement.confirm_alive("n2")
+    assert world.probe.asked == ["http://n2.test"]
+    # ...but after a while it is, and one found alive is asked every time.
+    world.clock.now += 1.0
+    world.probe.healthy.add("http://n2.test")
+    assert await world.placement.confirm_alive("n2")
+    assert await world.placement.confirm_alive("n2")
+    assert world.probe.asked == ["http://n2.test"] * 3
 
 
 async def test_the_http_probe_wants_a_200_in_time() -> None:

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
+from callmesh.audio.format import AudioChunk
 from callmesh.config import SimulatedLatency
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.preemptive import Decision, Outcome, SpeculationConfig, Speculator
 from conversation_node.preemptive import normalise as norm
 from conversation_node.providers.base import LLMDelta, LLMRequest, ProviderError
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
-from conversation_node.turn_runner import same_request
+from conversation_node.speculations import same_request
 
 
 def test_normalise_ignores_case_punctuation_and_spacing() -> None:
@@ -187,3 +188,63 @@ async def test_a_prepared_reply_whose_model_fails_falls_back_like_any_reply() ->
     frames = await _frames(pipeline, _request("hello"), prepared=prepared)
     texts = [f["text"] for f in frames if f["type"] == "agent_text"]
     assert texts and "moment" in texts[0]  # the recovery line
+
+
+class CountingTTS:
+    """The simulated voice, counting what it is asked to say and what was cut short."""
+
+    name = "counting-tts"
+
+    def __init__(self, latency: SimulatedLatency | None = None) -> None:
+        self._tts = SimulatedTTS(latency or SimulatedLatency().scaled(0.05), chunk_ms=100)
+        self.said: list[str] = []
+        self.cancelled = 0
+
+    async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
+        self.said.append(text)
+        try:
+            async for chunk in self._tts.synthesize(text):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+
+async def test_a_prepared_voice_says_the_first_sentence_once_and_sends_nothing_early() -> None:
+    llm = CountingLLM(SimulatedLatency().scaled(0.05))
+    tts = CountingTTS()
+    pipeline = TurnPipeline(llm, tts, None, Budgets())
+    request = _request("I'd like a cleaning")
+    expected = await _frames(pipeline, request)
+    sentences = [f["text"] for f in expected if f["type"] == "agent_text"]
+    assert len(sentences) >= 2 and tts.said == sentences
+    tts.said.clear()
+    prepared = pipeline.prepare(request, voice=True)
+    for _ in range(100):  # the first sentence is voiced ahead, while the caller "talks"
+        if tts.said:
+            break
+        await asyncio.sleep(0.01)
+    assert tts.said == sentences[:1]
+    adopted = await _frames(pipeline, request, prepared=prepared)
+    await prepared.cancel()
+    # The same frames, and every sentence voiced once: the first one ahead.
+    assert adopted == expected and tts.said == sentences
+
+
+async def test_a_dropped_prepared_voice_stops_the_voice_too() -> None:
+    # The model is still writing and the voice still thinking when the guess is dropped.
+    llm = CountingLLM(SimulatedLatency(llm_first_token_ms=1.0, llm_token_ms=20.0, jitter=0.0))
+    tts = CountingTTS(SimulatedLatency(tts_first_chunk_ms=5000.0, jitter=0.0))
+    pipeline = TurnPipeline(llm, tts, None, Budgets())
+    prepared = pipeline.prepare(_request("I'd like a cleaning"), voice=True)
+    for _ in range(200):
+        if tts.said:
+            break
+        await asyncio.sleep(0.01)
+    assert len(tts.said) == 1
+    await prepared.cancel()
+    assert (llm.cancelled, tts.cancelled) == (1, 1)
+    # A voice prepared for other words is not used.
+    other = pipeline.prepare(_request("I'd like a cleaning"), voice=True)
+    assert other.voiced("Not the first sentence.") is None
+    await other.cancel()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import pytest
 from node_harness import node_call, running_node, simulated_providers
 from redis.asyncio import Redis
 
@@ -81,14 +82,17 @@ async def _verified(redis: Redis, nats_url: str, call_id: str) -> tuple[Any, lis
     return ckpt, records
 
 
+@pytest.mark.parametrize("voice", ["off", "on"])
 async def test_a_matching_final_adopts_the_reply_started_before_it(
-    redis: Redis, redis_url: str, nats_url: str
+    redis: Redis, redis_url: str, nats_url: str, voice: str
 ) -> None:
+    """With ``voice`` on, the first sentence is voiced ahead too; still nothing is sent."""
     llm = CountingLLM()
     # The recognizer takes 700 ms to confirm the words: the speculative reply is ready
     # long before, and must wait for the confirmation.
+    providers = _providers(llm, stt_latency_ms=700)
     async with (
-        running_node(redis_url, nats_url, _providers(llm, stt_latency_ms=700)) as (node, url),
+        running_node(redis_url, nats_url, providers, preemptive_voice=voice) as (node, url),
         node_call(url, "pre-1") as call,
     ):
         metrics = node.services.metrics

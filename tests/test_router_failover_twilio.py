@@ -6,8 +6,9 @@ context, every utterance answered once. A call that ended gets ``<Hangup/>``."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import pytest
@@ -80,3 +81,47 @@ async def test_action_of_a_live_call_opens_a_new_stream(cluster: LocalCluster) -
         assert connect_.parameters["token"]
         assert int(connect_.parameters["seq_base"]) > 0
         await c.hangup()
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 (bounded poll of the caller's state)
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("cut", ["after_speech", "mid_speech"])
+async def test_an_utterance_in_flight_when_the_router_dies_is_answered_once(
+    cluster: LocalCluster, cut: str
+) -> None:
+    """The caller (a person: it cannot know the stream was replaced, and says an utterance
+    again when no answer comes) is talking when its router is SIGKILLed. An utterance whose
+    audio reached the node whole is answered by the node, and the reply the caller missed
+    is said on the new stream: no repeat needed. One cut off mid-speech is dropped by the
+    node; the caller, hearing nothing, says it again, and it is answered once."""
+    victim = cluster.router
+    assert victim is not None
+    call_sid = f"CAinflight{cut.replace('_', '')}"
+    phone = TwilioPhone(cluster.router_urls, call_sid, "demo")
+    async with VoiceCaller(victim.url, call_sid, "demo", phone=phone, repeat_after_s=2.0) as c:
+        await c.wait_greeting()
+        await c.say("Hi, my name is Priya")
+        say = asyncio.create_task(c.say("I need a cleaning"))
+        await _until(lambda: c.speaking)
+        if cut == "after_speech":
+            await _until(lambda: not c.speaking)
+            await asyncio.sleep(0.06)  # a few frames of silence: the speech is over
+        else:
+            await asyncio.sleep(0.3)  # a third of the way into the utterance
+        victim.signal(signal.SIGKILL)
+        second = await say
+        third = await c.say("Tuesday please")
+        await c.hangup()
+    assert second.response_ms is not None and second.agent_audio_bytes > 0
+    assert third.response_ms is not None
+    assert second.repeats == (0 if cut == "after_speech" else 1)
+    assert c.reopens == 1 and c.errors == []
+    ckpt = await load_checkpoint(cluster, call_sid)
+    # Three utterances, three turns: the one in flight neither lost nor answered twice.
+    assert (ckpt.turn, ckpt.status) == (3, "ended")
+    assert ckpt.facts["name"][0] == "Priya"
+    assert "cleaning" in str(ckpt.facts)

@@ -68,6 +68,8 @@ def test_help_shows_every_setting_with_its_variable_and_default(process: str) ->
         (["node"], {"CALLMESH_LLM": "openai"}, "needs OPENAI_API_KEY"),
         (["node"], {"CALLMESH_TURN_BUDGET_MS": "soon"}, "CALLMESH_TURN_BUDGET_MS"),
         (["node", "--advertise-url", "node-1:8090"], {}, "--advertise-url"),
+        (["up", "--speech", "loud"], {}, "--speech='loud'"),
+        (["node"], {"CALLMESH_SPEECH": "tones"}, "CALLMESH_SPEECH='tones'"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_status_2(
@@ -79,3 +81,18 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("callmesh: configuration error: ") and named in lines[0]
     assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+def test_up_without_the_speech_extra_says_so_before_starting_anything(tmp_path: Path) -> None:
+    # The eSpeak wheel hidden: an import of it fails as if it were not installed.
+    hidden = tmp_path / "espeakng_loader"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = _env(PYTHONPATH=str(tmp_path), CALLMESH_PORT=str(free_port()))
+    done = _run(["up"], env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "[speech] extra (missing: espeakng-loader)" in lines[0]
+    assert "--speech simulated" in lines[0] and "CALLMESH_SPEECH=simulated" in lines[0]
+    assert "starting" not in done.stdout  # no server was started

@@ -24,6 +24,7 @@ with a 19-bin DFT.
 from __future__ import annotations
 
 import codecs
+import functools
 from enum import Enum
 
 import numpy as np
@@ -84,6 +85,19 @@ class _State(Enum):
     SKIPPING = "skipping"  # sound that is not a transmission: wait for a silence gap
 
 
+@functools.cache
+def _dft_basis() -> npt.NDArray[np.float64]:
+    """The DFT at the symbol frequencies as one real matrix (cosines over sines): half the
+    work of a complex product, and |X|² is the sum of the two halves squared. The same for
+    every decoder, so made once and shared read-only: 69 KB that each call's decoder used
+    to hold a copy of."""
+    n = samples_in(SYMBOL_MS, SAMPLE_RATE)
+    phase = 2 * np.pi * np.outer(_TONES_HZ, np.arange(n) / SAMPLE_RATE)
+    basis = np.vstack([np.cos(phase), np.sin(phase)])
+    basis.flags.writeable = False
+    return basis
+
+
 class SpeechDecoder:
     """Streaming decoder of :func:`speech_from_text` audio (8 kHz), any chunking.
 
@@ -99,10 +113,7 @@ class SpeechDecoder:
 
     def __init__(self) -> None:
         self._n = samples_in(SYMBOL_MS, SAMPLE_RATE)
-        # The DFT at the symbol frequencies as one real matrix (cosines over sines): half
-        # the work of a complex product, and |X|² is the sum of the two halves squared.
-        phase = 2 * np.pi * np.outer(_TONES_HZ, np.arange(self._n) / SAMPLE_RATE)
-        self._basis = np.vstack([np.cos(phase), np.sin(phase)])
+        self._basis = _dft_basis()
         self._buf = np.zeros(0, dtype=np.float64)
         self._state = _State.IDLE
         self._done: list[str] = []

@@ -5,7 +5,8 @@ default) into :class:`Values`; ``flags.add_flags`` and ``flags.resolve`` do the 
 a parsed command line, and generate its ``--help``. See docs/configuration.md.
 """
 
-from callmesh.settings.kinds import ConfigError, mask_url
+from callmesh.secret_masking import mask_url
+from callmesh.settings.kinds import ConfigError
 from callmesh.settings.model import Setting, Values
 from callmesh.settings.reading import check_fields, default, load, settings_for
 

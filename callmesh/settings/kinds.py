@@ -1,4 +1,4 @@
-"""What a setting's value may be: parsing from text, checking a typed value, masking secrets.
+"""What a setting's value may be: parsing from text and checking a typed value.
 
 A kind raises :class:`ValueError` with a short reason ("not an integer", "must be >= 0");
 the loader turns it into a :class:`ConfigError` naming the variable or flag.
@@ -9,27 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-MASK = "***"
 
 
 class ConfigError(ValueError):
     """A setting is missing or out of range."""
-
-
-def mask_url(url: str) -> str:
-    """``url`` with the password of its user info and its query string replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:{MASK}@{host}"
-    query = MASK if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from callmesh.settings.kinds import MASK, ConfigError, Kind, Url, mask_url
+from callmesh.secret_masking import SECRET_MASK as MASK
+from callmesh.secret_masking import mask_url
+from callmesh.settings.kinds import ConfigError, Kind, Url
 
 Source = Literal["flag", "env", "default"]
 

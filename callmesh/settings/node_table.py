@@ -5,16 +5,13 @@ Part of the table (:mod:`callmesh.settings.table`), kept apart for size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from callmesh.settings.kinds import Choice, ConfigError, Number, Text, Url
+from callmesh.settings.kinds import Choice, Number, Text, Url
 from callmesh.settings.model import Setting
-from callmesh.settings.processes import HTTP, ID, NODE, PORT
+from callmesh.settings.node_providers_table import NODE_PROVIDER_SETTINGS
+from callmesh.settings.processes import ID, NODE, PORT
 
 _NODE = "Node"
 _BUDGETS = "Node: budgets and thresholds"
-_PROVIDERS = "Node: speech and language providers"
 
 NODE_SETTINGS: tuple[Setting, ...] = (
     # ------------------------------------------------------------------ node
@@ -85,6 +82,18 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _NODE,
         env="TIKTOKEN_CACHE_DIR",
     ),
+    Setting(
+        "kb_dir",
+        Text(),
+        "",
+        "directory of the tenants' knowledge bases, one subdirectory per tenant id (Markdown "
+        "and YAML documents): what retrieval finds and what the offline recognizer expects "
+        "callers to say; a tenant without one gets the demo knowledge base",
+        (NODE,),
+        _NODE,
+        env="CALLMESH_KB_DIR",
+        default_doc="none: every tenant gets the demo knowledge base",
+    ),
     # ------------------------------------------------------------------ node budgets
     Setting(
         "stt_min_confidence",
@@ -140,243 +149,28 @@ NODE_SETTINGS: tuple[Setting, ...] = (
         _BUDGETS,
         env="CALLMESH_OVERHEAD_BUDGET_MS",
     ),
-    # ------------------------------------------------------------------ node providers
-    Setting(
-        "stt",
-        Choice(("simulated", "deepgram", "pocketsphinx")),
-        None,
-        "speech-to-text provider",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_STT",
-        default_doc="deepgram if DEEPGRAM_API_KEY is set, else simulated",
-    ),
-    Setting(
-        "llm",
-        Choice(("simulated", "openai")),
-        None,
-        "language model provider",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_LLM",
-        default_doc="openai if OPENAI_API_KEY is set, else simulated",
-    ),
-    Setting(
-        "tts",
-        Choice(("simulated", "deepgram", "openai", "espeak")),
-        None,
-        "primary voice",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_TTS",
-        default_doc="deepgram if DEEPGRAM_API_KEY is set, else openai if OPENAI_API_KEY is "
-        "set, else simulated",
-    ),
-    Setting(
-        "backup_tts",
-        Choice(("simulated", "deepgram", "openai", "espeak")),
-        None,
-        "voice used when the primary one misses its budget",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_BACKUP_TTS",
-        default_doc="openai if OPENAI_API_KEY is set and the primary is not openai, else simulated",
-    ),
-    Setting(
-        "vad",
-        Choice(("silero", "energy")),
-        "silero",
-        "voice-activity detector of the offline recognizer (pocketsphinx): Silero VAD or energy",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_VAD",
-    ),
-    Setting(
-        "espeak_voice",
-        Text(),
-        "en-us",
-        "eSpeak NG voice of the offline voice (espeak)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_ESPEAK_VOICE",
-    ),
-    Setting(
-        "espeak_wpm",
-        Number(int, gt=0, le=500),
-        175,
-        "speaking rate of the offline voice (words per minute)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_ESPEAK_WPM",
-    ),
-    Setting(
-        "deepgram_api_key",
-        Text(),
-        "",
-        "Deepgram API key; switches STT and TTS to Deepgram",
-        (NODE,),
-        _PROVIDERS,
-        env="DEEPGRAM_API_KEY",
-        secret=True,
-    ),
-    Setting(
-        "deepgram_url",
-        Url(HTTP, empty_ok=True),
-        "",
-        "base URL of a Deepgram-compatible API (unset: Deepgram's)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_DEEPGRAM_URL",
-    ),
-    Setting(
-        "openai_api_key",
-        Text(),
-        "",
-        "OpenAI API key; switches the LLM to OpenAI",
-        (NODE,),
-        _PROVIDERS,
-        env="OPENAI_API_KEY",
-        secret=True,
-    ),
-    Setting(
-        "openai_base_url",
-        Url(HTTP, empty_ok=True),
-        "",
-        "an OpenAI-compatible server (vLLM, Ollama, ...); with CALLMESH_LLM=openai it needs "
-        "no key (unset: api.openai.com)",
-        (NODE,),
-        _PROVIDERS,
-        env="OPENAI_BASE_URL",
-    ),
-    Setting(
-        "llm_model",
-        Text(empty_ok=False),
-        "gpt-4o-mini",
-        "LLM model",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_LLM_MODEL",
-    ),
-    Setting(
-        "llm_timeout_ms",
-        Number(int, gt=0),
-        10_000,
-        "LLM request timeout (ms)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_LLM_TIMEOUT_MS",
-    ),
-    Setting(
-        "openai_tts_model",
-        Text(empty_ok=False),
-        "gpt-4o-mini-tts",
-        "OpenAI TTS model",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_OPENAI_TTS_MODEL",
-    ),
-    Setting(
-        "openai_tts_voice",
-        Text(empty_ok=False),
-        "coral",
-        "OpenAI TTS voice",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_OPENAI_TTS_VOICE",
-    ),
-    Setting(
-        "deepgram_stt_model",
-        Text(empty_ok=False),
-        "nova-3",
-        "Deepgram STT model",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_DEEPGRAM_STT_MODEL",
-    ),
-    Setting(
-        "deepgram_tts_model",
-        Text(empty_ok=False),
-        "aura-2-thalia-en",
-        "Deepgram TTS voice model",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_DEEPGRAM_TTS_MODEL",
-    ),
-    Setting(
-        "stt_endpointing_ms",
-        Number(int, gt=0),
-        300,
-        "silence that ends an utterance (ms)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_STT_ENDPOINTING_MS",
-    ),
-    Setting(
-        "endpointing_min_ms",
-        Number(int, gt=0, le=5000),
-        150,
-        "adaptive endpointing: the shortest silence that ends an utterance (a complete "
-        "sentence, a yes/no answer) (ms)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_ENDPOINTING_MIN_MS",
-    ),
-    Setting(
-        "endpointing_max_ms",
-        Number(int, gt=0, le=5000),
-        800,
-        "adaptive endpointing: the longest silence that ends an utterance (mid-phrase) (ms)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_ENDPOINTING_MAX_MS",
-    ),
     Setting(
         "false_interruption_ms",
         Number(int, ge=0, le=5000),
         300,
-        "caller sound during a reply clears it only once it yields words; sound without "
-        "words for this long is a false interruption and the reply plays on (0: clear at "
-        "the first sound) (ms)",
+        "caller sound during a reply that yields no words for this long is a false "
+        "interruption: the reply plays on, or resumes where the caller last heard it "
+        "(barge_in_clear) (0: every sound is a barge-in) (ms)",
         (NODE,),
         _BUDGETS,
         env="CALLMESH_FALSE_INTERRUPTION_MS",
     ),
     Setting(
-        "preemptive",
-        Choice(("on", "off")),
-        "on",
-        "preemptive generation: start the reply on a stable interim transcript, adopted "
-        "when the final one matches",
+        "barge_in_clear",
+        Choice(("on_words", "at_sound")),
+        "on_words",
+        "when caller sound clears the reply: on_words (once the sound yields words; noise "
+        "never stops it) or at_sound (at once; a sound that yields no words within "
+        "false_interruption_ms resumes the reply from the first sentence the caller had "
+        "not heard)",
         (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_PREEMPTIVE",
+        _BUDGETS,
+        env="CALLMESH_BARGE_IN_CLEAR",
     ),
-    Setting(
-        "preemptive_stable_ms",
-        Number(int, gt=0, le=5000),
-        100,
-        "preemptive generation: a pause this long inside an utterance makes its interim "
-        "transcript stable (ms)",
-        (NODE,),
-        _PROVIDERS,
-        env="CALLMESH_PREEMPTIVE_STABLE_MS",
-    ),
+    *NODE_PROVIDER_SETTINGS,
 )
-
-
-def providers_have_keys(values: Mapping[str, Any]) -> None:
-    # A role left unset follows the keys; one set by name needs its vendor's key (a local
-    # OpenAI-compatible server, OPENAI_BASE_URL, needs none).
-    have = {
-        "deepgram": ("DEEPGRAM_API_KEY", bool(values["deepgram_api_key"])),
-        "openai": ("OPENAI_API_KEY", bool(values["openai_api_key"] or values["openai_base_url"])),
-    }
-    for role, env in (
-        ("stt", "CALLMESH_STT"),
-        ("llm", "CALLMESH_LLM"),
-        ("tts", "CALLMESH_TTS"),
-        ("backup_tts", "CALLMESH_BACKUP_TTS"),
-    ):
-        key_env, ok = have.get(values[role], ("", True))
-        if not ok:
-            raise ConfigError(f"{env}={values[role]!r}: needs {key_env}, which is not set")

@@ -8,7 +8,8 @@ never knows which one it runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -70,6 +71,10 @@ class STTStream(Protocol):
     async def finalize(self) -> None:
         """Ask for the pending hypothesis to be finalized now (caller hung up, DTMF...)."""
 
+    # A stream may also offer ``async end_of_audio() -> None``: no more audio will come
+    # (the call's link ended); end an utterance whose speech had stopped, and drop one cut
+    # off mid-speech. Streams without it get ``finalize()``.
+
     def events(self) -> AsyncIterator[STTEvent]: ...
 
     async def aclose(self) -> None: ...
@@ -81,10 +86,31 @@ class STTStream(Protocol):
     # model), which then decides the wait.
 
 
+# What a stream queues for its reader: events, then a failure (if any), then None: the end.
+EventQueue = asyncio.Queue[STTEvent | ProviderError | None]
+
+
+async def read_events(queue: EventQueue) -> AsyncGenerator[STTEvent, None]:
+    """A stream's events from its queue until the end; raises the :class:`ProviderError`
+    that broke it. The end is left queued, so a later reader ends too."""
+    while True:
+        item = await queue.get()
+        if item is None:
+            queue.put_nowait(None)
+            return
+        if isinstance(item, ProviderError):
+            raise item
+        yield item
+
+
 class STT(Protocol):
     name: str
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> STTStream: ...
+    # ``tenant`` is the call's verified tenant: a recognizer that adapts to what a
+    # tenant's callers say (pocketsphinx's per-tenant language model) uses it.
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str
+    ) -> STTStream: ...
 
 
 # ---------------------------------------------------------------- language model

@@ -33,10 +33,12 @@ import websockets.exceptions
 
 from callmesh.audio.format import AudioChunk, AudioEncoding, bytes_per_second
 from conversation_node.providers.base import (
+    EventQueue,
     ProviderError,
     ProviderTimeout,
     STTEvent,
     STTEventKind,
+    read_events,
 )
 
 # deepgram-sdk 7 imports websockets' deprecated legacy client; the warning is not ours
@@ -136,7 +138,10 @@ class DeepgramSTT:
         self.options = options or DeepgramSTTOptions()
         self._client = make_client(api_key, environment)
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> DeepgramSTTStream:
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = ""
+    ) -> DeepgramSTTStream:
+        """A stream on one Deepgram socket (one general model for every tenant)."""
         stream = DeepgramSTTStream(self, encoding, sample_rate)
         await stream._connect()
         return stream
@@ -182,7 +187,7 @@ class DeepgramSTTStream:
         self._conn: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         # Events, then a failure (if any), then None: the end of the stream.
-        self._queue: asyncio.Queue[STTEvent | ProviderError | None] = asyncio.Queue()
+        self._queue: EventQueue = asyncio.Queue()
         self._error: ProviderError | None = None
         self._last_send = time.monotonic()
         self._closing: asyncio.Task[None] | None = None
@@ -335,16 +340,9 @@ class DeepgramSTTStream:
     def _emit(self, event: STTEvent) -> None:
         self._queue.put_nowait(event)
 
-    async def events(self) -> AsyncGenerator[STTEvent, None]:
+    def events(self) -> AsyncGenerator[STTEvent, None]:
         """Events until the stream closes; raises :class:`ProviderError` if it broke."""
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                self._queue.put_nowait(None)  # later callers end too
-                return
-            if isinstance(item, ProviderError):
-                raise item
-            yield item
+        return read_events(self._queue)
 
     # ------------------------------------------------------------------ closing
 

@@ -23,7 +23,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from memory.extract import WEEKDAYS
 from memory.knowledge import Passage
 
-__all__ = ["FIRST_NAMES", "LAST_NAMES", "booking_sentences", "kb_sentences", "spoken", "written"]
+__all__ = [
+    "FIRST_NAMES",
+    "LAST_NAMES",
+    "SERVICES",
+    "booking_sentences",
+    "kb_sentences",
+    "kb_services",
+    "spoken",
+    "written",
+]
 
 _ONES = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -211,28 +220,34 @@ I'd like a {service} and a checkup | just a {service} | a {service} please | a {
 """.strip()
 
 
-def _fill(template: str, rng: random.Random) -> str:
+_AN = re.compile(r"\ba (?=[aeiou])")
+
+
+def _fill(template: str, rng: random.Random, services: Sequence[str]) -> str:
     values = {
-        "service": rng.choice(SERVICES), "day": rng.choice(_DAYS), "time": rng.choice(_TIMES),
+        "service": rng.choice(services), "day": rng.choice(_DAYS), "time": rng.choice(_TIMES),
         "part": rng.choice(_PARTS), "first": rng.choice(FIRST_NAMES),
         "last": rng.choice(LAST_NAMES), "office": rng.choice(_OFFICES),
         "topic": rng.choice(_TOPICS),
     }  # fmt: skip
-    return template.format(**values)
+    return _AN.sub("an ", template.format(**values))  # "a oil change" → "an oil change"
 
 
-def booking_sentences(per_template: int = 12, *, seed: int = 18) -> Iterator[list[str]]:
+def booking_sentences(
+    per_template: int = 12, *, seed: int = 18, services: Sequence[str] = SERVICES
+) -> Iterator[list[str]]:
     """The booking conversation, spoken: each template filled ``per_template`` times with
-    random slot values (templates without slots once), deterministic for a seed."""
+    random slot values (templates without slots once), deterministic for a seed.
+    ``services``: what this tenant's callers book (:func:`kb_services`)."""
     rng = random.Random(seed)
     templates = [t.strip() for line in _TEMPLATES.splitlines() for t in line.split("|")]
     for template in templates:
         n = per_template if "{" in template else 1
         for _ in range(n):
-            yield spoken(_fill(template, rng))
+            yield spoken(_fill(template, rng, services))
     # Every value at least once in a sentence of its own kind, whatever the sampling drew.
-    for service, day, time in itertools.product(SERVICES, _DAYS, _TIMES[:4]):
-        yield spoken(f"a {service} on {day} at {time}")
+    for service, day, time in itertools.product(services, _DAYS, _TIMES[:4]):
+        yield spoken(_AN.sub("an ", f"a {service} on {day} at {time}"))
     for time in _TIMES:
         yield spoken(f"{time} please")
     for first, last in zip(FIRST_NAMES, itertools.cycle(LAST_NAMES), strict=False):
@@ -240,6 +255,23 @@ def booking_sentences(per_template: int = 12, *, seed: int = 18) -> Iterator[lis
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+_MAX_SERVICES = 40  # a long list spreads the templates too thin to teach any of them
+
+
+def kb_services(passages: Sequence[Passage]) -> tuple[str, ...]:
+    """What a tenant's callers book: the sections of its knowledge base's services
+    document (``services.md``: one ``##`` section per service, as the demo's), else the
+    sections of all its Markdown documents; the demo's services for a knowledge base with
+    no sections."""
+
+    def sections(ps: Iterable[Passage]) -> list[str]:
+        names = [p.title.split(" — ", 1)[1] for p in ps if " — " in p.title]
+        spoken_names = (" ".join(spoken(n)) for n in names)
+        return list(dict.fromkeys(n for n in spoken_names if n))
+
+    own = sections(p for p in passages if p.doc_id.split(".", 1)[0] == "services")
+    found = own or sections(passages)
+    return tuple(found[:_MAX_SERVICES]) or SERVICES
 
 
 def kb_sentences(passages: Iterable[Passage]) -> Iterator[list[str]]:

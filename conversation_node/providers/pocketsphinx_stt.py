@@ -1,8 +1,10 @@
 """Speech to text with pocketsphinx, offline: the en-us acoustic model is in the wheel.
 
 Each stream endpoints with a VAD (Silero by default, energy as the light option) and
-decodes the speech between endpoints incrementally with the tenant's domain language model
-(:mod:`~conversation_node.providers.domain_lm`): ``SPEECH_STARTED`` when the VAD hears
+decodes the speech between endpoints incrementally with the language model of the call's
+tenant (:mod:`~conversation_node.providers.domain_models`; ``open`` is told the verified
+tenant of the call, and ``prepare`` builds the node's tenants' models at start-up):
+``SPEECH_STARTED`` when the VAD hears
 speech (barge-in), ``INTERIM`` every ``interim_ms`` of speech from the partial hypothesis,
 then ``FINAL`` and ``UTTERANCE_END`` at the endpoint.
 
@@ -44,10 +46,11 @@ from callmesh.audio.codec import SampleReader
 from callmesh.audio.format import AudioChunk, AudioEncoding
 from conversation_node.audio.resample import Resampler
 from conversation_node.audio.vad import EnergyVAD, VadConfig, VadEvent, VadEventKind
-from conversation_node.providers.base import ProviderError, STTEvent
+from conversation_node.providers.base import EventQueue, ProviderError, STTEvent, read_events
 from conversation_node.providers.base import STTEventKind as Kind
 from conversation_node.providers.domain_corpus import written
-from conversation_node.providers.domain_lm import DomainModel, DomainModels
+from conversation_node.providers.domain_lm import DomainModel
+from conversation_node.providers.domain_models import DomainModels
 from conversation_node.providers.sphinx_worker import DecoderProxy, SphinxWorker, WorkerError
 
 __all__ = ["PocketsphinxSTT", "PocketsphinxSTTStream", "pocketsphinx_available", "speech_missing"]
@@ -93,6 +96,12 @@ class _Endpointer(Protocol):
     @property
     def in_speech(self) -> bool: ...
 
+    @property
+    def position_ms(self) -> float: ...
+
+    @property
+    def last_voiced_end_ms(self) -> float | None: ...
+
     def push_samples(self, samples: npt.NDArray[np.integer]) -> list[VadEvent]: ...
 
     def flush(self) -> list[VadEvent]: ...
@@ -100,7 +109,7 @@ class _Endpointer(Protocol):
 
 class PocketsphinxSTT:
     """Offline recognizer. ``vad`` is ``"silero"`` or ``"energy"``; ``models`` holds the
-    per-tenant language models (the demo knowledge base's by default)."""
+    per-tenant language models (by default every tenant on the demo knowledge base)."""
 
     name = "pocketsphinx-stt"
 
@@ -115,7 +124,7 @@ class PocketsphinxSTT:
     ) -> None:
         if vad not in ("silero", "energy"):
             raise ValueError(f"vad must be silero or energy, got {vad!r}")
-        self.models = models or DomainModels()
+        self.models = models if models is not None else DomainModels()
         self.vad = vad
         self.end_silence_ms = end_silence_ms
         self.interim_ms = interim_ms
@@ -124,19 +133,48 @@ class PocketsphinxSTT:
         self._processes: list[SphinxWorker] = []
         self._placing = threading.Lock()
 
+    async def prepare(self, within_s: float) -> bool:
+        """Build the language models of the tenants the node knows (``DomainModels``),
+        waiting at most ``within_s``; the rest are built after. True if all are ready."""
+        task = self.models.start_prepare()
+        done, _ = await asyncio.wait({task}, timeout=within_s)
+        if not done:
+            log.warning(
+                "speech models still building after the start-up bound",
+                extra={"fields": {"bound_s": within_s, "models": repr(self.models)}},
+            )
+        elif task.exception() is not None:
+            log.error("speech models failed at start-up: %s", task.exception())
+        return bool(done) and task.exception() is None
+
     async def open(
-        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = "demo"
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str
     ) -> PocketsphinxSTTStream:
+        """A stream for one call of ``tenant`` (the verified tenant: its model is used)."""
         if sample_rate not in (8000, RATE):
             raise ProviderError(self.name, f"8 or 16 kHz audio only, got {sample_rate}")
-        model = await self.models.get(tenant)
         if self._executor is None:
             # Threads block on a worker's pipe (GIL released): two per process keep each
             # process busy while the other thread waits for its turn.
             threads = 2 * self._workers
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="pocketsphinx")
-        decoder = await asyncio.wrap_future(self._executor.submit(self._decoder, model))
-        return PocketsphinxSTTStream(self, model, decoder, encoding, sample_rate)
+        try:
+            async with self.models.use(tenant) as model:
+                job = self._executor.submit(self._parts, model)
+                try:
+                    decoder, vad = await asyncio.wrap_future(job)
+                except asyncio.CancelledError:
+                    job.add_done_callback(_release)  # a stream nobody will close
+                    raise
+        except (OSError, WorkerError) as exc:  # the model's files, or a decoding process
+            raise ProviderError(self.name, f"cannot open a stream: {exc}") from exc
+        return PocketsphinxSTTStream(self, model, decoder, vad, encoding, sample_rate)
+
+    def _parts(self, model: DomainModel) -> tuple[DecoderProxy, _Endpointer]:
+        # The VAD is made here, off the event loop, as the decoder: a new Silero model
+        # loads its ONNX session (0.2-0.35 s measured on a busy 2-core machine), which
+        # stalled every call on the node.
+        return self._decoder(model), self._endpointer()
 
     def _decoder(self, model: DomainModel) -> DecoderProxy:
         """A decoder for ``model`` in the least loaded worker process (started on demand)."""
@@ -186,6 +224,7 @@ class PocketsphinxSTTStream:
         stt: PocketsphinxSTT,
         model: DomainModel,
         decoder: DecoderProxy,
+        vad: _Endpointer,
         encoding: AudioEncoding,
         rate: int,
     ) -> None:
@@ -195,13 +234,13 @@ class PocketsphinxSTTStream:
         self._reader = SampleReader(mulaw=encoding is AudioEncoding.MULAW)
         self._upsampler = Resampler(rate, RATE) if rate != RATE else None
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[STTEvent | ProviderError | None] = asyncio.Queue()
+        self._events: EventQueue = asyncio.Queue()
         self._lock = threading.Lock()
         self._inbox: collections.deque[npt.NDArray[np.int16] | str] = collections.deque()
         self._job: Future[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # Worker state: touched only by the one job of this stream running at a time.
-        self._vad = stt._endpointer()
+        self._vad = vad
         self._block = np.zeros(0, dtype=np.int16)
         self._preroll: collections.deque[npt.NDArray[np.int16]] = collections.deque(
             maxlen=max(1, _PREROLL_MS * RATE // 1000 // _BLOCK)
@@ -237,15 +276,9 @@ class PocketsphinxSTTStream:
             if self._job is None:
                 self._job = self._stt.submit(self._drain)
 
-    async def events(self) -> AsyncGenerator[STTEvent, None]:
-        while True:
-            item = await self._events.get()
-            if item is None:
-                self._events.put_nowait(None)  # later readers end too
-                return
-            if isinstance(item, ProviderError):
-                raise item
-            yield item
+    def events(self) -> AsyncGenerator[STTEvent, None]:
+        """Events until the stream closes; raises :class:`ProviderError` if it broke."""
+        return read_events(self._events)
 
     async def aclose(self) -> None:
         """Stop: pending audio is dropped, the decoder goes back to the pool (idempotent)."""
@@ -299,10 +332,12 @@ class PocketsphinxSTTStream:
                 self._start_utterance()
             elif event.kind is VadEventKind.SPEECH_END and self._in_utterance:
                 self._end_utterance()
-        if self._vad.in_speech:
+        # The end of speech is the last voiced block, not the silence that confirmed it
+        # (``in_speech`` lasts until then): turn latency counts that wait, as callers do.
+        if self._vad.last_voiced_end_ms == self._vad.position_ms:
             self._last_voice_at = time.monotonic()
-            if self._speech_samples >= self._stt.interim_ms * RATE // 1000:
-                self._interim()
+        if self._vad.in_speech and self._speech_samples >= self._stt.interim_ms * RATE // 1000:
+            self._interim()
 
     def _start_utterance(self) -> None:
         assert self._decoder is not None
@@ -364,6 +399,20 @@ class PocketsphinxSTTStream:
 def _words(tokens: list[str]) -> list[str]:
     """Dictionary entries → words (``can(2)`` is an alternate pronunciation of ``can``)."""
     return [t.split("(", 1)[0] for t in tokens if t not in _NON_WORDS and not t.startswith("[")]
+
+
+def _release(job: Future[tuple[DecoderProxy, _Endpointer]]) -> None:
+    """Close the decoder and VAD made for a stream whose opening was cancelled."""
+    if job.cancelled() or job.exception() is not None:
+        return
+    decoder, vad = job.result()
+    try:
+        decoder.close()
+    except WorkerError as exc:
+        log.warning("pocketsphinx worker: %s", exc)
+    close_vad = getattr(vad, "close", None)
+    if close_vad is not None:
+        close_vad()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

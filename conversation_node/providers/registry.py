@@ -14,8 +14,11 @@ switches the matching real provider on; ``CALLMESH_STT``/``CALLMESH_LLM``/``CALL
 =========================  =================================================
 
 Offline speech (the ``[speech]`` extra, no key, models in the wheels):
-``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing),
+``CALLMESH_STT=pocketsphinx`` (with ``CALLMESH_VAD=silero|energy`` for its endpointing, and
+per-tenant language models from the knowledge bases in ``CALLMESH_KB_DIR``),
 ``CALLMESH_TTS=espeak`` (``CALLMESH_ESPEAK_VOICE``, ``CALLMESH_ESPEAK_WPM``).
+``CALLMESH_SPEECH=offline`` (what ``callmesh up`` gives its nodes) makes them the choice
+of every speech role that no name and no key chooses.
 
 Model and voice: ``CALLMESH_LLM_MODEL``, ``CALLMESH_OPENAI_TTS_MODEL``,
 ``CALLMESH_OPENAI_TTS_VOICE``, ``CALLMESH_DEEPGRAM_STT_MODEL``,
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from callmesh import settings
@@ -35,7 +39,7 @@ from callmesh.config import ConfigError, SimulatedLatency
 from callmesh.settings.table import NODE
 from conversation_node.providers.base import LLM, STT, TTS
 
-__all__ = ["ProviderSettings", "Providers", "build_providers"]
+__all__ = ["ProviderSettings", "Providers", "build_providers", "offline_missing"]
 
 # Local OpenAI-compatible servers ignore the key, but the client insists on one.
 _NO_KEY = "sk-no-key-needed"
@@ -71,6 +75,12 @@ class ProviderSettings:
     preemptive_stable_ms: int = _default("preemptive_stable_ms")
     tts_chunk_ms: int = _default("tts_chunk_ms")
     vad: str = _default("vad")  # endpointing of the offline recognizer
+    # The offline recognizer's per-tenant language models: where the knowledge bases are
+    # (the node's CALLMESH_KB_DIR), how many tenants' models it keeps, how often it looks
+    # for a changed knowledge base.
+    kb_dir: str = _default("kb_dir")
+    stt_lm_tenants: int = _default("stt_lm_tenants")
+    stt_lm_check_s: float = _default("stt_lm_check_s")
     espeak_voice: str = _default("espeak_voice")
     espeak_wpm: int = _default("espeak_wpm")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
@@ -89,7 +99,7 @@ class ProviderSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderSettings:
         """Settings from environment variables (``os.environ`` when ``env`` is None), as
         declared in :mod:`callmesh.settings.table`; a role left unset follows the keys."""
-        return cls.from_values(settings.load(NODE, env, only=_FROM_TABLE))
+        return cls.from_values(settings.load(NODE, env, only=(*_FROM_TABLE, "speech")))
 
     @classmethod
     def from_values(cls, node_settings: Mapping[str, Any]) -> ProviderSettings:
@@ -97,12 +107,15 @@ class ProviderSettings:
         follows the keys."""
         values = {key: node_settings[key] for key in _FROM_TABLE}
         dg_key, oa_key = values["deepgram_api_key"], values["openai_api_key"]
-        tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else "simulated"))
+        # What a role no name and no key chooses: tones, or the offline engines.
+        offline = node_settings.get("speech") == "offline"
+        voice, hearing = ("espeak", "pocketsphinx") if offline else ("simulated", "simulated")
+        tts = values["tts"] or ("deepgram" if dg_key else ("openai" if oa_key else voice))
         auto = {
-            "stt": "deepgram" if dg_key else "simulated",
+            "stt": "deepgram" if dg_key else hearing,
             "llm": "openai" if oa_key else "simulated",
             "tts": tts,
-            "backup_tts": "openai" if oa_key and tts != "openai" else "simulated",
+            "backup_tts": "openai" if oa_key and tts != "openai" else voice,
         }
         chosen: dict[str, Any] = {role: values[role] or auto[role] for role in auto}
         scale = values["sim_latency_scale"]
@@ -134,6 +147,9 @@ _FROM_TABLE = (
     "preemptive_stable_ms",
     "tts_chunk_ms",
     "vad",
+    "kb_dir",
+    "stt_lm_tenants",
+    "stt_lm_check_s",
     "espeak_voice",
     "espeak_wpm",
     "sim_latency_scale",
@@ -209,6 +225,31 @@ def _build_tts(kind: str, settings: ProviderSettings) -> TTS:
     return SimulatedTTS(settings.sim_latency, chunk_ms=settings.tts_chunk_ms)
 
 
+def _domain_models(settings: ProviderSettings) -> Any:
+    from conversation_node.providers.domain_models import DomainModels
+    from memory.tenant_kb import TenantKnowledgeBases
+
+    return DomainModels(
+        TenantKnowledgeBases(Path(settings.kb_dir) if settings.kb_dir else None),
+        max_tenants=settings.stt_lm_tenants,
+        check_every_s=settings.stt_lm_check_s,
+    )
+
+
+def offline_missing(settings: ProviderSettings) -> str:
+    """The packages of the ``[speech]`` extra that the chosen providers need and that are
+    not installed ("" if none): what a launcher checks before starting nodes that would
+    each fail with it."""
+    from conversation_node.providers.espeak_tts import espeak_available
+    from conversation_node.providers.pocketsphinx_stt import speech_missing
+
+    missing = speech_missing(settings.vad) if settings.stt == "pocketsphinx" else ""
+    voices = {settings.tts, settings.backup_tts}
+    if "espeak" in voices and not espeak_available():
+        missing = ", ".join(filter(None, (missing, "espeakng-loader")))
+    return missing
+
+
 def build_providers(settings: ProviderSettings | None = None) -> Providers:
     """Construct the configured providers. Opens no connection and starts no task."""
     settings = settings or ProviderSettings.from_env()
@@ -231,7 +272,11 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
         if missing := speech_missing(settings.vad):
             raise ConfigError(f"the pocketsphinx recognizer needs the [speech] extra ({missing})")
 
-        stt = PocketsphinxSTT(vad=settings.vad, end_silence_ms=settings.stt_endpointing_ms)
+        stt = PocketsphinxSTT(
+            models=_domain_models(settings),
+            vad=settings.vad,
+            end_silence_ms=settings.stt_endpointing_ms,
+        )
     else:
         from conversation_node.audio.vad import VadConfig
         from conversation_node.endpointing import EndpointingConfig

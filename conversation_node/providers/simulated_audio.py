@@ -89,7 +89,10 @@ class SimulatedSTT:
         )
         self.eager_ms = eager_ms
 
-    async def open(self, encoding: AudioEncoding, sample_rate: int) -> SimulatedSTTStream:
+    async def open(
+        self, encoding: AudioEncoding, sample_rate: int, *, tenant: str = ""
+    ) -> SimulatedSTTStream:
+        """A stream; the tones mean the same for every tenant."""
         # Wide-band calls (a browser's 16 kHz) are decimated to the decoder's 8 kHz: the
         # tones are below 2.4 kHz, so nothing of them is lost.
         if sample_rate % SAMPLE_RATE:
@@ -251,6 +254,18 @@ class SimulatedSTTStream:
         if self._vad.in_speech or self._decoder.text or self._decoder.receiving:
             self._vad.flush()
             self._end_utterance()
+
+    async def end_of_audio(self) -> None:
+        """No more audio will come (the call's link ended). An utterance whose speech had
+        stopped (its trailing silence begun) ends now; one cut off mid-speech is dropped:
+        the caller never finished it, and will say it again."""
+        if self._closed:
+            return
+        if self._decoder.receiving or (self._vad.in_speech and self._vad.silence_ms == 0):
+            self._decoder.take()
+            self._vad.reset()
+            return
+        await self.finalize()
 
     async def events(self) -> AsyncGenerator[STTEvent, None]:
         while True:

@@ -11,7 +11,8 @@ The parent's side blocks on the pipe, which releases the GIL: callers run it on 
 Requests are ``[op, stream_id, arg]``; replies ``[ok, value]`` (``value`` is the error
 text when not ok). Ops: ``open`` (arg: lm path, dict path, settings), ``start``,
 ``feed`` (raw PCM16 bytes), ``hyp``, ``end`` (→ the words of the best path), ``close``,
-``cpu`` (→ the child's CPU seconds, for measurement).
+``cpu`` (→ the child's CPU seconds, for measurement). A new decoder's first utterance is
+decoded twice, the second time with the cepstral mean the first taught it (``_Host``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import IO, Any
 
 import msgpack
@@ -138,12 +140,27 @@ class DecoderProxy:
 # ---------------------------------------------------------------- the child process
 
 
+# A new decoder's first utterance is heard with the library's initial cepstral mean, far
+# from any real voice's: measured on eSpeak speech, "my name is Sarah Johnson" came out as
+# "the is Sarah Johnson" the first time and right once the mean had been learned (at the
+# end of an utterance). So that utterance is decoded again, with the mean it taught;
+# longer than this, it is left as heard (its own updates of the mean suffice then).
+_RELEARN_MAX_BYTES = 20 * 16000 * 2  # 20 s of 16 kHz pcm16
+# Idle decoders kept for reuse, over all models: a node serving many tenants has a model
+# per tenant, and idle decoders of models no longer used (a tenant dropped, a knowledge
+# base rebuilt) must not pile up. The least recently used model's go first.
+_IDLE_MAX = 32
+
+
 class _Host:
     """The child's side: decoders by stream id, idle ones kept per model for reuse."""
 
     def __init__(self) -> None:
         self.decoders: dict[int, tuple[tuple[str, str], Any]] = {}
-        self.idle: dict[tuple[str, str], list[Any]] = {}
+        self.idle: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
+        # The audio of the utterance in progress on a decoder that never finished one.
+        self.first_utterance: dict[int, bytearray] = {}
+        self.learned: set[int] = set()  # id() of decoders whose mean came from speech
 
     def handle(self, op: str, stream_id: int, arg: Any) -> Any:
         if op == "open":
@@ -152,6 +169,8 @@ class _Host:
             idle = self.idle.get(key)
             if idle:
                 decoder = idle.pop()
+                if not idle:
+                    del self.idle[key]
             else:
                 from pocketsphinx import Decoder
 
@@ -163,23 +182,45 @@ class _Host:
         key, decoder = self.decoders[stream_id]
         if op == "feed":
             decoder.process_raw(arg)
+            heard = self.first_utterance.get(stream_id)
+            if heard is not None:
+                heard += arg
+                if len(heard) > _RELEARN_MAX_BYTES:
+                    del self.first_utterance[stream_id]
             return None
         if op == "start":
             decoder.start_utt()
+            if id(decoder) not in self.learned:
+                self.first_utterance[stream_id] = bytearray()
             return None
         if op == "hyp":
             hyp = decoder.hyp()
             return hyp.hypstr if hyp is not None else ""
         if op == "end":
             decoder.end_utt()
+            self.learned.add(id(decoder))
+            again = self.first_utterance.pop(stream_id, None)
+            if again:
+                decoder.start_utt()
+                decoder.process_raw(bytes(again))
+                decoder.end_utt()
             return [s.word for s in decoder.seg()]
         if op == "close":  # the parent ended any utterance in progress first
             del self.decoders[stream_id]
-            idle = self.idle.setdefault(key, [])
-            if len(idle) < 32:
-                idle.append(decoder)
+            self.first_utterance.pop(stream_id, None)
+            self.idle.setdefault(key, []).append(decoder)
+            self.idle.move_to_end(key)
+            self._trim_idle()
             return None
         raise ValueError(f"unknown op {op!r}")
+
+    def _trim_idle(self) -> None:
+        while sum(len(idle) for idle in self.idle.values()) > _IDLE_MAX:
+            key, idle = next(iter(self.idle.items()))
+            dropped = idle.pop(0)
+            if not idle:
+                del self.idle[key]
+            self.learned.discard(id(dropped))  # its id() may come back with a new decoder
 
 
 def main() -> int:
