@@ -76,7 +76,7 @@ class HeapProbe:
         t0 = time.perf_counter()
         if traced and not tracemalloc.is_tracing():
             tracemalloc.start(FRAMES)
-        freed = gc.collect()
+        freed, garbage = collect_garbage()
         census = Counter(type(o).__qualname__ for o in gc.get_objects())
         if tracemalloc.is_tracing():
             snap = tracemalloc.take_snapshot().filter_traces(
@@ -89,6 +89,9 @@ class HeapProbe:
             "pid": os.getpid(),
             "n": self.taken,
             "gc_freed": freed,
+            # What only the collector could free (reference cycles), by type: per-call
+            # objects here wait for a collection, and pile up in between.
+            "gc_freed_types": dict(garbage.most_common(CENSUS_TYPES)),
             "gc_garbage": len(gc.garbage),
             "traced_bytes": traced_bytes,
             "peak_bytes": peak,
@@ -102,10 +105,23 @@ class HeapProbe:
         return stem
 
 
-_MALLINFO_FIELDS: tuple[str, ...] = (
-    *("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks"),
-    *("uordblks", "fordblks", "keepcost"),
-)
+def collect_garbage() -> tuple[int, Counter[str]]:
+    """A full collection; how many objects it freed, and their types (module.name)."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        freed = gc.collect()
+        kinds = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    # Saved objects were not freed; now nothing holds them, this collection frees them.
+    gc.collect()
+    return freed, kinds
+
+
+# struct mallinfo2, in order (glibc >= 2.33).
+_MALLINFO_FIELDS: tuple[str, ...] = ("arena", "ordblks", "smblks", "hblks", "hblkhd")
+_MALLINFO_FIELDS += ("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 
 
 class _Mallinfo2(ctypes.Structure):

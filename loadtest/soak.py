@@ -28,12 +28,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import nats
 import redis.asyncio as aioredis
+from nats.js import JetStreamContext
 
 from loadtest.callers import scripted_call
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
-from loadtest.soak_probes import HeapProbes, redis_census
+from loadtest.soak_probes import HeapProbes, event_log_sizes, redis_census
 from loadtest.stats import percentiles, run_meta, slope, write_report
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
@@ -145,7 +147,7 @@ class Soak:
             self.errors += res.errors
             self.latencies += [r.latency_ms for r in res.replies]
 
-    async def sample(self, redis: aioredis.Redis) -> None:
+    async def sample(self, redis: aioredis.Redis, js: JetStreamContext) -> None:
         info = await redis.info("memory")
         row: dict[str, float] = {
             "t_s": round(self.timeline.elapsed_s(), 2),
@@ -154,6 +156,7 @@ class Soak:
             "redis_used_memory_b": int(info["used_memory"]),
             "redis_keys": int(await redis.dbsize()),
         }
+        row.update(await event_log_sizes(js))
         for name, pid in self.pids().items():
             row[f"{name}_rss_b"] = rss_bytes(pid)
         self.samples.append(row)
@@ -169,18 +172,21 @@ class Soak:
 
     async def sampler(self, stop: asyncio.Event) -> None:
         redis = aioredis.Redis.from_url(self.cluster.redis_url)
+        nc = await nats.connect(self.cluster.nats_url)
         try:
+            js = nc.jetstream()
             while True:
-                await self.sample(redis)
+                await self.sample(redis, js)
                 try:
                     await asyncio.wait_for(stop.wait(), self.args.sample_every)
-                    await self.sample(redis)  # the state at the end of the run
+                    await self.sample(redis, js)  # the state at the end of the run
                     self.redis_keys_by_kind = await redis_census(redis)
                     return
                 except TimeoutError:
                     continue
         finally:
             await redis.aclose()
+            await nc.close()
 
     async def run(self) -> None:
         deadline = time.monotonic() + self.args.minutes * 60
@@ -218,6 +224,16 @@ def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
             "redis": per_call.get("redis_used_memory_b", 0.0),
         },
         "redis_keys_per_call": per_call.get("redis_keys", 0.0),
+        # What a call adds to JetStream: its event log, and its side effects.
+        "jetstream_per_call": {
+            k: per_call.get(k, 0.0)
+            for k in (
+                "event_log_bytes",
+                "event_log_messages",
+                "effect_stream_bytes",
+                "effect_stream_messages",
+            )
+        },
     }
 
 

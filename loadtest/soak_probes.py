@@ -1,8 +1,11 @@
-"""What the soak looks at besides RSS: Redis's keys by kind, and heap probes of processes.
+"""What the soak looks at besides RSS: Redis's keys by kind, the event log's size, and heap
+probes of processes.
 
 - :func:`redis_census`: every key counted by what it is (:func:`state_store.keys.kind_of`),
   with the bytes and the time to live of a sample of each kind, so a slope of Redis memory
   per call can be read as "which keys, how big, gone when".
+- :func:`event_log_sizes`: bytes and messages of the JetStream streams a call writes to
+  (its event log, and the effect stream), whose slopes per call size the event log.
 - :class:`HeapProbes`: with ``--heap-probe DIR`` the soak asks the probed processes for a
   probe (:mod:`callmesh.heap_probe`) at every 1,000 completed calls and compares the first
   probe after the warm-up with the last: the object types whose count grew, pymalloc's
@@ -20,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from callmesh import heap_probe
+from events import subjects
 from state_store import keys
 
 # Keys sampled per kind for their size and time to live.
@@ -59,6 +65,23 @@ async def redis_census(redis: aioredis.Redis) -> dict[str, dict[str, float]]:
             "sampled_without_ttl": forever,
         }
     return out
+
+
+# Stream → the prefix of its sampled series.
+STREAMS = {subjects.EVENTS_STREAM: "event_log", subjects.EFFECTS_STREAM: "effect_stream"}
+
+
+async def event_log_sizes(js: JetStreamContext) -> dict[str, float]:
+    """``event_log_bytes``/``_messages`` and ``effect_stream_bytes``/``_messages`` now (0
+    for a stream not created yet)."""
+    row: dict[str, float] = {}
+    for stream, name in STREAMS.items():
+        try:
+            state = (await js.stream_info(stream)).state
+            row[f"{name}_bytes"], row[f"{name}_messages"] = state.bytes, state.messages
+        except NotFoundError:
+            row[f"{name}_bytes"] = row[f"{name}_messages"] = 0
+    return row
 
 
 class HeapProbes:

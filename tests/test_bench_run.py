@@ -98,3 +98,24 @@ def test_soak_samples_memory_against_completed_calls(tmp_path: Path) -> None:
     assert samples[-1]["completed_calls"] == report["completed_calls"]
     assert {"router", "nodes_max", "redis"} <= set(report["slopes_bytes_per_call"])  # type: ignore[arg-type]
     assert "Memory over completed calls" in page
+    # An ended call keeps its checkpoint only, and its event log is in JetStream.
+    assert "ckpt" in report["redis_keys_by_kind"]  # type: ignore[operator]
+    assert not {"lease", "pin", "resume"} & set(report["redis_keys_by_kind"])  # type: ignore[arg-type]
+    assert set(report["jetstream_per_call"]) >= {"event_log_bytes", "event_log_messages"}  # type: ignore[arg-type]
+    assert samples[-1]["event_log_messages"] > 0
+
+
+def test_soak_probes_the_heaps_and_samples_the_effects_worker(tmp_path: Path) -> None:
+    argv = ["soak", "--minutes", "0.1", "--concurrency", "2", "--sample-every", "1"]
+    argv += ["--warmup", "0", "--effects-worker", "--heap-probe", str(tmp_path / "probes")]
+    argv += ["--heap-probe-every", "2", "--heap-probe-of", "router,effects-worker"]
+    argv += ["--no-progress", "--json", str(tmp_path / "soak.json")]
+    main(argv)
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert "effects-worker_rss_b" in report["samples"][0]
+    assert "effects_worker_flat" in report["pass"]
+    probed = report["heap_growth"]["processes"]
+    assert set(probed) == {"router", "effects-worker"}
+    for figures in probed.values():
+        assert {"objects_per_call", "objects_grown", "allocators_bytes_per_call"} <= set(figures)
+        assert "sites" not in figures  # light probes: no tracing

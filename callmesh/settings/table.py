@@ -125,9 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
         "ended_call_retention_s",
         Number(int, gt=0),
         3600,
-        "how long an ended call's last checkpoint stays in Redis for replay to verify the "
-        "event log against (callmesh replay, the console's inspector); everything else of "
-        "the call (ownership lease, pin, resume record) is deleted at hang-up (s)",
+        "how long an ended call's final checkpoint stays in Redis: replay verifies the event "
+        "log against it (callmesh replay, the console's inspector) and a client reconnecting "
+        "to the call is told it ended; the rest of the call (ownership lease, pin, resume "
+        "record) is deleted at hang-up (s)",
         (NODE,),
         _BACKENDS,
         env="CALLMESH_ENDED_CALL_RETENTION_S",
