@@ -38,6 +38,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,16 +120,20 @@ class Callers:
 
     # ------------------------------------------------------------------ phases
 
-    async def open(self, rate: float) -> dict[str, Any]:
+    async def _paced(self, step: Callable[[Call], Coroutine[Any, Any, None]], rate: float) -> None:
+        """``step`` for every call, started ``rate`` a second (0: all at once), awaited
+        together."""
         gap = 1.0 / rate if rate > 0 else 0.0
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         t0 = time.monotonic()
         for k, call in enumerate(self.calls):
-            due = t0 + k * gap
-            if (delay := due - time.monotonic()) > 0:
+            if (delay := t0 + k * gap - time.monotonic()) > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self._open_one(call)))
+            tasks.append(asyncio.create_task(step(call)))
         await asyncio.gather(*tasks)
+
+    async def open(self, rate: float) -> dict[str, Any]:
+        await self._paced(self._open_one, rate)
         s = self.seen
         return {"event": "opened", "opened": s.opened, "failed": s.open_failed}
 
@@ -188,15 +193,7 @@ class Callers:
     async def hangup(self, rate: float = 0.0) -> dict[str, Any]:
         """Every call hangs up, ``rate`` a second (0: all at once): calls end over time as
         they arrived, not in one instant."""
-        gap = 1.0 / rate if rate > 0 else 0.0
-        tasks = []
-        t0 = time.monotonic()
-        for k, call in enumerate(self.calls):
-            due = t0 + k * gap
-            if (delay := due - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self._hangup_one(call)))
-        await asyncio.gather(*tasks)
+        await self._paced(self._hangup_one, rate)
         s = self.seen
         return {
             "event": "ended",
