@@ -138,9 +138,7 @@ async def test_a_pending_batch_is_shown_whole_and_not_twice(js: JetStreamContext
     published = eventlog.to_outbox(T, CALL, first, 0)
     pending = eventlog.to_outbox(T, CALL, second, len(first))
     await OutboxPublisher(js).publish(published)
-    ckpt = Checkpoint(
-        T, CALL, "bob", 1, "n1", turn=2, outbox=published + pending, event_cursor=8
-    )
+    ckpt = Checkpoint(T, CALL, "bob", 1, "n1", turn=2, outbox=published + pending, event_cursor=8)
     report = build_report(T, CALL, await read_records(js, T, CALL), ckpt)
     assert strip(report.records) == json.loads(json.dumps(first + second))
     assert [r.get("_pending", False) for r in report.records] == [False] * 4 + [True] * 4

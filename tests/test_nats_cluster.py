@@ -7,7 +7,6 @@ call's outbox does), and the worker's redeliveries carry the same Idempotency-Ke
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import tempfile
 from collections import Counter
