@@ -86,7 +86,7 @@ class FaultInjector:
             await self._nodes(spec)
             return
         if spec.kind in self._on:
-            self.timeline.fault(spec.kind, "-", "skipped: the same fault is still on")
+            self.timeline.fault(spec.kind.value, "-", "skipped: the same fault is still on")
             return
         window = self._window(spec)
         if window is None:
@@ -100,12 +100,12 @@ class FaultInjector:
             except (OSError, RuntimeError, aiohttp.ClientError) as exc:
                 # The fault could not be struck (a server would not stop, the CRM's control
                 # refused): say so on the report rather than end the run.
-                self.timeline.fault(spec.kind, target, f"failed: {type(exc).__name__}: {exc}")
+                self.timeline.fault(spec.kind.value, target, f"failed: {type(exc).__name__}: {exc}")
                 await asyncio.shield(end())
                 return
             # A Valkey master is known once struck: its start names it.
             target = named if isinstance(named, str) else target
-            handle = self.timeline.fault(spec.kind, target, detail, at=at)
+            handle = self.timeline.fault(spec.kind.value, target, detail, at=at)
             early = ""
             try:
                 await asyncio.sleep(spec.duration_s)
@@ -187,18 +187,15 @@ class FaultInjector:
         raise ValueError(f"not a window fault: {spec.kind}")
 
     def _skip(self, spec: FaultSpec, target: str, why: str) -> None:
-        self.timeline.fault(spec.kind, target, f"skipped: {why}")
+        self.timeline.fault(spec.kind.value, target, f"skipped: {why}")
 
-    def _redis_master(
-        self,
-    ) -> _Window:
+    def _redis_master(self) -> _Window:
         """On a Valkey cluster: the master holding most calls, killed, and restarted (as a
         replica) once its replica is promoted; the window is the time that takes."""
-        killed: list[str] = []
 
-        async def start() -> None:
-            killed.append(
-                await asyncio.to_thread(chaos_faults.kill_redis_master, self.cluster, self.call_ids)
+        async def start() -> str:
+            return await asyncio.to_thread(
+                chaos_faults.kill_redis_master, self.cluster, self.call_ids
             )
 
         async def end() -> None:
@@ -212,8 +209,8 @@ class FaultInjector:
         if spec.target:
             victims = [p for p in alive if p.name == spec.target]
         else:
-            ranked = await asyncio.to_thread(chaos_faults.busiest_nodes, self.cluster, len(alive))
-            victims = [p for p in ranked if p.alive()][: spec.count]
+            status = await asyncio.to_thread(self.cluster.status) or {}
+            victims = _busiest(alive, status)[: spec.count]
         victims = victims[: max(0, len(alive) - 1)]  # never the last node
         if not victims:
             self.timeline.fault(kind, spec.target or "-", "skipped: it would leave no live node")
@@ -234,6 +231,17 @@ class FaultInjector:
         """A drained node's exit marks the end of its drain on the time line."""
         code = await asyncio.to_thread(_wait_exit, proc)
         self.timeline.fault("exited", proc.name, f"exit code {code}")
+
+
+def _busiest(alive: list[Proc], status: dict[str, object]) -> list[Proc]:
+    """The live nodes, those holding the most calls (as a router reports them) first."""
+    nodes = status.get("nodes")
+    calls = {
+        str(n.get("node")): int(n.get("calls", 0))
+        for n in (nodes if isinstance(nodes, list) else [])
+        if isinstance(n, dict)
+    }
+    return sorted(alive, key=lambda p: -calls.get(p.name, 0))
 
 
 def _wait_exit(proc: Proc) -> int | None:
