@@ -33,6 +33,7 @@ from loadtest.effects_procs import set_crm_mode
 from loadtest.fault_schedule import ROUTER_KINDS, FaultSpec, Kind, Occurrence, Schedule
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
+from localcluster.servers import ManagedServer
 
 # A window fault: its target, what it does, and its start and end (a start may name the
 # target it struck).
@@ -125,32 +126,15 @@ class FaultInjector:
         if spec.kind is Kind.REDIS_RESTART:
             if backends is not None and backends.redis_nodes is not None:
                 return self._redis_master()
-            server = backends.redis if backends is not None else None
-            if server is None:
-                self._skip(spec, "redis", "Redis is not one of this cluster's servers")
-                return None
             sig = signal.SIGKILL if spec.hard else signal.SIGTERM
-            return (
-                server.name,
-                f"{sig.name}, down {spec.duration_s:g}s, started again",
-                lambda: asyncio.to_thread(server.stop, sig),
-                lambda: asyncio.to_thread(server.start),
-            )
+            redis = backends.redis if backends is not None else None
+            return self._server_down(spec, "redis", redis, sig)
         if spec.kind is Kind.NATS_OUTAGE:
-            nats = backends.nats if backends is not None else None
-            sig = signal.SIGTERM
             if backends is not None and backends.nats_nodes is not None:
-                nats, sig = backends.nats_nodes.servers[0], signal.SIGKILL
-            if nats is None:
-                self._skip(spec, "nats", "NATS is not one of this cluster's servers")
-                return None
-            server = nats
-            return (
-                server.name,
-                f"{sig.name}, down {spec.duration_s:g}s, started again",
-                lambda: asyncio.to_thread(server.stop, sig),
-                lambda: asyncio.to_thread(server.start),
-            )
+                first = backends.nats_nodes.servers[0]
+                return self._server_down(spec, "nats", first, signal.SIGKILL)
+            nats = backends.nats if backends is not None else None
+            return self._server_down(spec, "nats", nats, signal.SIGTERM)
         if spec.kind is Kind.CRM_OUTAGE:
             url = self.crm_url
             if url is None:
@@ -185,6 +169,21 @@ class FaultInjector:
                 lambda: asyncio.to_thread(proxy.set, 0, 0),
             )
         raise ValueError(f"not a window fault: {spec.kind}")
+
+    def _server_down(
+        self, spec: FaultSpec, what: str, server: ManagedServer | None, sig: signal.Signals
+    ) -> _Window | None:
+        """A server stopped for the window, then started on its port and data."""
+        if server is None:
+            self._skip(spec, what, f"{what} is not one of this cluster's servers")
+            return None
+        up = server
+        return (
+            up.name,
+            f"{sig.name}, down {spec.duration_s:g}s, started again",
+            lambda: asyncio.to_thread(up.stop, sig),
+            lambda: asyncio.to_thread(up.start),
+        )
 
     def _skip(self, spec: FaultSpec, target: str, why: str) -> None:
         self.timeline.fault(spec.kind.value, target, f"skipped: {why}")
