@@ -27,6 +27,13 @@ from state_store.membership import MembershipStore, NodeRecord, NodeState
 
 log = logging.getLogger("callmesh.router.membership")
 
+# When most nodes look dead in the same moment, the likelier fault is the observer's side:
+# the whole machine (or Redis, where the beats are read) starved, as at 10,000 calls on
+# two cores, where every node's beats and links went quiet together and each verdict moved
+# calls onto nodes that were no better off. Such verdicts are held back for this long;
+# nodes that really died together are then declared dead all the same.
+MASS_DEATH_HOLD_S = 10.0
+
 
 @dataclass
 class NodeView:
@@ -58,6 +65,8 @@ class MembershipView:
         self._task: asyncio.Task[None] | None = None
         self.redis_ok = True
         self.refreshed = asyncio.Event()
+        # Since when verdicts are held back (most nodes looked dead at once), if they are.
+        self.holding_since: float | None = None
 
     def on_dead(self, listener: Callable[[str], None]) -> None:
         self._listeners.append(listener)
@@ -105,7 +114,7 @@ class MembershipView:
         now = time.monotonic()
         records = await self._store.read_all()
         dead_after = self._config.dead_after_ms / 1000
-        died: list[str] = []
+        stale: list[str] = []
         for node_id, rec in records.items():
             view = self.nodes.get(node_id)
             if view is None:
@@ -131,10 +140,10 @@ class MembershipView:
                         )
                     view.beat_late = True
                     continue
-                view.alive = False
-                died.append(node_id)
+                stale.append(node_id)
             elif view.beat_late and now - view.last_progress <= dead_after:
                 view.beat_late = False
+        died = self._verdicts(stale, now)
         for node_id in list(self.nodes):
             if node_id not in records:
                 # Deregistered (clean exit) — its calls were handed off or ended.
@@ -146,6 +155,30 @@ class MembershipView:
             for listener in self._listeners:
                 listener(node_id)
         self.refreshed.set()
+
+    def _verdicts(self, stale: list[str], now: float) -> list[str]:
+        """Of the nodes found without progress, those to declare dead now: all of them,
+        unless that would leave fewer than half of the known nodes alive, which is held
+        back for up to :data:`MASS_DEATH_HOLD_S`."""
+        if not stale:
+            if self.holding_since is not None:
+                log.info("nodes progress again: verdicts no longer held")
+            self.holding_since = None
+            return []
+        alive_after = sum(v.alive for v in self.nodes.values()) - len(stale)
+        if 2 * alive_after < len(self.nodes):
+            if self.holding_since is None:
+                self.holding_since = now
+                log.warning(
+                    "most nodes look dead at once: verdicts held",
+                    extra={"fields": {"stale": len(stale), "nodes": len(self.nodes)}},
+                )
+            if now - self.holding_since < MASS_DEATH_HOLD_S:
+                return []
+        self.holding_since = None
+        for node_id in stale:
+            self.nodes[node_id].alive = False
+        return stale
 
     async def _run(self) -> None:
         period = self._config.poll_ms / 1000

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from callmesh.config import MembershipConfig
 from localcluster.cluster import LocalCluster
+from router import membership
 from router.membership import MembershipView
 from state_store.client import connect
 from state_store.membership import MembershipStore, NodeRecord
@@ -75,8 +76,10 @@ def _wait_for(predicate: object, timeout_s: float) -> bool:
 
 
 async def test_a_blocked_loop_keeps_the_node_alive_until_the_stall_bound(
-    redis_url: str, nats_url: str, redis: Redis
+    redis_url: str, nats_url: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One node: its death leaves none alive, which a router holds back (tested below).
+    monkeypatch.setattr(membership, "MASS_DEATH_HOLD_S", 0.0)
     stall_s = 1.5
     async with running_node(
         redis_url,
@@ -115,8 +118,10 @@ async def test_a_killed_or_stopped_node_is_declared_dead_within_dead_after(
         "CALLMESH_DEAD_AFTER_MS": "300",
         "CALLMESH_MEMBERSHIP_POLL_MS": "25",
     }
-    with LocalCluster(nodes=2, force_embedded=True, env=env) as cluster:
-        killed, stopped = cluster.nodes
+    # Four nodes, two struck: a router holds back verdicts that would leave fewer than
+    # half of the nodes alive (router.membership.MASS_DEATH_HOLD_S).
+    with LocalCluster(nodes=4, force_embedded=True, env=env) as cluster:
+        killed, stopped = cluster.nodes[:2]
         with router_view(cluster.redis_url, FAST) as verdicts:
             names = {killed.name, stopped.name}
             assert await asyncio.to_thread(_wait_for, lambda: names <= verdicts.alive, 10)
@@ -144,10 +149,13 @@ class _Beats:
         return {n: NodeRecord(n, f"http://{n}", beat=b) for n, b in self.beat.items()}
 
 
-async def test_a_node_with_a_late_heartbeat_but_an_active_link_is_not_declared_dead() -> None:
+async def test_a_node_with_a_late_heartbeat_but_an_active_link_is_not_declared_dead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Overload: a node starved of CPU beats late but still sends on its links; moving its
     calls would pile a failover storm onto the overload. A node that sends nothing on its
     link (stopped, hung, cut off) or has no link here is dead after dead_after_ms."""
+    monkeypatch.setattr(membership, "MASS_DEATH_HOLD_S", 0.0)  # two of three die at once
     config = MembershipConfig(heartbeat_ms=50, dead_after_ms=200, poll_ms=25)
     beats = _Beats("busy", "stopped", "unlinked")
     heard = {"busy": time.monotonic(), "stopped": time.monotonic()}
@@ -181,3 +189,37 @@ async def test_a_late_heartbeat_that_resumes_clears_the_link_reprieve() -> None:
     beats.beat["busy"] += 1
     await view.refresh()
     assert view.is_alive("busy") and not view.nodes["busy"].beat_late
+
+
+async def test_verdicts_that_would_leave_fewer_than_half_alive_are_held_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every node's beat stops at once (the machine or Redis starved, not the nodes): the
+    router does not move all calls around; it declares one of four dead, not three, until
+    the hold runs out."""
+    monkeypatch.setattr(membership, "MASS_DEATH_HOLD_S", 0.4)
+    config = MembershipConfig(heartbeat_ms=50, dead_after_ms=100, poll_ms=25)
+    beats = _Beats("a", "b", "c", "d")
+    view = MembershipView(beats, config)  # type: ignore[arg-type]
+    deaths: list[str] = []
+    view.on_dead(deaths.append)
+    await view.refresh()
+    for node in ("b", "c", "d"):
+        beats.beat[node] += 1
+    await asyncio.sleep(0.15)  # "a" is stale alone: dead
+    await view.refresh()
+    assert deaths == ["a"]
+    await asyncio.sleep(0.15)  # now the other three at once: held
+    await view.refresh()
+    assert deaths == ["a"] and view.holding_since is not None
+    beats.beat["b"] += 1  # one recovers, the hold goes on for the others
+    await view.refresh()
+    assert deaths == ["a"]
+    held_at = time.monotonic()
+    while deaths == ["a"]:
+        assert time.monotonic() - held_at < 2.0, "held forever"
+        await asyncio.sleep(0.05)
+        beats.beat["b"] += 1
+        await view.refresh()
+    assert sorted(deaths) == ["a", "c", "d"]
+    assert view.is_alive("b") and view.holding_since is None
