@@ -316,3 +316,74 @@ async def test_closing_the_call_cancels_its_prefetch() -> None:
         await retriever.aclose()
         retriever.prefetch("ignored after close")
         assert "idle" in repr(retriever)
+
+
+# ---------------------------------------------------------------- per-call sources
+
+
+class CallerHistory(FakeSource):
+    """Keyed by caller only, as the customer history is."""
+
+    def cache_key(self, query: Query) -> Hashable:
+        return query.caller
+
+
+async def test_a_per_call_source_is_asked_once_per_call() -> None:
+    history = CallerHistory("history")
+    policy = SourcePolicy(timeout_ms=SAFETY_MS, per_call=True)
+    async with RetrievalOrchestrator([(history, policy)]) as orch:
+        first = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            answers = [await first.retrieve(f"turn {n} words") for n in range(4)]
+        finally:
+            await first.aclose()
+        # The next call of the same caller reads the history again: it may have changed
+        # when the first call ended, and nothing cached by the first call serves it.
+        second = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            later = await second.retrieve("another call")
+        finally:
+            await second.aclose()
+    assert [a.status["history"] for a in answers] == [SourceStatus.ANSWERED] + [
+        SourceStatus.CACHED
+    ] * 3
+    assert {a.snippets[0].text for a in answers} == {"history v1: turn 0 words"}
+    assert later.status["history"] is SourceStatus.ANSWERED
+    assert later.snippets[0].text == "history v2: another call"
+    assert len(history.calls) == 2
+
+
+async def test_a_per_call_answer_that_came_late_serves_the_next_turn() -> None:
+    gate = asyncio.Event()
+    history = CallerHistory("history", gate=gate)
+    async with RetrievalOrchestrator(
+        [(history, SourcePolicy(timeout_ms=20, per_call=True))]
+    ) as orch:
+        call = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            first = await call.retrieve("hello")
+            gate.set()
+            await settle()
+            second = await call.retrieve("and then")
+        finally:
+            await call.aclose()
+    assert first.timed_out == ("history",)
+    assert second.status["history"] is SourceStatus.CACHED
+    assert len(history.calls) == 1
+
+
+async def test_a_failed_per_call_fetch_is_asked_again() -> None:
+    history = CallerHistory("history", error=SourceError("history", "down"))
+    async with RetrievalOrchestrator(
+        [(history, SourcePolicy(timeout_ms=SAFETY_MS, per_call=True))]
+    ) as orch:
+        call = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            first = await call.retrieve("hello")
+            history.error = None
+            second = await call.retrieve("and then")
+        finally:
+            await call.aclose()
+    assert first.failed == ("history",)
+    assert second.status["history"] is SourceStatus.ANSWERED
+    assert len(history.calls) == 2
