@@ -128,6 +128,10 @@ class _Overloaded(Exception):
 MAX_KEPT_PER_CALL = 8
 # What a call keeps of its per-call sources: the fetch of each, done or still running.
 Kept = dict[Hashable, asyncio.Task[tuple[Snippet, ...]]]
+# A source's part of a retrieval: its status, its snippets and what went wrong.
+_Outcome = tuple[SourceStatus, tuple[Snippet, ...], str]
+# A source's part as it starts: known at once, or a fetch to wait for.
+_Started = _Outcome | asyncio.Task[tuple[Snippet, ...]]
 
 
 class _Registered:
@@ -175,11 +179,22 @@ class RetrievalOrchestrator:
         if self._closed:
             raise RuntimeError("retrieval orchestrator is closed")
         start = time.perf_counter()
-        outcomes = await asyncio.gather(*(self._one(r, query, kept) for r in self._sources))
+        started = [self._start(r, query, kept) for r in self._sources]
+        waiting = {i: t for i, t in enumerate(started) if isinstance(t, asyncio.Task)}
+        waited: dict[int, _Outcome] = {}
+        if len(waiting) == 1:  # no gather: it would wrap the one wait in a task
+            ((i, task),) = waiting.items()
+            waited[i] = await self._wait(self._sources[i], task)
+        elif waiting:
+            outcomes = await asyncio.gather(
+                *(self._wait(self._sources[i], t) for i, t in waiting.items())
+            )
+            waited = dict(zip(waiting, outcomes, strict=True))
         snippets: list[Snippet] = []
         status: dict[str, SourceStatus] = {}
         errors: dict[str, str] = {}
-        for reg, (st, found, error) in zip(self._sources, outcomes, strict=True):
+        for i, (reg, outcome) in enumerate(zip(self._sources, started, strict=True)):
+            st, found, error = waited[i] if isinstance(outcome, asyncio.Task) else outcome
             status[reg.source.name] = st
             snippets.extend(found)
             if error:
@@ -194,13 +209,13 @@ class RetrievalOrchestrator:
         (``SessionMemory.query_for`` adds tenant, caller and facts)."""
         return CallRetriever(self, query_for, reuse_similarity=reuse_similarity)
 
-    async def _one(
-        self, reg: _Registered, query: Query, kept: Kept | None
-    ) -> tuple[SourceStatus, tuple[Snippet, ...], str]:
+    def _start(self, reg: _Registered, query: Query, kept: Kept | None) -> _Started:
+        """What a source answers at once (from a cache, or a fetch that cannot start), or
+        the fetch to wait for: answers at hand cost the turn no task."""
         # The tenant is part of every key: one tenant's answer never serves another.
         key = (query.tenant, reg.source.cache_key(query))
         if reg.policy.per_call and kept is not None:
-            return await self._once_per_call(reg, query, key, kept)
+            return self._once_per_call(reg, query, key, kept)
         entry = reg.cache.get(key)
         if entry is not None:
             age_ms = (self._clock() - entry.stored_at) * 1000
@@ -213,14 +228,11 @@ class RetrievalOrchestrator:
                 return SourceStatus.STALE, entry.snippets, ""
             del reg.cache[key]
         try:
-            task = self._fetch(reg, query, key)
+            return self._fetch(reg, query, key)
         except _Overloaded:
             return SourceStatus.FAILED, (), f"{reg.policy.max_inflight} fetches already in flight"
-        return await self._wait(reg, task)
 
-    async def _once_per_call(
-        self, reg: _Registered, query: Query, key: Hashable, kept: Kept
-    ) -> tuple[SourceStatus, tuple[Snippet, ...], str]:
+    def _once_per_call(self, reg: _Registered, query: Query, key: Hashable, kept: Kept) -> _Started:
         """A per-call source: the call's own answer, fetched at its first retrieval."""
         name_key = (reg.source.name, key)
         task = kept.get(name_key)
@@ -238,11 +250,9 @@ class RetrievalOrchestrator:
             if name_key in kept or len(kept) < MAX_KEPT_PER_CALL:
                 kept[name_key] = task
         # A fetch that timed out for an earlier turn is still the call's: waited for again.
-        return await self._wait(reg, task)
+        return task
 
-    async def _wait(
-        self, reg: _Registered, task: asyncio.Task[tuple[Snippet, ...]]
-    ) -> tuple[SourceStatus, tuple[Snippet, ...], str]:
+    async def _wait(self, reg: _Registered, task: asyncio.Task[tuple[Snippet, ...]]) -> _Outcome:
         try:
             # shield: a timeout (or a cancelled prefetch) stops the waiting, not the fetch.
             async with asyncio.timeout(reg.policy.timeout_ms / 1000):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from typing import Any
 
 import pytest
 
@@ -387,3 +388,29 @@ async def test_a_failed_per_call_fetch_is_asked_again() -> None:
     assert first.failed == ("history",)
     assert second.status["history"] is SourceStatus.ANSWERED
     assert len(history.calls) == 2
+
+
+async def test_answers_at_hand_cost_a_retrieval_no_task() -> None:
+    """A retrieval served from caches (every source, or all but one) waits without tasks
+    of its own: a task per source per turn was most of what retrieval cost a node."""
+    a, b = FakeSource("a"), CallerHistory("b")  # b's key is the caller's alone
+    policy = SourcePolicy(timeout_ms=SAFETY_MS)
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with RetrievalOrchestrator([(a, policy), (b, policy)]) as orch:
+        await orch.retrieve(q("opening hours"))
+        loop.set_task_factory(factory)
+        try:
+            cached = await orch.retrieve(q("opening hours"))
+            one_new = await orch.retrieve(Query("opening hours", "acme", "alice", (("d", "1"),)))
+        finally:
+            loop.set_task_factory(None)
+    assert cached.from_cache == ("a", "b")
+    assert one_new.answered == ("a",) and one_new.from_cache == ("b",)
+    # Only the fetch itself: no task to wait for it.
+    assert created == ["RetrievalOrchestrator._run_fetch"]
