@@ -7,7 +7,7 @@ on events instead of sleeping, so outcomes never depend on how fast the machine 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import pytest
@@ -15,7 +15,12 @@ import pytest
 from memory.errors import SourceError
 from memory.extract import parse_tool_arguments
 from memory.knowledge import DEMO_KB_DIR, KnowledgeBase
-from memory.retrieval import RetrievalOrchestrator, SourcePolicy, SourceStatus
+from memory.retrieval import (
+    RetrievalOrchestrator,
+    RetrievalResult,
+    SourcePolicy,
+    SourceStatus,
+)
 from memory.session import SessionMemory
 from memory.sources import KnowledgeBaseSource, Query, SimulatedBookingSlots, Snippet
 
@@ -354,20 +359,30 @@ async def test_a_per_call_source_is_asked_once_per_call() -> None:
     assert len(history.calls) == 2
 
 
-async def test_a_per_call_answer_that_came_late_serves_the_next_turn() -> None:
-    gate = asyncio.Event()
-    history = CallerHistory("history", gate=gate)
-    async with RetrievalOrchestrator(
-        [(history, SourcePolicy(timeout_ms=20, per_call=True))]
-    ) as orch:
+async def two_turns_of_a_call(
+    source: FakeSource, timeout_ms: float, between: Callable[[], Awaitable[None]]
+) -> tuple[RetrievalResult, RetrievalResult]:
+    """Two retrievals of one call from a per-call ``source``, ``between`` them."""
+    policy = SourcePolicy(timeout_ms=timeout_ms, per_call=True)
+    async with RetrievalOrchestrator([(source, policy)]) as orch:
         call = orch.for_call(SessionMemory("acme", "alice").query_for)
         try:
             first = await call.retrieve("hello")
-            gate.set()
-            await settle()
-            second = await call.retrieve("and then")
+            await between()
+            return first, await call.retrieve("and then")
         finally:
             await call.aclose()
+
+
+async def test_a_per_call_answer_that_came_late_serves_the_next_turn() -> None:
+    gate = asyncio.Event()
+    history = CallerHistory("history", gate=gate)
+
+    async def late_answer() -> None:
+        gate.set()
+        await settle()
+
+    first, second = await two_turns_of_a_call(history, 20, late_answer)
     assert first.timed_out == ("history",)
     assert second.status["history"] is SourceStatus.CACHED
     assert len(history.calls) == 1
@@ -375,16 +390,11 @@ async def test_a_per_call_answer_that_came_late_serves_the_next_turn() -> None:
 
 async def test_a_failed_per_call_fetch_is_asked_again() -> None:
     history = CallerHistory("history", error=SourceError("history", "down"))
-    async with RetrievalOrchestrator(
-        [(history, SourcePolicy(timeout_ms=SAFETY_MS, per_call=True))]
-    ) as orch:
-        call = orch.for_call(SessionMemory("acme", "alice").query_for)
-        try:
-            first = await call.retrieve("hello")
-            history.error = None
-            second = await call.retrieve("and then")
-        finally:
-            await call.aclose()
+
+    async def back_up() -> None:
+        history.error = None
+
+    first, second = await two_turns_of_a_call(history, SAFETY_MS, back_up)
     assert first.failed == ("history",)
     assert second.status["history"] is SourceStatus.ANSWERED
     assert len(history.calls) == 2
