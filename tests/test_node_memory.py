@@ -306,7 +306,12 @@ class Harness:
 
     def records(self) -> list[dict[str, Any]]:
         log = subjects.call_events("demo", self.session.call_id)
-        return [eventlog.decode(e.data) for e in self.session.outbox if e.subject == log]
+        return [
+            rec
+            for e in self.session.outbox
+            if e.subject == log
+            for rec in eventlog.decode_message(e.data)
+        ]
 
 
 @pytest.fixture
