@@ -277,9 +277,13 @@ def parse_mark_name(name: str) -> tuple[int, int] | None:
     return int(turn), int(n)
 
 
+# Built once: json.dumps with options builds an encoder per call, several frames a turn.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(msg: dict[str, Any]) -> str:
     """Encode an outbound or control frame compactly."""
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(msg)
 
 
 def transcript_frame(turn: int, text: str, final: bool, confidence: float) -> str:

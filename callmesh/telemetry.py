@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import IO, Any
 
 from callmesh import redaction
@@ -74,11 +74,19 @@ class TurnMetrics:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, float):
-                d[k] = round(v, 3)
+        # Field by field: dataclasses.asdict deep-copies every value, several times a turn.
+        d: dict[str, Any] = {}
+        for name in _TURN_METRICS_FIELDS:
+            v = getattr(self, name)
+            if type(v) is float:
+                v = round(v, 3)
+            elif type(v) is list:
+                v = list(v)
+            d[name] = v
         return d
+
+
+_TURN_METRICS_FIELDS = tuple(f.name for f in fields(TurnMetrics))
 
 
 # A turn's stages (``TurnMetrics.stages``, then its checkpoint): the ``stage`` label's values.

@@ -81,10 +81,9 @@ class MemoryServices:
         retrieval = RetrievalOrchestrator(
             [
                 (KnowledgeBaseSource(by_tenant=own, default=kb), SourcePolicy(timeout_ms=30)),
-                (
-                    CustomerHistorySource(history),
-                    SourcePolicy(timeout_ms=30, fresh_ms=5_000, stale_ms=60_000),
-                ),
+                # A caller's history changes only when one of their calls ends: each call
+                # reads it at its first retrieval and keeps it (it was a read every turn).
+                (CustomerHistorySource(history), SourcePolicy(timeout_ms=30, per_call=True)),
                 (
                     SimulatedBookingSlots(),
                     SourcePolicy(timeout_ms=40, fresh_ms=2_000, stale_ms=10_000),

@@ -297,7 +297,7 @@ def report(args: argparse.Namespace, run: dict[str, Any], elapsed_s: float) -> d
     }
     samples = run["samples"]
     if "baseline" in samples:
-        out.update(per_call(samples, args.calls))
+        out.update(per_call(samples, args.calls, args.calls * args.turns))
         out["resource_samples"] = {**samples, "livez_ms": run["livez_ms"]}
     return out
 

@@ -116,15 +116,20 @@ class ClusterProbe:
         try:
             out["redis_used_memory_b"] = int(client.info("memory")["used_memory"])
             out["redis_keys"] = int(client.dbsize())
+            out["redis_commands"] = {
+                name.removeprefix("cmdstat_"): int(stat["calls"])
+                for name, stat in client.info("commandstats").items()
+            }
         finally:
             client.close()
         return out
 
 
-def per_call(samples: dict[str, Any], calls: int) -> dict[str, Any]:
+def per_call(samples: dict[str, Any], calls: int, turns: int = 0) -> dict[str, Any]:
     """What one call costs, from the samples ``baseline``, ``idle`` and ``after_turns``:
     RSS growth of all routers (all nodes) together over the calls, Valkey memory and keys
-    per call, and the most file descriptors any process of each role held."""
+    per call, and the most file descriptors any process of each role held; with ``turns``
+    (every call's turns of the talk phase together), what one turn costs."""
     base = samples["baseline"]
     out: dict[str, Any] = {}
     for phase, suffix in (("idle", ""), ("after_turns", "_after_turns")):
@@ -154,7 +159,30 @@ def per_call(samples: dict[str, Any], calls: int) -> dict[str, Any]:
         out["talk_machine_busy_cores"] = round(
             (talked["machine_busy_s"] - idle["machine_busy_s"]) / wall, 3
         )
+        if turns:
+            out.update(per_turn(idle, talked, turns))
     return out
+
+
+def per_turn(idle: dict[str, Any], talked: dict[str, Any], turns: int) -> dict[str, Any]:
+    """CPU ms of each role, and Valkey commands by name, per turn of the talk phase (the
+    samples bracket it; a ramp's last calls and the settle pauses are in it too)."""
+    cpu = {
+        role: round((sum(talked["cpu_s"][role]) - sum(idle["cpu_s"][role])) * 1000 / turns, 3)
+        for role in talked["cpu_s"]
+    }
+    before, after = idle.get("redis_commands", {}), talked.get("redis_commands", {})
+    commands = {
+        name: round((n - before.get(name, 0)) / turns, 2)
+        for name, n in sorted(after.items())
+        if n > before.get(name, 0)
+    }
+    return {
+        "talk_cpu_ms_per_turn": cpu,
+        # The probe's own INFO/DBSIZE are counted too: 3 a sample, nothing per turn.
+        "redis_commands_per_turn": commands,
+        "redis_commands_per_turn_total": round(sum(commands.values()), 2),
+    }
 
 
 class Responsiveness:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -50,6 +51,12 @@ REPLY_PRIMING = 3
 # Token counts kept per process: a few lines per call for a few thousand calls.
 LINE_CACHE_SIZE = 16384
 CACHED_LINE_CHARS = 1024
+# Where a text splits into lines whose token counts add up to the text's: just after a
+# newline that a non-space character follows. tiktoken's BPE merges only within the pieces
+# its pattern cuts a text into, and no piece of cl100k_base runs from a newline into a
+# non-space character (every alternative that can hold a newline ends with it, or holds
+# only whitespace).
+_LINE_BOUNDARY = re.compile(r"(?<=\n)(?=\S)")
 
 DEFAULT_INSTRUCTIONS = (
     "You are the phone booking assistant of Brightsmile Dental. Speak briefly and warmly, "
@@ -68,7 +75,12 @@ class TokenCounter(Protocol):
     def count(self, text: str) -> int: ...
 
     def count_once(self, text: str) -> int:
-        """As ``count``, for text new every turn (a whole section): nothing is kept."""
+        """As ``count``, for text new every turn (the caller's words): nothing is kept."""
+        ...
+
+    def count_lines(self, text: str) -> int:
+        """As ``count``, for a text of many lines (a section, a whole prompt) whose lines
+        recur turn after turn: counted line by line, each line's count kept."""
         ...
 
     def forget(self) -> None:
@@ -105,6 +117,11 @@ class TiktokenCounter:
     def count_once(self, text: str) -> int:
         return self._tokens(text)
 
+    def count_lines(self, text: str) -> int:
+        # Exact (see _LINE_BOUNDARY): a prompt's instructions, facts and earlier exchanges
+        # are tokenized once, not twice a turn (the prompt, then its sections).
+        return sum(self.count(line) for line in _LINE_BOUNDARY.split(text))
+
     def forget(self) -> None:
         self._line_counts.cache_clear()
 
@@ -133,6 +150,9 @@ class ApproximateTokenCounter:
 
     def count_once(self, text: str) -> int:
         return self.count(text)
+
+    def count_lines(self, text: str) -> int:
+        return self.count(text)  # rounded per text: line by line it would count more
 
     def forget(self) -> None:
         pass  # nothing is kept
@@ -263,9 +283,9 @@ class PromptBuilder:
         return Prompt(
             messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
             tokens=tokens,
-            # Whole sections are new every turn: kept in the line cache, they filled it with
-            # a kilobyte a turn that no later turn reads.
-            section_tokens={n: self.counter.count_once(body) for n, body in bodies.items()},
+            # Line by line: a whole section is new every turn, kept in the line cache it
+            # filled it with a kilobyte a turn that no later turn reads; its lines recur.
+            section_tokens={n: self.counter.count_lines(body) for n, body in bodies.items()},
             truncated=tuple(dict.fromkeys(truncated)),
             facts=memory.facts.values(),
             # Only what the model can see: snippets cut by the budget are left out here too.
@@ -273,8 +293,13 @@ class PromptBuilder:
         )
 
     def _total(self, system: str, user: str) -> int:
-        count = self.counter.count_once
-        return count(system) + count(user) + 2 * MESSAGE_OVERHEAD + REPLY_PRIMING
+        counter = self.counter
+        return (
+            counter.count_lines(system)
+            + counter.count_once(user)
+            + 2 * MESSAGE_OVERHEAD
+            + REPLY_PRIMING
+        )
 
     def _fit(
         self,

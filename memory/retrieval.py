@@ -9,6 +9,11 @@ A source that misses its timeout is reported ``timed_out`` and its fetch goes on
 background, so its late answer warms the cache for the next turn instead of being lost.
 Fetches of the same key are shared (single flight), which also lets a cancelled prefetch
 hand its in-flight work to the final retrieval.
+
+A source whose answer cannot change while a call lasts (``SourcePolicy.per_call``: a
+caller's history changes only when one of their calls ends) is asked once per call, at the
+call's first retrieval, and its answer is kept by the call's :class:`CallRetriever` until
+the call ends; it was asked again every few turns, a Redis read per turn for nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class SourcePolicy:
     # Fetches in flight at once (including timed-out ones finishing in the background);
     # beyond it a query fails fast instead of piling up tasks on a slow source.
     max_inflight: int = 64
+    # The answer does not change while a call lasts: a call asks once and keeps the answer
+    # (a failed fetch is asked again) until it ends. The node-wide cache is not used, so a
+    # new call never reads what an earlier call of the same caller cached before it ended.
+    # Without a call (``RetrievalOrchestrator.retrieve`` alone) the source is asked every time.
+    per_call: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout_ms <= 0:
@@ -113,6 +123,17 @@ class _Overloaded(Exception):
     pass
 
 
+# A per-call source's answers one call keeps (one per cache key: a caller's history has
+# one); beyond it, answers are fetched again rather than held.
+MAX_KEPT_PER_CALL = 8
+# What a call keeps of its per-call sources: the fetch of each, done or still running.
+Kept = dict[Hashable, asyncio.Task[tuple[Snippet, ...]]]
+# A source's part of a retrieval: its status, its snippets and what went wrong.
+_Outcome = tuple[SourceStatus, tuple[Snippet, ...], str]
+# A source's part as it starts: known at once, or a fetch to wait for.
+_Started = _Outcome | asyncio.Task[tuple[Snippet, ...]]
+
+
 class _Registered:
     """A source with its policy, cache and in-flight fetches."""
 
@@ -123,7 +144,7 @@ class _Registered:
         self.inflight: dict[Hashable, asyncio.Task[tuple[Snippet, ...]]] = {}
 
     def remember(self, key: Hashable, snippets: tuple[Snippet, ...], now: float) -> None:
-        if self.policy.max_entries == 0:
+        if self.policy.max_entries == 0 or self.policy.per_call:
             return
         self.cache[key] = _Entry(snippets, now)
         self.cache.move_to_end(key)
@@ -152,16 +173,28 @@ class RetrievalOrchestrator:
     def source_names(self) -> tuple[str, ...]:
         return tuple(r.source.name for r in self._sources)
 
-    async def retrieve(self, query: Query) -> RetrievalResult:
-        """Ask every source; return when each has answered, hit the cache, or timed out."""
+    async def retrieve(self, query: Query, kept: Kept | None = None) -> RetrievalResult:
+        """Ask every source; return when each has answered, hit the cache, or timed out.
+        ``kept``: what the call asking has kept of its per-call sources."""
         if self._closed:
             raise RuntimeError("retrieval orchestrator is closed")
         start = time.perf_counter()
-        outcomes = await asyncio.gather(*(self._one(r, query) for r in self._sources))
+        started = [self._start(r, query, kept) for r in self._sources]
+        waiting = {i: t for i, t in enumerate(started) if isinstance(t, asyncio.Task)}
+        waited: dict[int, _Outcome] = {}
+        if len(waiting) == 1:  # no gather: it would wrap the one wait in a task
+            ((i, task),) = waiting.items()
+            waited[i] = await self._wait(self._sources[i], task)
+        elif waiting:
+            outcomes = await asyncio.gather(
+                *(self._wait(self._sources[i], t) for i, t in waiting.items())
+            )
+            waited = dict(zip(waiting, outcomes, strict=True))
         snippets: list[Snippet] = []
         status: dict[str, SourceStatus] = {}
         errors: dict[str, str] = {}
-        for reg, (st, found, error) in zip(self._sources, outcomes, strict=True):
+        for i, (reg, outcome) in enumerate(zip(self._sources, started, strict=True)):
+            st, found, error = waited[i] if isinstance(outcome, asyncio.Task) else outcome
             status[reg.source.name] = st
             snippets.extend(found)
             if error:
@@ -176,11 +209,13 @@ class RetrievalOrchestrator:
         (``SessionMemory.query_for`` adds tenant, caller and facts)."""
         return CallRetriever(self, query_for, reuse_similarity=reuse_similarity)
 
-    async def _one(
-        self, reg: _Registered, query: Query
-    ) -> tuple[SourceStatus, tuple[Snippet, ...], str]:
+    def _start(self, reg: _Registered, query: Query, kept: Kept | None) -> _Started:
+        """What a source answers at once (from a cache, or a fetch that cannot start), or
+        the fetch to wait for: answers at hand cost the turn no task."""
         # The tenant is part of every key: one tenant's answer never serves another.
         key = (query.tenant, reg.source.cache_key(query))
+        if reg.policy.per_call and kept is not None:
+            return self._once_per_call(reg, query, key, kept)
         entry = reg.cache.get(key)
         if entry is not None:
             age_ms = (self._clock() - entry.stored_at) * 1000
@@ -193,14 +228,37 @@ class RetrievalOrchestrator:
                 return SourceStatus.STALE, entry.snippets, ""
             del reg.cache[key]
         try:
-            task = self._fetch(reg, query, key)
+            return self._fetch(reg, query, key)
+        except _Overloaded:
+            return SourceStatus.FAILED, (), f"{reg.policy.max_inflight} fetches already in flight"
+
+    def _once_per_call(self, reg: _Registered, query: Query, key: Hashable, kept: Kept) -> _Started:
+        """A per-call source: the call's own answer, fetched at its first retrieval."""
+        name_key = (reg.source.name, key)
+        task = kept.get(name_key)
+        if task is not None and task.done() and not task.cancelled() and not task.exception():
+            return SourceStatus.CACHED, task.result(), ""
+        if task is None or task.done():  # not asked yet, or the last try failed
+            try:
+                task = self._fetch(reg, query, key)
+            except _Overloaded:
+                return (
+                    SourceStatus.FAILED,
+                    (),
+                    f"{reg.policy.max_inflight} fetches already in flight",
+                )
+            if name_key in kept or len(kept) < MAX_KEPT_PER_CALL:
+                kept[name_key] = task
+        # A fetch that timed out for an earlier turn is still the call's: waited for again.
+        return task
+
+    async def _wait(self, reg: _Registered, task: asyncio.Task[tuple[Snippet, ...]]) -> _Outcome:
+        try:
             # shield: a timeout (or a cancelled prefetch) stops the waiting, not the fetch.
             async with asyncio.timeout(reg.policy.timeout_ms / 1000):
                 found = await asyncio.shield(task)
         except TimeoutError:
             return SourceStatus.TIMED_OUT, (), f"no answer within {reg.policy.timeout_ms:g} ms"
-        except _Overloaded:
-            return SourceStatus.FAILED, (), f"{reg.policy.max_inflight} fetches already in flight"
         except Exception as exc:  # a source may fail any way it likes; the turn goes on
             return SourceStatus.FAILED, (), f"{type(exc).__name__}: {exc}"
         return SourceStatus.ANSWERED, found, ""
@@ -286,6 +344,8 @@ class CallRetriever:
         self._pending: _Prefetch | None = None
         # Every task this object started, including cancelled ones still unwinding.
         self._tasks: set[asyncio.Task[RetrievalResult]] = set()
+        # This call's answers of the per-call sources (``SourcePolicy.per_call``).
+        self._kept: Kept = {}
         self._closed = False
         self.prefetches_started = 0
         self.prefetches_reused = 0
@@ -303,7 +363,9 @@ class CallRetriever:
             if self._close_enough(self._pending, query, terms):
                 return
             self._pending.task.cancel()
-        task = asyncio.create_task(self._orch.retrieve(query), name="retrieval:prefetch")
+        task = asyncio.create_task(
+            self._orch.retrieve(query, self._kept), name="retrieval:prefetch"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         self._pending = _Prefetch(query, terms, task)
@@ -325,7 +387,7 @@ class CallRetriever:
                     return replace(result, text=query.text, elapsed_ms=waited, prefetched=True)
             else:
                 pending.task.cancel()
-        return await self._orch.retrieve(query)
+        return await self._orch.retrieve(query, self._kept)
 
     def _forget(self, task: asyncio.Task[RetrievalResult]) -> None:
         self._tasks.discard(task)
@@ -345,6 +407,7 @@ class CallRetriever:
         """Cancel a pending prefetch and wait for it. Idempotent."""
         self._closed = True
         self._pending = None
+        self._kept.clear()  # the fetches are the orchestrator's: it cancels those running
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

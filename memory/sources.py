@@ -117,7 +117,7 @@ class CustomerHistorySource:
     name: str = "customer_history"
 
     def cache_key(self, query: Query) -> Hashable:
-        # The history changes only at call end, so one entry per caller serves every turn.
+        # The history changes only at call end: asked once per call (``per_call`` policy).
         return ("caller", query.caller)
 
     async def fetch(self, query: Query) -> list[Snippet]:

@@ -7,7 +7,7 @@ log is referenced by a cursor rather than copied (architecture invariant 3).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -57,7 +57,10 @@ class Checkpoint:
     trace: str = ""
 
     def to_bytes(self) -> bytes:
-        d = asdict(self)
+        # The fields as they are, in order (msgpack copies nothing): dataclasses.asdict
+        # deep-copied the whole state on every turn's commit only to pack it.
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
+        d["outbox"] = [{name: getattr(e, name) for name in _OUTBOX_FIELDS} for e in self.outbox]
         d["v"] = FORMAT_VERSION
         return msgpack.packb(d, use_bin_type=True)
 
@@ -74,4 +77,6 @@ class Checkpoint:
             raise CorruptState(f"checkpoint does not decode: {exc}") from exc
 
 
-_FIELDS = frozenset(f.name for f in fields(Checkpoint))
+_FIELD_NAMES = tuple(f.name for f in fields(Checkpoint))
+_OUTBOX_FIELDS = tuple(f.name for f in fields(OutboxEntry))
+_FIELDS = frozenset(_FIELD_NAMES)

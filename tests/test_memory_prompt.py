@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memory.prompt import (
     EMPTY,
@@ -166,3 +170,51 @@ def test_the_line_cache_keeps_lines_never_whole_sections() -> None:
     }
     assert len(sections) == 2 and all(body.count("\n") >= 2 for body in sections.values())
     assert kept and not set(sections.values()) & set(kept)
+
+
+# Letters, digits, punctuation, apostrophes (contractions), every kind of blank: the
+# characters tiktoken's pattern treats differently at a line's end and start.
+PARTS = [*"ab Zé9'.,:-#()\n\r\t ", "\u00a0", "\u2019s", "'ll", "word", " Word", "123456", "...\n"]
+TEXT = st.lists(st.sampled_from(PARTS), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(TEXT, max_size=8))
+def test_counting_line_by_line_is_exact(lines: list[str]) -> None:
+    counter = default_counter()
+    assert isinstance(counter, TiktokenCounter)
+    text = "\n".join(lines)
+    assert counter.count_lines(text) == counter.count_once(text)
+
+
+def test_an_unchanged_prompt_is_not_tokenized_again() -> None:
+    """Turn after turn most of a prompt recurs (instructions, facts, earlier exchanges);
+    only the new words are tokenized, where the whole prompt was, twice."""
+    counter = TiktokenCounter()
+    builder = PromptBuilder(counter=counter)
+    memory, found = call_of(4), retrieval()
+    first = builder.build(memory, "How much is it?", found)
+    tokenized: list[str] = []
+    counter._enc = Recording(counter._enc, tokenized)  # type: ignore[assignment]
+    counter.forget()
+    builder.build(memory, "How much is it?", found)
+    cold = len(tokenized)
+    tokenized.clear()
+    again = builder.build(memory, "How much is it?", found)
+    assert again == first
+    # Cut to its budget, then counted: the caller's words only.
+    assert tokenized == ["How much is it?"] * 2 and cold > 10
+
+
+class Recording:
+    """A tiktoken encoding that records what it is asked to encode."""
+
+    def __init__(self, enc: Any, texts: list[str]) -> None:
+        self._enc, self._texts = enc, texts
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self._texts.append(text)
+        return list(self._enc.encode_ordinary(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._enc.decode(ids))

@@ -7,14 +7,20 @@ on events instead of sleeping, so outcomes never depend on how fast the machine 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 import pytest
 
 from memory.errors import SourceError
 from memory.extract import parse_tool_arguments
 from memory.knowledge import DEMO_KB_DIR, KnowledgeBase
-from memory.retrieval import RetrievalOrchestrator, SourcePolicy, SourceStatus
+from memory.retrieval import (
+    RetrievalOrchestrator,
+    RetrievalResult,
+    SourcePolicy,
+    SourceStatus,
+)
 from memory.session import SessionMemory
 from memory.sources import KnowledgeBaseSource, Query, SimulatedBookingSlots, Snippet
 
@@ -316,3 +322,105 @@ async def test_closing_the_call_cancels_its_prefetch() -> None:
         await retriever.aclose()
         retriever.prefetch("ignored after close")
         assert "idle" in repr(retriever)
+
+
+# ---------------------------------------------------------------- per-call sources
+
+
+class CallerHistory(FakeSource):
+    """Keyed by caller only, as the customer history is."""
+
+    def cache_key(self, query: Query) -> Hashable:
+        return query.caller
+
+
+async def test_a_per_call_source_is_asked_once_per_call() -> None:
+    history = CallerHistory("history")
+    policy = SourcePolicy(timeout_ms=SAFETY_MS, per_call=True)
+    async with RetrievalOrchestrator([(history, policy)]) as orch:
+        first = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            answers = [await first.retrieve(f"turn {n} words") for n in range(4)]
+        finally:
+            await first.aclose()
+        # The next call of the same caller reads the history again: it may have changed
+        # when the first call ended, and nothing cached by the first call serves it.
+        second = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            later = await second.retrieve("another call")
+        finally:
+            await second.aclose()
+    assert [a.status["history"] for a in answers] == [SourceStatus.ANSWERED] + [
+        SourceStatus.CACHED
+    ] * 3
+    assert {a.snippets[0].text for a in answers} == {"history v1: turn 0 words"}
+    assert later.status["history"] is SourceStatus.ANSWERED
+    assert later.snippets[0].text == "history v2: another call"
+    assert len(history.calls) == 2
+
+
+async def two_turns_of_a_call(
+    source: FakeSource, timeout_ms: float, between: Callable[[], Awaitable[None]]
+) -> tuple[RetrievalResult, RetrievalResult]:
+    """Two retrievals of one call from a per-call ``source``, ``between`` them."""
+    policy = SourcePolicy(timeout_ms=timeout_ms, per_call=True)
+    async with RetrievalOrchestrator([(source, policy)]) as orch:
+        call = orch.for_call(SessionMemory("acme", "alice").query_for)
+        try:
+            first = await call.retrieve("hello")
+            await between()
+            return first, await call.retrieve("and then")
+        finally:
+            await call.aclose()
+
+
+async def test_a_per_call_answer_that_came_late_serves_the_next_turn() -> None:
+    gate = asyncio.Event()
+    history = CallerHistory("history", gate=gate)
+
+    async def late_answer() -> None:
+        gate.set()
+        await settle()
+
+    first, second = await two_turns_of_a_call(history, 20, late_answer)
+    assert first.timed_out == ("history",)
+    assert second.status["history"] is SourceStatus.CACHED
+    assert len(history.calls) == 1
+
+
+async def test_a_failed_per_call_fetch_is_asked_again() -> None:
+    history = CallerHistory("history", error=SourceError("history", "down"))
+
+    async def back_up() -> None:
+        history.error = None
+
+    first, second = await two_turns_of_a_call(history, SAFETY_MS, back_up)
+    assert first.failed == ("history",)
+    assert second.status["history"] is SourceStatus.ANSWERED
+    assert len(history.calls) == 2
+
+
+async def test_answers_at_hand_cost_a_retrieval_no_task() -> None:
+    """A retrieval served from caches (every source, or all but one) waits without tasks
+    of its own: a task per source per turn was most of what retrieval cost a node."""
+    a, b = FakeSource("a"), CallerHistory("b")  # b's key is the caller's alone
+    policy = SourcePolicy(timeout_ms=SAFETY_MS)
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with RetrievalOrchestrator([(a, policy), (b, policy)]) as orch:
+        await orch.retrieve(q("opening hours"))
+        loop.set_task_factory(factory)
+        try:
+            cached = await orch.retrieve(q("opening hours"))
+            one_new = await orch.retrieve(Query("opening hours", "acme", "alice", (("d", "1"),)))
+        finally:
+            loop.set_task_factory(None)
+    assert cached.from_cache == ("a", "b")
+    assert one_new.answered == ("a",) and one_new.from_cache == ("b",)
+    # Only the fetch itself: no task to wait for it.
+    assert created == ["RetrievalOrchestrator._run_fetch"]

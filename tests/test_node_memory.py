@@ -453,3 +453,53 @@ async def test_a_new_owner_repeats_an_undelivered_greeting_and_does_not_greet_ag
     finally:
         await first.session.aclose()
         await second.session.aclose()
+
+
+class CountingHistory(InMemoryHistoryStore):
+    """The in-memory customer history, counting its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    async def load(self, tenant: str, caller: str, *, limit: int = 3) -> list[CallRecord]:
+        self.loads += 1
+        return await super().load(tenant, caller, limit=limit)
+
+
+async def test_a_call_reads_its_callers_history_once_and_the_next_call_anew(
+    redis: Redis,
+) -> None:
+    latency = SimulatedLatency().scaled(0)
+    history = CountingHistory()
+    memory = MemoryServices.build(history, working_turns=4)
+    services = NodeServices(
+        NodeConfig(working_memory_turns=4),
+        StateStore(redis),
+        None,
+        TurnPipeline(SimulatedLLM(latency), SimulatedTTS(latency), None, Budgets()),
+        memory,
+    )
+    first, second = Harness(services, "unit-h1", "hana"), Harness(services, "unit-h2", "hana")
+    try:
+        await first.session.open(first.inbound(type="start", tenant="demo", caller="hana"))
+        for text in ("Hi, my name is Hana", "I'd like a cleaning", "Tuesday works"):
+            await first.say(text)
+        # The greeting's read and the first turn's; none for the later turns.
+        assert history.loads == 2
+        await first.session.handle(first.inbound(type="hangup"))
+
+        # Right after: the second call reads what the first one saved at its hang-up,
+        # not an answer cached while the first call lived.
+        await second.session.open(second.inbound(type="start", tenant="demo", caller="hana"))
+        await second.say("Hello again")
+        await second.say("What time do you open?")
+        assert history.loads == 4
+        turns = [r for r in second.records() if r["type"] == "retrieval"]
+        assert [("unit-h1" in r["snippets"]) for r in turns] == [True, True]
+        assert "customer_history" in turns[0]["answered"]
+        assert "customer_history" in turns[1]["from_cache"] and not turns[1]["stale"]
+    finally:
+        await first.session.aclose()
+        await second.session.aclose()
+        await memory.aclose()

@@ -3,6 +3,9 @@ Redis Cluster (3 masters + 3 replicas): every test runs on both."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgpack
 import pytest
 
 from state_store import keys
@@ -94,3 +97,17 @@ async def test_pins_clear_only_if_unchanged(redis: RedisClient) -> None:
     assert await pins.get("acme", "c1") == "n2"
     await pins.clear("acme", "c1", "n2")
     assert await pins.get("acme", "c1") is None
+
+
+def test_a_checkpoint_packs_to_the_same_bytes_as_its_fields() -> None:
+    """Packed field by field (no deep copy per commit), the format is what it was: every
+    field in order, the outbox as maps, and the version."""
+    ckpt = _ckpt(3, 7)
+    ckpt.working = [[6, "hi", "hello", False], [7, "book", "Booked.", True]]
+    ckpt.extra = {"notes": [[2, "asked for prices"]], "summary": "booking"}
+    ckpt.trace = "00-abc-def-01"
+    blob = ckpt.to_bytes()
+    expected = {**dataclasses.asdict(ckpt), "v": 1}
+    assert msgpack.unpackb(blob, raw=False, strict_map_key=False) == expected
+    assert list(msgpack.unpackb(blob, raw=False)) == list(expected)
+    assert Checkpoint.from_bytes(blob) == ckpt

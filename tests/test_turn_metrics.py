@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 from callmesh.config import NodeConfig
@@ -46,3 +47,13 @@ def test_a_turn_cut_off_before_its_first_audio_has_no_latency() -> None:
     h = svc.metrics.histograms["turn_overhead_ms"]
     assert sum(h.counts) == 1
     assert 2.0 < histogram_quantile(list(h.buckets), h.counts, 0.5) <= 3.0
+
+
+def test_metrics_as_a_dict_are_every_field_rounded_and_copied() -> None:
+    m = TurnMetrics("c", 3, provider_ms=1.23456, fallbacks=["llm_timeout"], epoch=2)
+    d = m.to_dict()
+    expected = dataclasses.asdict(m)
+    expected["provider_ms"] = 1.235
+    assert d == expected and list(d) == list(expected)
+    d["fallbacks"].append("tts_timeout")
+    assert m.fallbacks == ["llm_timeout"]
