@@ -10,7 +10,8 @@ Why the link counts: a node starved of CPU (an overloaded machine) beats late, y
 answers its calls; declaring it dead moved its calls onto the other nodes, which starved
 in turn: a failover storm that made an overload fail every call (10,000 calls on two
 cores). A node that is stopped, hung or cut off sends nothing on its link either, so it is
-still found dead within ``dead_after_ms``; a killed one loses its link at once.
+still found dead, within ``LINK_REPRIEVE_S`` of its last frame; a killed one loses its
+link at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ log = logging.getLogger("callmesh.router.membership")
 # calls onto nodes that were no better off. Such verdicts are held back for this long;
 # nodes that really died together are then declared dead all the same.
 MASS_DEATH_HOLD_S = 10.0
+# How recently a node must have sent on its link for a late heartbeat to be forgiven. An
+# overloaded node's loop can run a second or more behind and send nothing meanwhile; its
+# own bound for a loop that does not run at all is 3 s (CALLMESH_LOOP_STALL_MS), after
+# which it withholds its heartbeat, and this matches it: a stopped or hung node that was
+# busy on its link is found dead within this, a killed one at once through its link.
+LINK_REPRIEVE_S = 3.0
 
 
 @dataclass
@@ -132,7 +139,7 @@ class MembershipView:
             view.record = rec
             if view.alive and now - view.last_progress > dead_after:
                 heard = self._heard_from(node_id)
-                if heard is not None and now - heard <= dead_after:
+                if heard is not None and now - heard <= LINK_REPRIEVE_S:
                     if not view.beat_late:
                         log.info(
                             "node heartbeat late, its link active: alive",

@@ -156,6 +156,7 @@ async def test_a_node_with_a_late_heartbeat_but_an_active_link_is_not_declared_d
     calls would pile a failover storm onto the overload. A node that sends nothing on its
     link (stopped, hung, cut off) or has no link here is dead after dead_after_ms."""
     monkeypatch.setattr(membership, "MASS_DEATH_HOLD_S", 0.0)  # two of three die at once
+    monkeypatch.setattr(membership, "LINK_REPRIEVE_S", 0.2)
     config = MembershipConfig(heartbeat_ms=50, dead_after_ms=200, poll_ms=25)
     beats = _Beats("busy", "stopped", "unlinked")
     heard = {"busy": time.monotonic(), "stopped": time.monotonic()}
@@ -169,7 +170,7 @@ async def test_a_node_with_a_late_heartbeat_but_an_active_link_is_not_declared_d
         await view.refresh()
     assert sorted(deaths) == ["stopped", "unlinked"]
     assert view.is_alive("busy") and view.nodes["busy"].beat_late
-    # Its link goes quiet too: now it is dead, dead_after_ms after the last frame.
+    # Its link goes quiet too: now it is dead, the link's reprieve after the last frame.
     quiet_at = time.monotonic()
     while "busy" not in deaths:
         assert time.monotonic() - quiet_at < 1.0, "not declared dead"
