@@ -46,6 +46,7 @@ from conversation_node.call_durability import CallDurability
 from conversation_node.errors import CallDropped
 from conversation_node.greeting import load_history, save_history
 from conversation_node.link_end import LinkEnd
+from conversation_node.model_reply import DecidedReply
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
@@ -237,6 +238,11 @@ class CallSession:
             async with self._turn_lock:
                 await self.turns.said.greet(greeting, started, history_ms)
             return
+        decided = DecidedReply.from_start(start.body.get("decided"))
+        if decided is not None and decided.turn == core.turn + 1:
+            # The previous owner's model had written the reply of the turn in flight: the
+            # replayed frames begin that turn again, and it is said as written.
+            self.turns.decided = decided
         delivered = start.body.get("delivered_turn")
         again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
         if again is not None:
