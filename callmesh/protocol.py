@@ -106,6 +106,10 @@ MAX_SEQ = MAX_INT  # the largest seq a frame may carry
 MAX_DECIDED_TEXT_BYTES = 4096
 # Provider, model and node names in a decided reply.
 MAX_DECIDED_NAME = 128
+# Set (true) by a router in every ``start`` it sends a node: it keeps ``decided`` frames and
+# never forwards them; a node sends none to a router that does not say so (an older one,
+# during a rolling update, would pass them on to the caller).
+TAKES_DECIDED = "takes_decided"
 # A typed utterance longer than this is refused at the edge: it would be the model's
 # prompt, a retrieval query and a cache key (speech is bounded by its own duration).
 MAX_USER_TEXT_CHARS = 2000

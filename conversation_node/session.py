@@ -38,7 +38,7 @@ from callmesh.metric_names import (
     CALLS_RESUMED,
     CALLS_STARTED,
 )
-from callmesh.protocol import In, Inbound
+from callmesh.protocol import TAKES_DECIDED, In, Inbound
 from callmesh.telemetry import now_ms
 from conversation_node.audio.convert import Transcoder
 from conversation_node.call_core import CallCore, CallState, IllegalTransition, Step
@@ -204,6 +204,8 @@ class CallSession:
             fmt = AudioFormat.from_start(start.body)
             core.audio_format = fmt
             self.turns.said.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
+        # Decided replies go only to a router that keeps them (never to the caller).
+        self.turns.announce_decided = start.body.get(TAKES_DECIDED) is True
         epoch, ckpt = await self._svc.store.take_ownership(
             core.tenant, core.call_id, self._svc.node_id
         )

@@ -114,6 +114,8 @@ class TurnRunner:
         # ``start``'s ``decided``): said instead of asking the model, if the first turn
         # begun here is that turn; forgotten either way.
         self.decided: DecidedReply | None = None
+        # Whether the router takes ``decided`` frames (its start says so).
+        self.announce_decided = False
         self._closer = TurnCloser(core, durability=durability, send=send, observe_turn=observe_turn)
         self.said = SaidReplies(
             core,
@@ -250,7 +252,7 @@ class TurnRunner:
             interrupt,
             prepared,
             decided=decided,
-            written=None if decided is not None else self._announcer(t),
+            written=self._announcer(t) if decided is None and self.announce_decided else None,
         )
         if prepared is not None:
             await prepared.cancel()  # read to the end unless a barge-in stopped the reply

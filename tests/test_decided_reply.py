@@ -28,7 +28,8 @@ from tests.test_node_memory import Harness
 
 pytestmark = pytest.mark.timeout(60)
 
-START = {"type": "start", "tenant": "demo", "caller": "maya"}
+# As a router sends it (router.call_auth.sanitized_start).
+START = {"type": "start", "tenant": "demo", "caller": "maya", "takes_decided": True}
 REPLY_FRAMES = ("agent_text", "agent_audio")
 
 
@@ -139,6 +140,19 @@ async def test_the_owner_tells_the_router_each_reply_once_the_model_wrote_it(
             assert h.frames.index(frame) < ends
         records = [r for r in h.records() if r["type"] == "llm" and r["turn"] == 5]
         assert records[0]["tool_calls"] and "resumed" not in records[0]
+    finally:
+        await h.session.aclose()
+
+
+async def test_no_decided_reply_goes_to_a_router_that_does_not_take_them(
+    services: NodeServices,
+) -> None:
+    # An older router (a rolling update) would forward an unknown frame to the caller.
+    h = Harness(services, "decided-old-router", "maya")
+    try:
+        await h.session.open(h.inbound(**{**START, "takes_decided": False}))
+        assert "Maya" in await h.say("Hi, my name is Maya")
+        assert _decided(h.frames) == {}
     finally:
         await h.session.aclose()
 
