@@ -338,7 +338,7 @@ async def test_a_failed_turn_leaves_memory_as_committed(
         await h.say("Hi, my name is Maya")
         before = (h.session.turn, h.session.memory.to_state())
 
-        async def broken(*args: Any) -> None:
+        async def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("bug in the pipeline")
 
         monkeypatch.setattr(services.pipeline, "run", broken)
