@@ -50,7 +50,9 @@ from state_store.checkpoint import Checkpoint, OutboxEntry
 class CallState(StrEnum):
     NEW = "new"
     ACTIVE = "active"
-    ENDED = "ended"  # caller hung up; final checkpoint written
+    # The caller hung up (or never came back): the final checkpoint is being written. A
+    # newer owner can still fence that write out; then the end did not happen here.
+    ENDED = "ended"
     FENCED = "fenced"  # a newer owner took the call; we dropped it
     HANDED_OFF = "handed_off"  # drained to another node at a turn boundary
     CLOSED = "closed"
@@ -61,7 +63,7 @@ _ALLOWED: dict[CallState, frozenset[CallState]] = {
     CallState.ACTIVE: frozenset(
         {CallState.ENDED, CallState.FENCED, CallState.HANDED_OFF, CallState.CLOSED}
     ),
-    CallState.ENDED: frozenset({CallState.CLOSED}),
+    CallState.ENDED: frozenset({CallState.FENCED, CallState.CLOSED}),
     CallState.FENCED: frozenset({CallState.CLOSED}),
     CallState.HANDED_OFF: frozenset({CallState.CLOSED}),
     CallState.CLOSED: frozenset(),

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from callmesh.metric_names import FENCED_WRITES
 from callmesh.telemetry import now_ms
+from callmesh.weak_callbacks import weak_method
 from conversation_node.call_core import CallCore, CallState
 from conversation_node.checkpointing import Checkpointer, Fenced
 from conversation_node.errors import CallDropped
@@ -45,7 +46,7 @@ class CallDurability:
             services,
             core.tenant,
             core.call_id,
-            snapshot=self.snapshot,
+            snapshot=weak_method(self.snapshot),  # not a cycle: callmesh.weak_callbacks
             acknowledge=acknowledge,
             turn_lock=turn_lock,
             active=lambda: core.state in (CallState.ACTIVE, CallState.ENDED),

@@ -107,8 +107,9 @@ class Checkpointer:
     # ------------------------------------------------------------------ writes
 
     async def commit(self, records: list[dict[str, Any]], turn: int) -> bool:
-        """Queue ``records`` in the outbox and write the checkpoint. True when it is durable
-        now; False when Redis is away (the retry loop will catch up)."""
+        """Queue ``records`` in the outbox (one event-log message for all of them) and write
+        the checkpoint. True when it is durable now; False when Redis is away (the retry
+        loop will catch up)."""
         self.outbox.extend(
             eventlog.to_outbox(self.tenant, self.call_id, records, self.event_cursor)
         )

@@ -40,6 +40,7 @@ from callmesh.metric_names import (
 )
 from callmesh.protocol import TAKES_DECIDED, In, Inbound
 from callmesh.telemetry import now_ms
+from callmesh.weak_callbacks import weak_method
 from conversation_node.audio.convert import Transcoder
 from conversation_node.call_core import CallCore, CallState, IllegalTransition, Step
 from conversation_node.call_durability import CallDurability
@@ -92,11 +93,14 @@ class CallSession:
             memory_config=services.memory.config,
             created_ms=now_ms(),
         )
+        # The parts call back into the session through weak references: bound methods
+        # would make the call a web of reference cycles (callmesh.weak_callbacks).
+        out = weak_method(self._out)
         # Queries go through the core's memory, which a restore replaces.
-        self._retriever = services.memory.retrieval.for_call(self._query_for)
+        self._retriever = services.memory.retrieval.for_call(weak_method(self._query_for))
         self._turn_lock = asyncio.Lock()
         self.durable = CallDurability(
-            services, self.core, acknowledge=self._ack, turn_lock=self._turn_lock
+            services, self.core, acknowledge=weak_method(self._ack), turn_lock=self._turn_lock
         )
         self.ckpt = self.durable.ckpt
         self._link_lost = False
@@ -110,7 +114,7 @@ class CallSession:
         config = services.config
         # Clearing at the caller's first sound keeps the unheard rest of a reply, to resume it.
         clear_at_sound = config.barge_in_clear == "at_sound"
-        replies = Replies(self._out, retain=clear_at_sound and config.false_interruption_ms > 0)
+        replies = Replies(out, retain=clear_at_sound and config.false_interruption_ms > 0)
         self.turns = TurnRunner(
             self.core,
             pipeline=services.pipeline,
@@ -118,7 +122,7 @@ class CallSession:
             prompts=services.memory.prompts,
             durability=self.durable,
             replies=replies,
-            send=self._out,
+            send=out,
             counters=services.metrics,
             observe_turn=services.observe_turn,
             prepare_voice=config.preemptive_voice == "on",
@@ -130,10 +134,10 @@ class CallSession:
             self.turns.said,
             stt=services.stt,
             turn_lock=self._turn_lock,
-            send=self._out,
+            send=out,
             counters=services.metrics,
             observe_lag=services.observe_frame_lag,
-            prefetch=self._prefetch,
+            prefetch=weak_method(self._prefetch),
             min_confidence=config.stt_min_confidence,
             false_interruption_ms=config.false_interruption_ms,
             clear_at_sound=clear_at_sound,

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,6 +35,7 @@ from callmesh.protocol import (
     error_frame,
     transcript_frame,
 )
+from callmesh.weak_callbacks import weak_method
 from conversation_node.barge_in import BargeIns
 from conversation_node.call_core import CallCore
 from conversation_node.endpointing import is_yes_no_question
@@ -131,7 +133,7 @@ class VoiceTurns:
             window_ms=false_interruption_ms,
             clear_at_sound=clear_at_sound,
             counters=counters,
-            amend=self._amend_heard,
+            amend=weak_method(self._amend_heard),  # not a cycle: callmesh.weak_callbacks
             name=core.call_id,
         )
 
@@ -156,7 +158,7 @@ class VoiceTurns:
             lane = self.lane = VoiceLane(
                 self._stt,
                 fmt,
-                self,
+                weakref.proxy(self),  # the lane is ours: not a cycle (callmesh.weak_callbacks)
                 tenant=self._core.tenant,
                 call_id=self._core.call_id,
                 observe_lag=self._observe_lag,

@@ -210,7 +210,7 @@ async def run_replay(args: argparse.Namespace) -> int:
             print(
                 json.dumps(calls, indent=2)
                 if args.json
-                else "\n".join(f"{c}\t{n} records" for c, n in calls.items()) or "no calls"
+                else "\n".join(f"{c}\t{n} messages" for c, n in calls.items()) or "no calls"
             )
             return EXIT_OK
         records = await read_records(js, args.tenant, args.call_id)

@@ -31,7 +31,7 @@ from callmesh.protocol import valid_id
 from callmesh.redaction import Redactor, default_redactor
 from events import subjects
 from events.errors import translate
-from events.eventlog import EventType, decode
+from events.eventlog import UNDECODABLE, EventType, decode_message
 from events.replay_state import CallState, rebuild
 from events.replay_verify import Divergence, compare
 from state_store.checkpoint import Checkpoint
@@ -41,8 +41,9 @@ async def read_records(
     js: JetStreamContext, tenant: str, call_id: str, *, timeout_s: float = 2.0
 ) -> list[dict[str, Any]]:
     """Every record of one call of one tenant, in log order. Each record gets ``_seq``
-    (stream sequence) and ``_msg_id`` (its de-duplication id) for reference. Reads with a
-    short-lived, in-memory, unacknowledged consumer that is deleted afterwards."""
+    (the stream sequence of its message) and ``_msg_id`` (its message's de-duplication
+    id) for reference; the records of one message share both. Reads with a short-lived,
+    in-memory, unacknowledged consumer that is deleted afterwards."""
     if not (valid_id(tenant) and valid_id(call_id)):
         # A wildcard or dotted id would widen the subject to other calls or tenants.
         raise ValueError("tenant and call id must match [A-Za-z0-9_-]{1,64}")
@@ -52,6 +53,7 @@ async def read_records(
             info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subject)
         except NotFoundError:
             return []
+        # Messages, not records: a message holds one commit's records.
         total = (info.state.subjects or {}).get(subject, 0)
         if not total:
             return []
@@ -69,15 +71,17 @@ async def read_records(
         )
         sub = await js.pull_subscribe_bind(consumer=name, stream=subjects.EVENTS_STREAM)
         out: list[dict[str, Any]] = []
+        read = 0
         try:
             done = False
-            while not done and len(out) < total:
+            while not done and read < total:
                 try:
-                    msgs = await sub.fetch(min(256, total - len(out)), timeout=timeout_s)
+                    msgs = await sub.fetch(min(256, total - read), timeout=timeout_s)
                 except TimeoutError:
-                    break  # records expired (retention) while we read: show what is left
+                    break  # messages expired (retention) while we read: show what is left
                 for msg in msgs:
-                    out.append(_record(msg))
+                    out.extend(_records(msg))
+                    read += 1
                     done = msg.metadata.num_pending == 0
         finally:
             # Best effort: the consumer also deletes itself after inactive_threshold.
@@ -87,23 +91,20 @@ async def read_records(
     return out
 
 
-def _record(msg: Msg) -> dict[str, Any]:
-    try:
-        rec = decode(msg.data)
-    except ValueError:
-        rec = {
-            "type": "undecodable",
-            "turn": -1,
-            "ts_ms": 0,
-            "raw": msg.data.decode(errors="replace"),
-        }
-    rec["_seq"] = msg.metadata.sequence.stream
-    rec["_msg_id"] = (msg.headers or {}).get("Nats-Msg-Id", "")
-    return rec
+def _records(msg: Msg) -> list[dict[str, Any]]:
+    seq = msg.metadata.sequence.stream
+    msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+    recs = decode_message(msg.data or b"")
+    for rec in recs:
+        rec["_seq"] = seq
+        rec["_msg_id"] = msg_id
+    return recs
 
 
 async def list_calls(js: JetStreamContext, tenant: str) -> dict[str, int]:
-    """Call ids of one tenant that have a log, with their record counts."""
+    """Call ids of one tenant that have a log, with the number of messages in each log.
+    A message holds one checkpoint commit's records (about one turn), or one effect
+    delivery; it is not a record count, which only reading the log gives."""
     if not valid_id(tenant):
         raise ValueError("tenant must match [A-Za-z0-9_-]{1,64}")
     with translate():
@@ -123,9 +124,9 @@ def pending_records(ckpt: Checkpoint, known_ids: set[str]) -> list[dict[str, Any
     out = []
     for entry in ckpt.outbox:
         if entry.subject == subject and entry.msg_id not in known_ids:
-            rec = decode(entry.data)
-            rec.update(_seq=0, _msg_id=entry.msg_id, _pending=True)
-            out.append(rec)
+            for rec in decode_message(entry.data):
+                rec.update(_seq=0, _msg_id=entry.msg_id, _pending=True)
+                out.append(rec)
     return out
 
 
@@ -203,7 +204,7 @@ def build_report(
     own = [r for r in records if r.get("type") != EventType.EFFECT_DELIVERY]
     if records and records[0].get("type") != EventType.CALL_STARTED:
         warnings.append("the log does not start with call_started (expired by retention?)")
-    if any(r.get("type") == "undecodable" for r in records):
+    if any(r.get("type") == UNDECODABLE for r in records):
         warnings.append("some records could not be decoded")
     if ckpt is not None and ckpt.event_cursor and len(own) != ckpt.event_cursor:
         warnings.append(

@@ -54,7 +54,8 @@ def effect_msg_id(tenant: str, call_id: str, turn: int, n: int) -> str:
 
 
 def event_msg_id(tenant: str, call_id: str, index: int) -> str:
-    """De-duplication id of the call's index-th event-log record. The index is the call's
-    event cursor, advanced only by committed checkpoints, so ids are stable across a
-    republish by a new owner and never reused for a different record."""
+    """De-duplication id of the event-log message whose first record is the call's
+    index-th (a message holds one commit's records; before batching, exactly one). The
+    index is the call's event cursor, advanced only by committed checkpoints, so ids are
+    stable across a republish by a new owner and never reused for different records."""
     return f"{tenant}:{call_id}:ev{index}"

@@ -26,29 +26,35 @@ Routers (``--routers N --kill-router K | --drain-router K``, native or ``--trans
 twilio`` callers): :mod:`loadtest.chaos_routers`. Node and backend faults asked for in the
 same run strike in the same moment as the router's (:mod:`loadtest.chaos_faults`); a call
 is then affected through its router or its node.
+
+Composed faults (``--fault KIND[:ARG]@WHEN[+DURATION][/EVERY[xTIMES]]``, repeatable;
+:mod:`loadtest.fault_schedule`): node kills and drains, a router kill or drain, Redis
+restarts, NATS outages, CRM outages, a slow model and router<->node link latency, each at
+its own moment (a share of the turns or seconds into the talk), for a window, or again on a
+schedule, struck by :mod:`loadtest.fault_injector`. The report's ``events`` mark when each
+started and (windows) ended, ``faults`` how often each spec struck; the scoring is the
+same, over every node strike. A run with ``crm-outage`` also starts the fake CRM and an
+effects worker and reports what the CRM applied (``crm_*``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import nats
-
-from callmesh_client.client import CallClient, CallError, Reply
-from events import subjects
-from events.connection import server_urls
-from loadtest import chaos_faults, chaos_routers
+from callmesh_client.client import CallClient, CallError
+from loadtest import chaos_faults, chaos_plan, chaos_routers
 from loadtest.callers import NAMES, script
+from loadtest.chaos_score import ChaosCall, confirmed_bookings, score, score_crm, score_effects
+from loadtest.effects_procs import start_crm_and_workers
+from loadtest.fault_injector import FaultInjector, FaultRunner
 from loadtest.html_report import write_html
 from loadtest.progress import LiveProgress, add_progress_flag, progress_wanted
 from loadtest.stats import percentiles, run_meta, write_report
@@ -72,6 +78,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kill-redis-master", action="store_true", help="needs --redis-cluster")
     p.add_argument("--kill-nats", action="store_true", help="needs --nats-cluster")
     chaos_routers.add_router_flags(p)
+    chaos_plan.add_fault_flag(p)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
     p.add_argument(
@@ -83,20 +90,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
-@dataclass
-class ChaosCall:
-    call_id: str
-    name: str
-    ready_node: str = ""
-    replies: list[Reply] = field(default_factory=list)
-    sent: int = 0
-    duplicates: int = 0
-    errors: list[str] = field(default_factory=list)
-    ended_at: float | None = None
-
-
 class Chaos:
-    def __init__(self, args: argparse.Namespace, cluster: LocalCluster) -> None:
+    """Callers through one router; the classic strike (``--kill``/``--drain`` and the
+    backend flags at 40 % of the turns) and the ``--fault`` schedule."""
+
+    def __init__(
+        self, args: argparse.Namespace, cluster: LocalCluster, plan: chaos_plan.Plan
+    ) -> None:
         self.args = args
         self.cluster = cluster
         self.total_turns = args.calls * args.turns
@@ -106,7 +106,18 @@ class Chaos:
         self.victims: list[Proc] = []
         self.timeline = Timeline()
         self.backend_victims: list[str] = []
-        self.call_ids: list[str] = []
+        prefix = uuid.uuid4().hex[:6]
+        self.call_ids = [f"chaos-{prefix}-{i}" for i in range(args.calls)]
+        self.injector = FaultInjector(
+            cluster, self.timeline, call_ids=self.call_ids, crm_url=plan.crm_url
+        )
+        self.runner = FaultRunner(plan.specs, self.injector, self.total_turns)
+
+    @property
+    def strikes(self) -> list[tuple[float, set[str]]]:
+        """Every node strike: the classic one and the scheduled ones."""
+        classic = [(self.kill_at, {v.name for v in self.victims})] if self.kill_at else []
+        return classic + self.injector.node_strikes
 
     async def caller(self, call_id: str, seed: int) -> ChaosCall:
         rng = random.Random(seed)
@@ -121,6 +132,7 @@ class Chaos:
                     call.replies.append(await client.say(line.format(name=call.name)))
                     self.timeline.turn(call.replies[-1].latency_ms)
                     self.done_turns += 1
+                    self.runner.turn_done()
                     if self.done_turns >= 0.4 * self.total_turns:
                         self.trigger.set()
                     await asyncio.sleep(rng.uniform(0.5, 1.5) * self.args.think)
@@ -135,19 +147,22 @@ class Chaos:
         return call
 
     async def strike(self) -> None:
+        if not (chaos_faults.node_fault(self.args) or chaos_faults.backend_fault(self.args)):
+            return  # only --fault specs: the runner strikes them
         await self.trigger.wait()
         count = self.args.kill or self.args.drain
         self.victims = chaos_faults.busiest_nodes(self.cluster, count)
-        self.kill_at = time.monotonic()
+        at = time.monotonic()
         sig = chaos_faults.strike_nodes(self.args, self.victims)
         kind = "kill" if self.args.kill else "drain"
         for victim in self.victims:
-            self.timeline.fault(kind, victim.name, sig.name, at=self.kill_at)
+            self.timeline.fault(kind, victim.name, sig.name, at=at)
+        self.kill_at = at if self.victims else None
         self.backend_victims = await asyncio.to_thread(
             chaos_faults.strike_backends, self.args, self.cluster, self.call_ids
         )
         for name in self.backend_victims:
-            self.timeline.fault("kill", name, "SIGKILL", at=self.kill_at)
+            self.timeline.fault("kill", name, "SIGKILL", at=at)
         # A drained node's exit marks the end of its drain on the report's time line.
         draining = list(self.victims) if self.args.drain else []
         while draining:
@@ -158,13 +173,12 @@ class Chaos:
                 self.timeline.fault("exited", v.name, f"exit code {code}")
 
     async def run(self) -> list[ChaosCall]:
-        prefix = uuid.uuid4().hex[:6]
-        self.call_ids = [f"chaos-{prefix}-{i}" for i in range(self.args.calls)]
         striker = asyncio.create_task(self.strike(), name="chaos-strike")
         show = progress_wanted(self.args.no_progress)
         try:
-            async with LiveProgress(
-                self.timeline, "chaos", total_turns=self.total_turns, enabled=show
+            async with (
+                LiveProgress(self.timeline, "chaos", total_turns=self.total_turns, enabled=show),
+                self.runner,
             ):
                 calls = await asyncio.gather(
                     *(self.caller(call_id, i) for i, call_id in enumerate(self.call_ids))
@@ -176,163 +190,89 @@ class Chaos:
         return list(calls)
 
 
-def _owner_at(call: ChaosCall, t: float) -> str:
-    owner = call.ready_node
-    for r in call.replies:
-        if r.done_at <= t:
-            owner = str(r.metrics.get("node", owner))
-    return owner
-
-
-def score(calls: list[ChaosCall], victims: set[str], kill_at: float | None) -> dict[str, Any]:
-    gaps: list[float] = []
-    answering: list[float] = []  # of each gap, the new owner's retrieval and model time
-    samples: list[tuple[float, str, float, float]] = []
-    # Gaps of turns whose reply had not started before the kill, and of those the caller
-    # was already receiving: the new owner's first frame the caller lacks then comes after
-    # the part it already has (identical frames are not sent twice).
-    by_case: dict[str, list[float]] = {"reply_not_started": [], "reply_under_way": []}
-    affected = context_lost = 0
-    for call in calls:
-        if kill_at is None or _owner_at(call, kill_at) not in victims:
-            continue
-        if call.ended_at is not None and call.ended_at <= kill_at:
-            continue
-        if not any(r.done_at > kill_at for r in call.replies) and not call.errors:
-            continue  # its last turn finished before the kill and it only hung up after
-        affected += 1
-        after = [
-            r for r in call.replies if r.done_at > kill_at and r.metrics.get("node") not in victims
-        ]
-        if not after:
-            continue
-        first = after[0]
-        frames = [t for t in first.frame_times if t > kill_at] or [first.done_at]
-        gaps.append((frames[0] - max(kill_at, first.sent_at)) * 1000)
-        metrics = first.metrics
-        answering.append(
-            float(metrics.get("retrieval_ms", 0)) + float(metrics.get("llm_first_sentence_ms", 0))
-        )
-        samples.append((gaps[-1], call.call_id, answering[-1], (first.sent_at - kill_at) * 1000))
-        under_way = any(t <= kill_at for t in first.frame_times)
-        by_case["reply_under_way" if under_way else "reply_not_started"].append(gaps[-1])
-        knew_name = any(r.done_at <= kill_at for r in call.replies)
-        if knew_name and call.name not in first.text:
-            context_lost += 1
-    return {
-        "affected_calls": affected,
-        "failover_gap_ms": percentiles(gaps, (50, 99)),
-        # What the gap is made of: the new owner answering (retrieval and the model's first
-        # sentence, from its turn metrics), and the rest (detection, relink, ownership,
-        # restore, waiting for the new owner's loop).
-        "failover_gap_parts_ms": {
-            "answering": percentiles(answering, (50, 99)),
-            "failover": percentiles([g - a for g, a in zip(gaps, answering, strict=True)]),
-        },
-        "failover_gap_by_case_ms": {k: percentiles(v, (50, 99)) for k, v in by_case.items()},
-        # The slowest gaps, to look up in the logs: call, gap, answering, and when the
-        # utterance was sent (ms, relative to the kill).
-        "slowest_gaps": [
-            {"call_id": c, "gap_ms": round(g), "answering_ms": round(a), "sent_ms": round(t)}
-            for g, c, a, t in sorted(samples, reverse=True)[:5]
-        ],
-        "lost_turns": sum(c.sent - len(c.replies) for c in calls),
-        "duplicate_replies": sum(c.duplicates for c in calls),
-        "context_lost": context_lost,
-    }
-
-
-# The simulated agent's confirmation of a booking ("... is booked for ...") and its later
-# reminders of it ("... is booked. Anything else ...") both say this.
-BOOKED_WORD = "booked"
-# After the calls end, nodes may still be publishing outboxes left by an outage: the
-# effects are counted again until none is missing or this bound passes.
-EFFECTS_SETTLE_S = 60.0
-
-
-def confirmed_bookings(calls: list[ChaosCall]) -> set[str]:
-    """The calls whose caller heard that their booking was made."""
-    return {c.call_id for c in calls if any(BOOKED_WORD in r.text for r in c.replies)}
-
-
-async def effects_per_call(nats_url: str) -> Counter[str]:
-    """Bookings stored in the effects stream, per call."""
-    nc = await nats.connect(server_urls(nats_url))
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(subjects.EFFECTS_STREAM)
-        per_call: Counter[str] = Counter()
-        # An empty stream reports first_seq 0, which get_msg refuses (no call booked yet).
-        first = max(1, info.state.first_seq)
-        for seq in range(first, info.state.last_seq + 1):
-            msg = await js.get_msg(subjects.EFFECTS_STREAM, seq)
-            if msg.data:
-                per_call[json.loads(msg.data)["call_id"]] += 1
-        return per_call
-    finally:
-        await nc.drain()
-
-
-async def _router_chaos(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, Any]:
+async def _router_chaos(
+    args: argparse.Namespace, cluster: LocalCluster, plan: chaos_plan.Plan
+) -> dict[str, Any]:
     timeline = Timeline()
     t0 = time.monotonic()
     show = progress_wanted(args.no_progress)
     total = args.calls * args.turns
-    async with LiveProgress(timeline, "chaos", total_turns=total, enabled=show):
+    injector = FaultInjector(cluster, timeline, crm_url=plan.crm_url)
+    runner = FaultRunner(plan.specs, injector, total)
+    async with (
+        LiveProgress(timeline, "chaos", total_turns=total, enabled=show),
+        runner,
+    ):
         rep = {"scenario": "chaos", "nodes": args.nodes}
         rep["backends"] = {
             k: v for k, v in vars(args).items() if k in ("redis_cluster", "nats_cluster") and v
         } or "single"
-        rep.update(await chaos_routers.run(args, cluster, timeline))
+        rep.update(
+            await chaos_routers.run(
+                args, cluster, timeline, at=plan.router_at, on_turn=runner.turn_done
+            )
+        )
     rep.update(await score_effects(cluster.nats_url, set(rep.pop("confirmed_bookings"))))
+    rep["faults"] = plan.router_report(rep) + runner.report()
     rep["elapsed_s"] = round(time.monotonic() - t0, 2)
     rep.update(timeline.report())
     return rep
 
 
-async def score_effects(nats_url: str, confirmed: set[str]) -> dict[str, Any]:
-    """Bookings confirmed to callers (their call ids) against bookings stored (lost,
-    duplicated), waiting (bounded) for the stream to settle."""
-    deadline = time.monotonic() + EFFECTS_SETTLE_S
-    started = time.monotonic()
-    while True:
-        per_call = await effects_per_call(nats_url)
-        lost = sorted(c for c in confirmed if per_call[c] == 0)
-        if not lost or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1.0)
-    return {
-        "bookings_confirmed": len(confirmed),
-        "effects_stored": sum(per_call.values()),
-        "lost_effects": len(lost),
-        "lost_effect_samples": lost[:5],
-        "effects_settle_s": round(time.monotonic() - started, 1),
-        "duplicate_effects": sum(max(0, n - 1) for n in per_call.values()),
+async def _node_chaos(
+    args: argparse.Namespace, cluster: LocalCluster, plan: chaos_plan.Plan
+) -> dict[str, Any]:
+    chaos = Chaos(args, cluster, plan)
+    t0 = time.monotonic()
+    calls = await chaos.run()
+    elapsed = time.monotonic() - t0
+    victims = {name for _, names in chaos.strikes for name in names}
+    rep: dict[str, Any] = {
+        "scenario": "chaos",
+        "mode": ("kill" if args.kill else "drain") if chaos_faults.node_fault(args) else "faults",
+        "calls": len(calls),
+        "nodes": args.nodes,
+        "victims": sorted(victims),
+        "backends": {k: v for k, v in plan.clustered.items() if v} or "single",
+        "backend_victims": chaos.backend_victims,
+        "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
+        "turns": sum(len(c.replies) for c in calls),
     }
+    rep.update(score(calls, chaos.strikes))
+    rep.update(await score_effects(cluster.nats_url, confirmed_bookings(calls)))
+    rep["errors"] = sum(len(c.errors) for c in calls)
+    rep["error_samples"] = [e for c in calls for e in c.errors][:5]
+    rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])
+    if args.drain:
+        codes = []
+        for v in chaos.victims:
+            codes.append(v.popen.wait(30) if v.popen else None)
+        rep["drained_exit_codes"] = codes
+    if chaos.injector.drained:
+        rep["scheduled_drain_exit_codes"] = [
+            v.popen.returncode if v.popen else None for v in chaos.injector.drained
+        ]
+    rep["faults"] = chaos.runner.report()
+    rep["elapsed_s"] = round(elapsed, 2)
+    rep["failover_gap_definition"] = (
+        "per affected call and node strike: from max(strike, caller's next utterance) to "
+        "the first reply frame from the new owner"
+    )
+    rep.update(chaos.timeline.report())
+    return rep
 
 
 def main(args: argparse.Namespace) -> int:
-    # With a router fault, the node and backend faults asked for strike in the same moment
-    # (loadtest.chaos_routers); a call is affected by either.
-    routers_hit = chaos_routers.router_fault(args)
-    if not (args.kill or args.drain or routers_hit):
-        args.kill = 1
+    plan = chaos_plan.plan(args)
+    if isinstance(plan, str):
+        print(f"loadtest chaos: {plan}", file=sys.stderr)
+        return 2
     env = {
         "CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale),
         "CALLMESH_TTS_CHUNK_MS": str(args.tts_chunk_ms),
         "CALLMESH_LOG_LEVEL": "INFO" if args.log_dir else "WARNING",
     }
-    if (args.kill_redis_master and not args.redis_cluster) or (
-        args.kill_nats and not args.nats_cluster
-    ):
-        print(
-            "loadtest chaos: --kill-redis-master needs --redis-cluster, --kill-nats needs "
-            "--nats-cluster",
-            file=sys.stderr,
-        )
-        return 2
-    clustered = {"redis_cluster": args.redis_cluster, "nats_cluster": args.nats_cluster}
-    if routers_hit:
+    if plan.routers_hit:
         env["CALLMESH_ROUTER_DRAIN_S"] = "20"
     if args.transport == "twilio":
         # The TwiML names the public URL, the 'load balancer' in front of the routers: the
@@ -341,45 +281,30 @@ def main(args: argparse.Namespace) -> int:
         env["CALLMESH_PUBLIC_URL"] = "http://127.0.0.1:9"
         env["CALLMESH_DEV_MODE"] = "1"
     log_dir = Path(args.log_dir) if args.log_dir else None
-    with LocalCluster(
-        nodes=args.nodes, routers=args.routers, env=env, log_dir=log_dir, **clustered
-    ) as cluster:
+    with ExitStack() as stack:
+        cluster = stack.enter_context(
+            LocalCluster(
+                nodes=args.nodes,
+                routers=args.routers,
+                env=env,
+                log_dir=log_dir,
+                link_proxy=plan.link_proxy,
+                llm_control=plan.llm_control,
+                redis_cluster=plan.clustered["redis_cluster"],
+                nats_cluster=plan.clustered["nats_cluster"],
+            )
+        )
+        if plan.crm:
+            crm, _ = start_crm_and_workers(
+                stack, cluster, 1, nats_cluster=plan.clustered["nats_cluster"]
+            )
+            plan.crm_url = crm.url
 
         async def go() -> dict[str, Any]:
-            if routers_hit:
-                return await _router_chaos(args, cluster)
-            chaos = Chaos(args, cluster)
-            t0 = time.monotonic()
-            calls = await chaos.run()
-            elapsed = time.monotonic() - t0
-            victims = {v.name for v in chaos.victims}
-            rep: dict[str, Any] = {
-                "scenario": "chaos",
-                "mode": "kill" if args.kill else "drain",
-                "calls": len(calls),
-                "nodes": args.nodes,
-                "victims": sorted(victims),
-                "backends": {k: v for k, v in clustered.items() if v} or "single",
-                "backend_victims": chaos.backend_victims,
-                "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
-                "turns": sum(len(c.replies) for c in calls),
-            }
-            rep.update(score(calls, victims, chaos.kill_at))
-            rep.update(await score_effects(cluster.nats_url, confirmed_bookings(calls)))
-            rep["errors"] = sum(len(c.errors) for c in calls)
-            rep["error_samples"] = [e for c in calls for e in c.errors][:5]
-            rep["turn_latency_ms"] = percentiles([r.latency_ms for c in calls for r in c.replies])
-            if args.drain:
-                codes = []
-                for v in chaos.victims:
-                    codes.append(v.popen.wait(30) if v.popen else None)
-                rep["drained_exit_codes"] = codes
-            rep["elapsed_s"] = round(elapsed, 2)
-            rep["failover_gap_definition"] = (
-                "per affected call: from max(kill, caller's next utterance) to the first reply "
-                "frame from the new owner"
-            )
-            rep.update(chaos.timeline.report())
+            go_chaos = _router_chaos if plan.routers_hit else _node_chaos
+            rep = await go_chaos(args, cluster, plan)
+            if plan.crm_url is not None:
+                rep.update(await score_crm(plan.crm_url, int(rep["effects_stored"])))
             return rep
 
         report = asyncio.run(go())

@@ -54,11 +54,20 @@ def strike_backends(
         backends.nats_nodes.servers[0].stop(signal.SIGKILL)
         killed.append(backends.nats_nodes.servers[0].name)
     if args.kill_redis_master and backends.redis_nodes is not None:
-        servers = backends.redis_nodes
-        masters = [servers.master_of(keys.checkpoint("demo", c)) for c in call_ids]
-        master = max(masters, key=masters.count)
-        master.stop(signal.SIGKILL)
-        killed.append(master.name)
-        servers.wait_promoted(master)
-        master.start()
+        killed.append(kill_redis_master(cluster, call_ids))
     return killed
+
+
+def kill_redis_master(cluster: LocalCluster, call_ids: list[str]) -> str:
+    """SIGKILL the Valkey master holding most of these calls' checkpoints, and restart it
+    once its replica is promoted (as Kubernetes would: it rejoins as a replica); its name.
+    Blocking."""
+    servers = cluster.backends.redis_nodes if cluster.backends is not None else None
+    if servers is None:
+        raise RuntimeError("the cluster has no Valkey cluster")
+    masters = [servers.master_of(keys.checkpoint("demo", c)) for c in call_ids]
+    master = max(masters, key=masters.count)
+    master.stop(signal.SIGKILL)
+    servers.wait_promoted(master)
+    master.start()
+    return master.name

@@ -39,6 +39,7 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ from callmesh_client.voice_client import VoiceCaller, VoiceCallError
 from callmesh_client.voice_results import TurnResult
 from loadtest import chaos_faults
 from loadtest.callers import NAMES, script
+from loadtest.fault_schedule import When
 from loadtest.stats import percentiles
 from loadtest.timeline import Timeline
 from localcluster.cluster import LocalCluster, Proc
@@ -286,24 +288,33 @@ class RouterChaos:
 
 
 async def run(
-    args: argparse.Namespace, cluster: LocalCluster, timeline: Timeline
+    args: argparse.Namespace,
+    cluster: LocalCluster,
+    timeline: Timeline,
+    *,
+    at: When | None = None,
+    on_turn: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Hold ``--calls`` calls, strike the routers when 40% of all turns are done; the report."""
+    """Hold ``--calls`` calls, strike the routers at ``at`` (default: 40 % of the turns
+    done); the report. ``on_turn`` hears of every answered turn (the --fault schedule)."""
     total = args.calls * args.turns
+    share = 0.4 if at is None or at.share is None else at.share
     done = 0
     trigger = asyncio.Event()
 
-    def on_turn(latency_ms: float) -> None:
+    def turn_done(latency_ms: float) -> None:
         nonlocal done
         done += 1
         timeline.turn(latency_ms)
-        if done >= 0.4 * total:
+        if on_turn is not None:
+            on_turn()
+        if done >= share * total:
             trigger.set()
 
-    chaos = RouterChaos(args, cluster, on_turn)
+    chaos = RouterChaos(args, cluster, turn_done)
 
     async def strike() -> None:
-        await trigger.wait()
+        await (asyncio.sleep(at.seconds) if at and at.seconds is not None else trigger.wait())
         await chaos.strike()
         kind = "kill-router" if args.kill_router else "drain-router"
         for v in chaos.victims:

@@ -20,24 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from events.worker_config import DEFAULT_DURABLE, WorkerConfig
+from events.worker_config import WorkerConfig
+from loadtest.effects_procs import start_crm_and_workers
 from loadtest.effects_run import EffectsRun, EffectsScenario, say
-from loadtest.fake_crm import EFFECTS_PATH
 from loadtest.stats import write_report
-from localcluster.cluster import LocalCluster, Proc
-from localcluster.servers import ServerError, free_port
+from localcluster.cluster import LocalCluster
 
 _POLICY_SHOWN = ("max_deliveries", "backoff_base_s", "backoff_max_s", "ack_wait_s", "deadline_s")
 
@@ -97,34 +92,6 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(report["pass"].values()) else 1
 
 
-# ---------------------------------------------------------------- processes
-
-
-def _wait_http(proc: Proc, path: str, timeout_s: float = 20.0) -> None:
-    """Until ``proc`` answers ``path`` with a 2xx (it is listening and ready)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            tail = proc.log_path.read_text(errors="replace")[-2000:]
-            raise ServerError(f"{proc.name} exited before it was ready:\n{tail}")
-        try:
-            with urllib.request.urlopen(proc.url + path, timeout=0.5):
-                return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.05)
-    raise ServerError(f"{proc.name} not ready after {timeout_s}s; log {proc.log_path}")
-
-
-@contextmanager
-def _process(proc: Proc, ready_path: str) -> Iterator[Proc]:
-    proc.start()
-    try:
-        _wait_http(proc, ready_path)
-        yield proc
-    finally:
-        proc.stop()
-
-
 def run_scenario(scenario: EffectsScenario, *, log_dir: Path | None = None) -> dict[str, Any]:
     """Start everything, run the calls, audit; the whole benchmark as one function (the
     test runs it small). Every process is stopped on return, also on failure."""
@@ -150,30 +117,9 @@ def run_scenario(scenario: EffectsScenario, *, log_dir: Path | None = None) -> d
         logs = cluster.log_dir
         if logs is None:
             raise RuntimeError("the local cluster has no log directory")
-        proc_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if scenario.nats_cluster:
-            # The workers create the streams too: with the nodes' replicas, or they would
-            # scale them back down.
-            proc_env["CALLMESH_JETSTREAM_REPLICAS"] = "3"
-        crm_port = free_port()
-        crm = Proc(
-            "fake-crm",
-            [sys.executable, "-m", "loadtest.fake_crm", "--port", str(crm_port), "--no-dedupe"],
-            crm_port,
-            logs / "fake-crm.log",
-            proc_env,
+        crm, workers = start_crm_and_workers(
+            stack, cluster, scenario.workers, nats_cluster=scenario.nats_cluster
         )
-        stack.enter_context(_process(crm, "/_stats"))
-        workers = []
-        for i in range(1, scenario.workers + 1):
-            port = free_port()
-            argv = [sys.executable, "-m", "callmesh", "--log-level", "INFO", "effects-worker"]
-            argv += ["--nats", cluster.nats_url, "--webhook-url", crm.url + EFFECTS_PATH]
-            argv += ["--name", f"effects-worker-{i}", "--host", "127.0.0.1", "--port", str(port)]
-            # Named, not from the environment: the audit reads this consumer's backlog.
-            argv += ["--durable", DEFAULT_DURABLE]
-            worker = Proc(f"effects-worker-{i}", argv, port, logs / f"worker-{i}.log", proc_env)
-            workers.append(stack.enter_context(_process(worker, "/healthz")))
         setup_s = time.monotonic() - started
         say(f"cluster, fake CRM and {len(workers)} workers up in {setup_s:.1f}s; logs in {logs}")
         report = asyncio.run(EffectsRun(scenario, cluster, crm, workers).go())

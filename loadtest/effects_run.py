@@ -25,6 +25,7 @@ from events import subjects
 from events.connection import server_urls
 from loadtest.callers import BOOKING, CallResult, scripted_call
 from loadtest.effects_audit import Booking, Ledger, expected_keys, read_ledger, score
+from loadtest.effects_procs import set_crm_mode
 from localcluster.cluster import LocalCluster, Proc
 
 # The callers' tenant: effect ids (the CRM's Idempotency-Keys) begin with it.
@@ -109,8 +110,7 @@ class EffectsRun:
         )
 
     async def set_crm(self, http: aiohttp.ClientSession, mode: str) -> None:
-        async with http.post(f"{self.crm.url}/_control/mode", json={"mode": mode}) as resp:
-            resp.raise_for_status()
+        await set_crm_mode(http, self.crm.url, mode)
 
     async def chaos(self, http: aiohttp.ClientSession) -> None:
         """The outage, with the kill halfway through it (while effects are backing off)."""

@@ -212,7 +212,8 @@ def _time_charts(report: dict[str, Any]) -> list[str]:
                 y_label="turn latency, ms (per second)",
             ),
             "Turn latency of the turns answered in each second; dashed red lines are the "
-            "injected faults.",
+            "injected faults, shaded while a window fault (an outage, a slow model, link "
+            "latency) lasted.",
         ),
         _figure(
             time_chart(
@@ -294,9 +295,10 @@ def _events_table(report: dict[str, Any]) -> str:
     events = [e for e in report.get("events") or [] if isinstance(e, dict)]
     if not events:
         return "<p>No faults were injected.</p>"
-    head = "<tr><th>at, s</th><th>fault</th><th>target</th><th>detail</th></tr>"
+    head = "<tr><th>at, s</th><th>until, s</th><th>fault</th><th>target</th><th>detail</th></tr>"
     rows = "".join(
         f"<tr><td>{esc(_num(as_float(e.get('t_s'))))}</td>"
+        f"<td>{esc(_num(as_float(e['end_s'])) if e.get('end_s') is not None else '')}</td>"
         f"<td class=event-kind>{esc(e.get('kind', ''))}</td><td>{esc(e.get('target', ''))}</td>"
         f"<td>{esc(e.get('detail', ''))}</td></tr>"
         for e in events[:_MAX_ROWS]

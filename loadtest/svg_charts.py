@@ -148,9 +148,19 @@ def _events(events: list[dict[str, Any]], f: _Frame, x_unit: str) -> list[str]:
         x = f.x(min(max(t, 0.0), f.x_ticks[-1]))
         label = f"{ev.get('kind', '')} {ev.get('target', '')}".strip()
         y = f.top + 14 + 14 * (i % 3)  # staggered so close events stay legible
+        # A window fault (outage, slow model, latency) shades the time it lasted.
+        band, until = "", ""
+        if ev.get("end_s") is not None:
+            end = as_float(ev.get("end_s"))
+            x_end = f.x(min(max(end, t), f.x_ticks[-1]))
+            until = f" until {end:g} {esc(x_unit)}"
+            band = (
+                f'<rect x="{x:.1f}" y="{f.top}" width="{max(x_end - x, 1.0):.1f}" '
+                f'height="{f.ph:.1f}" fill="{EVENT_COLOR}" fill-opacity="0.08"/>'
+            )
         out.append(
-            f'<g class="event"><title>{esc(label)} at {t:g} {esc(x_unit)}'
-            f"{': ' + esc(ev['detail']) if ev.get('detail') else ''}</title>"
+            f'<g class="event"><title>{esc(label)} at {t:g} {esc(x_unit)}{until}'
+            f"{': ' + esc(ev['detail']) if ev.get('detail') else ''}</title>{band}"
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" y2="{f.top + f.ph:.1f}" '
             f'stroke="{EVENT_COLOR}" stroke-width="1.5" stroke-dasharray="5 3"/>'
             f'<text x="{x + 4:.1f}" y="{y}" fill="{EVENT_COLOR}" font-weight="600">'
@@ -187,7 +197,9 @@ def time_chart(
     the bucket and its line point sits in the middle."""
     events = events or []
     width_x = 1.0 if buckets else 0.0
-    x_max = max([*(v + width_x for v in x), *(as_float(e.get("t_s")) for e in events), 1.0])
+    x_max = max(
+        [*(v + width_x for v in x), *(as_float(e.get("end_s", e.get("t_s"))) for e in events), 1.0]
+    )
     left = [v for s in series if s.axis == "left" for v in s.values]
     right = [v for s in series if s.axis == "right" for v in s.values]
     # A little headroom, so a line at its maximum does not run along the top border.

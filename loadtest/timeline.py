@@ -29,16 +29,26 @@ def _bounded(text: str) -> str:
 
 @dataclass(frozen=True)
 class FaultEvent:
-    """A fault the harness injected (``kill``, ``drain``, ...) or saw (``exited``)."""
+    """A fault the harness injected (``kill``, ``drain``, ...) or saw (``exited``); a
+    window fault (an outage, a slow model) also has its end, ``end_s``."""
 
     t_s: float
     kind: str
     target: str
     detail: str = ""
+    end_s: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         t_s = round(self.t_s, 3)
-        return {"t_s": t_s, "kind": self.kind, "target": self.target, "detail": self.detail}
+        out: dict[str, object] = {
+            "t_s": t_s,
+            "kind": self.kind,
+            "target": self.target,
+            "detail": self.detail,
+        }
+        if self.end_s is not None:
+            out["end_s"] = round(self.end_s, 3)
+        return out
 
 
 @dataclass
@@ -92,13 +102,24 @@ class Timeline:
         self.errors += 1
         self._bucket(at).errors += 1
 
-    def fault(self, kind: str, target: str, detail: str = "", at: float | None = None) -> None:
+    def fault(self, kind: str, target: str, detail: str = "", at: float | None = None) -> int:
+        """Record a fault; its handle for :meth:`fault_ended` (-1 once the report is full)."""
         if len(self._faults) >= MAX_EVENTS:
-            return
+            return -1
         t = (self._clock() if at is None else at) - self.t0
         self._faults.append(
             FaultEvent(max(0.0, t), _bounded(kind), _bounded(target), _bounded(detail))
         )
+        return len(self._faults) - 1
+
+    def fault_ended(self, handle: int, at: float | None = None, detail: str | None = None) -> None:
+        """A window fault (``handle`` from :meth:`fault`) is over, optionally saying more."""
+        if not 0 <= handle < len(self._faults):
+            return
+        ev = self._faults[handle]
+        end = max(ev.t_s, (self._clock() if at is None else at) - self.t0)
+        more = ev.detail if detail is None else _bounded(detail)
+        self._faults[handle] = FaultEvent(ev.t_s, ev.kind, ev.target, more, end)
 
     # ------------------------------------------------------------------ what readers see
 

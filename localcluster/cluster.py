@@ -23,9 +23,12 @@ from pathlib import Path
 from callmesh.auth.dev import AUTH_SECRET_ENV, LINK_SECRET_ENV
 from localcluster.backends import EmbeddedBackends
 from localcluster.devcontrol import KILL_SIGNAL, DevControl, new_secret
+from localcluster.link_proxy import LinkProxy
 from localcluster.servers import ServerError, die_with_parent, free_port
 
 SPEECH_ENV = "CALLMESH_SPEECH"  # offline or simulated (callmesh/settings/node_table.py)
+# The simulated model's slow-down control (callmesh/settings/node_providers_table.py).
+SIM_LLM_CONTROL_ENV = "CALLMESH_SIM_LLM_CONTROL_FILE"
 
 
 def ensure_dev_secrets(extra_env: dict[str, str]) -> dict[str, str]:
@@ -123,6 +126,8 @@ class LocalCluster:
         redis_cluster: bool = False,
         nats_cluster: bool = False,
         speech: str = "simulated",
+        link_proxy: bool = False,
+        llm_control: bool = False,
     ) -> None:
         self.n_nodes = nodes
         self.n_routers = routers
@@ -151,6 +156,12 @@ class LocalCluster:
         self._lock = threading.Lock()
         # CALLMESH_AUTH_SECRET and CALLMESH_LINK_SECRET of the cluster's processes.
         self.secrets: dict[str, str] = {}
+        # Chaos controls: routers reach the nodes through a delaying proxy (link latency);
+        # each node's simulated model reads its slow-down from a file of its own.
+        self._want_link_proxy = link_proxy
+        self.link_proxy: LinkProxy | None = None
+        self._llm_control = llm_control
+        self.llm_control_files: dict[str, Path] = {}
 
     @property
     def router_url(self) -> str:
@@ -219,6 +230,9 @@ class LocalCluster:
             # One copy of each stream per server: losing one loses nothing.
             self._env.setdefault("CALLMESH_JETSTREAM_REPLICAS", "3")
         self._router_env = dict(self._env)
+        if self._want_link_proxy:
+            self.link_proxy = LinkProxy(self.log_dir / "link-proxy.log")
+            self.link_proxy.start()
         if self.dev:
             self.dev_control = DevControl(new_secret(), self._kill_node).__enter__()
             self._router_env["CALLMESH_DEV_SECRET"] = self.dev_control.secret
@@ -257,21 +271,23 @@ class LocalCluster:
     def add_node(self, *, wait: bool = True) -> Proc:
         index = len(self.nodes) + 1
         port = free_port()
+        argv = [sys.executable, "-m", "callmesh", "node", "--port", str(port)]
+        argv += ["--node-id", f"node-{index}"]
+        env = self._env
+        if self.link_proxy is not None:
+            argv += ["--advertise-url", f"http://127.0.0.1:{self.link_proxy.add(port)}"]
+        if self._llm_control and self.log_dir is not None:
+            control = self.llm_control_files[f"node-{index}"] = (
+                self.log_dir / f"node-{index}.llm-control"
+            )
+            control.unlink(missing_ok=True)
+            env = {**env, SIM_LLM_CONTROL_ENV: str(control)}
         node = Proc(
             f"node-{index}",
-            [
-                sys.executable,
-                "-m",
-                "callmesh",
-                "node",
-                "--port",
-                str(port),
-                "--node-id",
-                f"node-{index}",
-            ],
+            argv,
             port,
             self.log_dir / f"node-{index}.log" if self.log_dir else Path(os.devnull),
-            self._env,
+            env,
         )
         node.start()
         self.nodes.append(node)
@@ -295,6 +311,17 @@ class LocalCluster:
         if wait:
             self.wait_ready()
         return proc
+
+    def slow_llm(self, extra_ms: float) -> None:
+        """Add ``extra_ms`` to every node's simulated model's first token (0: as
+        configured). Needs ``llm_control=True``."""
+        if not self._llm_control:
+            raise RuntimeError("the cluster was started without llm_control")
+        for path in self.llm_control_files.values():
+            # Whole or not at all: a node never reads a half-written number.
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"{extra_ms:g}\n")
+            tmp.replace(path)
 
     def status(self, router: Proc | None = None) -> dict[str, object] | None:
         """A router's /v1/status: the given one, else the first live one."""
@@ -334,6 +361,9 @@ class LocalCluster:
             self.dev_control = None
         for node in self.nodes:
             node.stop()
+        if self.link_proxy is not None:
+            self.link_proxy.stop()
+            self.link_proxy = None
         if self.backends is not None:
             self.backends.__exit__(None, None, None)
             self.backends = None

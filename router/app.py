@@ -159,6 +159,10 @@ class Router:
             raise RuntimeError("router not started")
         return self._http
 
+    def _heard_from(self, node_id: str) -> float | None:
+        links = self._node_links
+        return None if links is None else links.heard_from(node_id)
+
     async def start(self) -> None:
         cfg = self.config
         self._tracing = tracing.configure(
@@ -166,7 +170,9 @@ class Router:
         )
         self._redis = redis_connect(self.config.backends.redis_url)
         self.admission = Admission(self.connection_limits, self.metrics, CallQuota(self._redis))
-        self._membership = MembershipView(MembershipStore(self._redis), self.config.membership)
+        self._membership = MembershipView(
+            MembershipStore(self._redis), self.config.membership, self._heard_from
+        )
         self._store = StateStore(self._redis)
         self._membership.on_dead(self._node_dead)
         # Health checks and the node links (one multiplexed WebSocket per node).

@@ -251,7 +251,8 @@ class Console:
         except ReplayUnavailable as exc:
             raise web.HTTPServiceUnavailable(reason=str(exc)) from None
         live = {cid for (t, cid) in self._r.calls if t == tenant}
-        rows = [{"call_id": c, "records": n, "live": c in live} for c, n in calls.items()]
+        # Messages in the call's log: one per committed turn (or effect delivery), not records.
+        rows = [{"call_id": c, "messages": n, "live": c in live} for c, n in calls.items()]
         return web.json_response({"tenant": tenant, "calls": rows})
 
     async def api_call(self, request: web.Request) -> web.Response:

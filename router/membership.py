@@ -1,9 +1,16 @@
 """The router's view of the cluster: which nodes are alive, draining or dead.
 
 Polls the membership hash every ``poll_ms``. A node is alive while its heartbeat counter
-keeps advancing on the router's own monotonic clock; ``dead_after_ms`` without progress
-declares it dead and notifies listeners (who re-pin that node's calls). A dropped
-upstream link makes a node *suspect* at once so new calls avoid it while it is confirmed.
+keeps advancing on the router's own monotonic clock, or while its link to this router
+carries frames; ``dead_after_ms`` without either declares it dead and notifies listeners
+(who re-pin that node's calls). A dropped upstream link makes a node *suspect* at once so
+new calls avoid it while it is confirmed.
+
+Why the link counts: a node starved of CPU (an overloaded machine) beats late, yet still
+answers its calls; declaring it dead moved its calls onto the other nodes, which starved
+in turn: a failover storm that made an overload fail every call (10,000 calls on two
+cores). A node that is stopped, hung or cut off sends nothing on its link either, so it is
+still found dead within ``dead_after_ms``; a killed one loses its link at once.
 """
 
 from __future__ import annotations
@@ -27,12 +34,25 @@ class NodeView:
     last_progress: float  # monotonic time the beat counter last advanced
     alive: bool = True
     suspect_since: float | None = None
+    # Kept alive by its link's frames while its heartbeat is late (logged once a spell).
+    beat_late: bool = False
+
+
+def _never_heard(node_id: str) -> float | None:
+    return None
 
 
 class MembershipView:
-    def __init__(self, store: MembershipStore, config: MembershipConfig) -> None:
+    def __init__(
+        self,
+        store: MembershipStore,
+        config: MembershipConfig,
+        heard_from: Callable[[str], float | None] = _never_heard,
+    ) -> None:
         self._store = store
         self._config = config
+        # When a node last sent on its link to this router (monotonic), None without one.
+        self._heard_from = heard_from
         self.nodes: dict[str, NodeView] = {}
         self._listeners: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -102,8 +122,19 @@ class MembershipView:
                     view.suspect_since = None
             view.record = rec
             if view.alive and now - view.last_progress > dead_after:
+                heard = self._heard_from(node_id)
+                if heard is not None and now - heard <= dead_after:
+                    if not view.beat_late:
+                        log.info(
+                            "node heartbeat late, its link active: alive",
+                            extra={"fields": {"node": node_id}},
+                        )
+                    view.beat_late = True
+                    continue
                 view.alive = False
                 died.append(node_id)
+            elif view.beat_late and now - view.last_progress <= dead_after:
+                view.beat_late = False
         for node_id in list(self.nodes):
             if node_id not in records:
                 # Deregistered (clean exit) — its calls were handed off or ended.

@@ -57,6 +57,13 @@ class NodeLinks:
     def summary(self) -> dict[str, str]:
         return {node: repr(mux) for node, (_, mux, _) in self._links.items()}
 
+    def heard_from(self, node_id: str) -> float | None:
+        """When the node last sent on its open link (monotonic); None without one."""
+        current = self._links.get(node_id)
+        if current is None or current[1].closed:
+            return None
+        return current[1].last_heard
+
     async def open(self, node_id: str, url: str, call_id: str, start: str) -> Channel:
         """A channel for ``call_id`` on the node's link, its first frame ``start``."""
         mux = await self._link(node_id, url)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import nats
@@ -114,3 +116,20 @@ def node_metric(node_url: str, name: str) -> float:
         if key.endswith(("_" + name, "_" + name + "_total")):
             return float(value)
     return 0.0
+
+
+@contextmanager
+def cyclic_garbage() -> Iterator[list[object]]:
+    """Collects, with the collector off in between, what only the collector would free."""
+    found: list[object] = []
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield found
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()

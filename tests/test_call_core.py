@@ -42,6 +42,7 @@ LEGAL = {
     (CallState.ACTIVE, CallState.FENCED),
     (CallState.ACTIVE, CallState.HANDED_OFF),
     (CallState.ACTIVE, CallState.CLOSED),
+    (CallState.ENDED, CallState.FENCED),  # its final write met a newer owner
     (CallState.ENDED, CallState.CLOSED),
     (CallState.FENCED, CallState.CLOSED),
     (CallState.HANDED_OFF, CallState.CLOSED),
@@ -142,7 +143,7 @@ def test_a_call_is_opened_once() -> None:
         c.owned(start(), 2, None, working_memory_turns=8)
 
 
-def test_fence_and_close_are_idempotent_but_an_ended_call_cannot_be_fenced() -> None:
+def test_fence_and_close_are_idempotent_and_an_ended_calls_final_write_can_be_fenced() -> None:
     c = opened()
     c.fence()
     c.fence()
@@ -152,8 +153,11 @@ def test_fence_and_close_are_idempotent_but_an_ended_call_cannot_be_fenced() -> 
     assert c.state is CallState.CLOSED
     ended = opened()
     ended.hangup(5)
+    ended.fence()  # a newer owner fenced the final checkpoint out: the call lives there
+    assert ended.state is CallState.FENCED
+    handed_off = in_state(CallState.HANDED_OFF)
     with pytest.raises(IllegalTransition):
-        ended.fence()
+        handed_off.fence()
 
 
 @pytest.mark.parametrize(

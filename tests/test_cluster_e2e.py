@@ -14,7 +14,7 @@ import pytest
 
 from callmesh.auth import mint_dev_token
 from callmesh_client.client import CallClient, CallError
-from events import subjects
+from events import eventlog, subjects
 from events.connection import server_urls
 from localcluster.cluster import LocalCluster
 from state_store.client import connect
@@ -75,7 +75,8 @@ async def test_concurrent_calls_checkpoint_and_publish(cluster: LocalCluster) ->
         events = await js.get_last_msg(
             subjects.EVENTS_STREAM, subjects.call_events("demo", "e2e-0")
         )
-        assert events.data is not None and json.loads(events.data)["type"] == "call_ended"
+        assert events.data is not None
+        assert eventlog.decode_message(events.data)[-1]["type"] == "call_ended"
     finally:
         await nc.drain()
 

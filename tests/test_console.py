@@ -179,7 +179,8 @@ async def test_the_inspector_shows_a_tenant_its_own_calls_only(
     assert report["turns"][0]["records"][0]["_text"].startswith("call started on node-1")
     assert report["live"] is False and "0" in report["state_by_turn"]
     async with http.get(f"{base}/console/api/calls", headers=mine) as resp:
-        assert any(c["call_id"] == "seen-1" for c in (await resp.json())["calls"])
+        rows = (await resp.json())["calls"]
+    assert {"call_id": "seen-1", "messages": 1, "live": False} in rows
     async with http.get(f"{base}/console/api/calls/seen-1", headers=theirs) as resp:
         assert resp.status == 404
     async with http.get(f"{base}/console/api/calls", headers=theirs) as resp:

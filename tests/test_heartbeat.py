@@ -23,7 +23,7 @@ from callmesh.config import MembershipConfig
 from localcluster.cluster import LocalCluster
 from router.membership import MembershipView
 from state_store.client import connect
-from state_store.membership import MembershipStore
+from state_store.membership import MembershipStore, NodeRecord
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,3 +132,52 @@ async def test_a_killed_or_stopped_node_is_declared_dead_within_dead_after(
             finally:
                 stopped.signal(signal.SIGCONT)
             assert await asyncio.to_thread(_wait_for, lambda: stopped.name in verdicts.alive, 10)
+
+
+class _Beats:
+    """A membership hash whose beats the test advances (or not)."""
+
+    def __init__(self, *nodes: str) -> None:
+        self.beat = dict.fromkeys(nodes, 0)
+
+    async def read_all(self) -> dict[str, NodeRecord]:
+        return {n: NodeRecord(n, f"http://{n}", beat=b) for n, b in self.beat.items()}
+
+
+async def test_a_node_with_a_late_heartbeat_but_an_active_link_is_not_declared_dead() -> None:
+    """Overload: a node starved of CPU beats late but still sends on its links; moving its
+    calls would pile a failover storm onto the overload. A node that sends nothing on its
+    link (stopped, hung, cut off) or has no link here is dead after dead_after_ms."""
+    config = MembershipConfig(heartbeat_ms=50, dead_after_ms=200, poll_ms=25)
+    beats = _Beats("busy", "stopped", "unlinked")
+    heard = {"busy": time.monotonic(), "stopped": time.monotonic()}
+    view = MembershipView(beats, config, heard.get)  # type: ignore[arg-type]
+    deaths: list[str] = []
+    view.on_dead(deaths.append)
+    await view.refresh()
+    for _ in range(20):  # 0.5 s of polls, no beat from anyone
+        await asyncio.sleep(0.025)
+        heard["busy"] = time.monotonic()  # its replies keep coming
+        await view.refresh()
+    assert sorted(deaths) == ["stopped", "unlinked"]
+    assert view.is_alive("busy") and view.nodes["busy"].beat_late
+    # Its link goes quiet too: now it is dead, dead_after_ms after the last frame.
+    quiet_at = time.monotonic()
+    while "busy" not in deaths:
+        assert time.monotonic() - quiet_at < 1.0, "not declared dead"
+        await asyncio.sleep(0.025)
+        await view.refresh()
+    assert time.monotonic() - quiet_at >= 0.2
+
+
+async def test_a_late_heartbeat_that_resumes_clears_the_link_reprieve() -> None:
+    config = MembershipConfig(heartbeat_ms=50, dead_after_ms=100, poll_ms=25)
+    beats = _Beats("busy")
+    view = MembershipView(beats, config, lambda _: time.monotonic())
+    await view.refresh()
+    await asyncio.sleep(0.15)
+    await view.refresh()
+    assert view.nodes["busy"].beat_late
+    beats.beat["busy"] += 1
+    await view.refresh()
+    assert view.is_alive("busy") and not view.nodes["busy"].beat_late

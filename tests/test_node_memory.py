@@ -22,7 +22,7 @@ from conversation_node.node_services import MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.prompt import STANDARD_GREETING
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
-from conversation_node.session import CallSession
+from conversation_node.session import CallDropped, CallSession
 from events import eventlog, subjects
 from localcluster.cluster import LocalCluster
 from memory.errors import HistoryUnavailable
@@ -288,7 +288,12 @@ class Harness:
 
     def records(self) -> list[dict[str, Any]]:
         log = subjects.call_events("demo", self.session.call_id)
-        return [eventlog.decode(e.data) for e in self.session.outbox if e.subject == log]
+        return [
+            rec
+            for e in self.session.outbox
+            if e.subject == log
+            for rec in eventlog.decode_message(e.data)
+        ]
 
 
 @pytest.fixture
@@ -377,6 +382,30 @@ async def test_history_outage_costs_the_greeting_not_the_call(redis: Redis) -> N
     finally:
         await h.session.aclose()
         await memory.aclose()
+
+
+async def test_an_abandoned_call_whose_final_write_is_fenced_is_dropped_not_ended(
+    services: NodeServices,
+) -> None:
+    """The grace of a detached call ran out on its old owner after a newer owner took it
+    (a failover storm): the old owner's final checkpoint meets the fence. It drops the
+    call (the newer owner has it) and leaves nothing for the outbox drainer to write; it
+    used to fail with an illegal transition, ended to fenced."""
+    first = Harness(services, "unit-6", "maya")
+    second = Harness(services, "unit-6", "maya")
+    try:
+        start = {"type": "start", "tenant": "demo", "caller": "maya"}
+        await first.session.open(first.inbound(**start))
+        first.session.link_ended()
+        await second.session.open(second.inbound(**start, resume="failover"))
+        with pytest.raises(CallDropped, match="fenced"):
+            await first.session.abandon()
+        await first.session.aclose()
+        assert first.session.leftover is None
+        assert "Maya" in await second.say("Hi, my name is Maya")
+    finally:
+        await first.session.aclose()
+        await second.session.aclose()
 
 
 async def test_a_new_owner_repeats_an_undelivered_greeting_and_does_not_greet_again(

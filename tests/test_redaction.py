@@ -430,7 +430,8 @@ async def test_the_outbox_boundary_redacts_in_hash_mode() -> None:
         (entry,) = eventlog.to_outbox("acme", "c-1", [rec], 0)
     finally:
         redaction.configure(None)
-    text = eventlog.decode(entry.data)["text"]
+    (logged,) = eventlog.decode_message(entry.data)
+    text = logged["text"]
     assert text.startswith("call me on [phone#") and "0123" not in text
     assert PiiKind.PHONE.value in text
 

@@ -20,7 +20,7 @@ from events.replay import build_report, list_calls, read_records
 from events.replay_html import render_html
 from events.replay_text import format_text
 from events.streams import ensure_streams
-from state_store.checkpoint import Checkpoint
+from state_store.checkpoint import Checkpoint, OutboxEntry
 from state_store.store import StateStore
 
 T, CALL = "acme", "call-r1"
@@ -163,11 +163,38 @@ def final_checkpoint(epoch: int, **changes: Any) -> Checkpoint:
     return Checkpoint(**fields)
 
 
+def commits(recs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The records grouped as the node commits them: the start, each turn, the takeover,
+    the hang-up."""
+    groups: list[list[dict[str, Any]]] = []
+    for rec in recs:
+        own_commit = rec["type"] == "call_ended" or (
+            rec["type"] == "ownership" and rec["reason"] != "start"
+        )
+        if not groups or own_commit or rec["turn"] != groups[-1][-1]["turn"]:
+            groups.append([])
+        groups[-1].append(rec)
+    return groups
+
+
+def outbox_entries(recs: list[dict[str, Any]]) -> list[OutboxEntry]:
+    """The outbox entries of ``recs``, one message per commit, as the node encodes them."""
+    entries: list[OutboxEntry] = []
+    cursor = 0
+    for group in commits(recs):
+        entries += eventlog.to_outbox(T, CALL, group, cursor)
+        cursor += len(group)
+    return entries
+
+
 async def publish_log(js: JetStreamContext, recs: list[dict[str, Any]]) -> None:
-    """Publish as the node does: through the outbox, with event-cursor dedupe ids; the
-    effects worker's delivery record lands between turn 2 and the failover."""
-    entries = eventlog.to_outbox(T, CALL, recs, 0)
-    split = next(i for i, r in enumerate(recs) if r["type"] == "ownership" and r["turn"] == 2)
+    """Publish as the node does: through the outbox, a message per commit with event-cursor
+    dedupe ids; the effects worker's delivery record lands between turn 2 and the failover."""
+    entries = outbox_entries(recs)
+    failover = next(i for i, r in enumerate(recs) if r["type"] == "ownership" and r["turn"] == 2)
+    split = next(
+        i for i, e in enumerate(entries) if e.msg_id == subjects.event_msg_id(T, CALL, failover)
+    )
     publisher = OutboxPublisher(js)
     await publisher.publish(entries[:split])
     delivery = R(
@@ -286,7 +313,8 @@ async def test_replay_is_scoped_to_the_tenant(logged: JetStreamContext, redis: R
     assert await read_records(logged, "globex", CALL) == []
     report = await report_for(logged, redis, tenant="globex")
     assert not report.found
-    assert await list_calls(logged, T) == {CALL: len(call_log()) + 1}
+    # Messages: one per commit, and the effect's delivery.
+    assert await list_calls(logged, T) == {CALL: len(commits(call_log())) + 1}
     assert await list_calls(logged, "globex") == {}
     for bad in ("*", ">", "acme.call-r1", ""):
         with pytest.raises(ValueError):
@@ -300,7 +328,7 @@ async def test_records_still_in_the_outbox_are_shown_as_pending(
     await ensure_streams(js)
     recs = call_log()
     await publish_log(js, recs[:-1])
-    ended = eventlog.to_outbox(T, CALL, recs, 0)[-1:]
+    ended = outbox_entries(recs)[-1:]
     await save(redis, final_checkpoint(2, outbox=ended))
     report = await report_for(js, redis)
     assert report.verified is True

@@ -9,11 +9,9 @@ callmesh.gc_tuning)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -25,7 +23,7 @@ from callmesh.protocol import encode
 from callmesh_client.voice_wire import TwilioWire
 from localcluster.servers import free_port
 from router.app import Router
-from tests.cluster_helpers import eventually
+from tests.cluster_helpers import cyclic_garbage, eventually
 from tests.test_twilio_router import (  # noqa: F401 (fixtures: node, start_router)
     PAYLOAD,
     SECRET,
@@ -77,23 +75,6 @@ def per_call_state(router: Router) -> dict[str, int]:
         "connections": router.admission.connections,
         "link_channels": channels,
     }
-
-
-@contextmanager
-def cyclic_garbage() -> Iterator[list[object]]:
-    """Collects, with the collector off in between, what only the collector would free."""
-    found: list[object] = []
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        yield found
-        gc.collect()
-        found.extend(gc.garbage)
-    finally:
-        gc.garbage.clear()
-        gc.set_debug(0)
-        gc.enable()
 
 
 def ours(garbage: list[object]) -> Counter[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import msgpack
@@ -66,6 +67,9 @@ class Mux:
         self._writer: asyncio.Task[None] | None = None
         self._next_chan = 0
         self.lost: str | None = None  # why the link ended, once it has
+        # When the peer last sent anything (monotonic): a peer that sends is running, even
+        # when its heartbeat is late (router.membership).
+        self.last_heard = time.monotonic()
 
     def __repr__(self) -> str:
         state = "open" if self.lost is None else f"lost: {self.lost}"
@@ -170,6 +174,7 @@ class Mux:
         code: int = CloseCode.GOING_AWAY
         try:
             async for msg in self.ws:
+                self.last_heard = time.monotonic()
                 if msg.type is not WSMsgType.BINARY or not self._dispatch(msg.data):
                     log.error("link broke the wire format", extra={"fields": {"link": self.name}})
                     self._lose("malformed message")

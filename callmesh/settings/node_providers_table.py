@@ -284,6 +284,17 @@ NODE_PROVIDER_SETTINGS: tuple[Setting, ...] = (
         _PROVIDERS,
         env="CALLMESH_PREEMPTIVE_VOICE",
     ),
+    Setting(
+        "sim_llm_control_file",
+        Text(r"/[^\x00]{0,1000}", "an absolute path"),
+        "",
+        "local chaos runs only: a file holding milliseconds the simulated model adds to its "
+        "first token, read as it changes (a missing file adds none); refused unless the "
+        "language model is the simulated one (CALLMESH_LLM, no OPENAI_API_KEY)",
+        (NODE,),
+        _PROVIDERS,
+        env="CALLMESH_SIM_LLM_CONTROL_FILE",
+    ),
 )
 
 

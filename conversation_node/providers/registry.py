@@ -83,10 +83,18 @@ class ProviderSettings:
     stt_lm_check_s: float = _default("stt_lm_check_s")
     espeak_voice: str = _default("espeak_voice")
     espeak_wpm: int = _default("espeak_wpm")
+    # Local chaos runs only: the simulated model's slow-down file (SimulatedLLM).
+    sim_llm_control_file: str = _default("sim_llm_control_file")
     sim_latency: SimulatedLatency = field(default_factory=SimulatedLatency)
 
     def __post_init__(self) -> None:
         settings.check_fields(self, NODE)  # choices, URLs and bounds of the table
+        if self.sim_llm_control_file and self.llm != "simulated":
+            # A test control must never reach a real model: refused, not ignored.
+            raise ConfigError(
+                "CALLMESH_SIM_LLM_CONTROL_FILE controls the simulated model only; the language "
+                f"model here is {self.llm!r}"
+            )
         uses = {self.stt, self.tts, self.backup_tts, self.llm}
         if "deepgram" in uses and not self.deepgram_api_key:
             raise ConfigError("a Deepgram provider is selected but DEEPGRAM_API_KEY is not set")
@@ -152,6 +160,7 @@ _FROM_TABLE = (
     "stt_lm_check_s",
     "espeak_voice",
     "espeak_wpm",
+    "sim_llm_control_file",
     "sim_latency_scale",
 )
 
@@ -303,9 +312,12 @@ def build_providers(settings: ProviderSettings | None = None) -> Providers:
             ),
         )
     else:
-        from conversation_node.providers.simulated import SimulatedLLM
+        from conversation_node.providers.simulated import SimulatedLLM, SlowdownFile
 
-        llm = SimulatedLLM(settings.sim_latency)
+        control = settings.sim_llm_control_file
+        llm = SimulatedLLM(
+            settings.sim_latency, slowdown=SlowdownFile(control) if control else None
+        )
     return Providers(
         stt=stt,
         llm=llm,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
+import os
 import random
 import re
 from collections.abc import AsyncIterator
@@ -31,7 +33,11 @@ from conversation_node.providers.base import (
 )
 from memory.extract import extract
 
+log = logging.getLogger(__name__)
+
 BOOKING_SLOTS = ("name", "service", "date", "time")
+# The most a slow-down file can add to a first token (ms): a typo must not hang a call.
+MAX_SLOWDOWN_MS = 60_000.0
 KNOWLEDGE_SOURCE = "knowledge_base"
 
 _SNIPPET = re.compile(r"^\[(?P<source>[^\]]+)\]\s*(?P<text>.*)$", re.S)
@@ -149,19 +155,59 @@ def compose_reply(request: LLMRequest) -> tuple[str, list[ToolCall]]:
     return prompts[missing[0]], []
 
 
+class SlowdownFile:
+    """Local chaos runs (``loadtest chaos --fault llm-slow``): milliseconds to add to the
+    simulated model's first token, read from a file whenever it changes.
+
+    Only the simulated model has one, and only when CALLMESH_SIM_LLM_CONTROL_FILE names the
+    file (the node refuses that setting with any other model), so nothing can slow a real
+    model down. A missing file adds nothing; unreadable or out-of-range content adds
+    nothing and is logged once per change."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen: int | None = None  # st_mtime_ns of the content read
+        self._extra_s = 0.0
+
+    def extra_s(self) -> float:
+        # One stat a turn; the file is read only when it changed (it is a few bytes).
+        try:
+            stamp = os.stat(self.path).st_mtime_ns
+        except OSError:
+            self._seen, self._extra_s = None, 0.0
+            return 0.0
+        if stamp != self._seen:
+            self._seen = stamp
+            self._extra_s = 0.0
+            try:
+                with open(self.path, encoding="ascii") as f:
+                    ms = float(f.read(32).strip() or 0)
+            except (OSError, ValueError):
+                log.warning("simulated model: unreadable slow-down file %s", self.path)
+                return 0.0
+            if not 0 <= ms <= MAX_SLOWDOWN_MS:
+                log.warning("simulated model: slow-down %r ms out of range", ms)
+                return 0.0
+            self._extra_s = ms / 1000
+        return self._extra_s
+
+
 class SimulatedLLM:
-    """A streaming rule-based "model": first token after ``llm_first_token_ms``, then a
-    word every ``llm_token_ms``, then any tool calls."""
+    """A streaming rule-based "model": first token after ``llm_first_token_ms`` (plus what
+    a :class:`SlowdownFile` adds), then a word every ``llm_token_ms``, then any tool
+    calls."""
 
     name = "simulated-llm"
 
-    def __init__(self, latency: SimulatedLatency) -> None:
+    def __init__(self, latency: SimulatedLatency, *, slowdown: SlowdownFile | None = None) -> None:
         self._latency = latency
+        self._slowdown = slowdown
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[LLMDelta]:
         rng = _rng(request.seed)
         text, calls = compose_reply(request)
-        await asyncio.sleep(_jittered(rng, self._latency.llm_first_token_ms, self._latency.jitter))
+        first = _jittered(rng, self._latency.llm_first_token_ms, self._latency.jitter)
+        await asyncio.sleep(first + (self._slowdown.extra_s() if self._slowdown else 0.0))
         words = text.split(" ")
         for i, word in enumerate(words):
             if i:
