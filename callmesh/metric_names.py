@@ -125,6 +125,10 @@ FENCED_WRITES = _counter(
 # Turns.
 TURNS = _counter("turns", "Turns taken (the greeting included)")
 TURNS_RESPOKEN = _counter("turns_respoken", "Committed replies said again after a failover")
+DECIDED_REPLIES_RESUMED = _counter(
+    "decided_replies_resumed",
+    "Replies of a turn in flight said from a lost owner's decided text, without the model",
+)
 TURNS_CUT_OFF_BEFORE_AUDIO = _counter(
     "turns_cut_off_before_audio", "Turns the caller interrupted before their first audio"
 )

@@ -77,6 +77,11 @@ class Ctl(StrEnum):
     ACK = "ack"
     # node → router: this node gives the call up (drain, fenced out); re-pin it.
     HANDOFF = "handoff"
+    # node → router: the model finished writing the reply of ``turn`` (the turn answering
+    # inbound ``seq``), without tool calls: its ``text`` is decided. The router keeps it
+    # until that turn is acknowledged and gives it to a new owner in the resume ``start``
+    # (``decided``), which then says it instead of asking the model again.
+    DECIDED = "decided"
 
 
 # Reply frames take part in the router's de-duplication of a re-answered turn.
@@ -96,6 +101,15 @@ MAX_MARK_NAME = 64
 # number was accepted once and then failed every later turn of the call with ``internal``.
 MAX_INT = 2**53 - 1
 MAX_SEQ = MAX_INT  # the largest seq a frame may carry
+# A decided reply (Ctl.DECIDED) is a few sentences; one longer than this (UTF-8 bytes) is
+# not sent by a node nor kept by a router, and its turn is answered again by the model.
+MAX_DECIDED_TEXT_BYTES = 4096
+# Provider, model and node names in a decided reply.
+MAX_DECIDED_NAME = 128
+# Set (true) by a router in every ``start`` it sends a node: it keeps ``decided`` frames and
+# never forwards them; a node sends none to a router that does not say so (an older one,
+# during a rolling update, would pass them on to the caller).
+TAKES_DECIDED = "takes_decided"
 # A typed utterance longer than this is refused at the edge: it would be the model's
 # prompt, a retrieval query and a cache key (speech is bounded by its own duration).
 MAX_USER_TEXT_CHARS = 2000
@@ -262,6 +276,34 @@ def _check_audio_format(audio: object, seq: int) -> None:
         )
     if audio["encoding"] == AudioEncoding.MULAW and rate != TELEPHONY_RATE:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "mulaw audio is 8000 Hz", seq)
+
+
+def decided_reply(body: object) -> dict[str, Any] | None:
+    """The fields of a ``decided`` control frame (or of the ``decided`` object a router puts
+    in a resume ``start``), checked and bounded: ``turn``, ``seq``, ``text``, ``llm``
+    (provider and model names), ``node``. None when anything is missing, of the wrong
+    type or over a bound: the text is then dropped, never half kept."""
+    if not isinstance(body, dict):
+        return None
+    turn, seq, text = body.get("turn"), body.get("seq"), body.get("text")
+    llm, node = body.get("llm"), body.get("node", "")
+    if type(turn) is not int or not 1 <= turn <= MAX_INT:
+        return None
+    if type(seq) is not int or not 1 <= seq <= MAX_INT:
+        return None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    if len(text) > MAX_DECIDED_TEXT_BYTES or len(text.encode()) > MAX_DECIDED_TEXT_BYTES:
+        return None
+    if not (isinstance(llm, list) and len(llm) == 2 and all(_short_name(x) for x in llm)):
+        return None
+    if not _short_name(node):
+        return None
+    return {"turn": turn, "seq": seq, "text": text, "llm": list(llm), "node": node}
+
+
+def _short_name(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_DECIDED_NAME
 
 
 def mark_name(turn: int, n: int) -> str:

@@ -25,7 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
-from callmesh.protocol import Ctl, ErrorCode, In, Inbound, Out, encode, error_frame
+from callmesh.protocol import (
+    MAX_DECIDED_TEXT_BYTES,
+    Ctl,
+    ErrorCode,
+    In,
+    Inbound,
+    Out,
+    encode,
+    error_frame,
+)
 from callmesh.telemetry import TurnMetrics
 from conversation_node import turn_outcomes
 from conversation_node.errors import CallDropped
@@ -276,6 +285,23 @@ class CallCore:
         if seq <= self.last_seq:
             return None
         return encode({"type": Ctl.ACK.value, "seq": seq, "turn": self.turn})
+
+    def decided(self, t: UserTurn, text: str, llm: tuple[str, str]) -> str | None:
+        """The ``decided`` frame of turn ``t``, whose reply the model ``llm`` finished
+        writing as ``text``; None for a text over the bound (a new owner then asks its own
+        model, as it would without one)."""
+        if not text.strip() or len(text.encode()) > MAX_DECIDED_TEXT_BYTES:
+            return None
+        return encode(
+            {
+                "type": Ctl.DECIDED.value,
+                "turn": t.turn,
+                "seq": t.seq,
+                "text": text,
+                "llm": list(llm),
+                "node": self.node_id,
+            }
+        )
 
     # ------------------------------------------------------------------ turns
 

@@ -5,6 +5,9 @@ pipeline to voice (:mod:`conversation_node.pipeline`), replacing a model that fa
 misses its first-token budget before writing anything by a recovery line.
 :class:`PreparedReply` is a model stream started before its turn is confirmed
 (preemptive generation), read into memory until the turn adopts it or drops it.
+:class:`DecidedReply` is a reply another owner's model already finished writing (its
+``decided`` text, passed on by the router after a failover), read as a model that has
+written all of it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from callmesh.audio.format import AudioChunk
+from callmesh.protocol import decided_reply
 from conversation_node.providers.base import (
     LLM,
     TTS,
@@ -27,6 +32,7 @@ from conversation_node.providers.base import (
 
 __all__ = [
     "RECOVERY_LINE",
+    "DecidedReply",
     "ModelOutput",
     "ModelReply",
     "Prefetched",
@@ -148,6 +154,11 @@ class ModelReply:
             self._sentence(rest)
         out.text = "".join(out.generated).strip()
         self._end()
+
+    def adopt_decided(self, decided: DecidedReply) -> None:
+        """Read ``decided`` (a reply written whole by another owner's model) instead of
+        asking the model: its sentences are the ones the model's stream gave."""
+        self._stream = decided.stream()
 
     def adopt(self, prepared: PreparedReply) -> None:
         """Read ``prepared`` (started earlier on the same request) instead of a new
@@ -290,6 +301,36 @@ class PreparedReply:
         if self._audio is not None:
             await self._audio.cancel()
         return self.tokens
+
+
+@dataclass(frozen=True)
+class DecidedReply:
+    """The reply of ``turn`` (answering inbound ``seq``) that the model of ``node``, a
+    previous owner, finished writing before that node was lost: said again as written, so
+    the caller hears the reply they were receiving go on, without waiting for a model."""
+
+    turn: int
+    seq: int
+    text: str
+    llm: tuple[str, str]
+    node: str
+
+    @classmethod
+    def from_start(cls, body: object) -> DecidedReply | None:
+        """The ``decided`` object of a resume ``start``; None if absent or malformed."""
+        fields = decided_reply(body)
+        if fields is None:
+            return None
+        provider, model = fields["llm"]
+        return cls(fields["turn"], fields["seq"], fields["text"], (provider, model), fields["node"])
+
+    def answers(self, turn: int, seq: int) -> bool:
+        """Whether this is the reply of the turn ``turn`` begun on inbound ``seq``."""
+        return self.turn == turn and self.seq == seq
+
+    async def stream(self) -> AsyncIterator[LLMDelta]:
+        # One delta: the sentence splitter cuts a text the same whichever way it arrives.
+        yield LLMDelta(text=self.text)
 
 
 async def next_or_none(stream: AsyncIterator[Any]) -> Any:

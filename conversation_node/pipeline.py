@@ -20,6 +20,7 @@ from callmesh.audio.format import AudioChunk
 from callmesh.protocol import Out
 from conversation_node.audio.convert import Transcoder
 from conversation_node.model_reply import (
+    DecidedReply,
     ModelReply,
     PreparedReply,
     SentenceSplitter,
@@ -31,6 +32,8 @@ from conversation_node.providers.base import LLM, TTS, LLMRequest, ProviderError
 _AGENT_TEXT, _AGENT_AUDIO, _MARK = Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
+# Told the turn's output once the model has written all of its reply (before it is all said).
+Written = Callable[["TurnOutput"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,18 @@ class TurnPipeline:
         voice: Voice = TEXT_MODE,
         interrupt: asyncio.Event | None = None,
         prepared: PreparedReply | None = None,
+        *,
+        decided: DecidedReply | None = None,
+        written: Written | None = None,
     ) -> TurnOutput:
         """Generate and speak a reply. Setting ``interrupt`` (barge-in) stops the model and
         the voice at once; the output then says what had been generated. ``prepared``:
-        the model's output is that generation's (adopted: it was started on this turn)."""
-        out = TurnOutput(llm=(self._llm.name, _model_name(self._llm)))
+        the model's output is that generation's (adopted: it was started on this turn).
+        ``decided``: the reply another owner's model wrote, said without the model.
+        ``written``: awaited once the model has written the whole reply, unless the reply
+        was interrupted first."""
+        llm = decided.llm if decided is not None else (self._llm.name, _model_name(self._llm))
+        out = TurnOutput(llm=llm)
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         model = ModelReply(
             self._llm,
@@ -114,9 +124,17 @@ class TurnPipeline:
             first_token_ms=self._budgets.llm_first_token_ms,
             total_ms=self._budgets.llm_total_ms,
         )
-        if prepared is not None:
+        if decided is not None:
+            model.adopt_decided(decided)
+        elif prepared is not None:
             model.adopt(prepared)
         producer: asyncio.Task[None] | None = None
+
+        async def read_rest() -> None:
+            if not model.finished:
+                await model.read()
+            if written is not None:
+                await written(out)
 
         async def speak_all() -> None:
             nonlocal producer
@@ -125,12 +143,14 @@ class TurnPipeline:
             # (milliseconds on a loaded node) between the sentence and the request for its
             # voice. The rest of the reply is read by a producer while this task speaks.
             await model.read(until_sentence=True)
-            if not model.finished:
-                producer = asyncio.create_task(model.read(), name="llm")
+            if not model.finished or written is not None:
+                producer = asyncio.create_task(read_rest(), name="llm")
             n = 0
             while (sentence := await sentences.get()) is not None:
                 ready = prepared.voiced(sentence) if prepared is not None else None
                 n = await self._speak(sentence, n, emit, out, voice, ready)
+            if producer is not None:
+                await producer  # ``written`` may still be telling the router
 
         try:
             await _unless_interrupted(speak_all(), interrupt, out)

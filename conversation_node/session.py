@@ -38,7 +38,7 @@ from callmesh.metric_names import (
     CALLS_RESUMED,
     CALLS_STARTED,
 )
-from callmesh.protocol import In, Inbound
+from callmesh.protocol import TAKES_DECIDED, In, Inbound
 from callmesh.telemetry import now_ms
 from callmesh.weak_callbacks import weak_method
 from conversation_node.audio.convert import Transcoder
@@ -47,6 +47,7 @@ from conversation_node.call_durability import CallDurability
 from conversation_node.errors import CallDropped
 from conversation_node.greeting import load_history, save_history
 from conversation_node.link_end import LinkEnd
+from conversation_node.model_reply import DecidedReply
 from conversation_node.node_services import NodeServices
 from conversation_node.pipeline import Voice
 from conversation_node.prompt import Greeting, greeting_for
@@ -207,6 +208,8 @@ class CallSession:
             fmt = AudioFormat.from_start(start.body)
             core.audio_format = fmt
             self.turns.said.voice = Voice(Transcoder(fmt.encoding, fmt.sample_rate), marks=True)
+        # Decided replies go only to a router that keeps them (never to the caller).
+        self.turns.announce_decided = start.body.get(TAKES_DECIDED) is True
         epoch, ckpt = await self._svc.store.take_ownership(
             core.tenant, core.call_id, self._svc.node_id
         )
@@ -241,6 +244,11 @@ class CallSession:
             async with self._turn_lock:
                 await self.turns.said.greet(greeting, started, history_ms)
             return
+        decided = DecidedReply.from_start(start.body.get("decided"))
+        if decided is not None and decided.turn == core.turn + 1:
+            # The previous owner's model had written the reply of the turn in flight: the
+            # replayed frames begin that turn again, and it is said as written.
+            self.turns.decided = decided
         delivered = start.body.get("delivered_turn")
         again = core.reply_to_repeat(delivered if isinstance(delivered, int) else heard_turn)
         if again is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from callmesh.telemetry import TurnMetrics
 from conversation_node.booking import BOOKED_FACT, describe_booking
+from conversation_node.model_reply import DecidedReply
 from conversation_node.pipeline import TurnOutput
 from conversation_node.prompt import Greeting
 from conversation_node.providers.base import LLMRequest
@@ -78,6 +79,8 @@ class Reply:
     # what the agent said after the model's reply to ask for a confirmation instead.
     refused: dict[int, Refusal] = field(default_factory=dict)
     asked: str = ""
+    # The reply was said from a previous owner's decided text: no retrieval, no model.
+    resumed: DecidedReply | None = None
 
 
 def greeting(memory: SessionMemory, g: Greeting) -> list[Record]:
@@ -101,20 +104,28 @@ def answer(memory: SessionMemory, tenant: str, call_id: str, t: UserTurn, r: Rep
     turn, output = t.turn, r.output
     ops = list(t.ops)
     effects: list[OutboxEntry] = []
+    llm = eventlog.record(
+        EventType.LLM,
+        turn,
+        prompt_digest=prompt_digest(r.prompt.messages),
+        prompt_tokens=r.prompt.tokens,
+        prompt_truncated=list(r.prompt.truncated),
+        state=r.request.facts,
+        output=output.text,
+        tool_calls=[{"name": c.name, "arguments": c.arguments} for c in output.tool_calls],
+        # The model that wrote the reply (provider, model).
+        model=list(output.llm),
+    )
     records: list[Record] = [
-        eventlog.record(EventType.USER_TURN, turn, seq=t.seq, text=t.text, confidence=t.confidence),
-        retrieval_record(turn, r.retrieval, r.retrieval_ms),
-        eventlog.record(
-            EventType.LLM,
-            turn,
-            prompt_digest=prompt_digest(r.prompt.messages),
-            prompt_tokens=r.prompt.tokens,
-            prompt_truncated=list(r.prompt.truncated),
-            state=r.request.facts,
-            output=output.text,
-            tool_calls=[{"name": c.name, "arguments": c.arguments} for c in output.tool_calls],
-        ),
+        eventlog.record(EventType.USER_TURN, turn, seq=t.seq, text=t.text, confidence=t.confidence)
     ]
+    if r.resumed is None:
+        records.append(retrieval_record(turn, r.retrieval, r.retrieval_ms))
+    else:
+        # Nothing was retrieved and no model asked: the reply is the one the previous
+        # owner's model wrote (``model``) before that node was lost.
+        llm["resumed"] = {"from": "decided_text", "node": r.resumed.node}
+    records.append(llm)
     fallbacks = [*retrieval_fallbacks(r.retrieval), *output.fallbacks]
     for i, call in enumerate(output.tool_calls):
         kind = EFFECT_KINDS.get(call.name)

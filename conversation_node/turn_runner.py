@@ -20,6 +20,7 @@ from opentelemetry.trace import Span
 
 from callmesh import tracing
 from callmesh.metric_names import (
+    DECIDED_REPLIES_RESUMED,
     ENDPOINT_MS_SUM,
     PREEMPTIVE_ADOPTED,
     PREEMPTIVE_CANCELLED,
@@ -28,8 +29,8 @@ from callmesh.metric_names import (
 )
 from callmesh.telemetry import TurnMetrics
 from conversation_node.call_core import CallCore
-from conversation_node.model_reply import PreparedReply
-from conversation_node.pipeline import Emit, TurnOutput, Voice
+from conversation_node.model_reply import DecidedReply, PreparedReply
+from conversation_node.pipeline import Emit, TurnOutput, Voice, Written
 from conversation_node.preemptive import Outcome
 from conversation_node.prompt import build_request
 from conversation_node.providers.base import LLMRequest
@@ -37,7 +38,7 @@ from conversation_node.said_replies import Replies, SaidReplies
 from conversation_node.sensitive import Refusal, review
 from conversation_node.speculations import Speculation, same_request
 from conversation_node.turn_close import Counters, Durability, Send, TurnCloser
-from conversation_node.turn_outcomes import Answer, Reply
+from conversation_node.turn_outcomes import Answer, Reply, UserTurn
 from memory.prompt import Prompt, default_counter
 from memory.retrieval import RetrievalResult
 from memory.session import SessionMemory
@@ -56,6 +57,9 @@ class Pipeline(Protocol):
         voice: Voice,
         interrupt: asyncio.Event | None,
         prepared: PreparedReply | None = None,
+        *,
+        decided: DecidedReply | None = None,
+        written: Written | None = None,
     ) -> TurnOutput: ...
 
     def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply: ...
@@ -104,7 +108,14 @@ class TurnRunner:
         self._durability = durability
         self._replies = replies
         self._counters = counters
+        self._send = send
         self._prepare_voice = prepare_voice
+        # The reply a previous owner's model wrote for the turn in flight (the resume
+        # ``start``'s ``decided``): said instead of asking the model, if the first turn
+        # begun here is that turn; forgotten either way.
+        self.decided: DecidedReply | None = None
+        # Whether the router takes ``decided`` frames (its start says so).
+        self.announce_decided = False
         self._closer = TurnCloser(core, durability=durability, send=send, observe_turn=observe_turn)
         self.said = SaidReplies(
             core,
@@ -202,25 +213,46 @@ class TurnRunner:
     ) -> tuple[Answer, TurnMetrics, dict[str, Any]]:
         core = self._core
         t = core.begin_user_turn(seq, text, confidence)
+        decided, self.decided = self.decided, None
+        if decided is not None and not decided.answers(t.turn, t.seq):
+            decided = None  # another turn's: this one is answered by the model
         t0 = time.monotonic()
-        if speculation is not None and speculation.turn == t.turn:
+        if decided is not None:
+            retrieval = RetrievalResult(text, (), {}, 0.0)  # the reply is written already
+        elif speculation is not None and speculation.turn == t.turn:
             retrieval = speculation.retrieval  # the words are the same (normalised)
         else:
             retrieval = await self._retrieval.retrieve(text)
-        retrieval_ms = (time.monotonic() - t0) * 1000
+        retrieval_ms = 0.0 if decided is not None else (time.monotonic() - t0) * 1000
         prompt = self._prompts.build(core.memory, text, retrieval)
         request = build_request(prompt, text, seed=f"{core.call_id}:{t.turn}")
         prepared = None
         if speculation is not None:
-            if speculation.turn == t.turn and same_request(speculation.reply.request, request):
+            if (
+                decided is None
+                and speculation.turn == t.turn
+                and same_request(speculation.reply.request, request)
+            ):
                 speculation.outcome = Outcome.ADOPTED
                 prepared = speculation.reply
                 self._counters.inc(PREEMPTIVE_ADOPTED)
             else:
                 await self.drop(speculation)
         pb, interrupt = self._replies.start_reply(t.turn)
+        if decided is not None:
+            self._counters.inc(DECIDED_REPLIES_RESUMED)
+            log.info(
+                "reply resumed from its decided text",
+                extra={"fields": {"call_id": core.call_id, "turn": t.turn, "from": decided.node}},
+            )
         output = await self._pipeline.run(
-            request, self.said.emit, self.said.voice, interrupt, prepared
+            request,
+            self.said.emit,
+            self.said.voice,
+            interrupt,
+            prepared,
+            decided=decided,
+            written=self._announcer(t) if decided is None and self.announce_decided else None,
         )
         if prepared is not None:
             await prepared.cancel()  # read to the end unless a barge-in stopped the reply
@@ -233,7 +265,16 @@ class TurnRunner:
             said, cut = f"{output.text} {asked}".strip(), spoken.interrupted
         heard, interrupted = await self._replies.heard(pb, said, cut)
         reply = Reply(
-            retrieval, retrieval_ms, prompt, request, output, heard, interrupted, refused, asked
+            retrieval,
+            retrieval_ms,
+            prompt,
+            request,
+            output,
+            heard,
+            interrupted,
+            refused,
+            asked,
+            resumed=decided,
         )
         answer = core.answered(t, reply)
         # Retrieval is on the critical path, like the model's first sentence and the voice.
@@ -269,6 +310,21 @@ class TurnRunner:
                 traced["llm"][tracing.PREEMPTIVE_SAVED_MS] = round(metrics.preemptive_saved_ms, 3)
             traced["sources"] = {name: str(s) for name, s in retrieval.status.items()}
         return answer, metrics, traced
+
+    def _announcer(self, t: UserTurn) -> Written:
+        """Tells the router the reply of ``t`` once the model has written all of it, so a
+        new owner can say it if this node is lost before the turn's checkpoint. A reply
+        with tool calls, or one the model did not finish (a fallback), is not decided:
+        a new owner answers such a turn again."""
+
+        async def written(output: TurnOutput) -> None:
+            if output.tool_calls or output.fallbacks:
+                return
+            frame = self._core.decided(t, output.text, output.llm)
+            if frame is not None:
+                await self._send(frame)
+
+        return written
 
     def _refusals(self, output: TurnOutput, turn: int, said: str) -> dict[int, Refusal]:
         """The model's sensitive tool calls the caller did not confirm (by index), logged."""

@@ -41,9 +41,15 @@ def describe(rec: dict[str, Any]) -> str:
         tools = ", ".join(
             f"{t.get('name')}({json.dumps(t.get('arguments'))})" for t in g("tool_calls") or []
         )
+        decided = g("resumed")
+        said = (
+            f" (resumed from the decided text of {decided.get('node')}, not asked again)"
+            if isinstance(decided, dict)
+            else ""
+        )
         return (
             f"llm {g('prompt_tokens')} tokens digest {str(g('prompt_digest'))[:12]} → "
-            f"{_q(g('output'))}" + (f" tools: {tools}" if tools else "")
+            f"{_q(g('output'))}" + (f" tools: {tools}" if tools else "") + said
         )
     if k == EventType.EFFECT:
         return f"effect {g('msg_id')} {g('kind')} {json.dumps(g('payload'), ensure_ascii=False)}"

@@ -35,7 +35,7 @@ from callmesh.auth import (
 from callmesh.auth import resume as resume_secrets
 from callmesh.auth.resume import ResumeRecord
 from callmesh.config import ConfigError, RouterConfig
-from callmesh.protocol import Inbound, encode
+from callmesh.protocol import TAKES_DECIDED, Inbound, encode
 from callmesh.settings.auth_table import auth_is_configured
 from state_store.resume import ResumeStore
 
@@ -45,6 +45,9 @@ BEARER = "bearer "
 # Fields of ``start`` that are credentials: checked here, never forwarded to a node (the
 # node records its start in the event log).
 CREDENTIAL_FIELDS = ("token", "resume")
+# Fields of a node's ``start`` that only a router may write: a ``decided`` reply is said as
+# the agent's own words, so one claimed by a client is dropped at the edge.
+ROUTER_ONLY_FIELDS = ("decided", TAKES_DECIDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +184,15 @@ class CallAuth:
 
 
 def sanitized_start(start: Inbound, tenant: str, caller: str) -> Inbound:
-    """``start`` as the node sees it: the verified tenant and caller, no credentials."""
-    body = {k: v for k, v in start.body.items() if k not in CREDENTIAL_FIELDS}
+    """``start`` as the node sees it: the verified tenant and caller, no credentials,
+    nothing a client claims that only a router may say, and what this router takes."""
+    body = {
+        k: v
+        for k, v in start.body.items()
+        if k not in CREDENTIAL_FIELDS and k not in ROUTER_ONLY_FIELDS
+    }
     body["tenant"], body["caller"] = tenant, caller
+    body[TAKES_DECIDED] = True  # this router keeps a node's decided replies (router.upstream)
     return Inbound(start.type, start.seq, body, encode(body))
 
 

@@ -13,8 +13,11 @@ keeps two things across a relink:
   remembered by ``(turn, n)``. A new owner re-saying such a turn is not heard twice; if it
   says something else, the caller is told to ``clear`` the dead node's partial reply and
   hears the new one from its start.
+- :class:`DecidedText`: the reply text the owner's model finished writing for the turn in
+  flight (``decided``), kept until that turn is acknowledged and given to a new owner, which
+  then says it instead of asking the model again: the caller hears the same reply go on.
 
-Both are on the path of every frame (~50 a second per call): a frame costs what keeping
+The first two are on the path of every frame (~50 a second per call): a frame costs what keeping
 it costs (a deque slot; a reply's ``(turn, n)`` entry), never a copy or a wait.
 """
 
@@ -27,7 +30,7 @@ from operator import attrgetter
 from typing import Any
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_ms
-from callmesh.protocol import Inbound, Out, encode
+from callmesh.protocol import Inbound, Out, decided_reply, encode
 
 _SEQ = attrgetter("seq")
 
@@ -246,3 +249,44 @@ class ReplyDedup:
         """A new link: what the previous one re-said and held is moot, since the new owner
         starts its reply over."""
         self._held.clear()
+
+
+class DecidedText:
+    """The decided reply of the turn in flight (one at most, bounded by
+    :func:`callmesh.protocol.decided_reply`), from the owner's ``decided`` frame until the
+    owner acknowledges that turn, the way :class:`UnackedFrames` keeps the caller's frames.
+    Only the current owner's link is read, so a node that lost the call cannot make the
+    router hold more than one bounded text for it."""
+
+    __slots__ = ("kept",)
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        kept = self.kept
+        what = f"turn {kept['turn']} seq {kept['seq']}" if kept is not None else "nothing"
+        return f"<DecidedText [{what}]>"
+
+    def offer(self, frame: dict[str, Any], completed_turn: int) -> bool:
+        """Keep the ``decided`` frame of the owner; False (not kept) when it is malformed or
+        over its bound, or its turn is complete or older than the one kept."""
+        decided = decided_reply(frame)
+        if decided is None or decided["turn"] <= completed_turn:
+            return False
+        if self.kept is not None and self.kept["turn"] > decided["turn"]:
+            return False
+        self.kept = decided
+        return True
+
+    def ack(self, seq: int, turn: int) -> None:
+        """The owner checkpointed everything up to ``seq``, up to ``turn``: the decided turn,
+        if that covers it, no longer needs its text."""
+        kept = self.kept
+        if kept is not None and seq >= kept["seq"] and turn >= kept["turn"]:
+            self.kept = None
+
+    def complete(self, turn: int) -> None:
+        """The caller has ``turn`` whole (its ``turn_metrics``)."""
+        if self.kept is not None and self.kept["turn"] <= turn:
+            self.kept = None

@@ -25,7 +25,7 @@ from callmesh import tracing
 from callmesh.mux import Channel
 from callmesh.protocol import CloseCode, ErrorCode, In, Inbound, encode
 from callmesh.telemetry import Metrics
-from router.failover_buffer import ReplyDedup, UnackedFrames
+from router.failover_buffer import DecidedText, ReplyDedup, UnackedFrames
 from router.limits import FrameRate, Rate, RelinkCap
 from router.links import ClientLink
 from router.node_links import NodeLinkError
@@ -77,6 +77,8 @@ class ProxySession:
         self._relink_cap = RelinkCap(limits.max_relinks, limits.relink_window_s)
         self.last_client_seq = 0
         self.replies = ReplyDedup()
+        # The owner's decided reply of the turn in flight, for a new owner to say.
+        self.decided = DecidedText()
         self.relink_reason = ""
         # Handed to the client in ``ready`` (router.call_auth): proof for a reconnect.
         self.resume_secret: str | None = None
@@ -93,7 +95,7 @@ class ProxySession:
         self._pump: asyncio.Task[Outcome] | None = None
         self.failovers = 0
         self._node_frames = NodeFrames(
-            self.unacked, self.replies, metrics, self.send_client, self._call_ended
+            self.unacked, self.replies, self.decided, metrics, self.send_client, self._call_ended
         )
 
     def __repr__(self) -> str:
@@ -208,12 +210,9 @@ class ProxySession:
         # A new owner learns what the caller already has: a turn it restores as committed
         # but whose reply the caller never fully received is spoken again (de-duplicated).
         # (A new client connection is not a relink: nothing is known of what it heard.)
-        delivered = self.replies.completed_turn
-        start = (
-            self.start.raw
-            if reason == "start"
-            else encode({**self.start.body, "resume": reason, "delivered_turn": delivered})
-        )
+        # It also gets the reply the previous owner's model had finished writing for the
+        # turn in flight, to say instead of asking its own model again.
+        start = self.start.raw if reason == "start" else self._resume_start(self.start, reason)
         try:
             channel = await self._node_links.open(node_id, url, self.call_id, start)
         except NodeLinkError as exc:
@@ -232,6 +231,13 @@ class ProxySession:
         except (ConnectionError, RuntimeError):
             return False
         return True
+
+    def _resume_start(self, start: Inbound, reason: str) -> str:
+        body = {**start.body, "resume": reason}
+        body["delivered_turn"] = self.replies.completed_turn
+        if self.decided.kept is not None:
+            body["decided"] = self.decided.kept
+        return encode(body)
 
     async def pump_upstream(self) -> Outcome:
         """Node → client until the link ends; returns why it ended."""

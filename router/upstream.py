@@ -16,7 +16,15 @@ from callmesh import metric_names as names
 from callmesh.mux import Channel
 from callmesh.protocol import REPLY_TYPES, Ctl, ErrorCode, Out, encode
 from callmesh.telemetry import Metrics
-from router.failover_buffer import CLEAR, HOLD, SEND, ReplyDedup, UnackedFrames, clear_frame
+from router.failover_buffer import (
+    CLEAR,
+    HOLD,
+    SEND,
+    DecidedText,
+    ReplyDedup,
+    UnackedFrames,
+    clear_frame,
+)
 from router.node_frames import kind_of, parse
 
 log = logging.getLogger("callmesh.router.proxy")
@@ -52,12 +60,14 @@ class NodeFrames:
         self,
         unacked: UnackedFrames,
         replies: ReplyDedup,
+        decided: DecidedText,
         metrics: Metrics,
         send_client: SendClient,
         call_ended: Callable[[], Awaitable[None]],
     ) -> None:
         self._unacked = unacked
         self._replies = replies
+        self._decided = decided
         self._metrics = metrics
         self._send_client = send_client
         self._call_ended = call_ended
@@ -98,7 +108,13 @@ class NodeFrames:
                     await self._forward_reply(kind, frame, raw)
             elif kind == Ctl.ACK:
                 frame = frame or parse(raw) or {}
-                self._unacked.ack(int(frame.get("seq", 0)))
+                seq = int(frame.get("seq", 0))
+                self._unacked.ack(seq)
+                self._decided.ack(seq, int(frame.get("turn", 0)))
+            elif kind == Ctl.DECIDED:
+                frame = frame or parse(raw) or {}
+                if not self._decided.offer(frame, self._replies.completed_turn):
+                    self._metrics.inc(names.REFUSED, bound="decided_text")
             elif kind == Ctl.HANDOFF:
                 return Outcome.HANDOFF
             elif kind == Out.READY:
@@ -113,7 +129,9 @@ class NodeFrames:
                     await send_client(Out.OWNER.value, encode(owner), owner)
             elif kind == Out.TURN_METRICS:
                 frame = frame or parse(raw) or {}
-                if self._replies.complete(int(frame.get("turn", 0))):
+                turn = int(frame.get("turn", 0))
+                self._decided.complete(turn)
+                if self._replies.complete(turn):
                     await send_client(kind, raw, frame)
             elif kind == Out.CALL_ENDED:
                 await self._call_ended()

@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import nats
+
 from callmesh_client.client import CallClient, Reply
+from events.replay import read_records
 from localcluster.cluster import LocalCluster
 from state_store.client import connect
 from state_store.pins import PinStore
@@ -24,6 +27,21 @@ BOOKING_SCRIPT = [
     "How about 3pm",
     "Yes, book it",
 ]
+
+
+async def call_records(cluster: LocalCluster, tenant: str, call_id: str) -> list[dict[str, Any]]:
+    """The call's whole event log, once its last record (call_ended) is published."""
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        js = nc.jetstream()
+        for _ in range(100):
+            records = await read_records(js, tenant, call_id)
+            if records and records[-1]["type"] == "call_ended":
+                return records
+            await asyncio.sleep(0.05)
+        raise AssertionError("event log incomplete")
+    finally:
+        await nc.drain()
 
 
 async def run_call(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from localcluster.cluster import LocalCluster, Proc
 from state_store.client import connect
 from state_store.store import StateStore
 from tests.backend_modes import both_backends, cluster_kwargs
-from tests.cluster_helpers import eventually
+from tests.cluster_helpers import call_records, eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,6 +64,41 @@ async def test_sigkill_mid_call_keeps_context_and_answers_in_flight_turn_once(
         await client.hangup()
     ckpt = await _load(cluster, "kill-1")
     assert ckpt is not None and ckpt.turn == 4 and ckpt.epoch == 2
+
+
+async def test_a_reply_under_way_survives_its_node_as_decided_text(cluster: LocalCluster) -> None:
+    async with CallClient(cluster.router_url, "kill-2") as client:
+        ready = await client.start("demo", "bob")
+        await client.say("Hi, my name is Priya")
+        await client.say("I need a cleaning")
+        owner = _node(cluster, ready["node"])
+        killed: list[int] = []
+        on_frame = client._on_frame
+
+        def kill_mid_reply(frame: dict[str, Any]) -> None:
+            on_frame(frame)
+            # The reply's last sentence: the model has written all of it (the owner told
+            # the router before saying it) and the caller is hearing it.
+            last = frame.get("type") == "agent_text" and frame.get("turn") == 3 and frame["n"]
+            if last and not killed:
+                killed.append(frame["n"])
+                owner.signal(signal.SIGKILL)
+
+        client._on_frame = kill_mid_reply  # type: ignore[method-assign]
+        reply = await client.say("Tuesday please")
+        assert killed
+        assert reply.turn == 3 and reply.metrics["node"] != owner.name
+        # The same reply went on: nothing cleared, nothing heard twice, no model asked.
+        assert reply.text == "Got it, Priya, Tuesday. What time would you like?"
+        assert not reply.cleared and client.duplicates == 0 and client.errors == []
+        assert reply.metrics["retrieval_ms"] == 0 and reply.metrics["fallbacks"] == []
+        reply = await client.say("3pm")
+        assert reply.turn == 4 and "cleaning on Tuesday at 3:00 pm for Priya" in reply.text
+        await client.hangup()
+    llm = [r for r in await call_records(cluster, "demo", "kill-2") if r["type"] == "llm"]
+    assert [r["turn"] for r in llm] == [1, 2, 3, 4]
+    assert llm[2]["resumed"] == {"from": "decided_text", "node": owner.name}
+    assert "resumed" not in llm[3]
 
 
 @both_backends

@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callmesh.protocol import In, Inbound, Out, encode
+from callmesh.protocol import MAX_DECIDED_TEXT_BYTES, In, Inbound, Out, encode
 from router.failover_buffer import (
     CLEAR,
     DROP,
     HOLD,
     SEND,
+    DecidedText,
     ReplyDedup,
     UnackedFrames,
     audio_bytes,
@@ -209,6 +210,72 @@ def test_relink_forgets_what_the_previous_link_held() -> None:
     assert repr(d) == "<ReplyDedup [turn -1 complete, 1 delivered, 1 held]>"
     d.relink()
     assert d.take_held() == []
+
+
+# ---------------------------------------------------------------------- DecidedText
+
+
+def decided(turn: int, seq: int, text: str = "Sure. What day works best?") -> dict[str, Any]:
+    return {
+        "type": "decided",
+        "turn": turn,
+        "seq": seq,
+        "text": text,
+        "llm": ["simulated-llm", "simulated-llm"],
+        "node": "node-a",
+    }
+
+
+def test_a_decided_text_is_kept_until_its_turn_is_acknowledged() -> None:
+    kept = DecidedText()
+    assert kept.offer(decided(3, 7), completed_turn=2)
+    fields = {k: v for k, v in decided(3, 7).items() if k != "type"}
+    assert kept.kept == fields  # what a new owner's start carries
+    kept.ack(6, 2)  # an earlier turn's checkpoint: still in flight
+    assert kept.kept == fields
+    kept.ack(7, 3)  # the turn is checkpointed: forgotten, like its unacked frames
+    assert kept.kept is None
+    assert repr(kept) == "<DecidedText [nothing]>"
+
+
+def test_a_decided_text_is_forgotten_when_its_turn_is_complete() -> None:
+    kept = DecidedText()
+    assert kept.offer(decided(3, 7), completed_turn=2)
+    kept.complete(2)
+    assert kept.kept is not None
+    kept.complete(3)
+    assert kept.kept is None
+
+
+def test_only_the_latest_turn_is_kept_and_never_a_complete_one() -> None:
+    kept = DecidedText()
+    assert not kept.offer(decided(2, 5), completed_turn=2)  # the caller has turn 2 whole
+    assert kept.offer(decided(3, 7), completed_turn=2)
+    assert not kept.offer(decided(2, 5, "older"), completed_turn=1)
+    assert kept.offer(decided(4, 9, "newer"), completed_turn=2)
+    assert kept.kept is not None and (kept.kept["turn"], kept.kept["text"]) == (4, "newer")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"text": "x" * (MAX_DECIDED_TEXT_BYTES + 1)},
+        {"text": "é" * (MAX_DECIDED_TEXT_BYTES // 2 + 1)},  # over the bound in UTF-8 bytes
+        {"text": ""},
+        {"text": 5},
+        {"turn": "3"},
+        {"turn": 0},
+        {"seq": -1},
+        {"llm": "simulated"},
+        {"llm": ["a", "b", "c"]},
+        {"llm": ["a", "m" * 200]},
+        {"node": ["a"]},
+    ],
+)
+def test_a_malformed_or_oversized_decided_text_is_not_kept(bad: dict[str, Any]) -> None:
+    kept = DecidedText()
+    assert not kept.offer({**decided(3, 7), **bad}, completed_turn=0)
+    assert kept.kept is None
 
 
 # ---------------------------------------------------------------------- a simulated call

@@ -6,14 +6,12 @@ process against the real Redis of the test session."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgpack
-import nats
 import pytest
 from redis.asyncio import Redis
 
@@ -26,7 +24,6 @@ from conversation_node.prompt import STANDARD_GREETING
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.session import CallDropped, CallSession
 from events import eventlog, subjects
-from events.replay import read_records
 from localcluster.cluster import LocalCluster
 from memory.errors import HistoryUnavailable
 from memory.facts import SessionFacts
@@ -37,7 +34,7 @@ from memory.working import Exchange, WorkingMemory
 from state_store.checkpoint import Checkpoint
 from state_store.client import connect
 from state_store.store import StateStore
-from tests.cluster_helpers import BOOKING_SCRIPT
+from tests.cluster_helpers import BOOKING_SCRIPT, call_records
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,21 +92,6 @@ async def _checkpoint(cluster: LocalCluster, tenant: str, call_id: str) -> Check
         await redis.aclose()
     assert ckpt is not None
     return ckpt
-
-
-async def _records(cluster: LocalCluster, tenant: str, call_id: str) -> list[dict[str, Any]]:
-    """The call's whole event log, once its last record (call_ended) is published."""
-    nc = await nats.connect(cluster.nats_url)
-    try:
-        js = nc.jetstream()
-        for _ in range(100):
-            records = await read_records(js, tenant, call_id)
-            if records and records[-1]["type"] == "call_ended":
-                return records
-            await asyncio.sleep(0.05)
-        raise AssertionError("event log incomplete")
-    finally:
-        await nc.drain()
 
 
 def rebuild_memory(records: list[dict[str, Any]], working_turns: int = 8) -> MemoryState:
@@ -176,7 +158,7 @@ async def test_second_call_is_greeted_with_what_the_first_established(
     ckpt = await _checkpoint(cluster, "demo", "hist-2")
     assert ckpt.working[0] == [0, "", WELCOME_BACK, False]
     assert ckpt.facts["name"] == ["Alice", 0, None]
-    records = await _records(cluster, "demo", "hist-2")
+    records = await call_records(cluster, "demo", "hist-2")
     turn0 = [r for r in records if r["turn"] == 0]
     assert [r["type"] for r in turn0] == [
         "call_started", "ownership", "agent_reply", "memory", "turn_metrics",
@@ -204,7 +186,7 @@ async def test_history_never_crosses_tenants_or_callers(cluster: LocalCluster) -
         ckpt = await _checkpoint(cluster, tenant, call_id)
         assert "name" not in ckpt.facts
     # And the retrieval side: the other tenant's prompts never carried Alice's history.
-    records = await _records(cluster, "acme", "iso-2")
+    records = await call_records(cluster, "acme", "iso-2")
     retrieval = next(r for r in records if r["type"] == "retrieval")
     assert "iso-1" not in retrieval["snippets"]
     greeting, _ = await _call(cluster, "iso-4", "demo", "cust-77", [])
@@ -229,7 +211,7 @@ async def test_a_price_question_is_answered_from_the_knowledge_base(
     assert "Opening hours" in replies[2].text or "open" in replies[2].text.lower()
     assert all(r.metrics["retrieval_ms"] > 0 for r in replies)
     assert all(r.metrics["provider_ms"] >= r.metrics["retrieval_ms"] for r in replies)
-    records = await _records(cluster, "demo", "kb-1")
+    records = await call_records(cluster, "demo", "kb-1")
     retrievals = [r for r in records if r["type"] == "retrieval"]
     assert "prices.yaml#0" in retrievals[0]["snippets"]
     assert "knowledge_base" in retrievals[0]["answered"] + retrievals[0]["from_cache"]
@@ -256,7 +238,7 @@ async def test_long_call_keeps_checkpoint_bounded_and_prompt_flat(cluster: Local
     # Same place in the script, 40 turns later: only turn numbers grew a digit or so.
     assert sizes[60][0] <= sizes[20][0] + 64 and sizes[40][0] <= sizes[20][0] + 64
 
-    records = await _records(cluster, "demo", "long-1")
+    records = await call_records(cluster, "demo", "long-1")
     tokens = {r["turn"]: r["prompt_tokens"] for r in records if r["type"] == "llm"}
     assert sorted(tokens) == list(range(1, 61))
     assert max(tokens.values()) <= PromptBudget().total
@@ -361,7 +343,7 @@ async def test_a_failed_turn_leaves_memory_as_committed(
         await h.say("Hi, my name is Maya")
         before = (h.session.turn, h.session.memory.to_state())
 
-        async def broken(*args: Any) -> None:
+        async def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("bug in the pipeline")
 
         monkeypatch.setattr(services.pipeline, "run", broken)

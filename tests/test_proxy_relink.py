@@ -6,6 +6,7 @@ with a turn in flight reach the new owners first (router.proxy)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -28,12 +29,13 @@ class Link:
 
     def __init__(self) -> None:
         self.inbound: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self.sent: list[str] = []
 
     async def receive(self) -> Inbound | None:
         return await self.inbound.get()
 
     async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
-        pass
+        self.sent.append(kind)
 
     async def refuse(self, code: Any, message: str, seq: int | None = None) -> None:
         pass
@@ -117,3 +119,81 @@ async def test_an_idle_call_waits_until_its_caller_sends_a_frame(session: ProxyS
 async def test_a_handoff_moves_at_once(session: ProxySession) -> None:
     async with asyncio.timeout(5):
         assert await session._after(Outcome.HANDOFF, "n1") == ("handoff", "n2")
+
+
+class NodeChannel:
+    """A call's channel on a node link: what the node sends, then the link's end."""
+
+    def __init__(self, frames: list[dict[str, Any]] | None = None) -> None:
+        self._frames = [json.dumps(f) for f in frames or []]
+        self.sent: list[str] = []
+        self.closed = False
+
+    async def receive(self) -> str | None:
+        return self._frames.pop(0) if self._frames else None
+
+    async def send_str(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class NodeLinks:
+    """Opens a channel on the next node; remembers the ``start`` each was opened with."""
+
+    def __init__(self) -> None:
+        self.starts: list[dict[str, Any]] = []
+
+    async def open(self, node: str, url: str, call_id: str, start: str) -> NodeChannel:
+        self.starts.append(json.loads(start))
+        return NodeChannel()
+
+
+DECIDED = {
+    "type": "decided",
+    "turn": 2,
+    "seq": 3,
+    "text": "Sure, Maya. What day works best for your cleaning?",
+    "llm": ["simulated-llm", "simulated-llm"],
+    "node": "n1",
+}
+
+
+@pytest.mark.parametrize("then", ["nothing", "ack", "turn_metrics"])
+async def test_a_decided_text_is_passed_to_the_next_owner_until_its_turn_is_acknowledged(
+    session: ProxySession, then: str
+) -> None:
+    links = NodeLinks()
+    session._node_links = links  # type: ignore[assignment]
+    frames: list[dict[str, Any]] = [
+        {"type": "ready", "turn": 1, "node": "n1", "epoch": 1},
+        {"type": "agent_text", "turn": 2, "n": 0, "text": "Sure, Maya."},
+        DECIDED,
+    ]
+    if then == "ack":
+        frames.append({"type": "ack", "seq": 3, "turn": 2})
+    elif then == "turn_metrics":
+        frames.append({"type": "turn_metrics", "turn": 2})
+    session.upstream = NodeChannel(frames)  # type: ignore[assignment]
+    assert await session.pump_upstream() is Outcome.LOST  # the node is gone
+    assert await session.attach("n2", "failover")
+    start = links.starts[-1]
+    assert start["resume"] == "failover"
+    if then == "nothing":
+        assert start["decided"] == {k: v for k, v in DECIDED.items() if k != "type"}
+    else:
+        assert "decided" not in start
+    # Never the caller's: the control frame is not forwarded.
+    link = session.link
+    assert isinstance(link, Link) and link.sent[:2] == ["ready", "agent_text"]
+    assert "decided" not in link.sent
+
+
+async def test_a_decided_text_is_not_passed_to_a_new_connection(session: ProxySession) -> None:
+    links = NodeLinks()
+    session._node_links = links  # type: ignore[assignment]
+    session.upstream = NodeChannel([DECIDED])  # type: ignore[assignment]
+    await session.pump_upstream()
+    assert await session.attach("n2", "start")
+    assert "decided" not in links.starts[-1]

@@ -173,6 +173,7 @@ async def test_twilio_events_become_native_frames_and_back(
             "tenant": "acme",
             "caller": "14155550100",
             "audio": {"encoding": "mulaw", "sample_rate": 8000},
+            "takes_decided": True,
         }
         assert [(a["type"], a["seq"], a["data"], a["ts"]) for a in audio] == [
             ("audio", 2, PAYLOAD, 0),
