@@ -106,6 +106,7 @@ class Chaos:
         self.victims: list[Proc] = []
         self.timeline = Timeline()
         self.backend_victims: list[str] = []
+        self.failed_shard: set[str] = set()  # calls whose Valkey master was killed
         prefix = uuid.uuid4().hex[:6]
         self.call_ids = [f"chaos-{prefix}-{i}" for i in range(args.calls)]
         self.injector = FaultInjector(
@@ -158,6 +159,10 @@ class Chaos:
         for victim in self.victims:
             self.timeline.fault(kind, victim.name, sig.name, at=at)
         self.kill_at = at if self.victims else None
+        if self.args.kill_redis_master and self.cluster.backends is not None:
+            # The calls whose state is on the master about to be killed: their gaps wait
+            # for its replica's promotion, reported apart (failover_gap_by_shard_ms).
+            _, self.failed_shard = chaos_faults.busiest_master(self.cluster, self.call_ids)
         self.backend_victims = await asyncio.to_thread(
             chaos_faults.strike_backends, self.args, self.cluster, self.call_ids
         )
@@ -238,7 +243,7 @@ async def _node_chaos(
         "completed_calls": sum(1 for c in calls if c.ended_at and not c.errors),
         "turns": sum(len(c.replies) for c in calls),
     }
-    rep.update(score(calls, chaos.strikes))
+    rep.update(score(calls, chaos.strikes, chaos.failed_shard))
     rep.update(await score_effects(cluster.nats_url, confirmed_bookings(calls)))
     rep["errors"] = sum(len(c.errors) for c in calls)
     rep["error_samples"] = [e for c in calls for e in c.errors][:5]

@@ -9,6 +9,7 @@ import argparse
 import signal
 
 from localcluster.cluster import LocalCluster, Proc
+from localcluster.servers import ManagedServer
 from state_store import keys
 
 
@@ -58,16 +59,25 @@ def strike_backends(
     return killed
 
 
+def busiest_master(cluster: LocalCluster, call_ids: list[str]) -> tuple[ManagedServer, set[str]]:
+    """The Valkey master holding most of these calls' checkpoints, and those calls: while
+    it fails over, their state cannot be written or read."""
+    servers = cluster.backends.redis_nodes if cluster.backends is not None else None
+    if servers is None:
+        raise RuntimeError("the cluster has no Valkey cluster")
+    by_call = {c: servers.master_of(keys.checkpoint("demo", c)) for c in call_ids}
+    masters = list(by_call.values())
+    master = max(masters, key=masters.count)
+    return master, {c for c, m in by_call.items() if m is master}
+
+
 def kill_redis_master(cluster: LocalCluster, call_ids: list[str]) -> str:
     """SIGKILL the Valkey master holding most of these calls' checkpoints, and restart it
     once its replica is promoted (as Kubernetes would: it rejoins as a replica); its name.
     Blocking."""
-    servers = cluster.backends.redis_nodes if cluster.backends is not None else None
-    if servers is None:
-        raise RuntimeError("the cluster has no Valkey cluster")
-    masters = [servers.master_of(keys.checkpoint("demo", c)) for c in call_ids]
-    master = max(masters, key=masters.count)
+    master, _ = busiest_master(cluster, call_ids)
     master.stop(signal.SIGKILL)
-    servers.wait_promoted(master)
+    assert cluster.backends is not None and cluster.backends.redis_nodes is not None
+    cluster.backends.redis_nodes.wait_promoted(master)
     master.start()
     return master.name

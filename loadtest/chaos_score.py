@@ -54,7 +54,11 @@ def _owner_at(call: ChaosCall, t: float) -> str:
     return owner
 
 
-def score(calls: list[ChaosCall], strikes: list[Strike]) -> dict[str, Any]:
+def score(
+    calls: list[ChaosCall], strikes: list[Strike], failed_shard: set[str] | None = None
+) -> dict[str, Any]:
+    """The scores of a run. ``failed_shard``: calls whose state is on a Valkey master the
+    run killed; their gaps are also given apart, as they wait for its replica's promotion."""
     gaps: list[float] = []
     answering: list[float] = []  # of each gap, the new owner's retrieval and model time
     samples: list[tuple[float, str, float, float]] = []
@@ -62,6 +66,7 @@ def score(calls: list[ChaosCall], strikes: list[Strike]) -> dict[str, Any]:
     # was already receiving: the new owner's first frame the caller lacks then comes after
     # the part it already has (identical frames are not sent twice).
     by_case: dict[str, list[float]] = {"reply_not_started": [], "reply_under_way": []}
+    by_shard: dict[str, list[float]] = {"master_killed": [], "shard_up": []}
     affected: set[str] = set()
     context_lost: set[str] = set()
     for kill_at, victims in strikes:
@@ -93,10 +98,13 @@ def score(calls: list[ChaosCall], strikes: list[Strike]) -> dict[str, Any]:
             )
             under_way = any(t <= kill_at for t in first.frame_times)
             by_case["reply_under_way" if under_way else "reply_not_started"].append(gaps[-1])
+            if failed_shard:
+                shard = "master_killed" if call.call_id in failed_shard else "shard_up"
+                by_shard[shard].append(gaps[-1])
             knew_name = any(r.done_at <= kill_at for r in call.replies)
             if knew_name and call.name not in first.text:
                 context_lost.add(call.call_id)
-    return {
+    report: dict[str, Any] = {
         "affected_calls": len(affected),
         "failover_gap_ms": percentiles(gaps, (50, 99)),
         # What the gap is made of: the new owner answering (retrieval and the model's first
@@ -117,6 +125,11 @@ def score(calls: list[ChaosCall], strikes: list[Strike]) -> dict[str, Any]:
         "duplicate_replies": sum(c.duplicates for c in calls),
         "context_lost": len(context_lost),
     }
+    if failed_shard:
+        report["failover_gap_by_shard_ms"] = {
+            k: percentiles(v, (50, 99)) for k, v in by_shard.items()
+        }
+    return report
 
 
 def confirmed_bookings(calls: list[ChaosCall]) -> set[str]:
