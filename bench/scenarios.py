@@ -169,7 +169,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         "abuse",
         _a("abuse"),
         _a("abuse"),
-        {"errors": "errors"},
+        {
+            "bad_inputs_sent": "bad_inputs_sent",
+            "crashes": "crashes",
+            "takeovers_succeeded": "takeovers_succeeded",
+            "takeover_attempts": "takeover_attempts",
+            "legit_calls_failed": "legit_calls_failed",
+            "legit_calls": "legit_calls",
+            "internal_errors": "internal_errors",
+            "p99_quiet_ms": "turn_latency_p99_quiet_ms",
+            "p99_flood_ms": "turn_latency_p99_flood_ms",
+            "errors": "errors",
+        },
         requires="loadtest.abuse",
     ),
 )
@@ -265,7 +276,18 @@ TABLES: dict[str, Table] = {
             ("event log", "{event_log_bytes_per_call} B/call"),
         ),
     ),
-    "abuse": Table("abuse", (*_WHEN, ("errors", "{errors}"))),
+    "abuse": Table(
+        "abuse",
+        (
+            *_WHEN,
+            ("hostile inputs", "{bad_inputs_sent}"),
+            ("crashes", "{crashes}"),
+            ("takeovers", "{takeovers_succeeded} of {takeover_attempts}"),
+            ("legitimate calls failed", "{legit_calls_failed} of {legit_calls}"),
+            ("`internal` errors", "{internal_errors}"),
+            ("turn p99 quiet → flood", "{p99_quiet_ms} → {p99_flood_ms} ms"),
+        ),
+    ),
 }
 
 
