@@ -15,16 +15,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from callmesh.config import NodeConfig, SimulatedLatency
+from callmesh.config import SimulatedLatency
 from callmesh.protocol import MAX_DECIDED_TEXT_BYTES, parse_inbound
-from conversation_node.node_services import MemoryServices, NodeServices
-from conversation_node.pipeline import Budgets, TurnPipeline
+from conversation_node.node_services import NodeServices
 from conversation_node.providers.base import LLMDelta, LLMRequest
-from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
-from memory.history import InMemoryHistoryStore
+from conversation_node.providers.simulated import SimulatedLLM
 from memory.retrieval import CallRetriever, RetrievalResult
 from state_store.store import StateStore
-from tests.test_node_memory import Harness
+from tests.test_node_memory import Harness, unit_services
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,19 +56,8 @@ def llm() -> ScriptedLLM:
 
 @pytest.fixture
 async def services(redis: Redis, llm: ScriptedLLM) -> AsyncIterator[NodeServices]:
-    latency = SimulatedLatency().scaled(0)
-    memory = MemoryServices.build(InMemoryHistoryStore(), working_turns=4)
-    svc = NodeServices(
-        NodeConfig(working_memory_turns=4),
-        StateStore(redis),
-        None,  # no JetStream: the event log stays in the outbox, where the test reads it
-        TurnPipeline(llm, SimulatedTTS(latency), None, Budgets()),
-        memory,
-    )
-    try:
+    async with unit_services(redis, llm) as svc:
         yield svc
-    finally:
-        await memory.aclose()
 
 
 def _said(frames: list[dict[str, Any]], turn: int) -> list[tuple[Any, ...]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
@@ -21,6 +22,7 @@ from callmesh_client.client import CallClient, Reply
 from conversation_node.node_services import MemoryServices, NodeServices
 from conversation_node.pipeline import Budgets, TurnPipeline
 from conversation_node.prompt import STANDARD_GREETING
+from conversation_node.providers.base import LLM
 from conversation_node.providers.simulated import SimulatedLLM, SimulatedTTS
 from conversation_node.session import CallDropped, CallSession
 from events import eventlog, subjects
@@ -296,21 +298,29 @@ class Harness:
         ]
 
 
-@pytest.fixture
-async def services(redis: Redis) -> AsyncIterator[NodeServices]:
+@asynccontextmanager
+async def unit_services(redis: Redis, llm: LLM | None = None) -> AsyncIterator[NodeServices]:
+    """A node's services on real Redis with no JetStream (the event log stays in the
+    outbox, where the tests read it) and providers without latency."""
     latency = SimulatedLatency().scaled(0)
     memory = MemoryServices.build(InMemoryHistoryStore(), working_turns=4)
     svc = NodeServices(
         NodeConfig(working_memory_turns=4),
         StateStore(redis),
-        None,  # no JetStream: the event log stays in the outbox, where the test reads it
-        TurnPipeline(SimulatedLLM(latency), SimulatedTTS(latency), None, Budgets()),
+        None,
+        TurnPipeline(llm or SimulatedLLM(latency), SimulatedTTS(latency), None, Budgets()),
         memory,
     )
     try:
         yield svc
     finally:
         await memory.aclose()
+
+
+@pytest.fixture
+async def services(redis: Redis) -> AsyncIterator[NodeServices]:
+    async with unit_services(redis) as svc:
+        yield svc
 
 
 async def test_memory_records_rebuild_the_checkpoint_turn_by_turn(
