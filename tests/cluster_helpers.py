@@ -109,11 +109,11 @@ def node_metric(node_url: str, name: str) -> float:
     counter's exposed name ends in ``_total``."""
     with urllib.request.urlopen(node_url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
+    # The whole name: ``replies_resumed`` must not read ``decided_replies_resumed``.
+    wanted = {f"callmesh_node_{name}", f"callmesh_node_{name}_total"}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
-        if key.startswith("#"):
-            continue
-        if key.endswith(("_" + name, "_" + name + "_total")):
+        if key in wanted:
             return float(value)
     return 0.0
 
