@@ -352,11 +352,16 @@ def captured_logs() -> Iterator[io.StringIO]:
         root.setLevel(level)
 
 
-async def _whole_log(js: JetStreamContext, tenant: str, call_id: str) -> list[dict[str, Any]]:
-    """The call's event log once its last record (call_ended) is published."""
+async def _whole_log(
+    js: JetStreamContext, tenant: str, call_id: str, *, delivered: bool = False
+) -> list[dict[str, Any]]:
+    """The call's event log once its call_ended record is published (and, ``delivered``,
+    the effects worker's delivery record: the worker appends it whenever it delivers, so
+    it may come before or after the call's end)."""
+    wanted = {"call_ended", "effect_delivery"} if delivered else {"call_ended"}
     for _ in range(200):
         records = await read_records(js, tenant, call_id)
-        if records and records[-1]["type"] == "call_ended":
+        if wanted <= {r["type"] for r in records}:
             return records
         await asyncio.sleep(0.05)
     raise AssertionError("event log incomplete")
@@ -391,7 +396,7 @@ async def test_a_call_leaves_no_pii_in_the_event_log_or_logs(
         await call.send(type="hangup")
         await eventually(lambda: worker.metrics.delivered >= 1)
 
-        records = await _whole_log(js, "acme", "pii-1")
+        records = await _whole_log(js, "acme", "pii-1", delivered=True)
 
     # The event log on JetStream: the redacted form, never the raw values.
     log_text = json.dumps(records, ensure_ascii=False)
