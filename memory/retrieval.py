@@ -134,6 +134,10 @@ _Outcome = tuple[SourceStatus, tuple[Snippet, ...], str]
 _Started = _Outcome | asyncio.Task[tuple[Snippet, ...]]
 
 
+def _overloaded(reg: _Registered) -> _Outcome:
+    return SourceStatus.FAILED, (), f"{reg.policy.max_inflight} fetches already in flight"
+
+
 class _Registered:
     """A source with its policy, cache and in-flight fetches."""
 
@@ -230,7 +234,7 @@ class RetrievalOrchestrator:
         try:
             return self._fetch(reg, query, key)
         except _Overloaded:
-            return SourceStatus.FAILED, (), f"{reg.policy.max_inflight} fetches already in flight"
+            return _overloaded(reg)
 
     def _once_per_call(self, reg: _Registered, query: Query, key: Hashable, kept: Kept) -> _Started:
         """A per-call source: the call's own answer, fetched at its first retrieval."""
@@ -242,11 +246,7 @@ class RetrievalOrchestrator:
             try:
                 task = self._fetch(reg, query, key)
             except _Overloaded:
-                return (
-                    SourceStatus.FAILED,
-                    (),
-                    f"{reg.policy.max_inflight} fetches already in flight",
-                )
+                return _overloaded(reg)
             if name_key in kept or len(kept) < MAX_KEPT_PER_CALL:
                 kept[name_key] = task
         # A fetch that timed out for an earlier turn is still the call's: waited for again.
