@@ -165,8 +165,11 @@ def test_soak_refuses_arguments_that_make_no_soak() -> None:
         nodes=2,
         callers=None,
         heap_probe_every=1000,
+        warmup=None,
+        ended_call_retention_s=None,
     )
     assert check(good) is None
+    assert check(argparse.Namespace(**{**vars(good), "ended_call_retention_s": 30})) is None
     for change in (
         {"minutes": 0},
         {"concurrency": 0},
@@ -174,5 +177,7 @@ def test_soak_refuses_arguments_that_make_no_soak() -> None:
         {"turns": 0},
         {"callers": -1},
         {"heap_probe_every": 0},
+        {"ended_call_retention_s": 0},
+        {"ended_call_retention_s": 45},  # the warm-up (12 s), 45 s and 3 samples > 1 minute
     ):
         assert check(argparse.Namespace(**{**vars(good), **change})) is not None
