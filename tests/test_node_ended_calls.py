@@ -5,7 +5,8 @@ so a call whose objects form reference cycles stays in memory, and fragments it,
 collection comes round: in the soak benchmark that was most of a node's growth per ended
 call. The real node on real Redis and NATS, text and voice calls hung up by their callers
 and calls whose link went away: afterwards no session, no part of one, is freed only by the
-collector."""
+collector. Nor does a call leave anything in what the node keeps for all its calls (its
+caches) because its caller is new."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from node_harness import node_call, running_node, simulated_providers
 
 from callmesh.weak_callbacks import weak_method
+from conversation_node.app import ConversationNode
+from memory.prompt import TiktokenCounter
 from tests.cluster_helpers import cyclic_garbage, eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,9 +31,9 @@ def ours(garbage: list[object]) -> Counter[str]:
     return Counter(n for n in names if n.startswith(("conversation_node.", "memory.", "events.")))
 
 
-async def text_call(url: str, call_id: str, *, hangup: bool) -> None:
+async def text_call(url: str, call_id: str, *, hangup: bool, caller: str = "anonymous") -> None:
     async with node_call(url, call_id) as call:
-        await call.start(audio=False)
+        await call.start(audio=False, caller=caller)
         await call.send(type="user_text", text="Hi, my name is Maria")
         await call.turn(1)
         await call.send(type="user_text", text="I'd like a cleaning on Friday")
@@ -67,6 +70,36 @@ async def test_an_ended_call_leaves_no_cyclic_garbage_in_the_node(
             await eventually(lambda: not node.sessions, timeout_s=10)
     left = ours(garbage)
     assert not left, left
+
+
+def node_wide_entries(node: ConversationNode) -> dict[str, int]:
+    """What a node keeps for all its calls, by holder: the retrieval caches of its sources
+    and the prompt's line cache."""
+    assert node._services is not None
+    memory = node._services.memory
+    held = {f"retrieval:{r.source.name}": len(r.cache) for r in memory.retrieval._sources}
+    counter = memory.prompts.counter
+    assert isinstance(counter, TiktokenCounter)  # the one that keeps counts
+    held["prompt lines"] = counter._line_counts.cache_info().currsize
+    return held
+
+
+async def test_calls_of_new_callers_add_nothing_to_what_a_node_keeps(
+    redis_url: str, nats_url: str
+) -> None:
+    """A new caller every call, saying what earlier callers said: the node's caches hold
+    what calls share, and nothing per caller (a caller's history is the call's own, read
+    at its first retrieval and released at hang-up). A node-wide entry per caller grew
+    the node about 100 bytes per call in the soak with a new caller every call, up to
+    the cache's bound (4,096 entries)."""
+    async with running_node(redis_url, nats_url, simulated_providers()) as (node, url):
+        for i in range(2):  # what calls share is cached once
+            await text_call(url, f"warm-caller-{i}", hangup=True, caller=f"warm-caller-{i}")
+        before = node_wide_entries(node)
+        for i in range(CALLS):
+            await text_call(url, f"new-caller-{i}", hangup=True, caller=f"new-caller-{i}")
+        await eventually(lambda: not node.sessions, timeout_s=10)
+        assert node_wide_entries(node) == before
 
 
 class _Owner:
