@@ -150,7 +150,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "soak",
         "soak",
-        _a("soak --minutes 2 --concurrency 20"),
+        # A 30 s retention: Redis is judged once the first ended calls have expired.
+        _a("soak --minutes 2 --concurrency 20 --ended-call-retention-s 30"),
         _a("soak --minutes 0.25 --concurrency 4"),
         {
             "completed_calls": "completed_calls",
@@ -159,6 +160,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             "node_bytes_per_call_max": "slopes_bytes_per_call.nodes_max",
             "redis_bytes_per_call": "slopes_bytes_per_call.redis",
             "redis_keys_per_call": "redis_keys_per_call",
+            "redis_steady_bytes_per_call": "redis_steady.bytes_per_call",
             "event_log_bytes_per_call": "jetstream_per_call.event_log_bytes",
         },
         html=True,
@@ -273,6 +275,7 @@ TABLES: dict[str, Table] = {
             ("router growth", "{router_bytes_per_call} B/call"),
             ("node growth (max)", "{node_bytes_per_call_max} B/call"),
             ("Redis growth", "{redis_bytes_per_call} B/call, {redis_keys_per_call} keys/call"),
+            ("Redis, ended calls expiring", "{redis_steady_bytes_per_call} B/call"),
             ("event log", "{event_log_bytes_per_call} B/call"),
         ),
     ),

@@ -92,6 +92,9 @@ def _node_speech(speech: str) -> str:
     return f"stt {chosen.stt}{vad} · tts {chosen.tts} · llm {chosen.llm}"
 
 
+UP_READY_TIMEOUT_S = 120.0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from callmesh.auth.dev import write_dev_secret
     from localcluster.cluster import LocalCluster
@@ -115,7 +118,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     # Development mode: console tokens and the console's kill button (localcluster/devcontrol.py).
     with LocalCluster(
-        nodes=args.nodes, routers=args.routers, router_port=args.port, dev=True, speech=speech
+        nodes=args.nodes,
+        routers=args.routers,
+        router_port=args.port,
+        dev=True,
+        speech=speech,
+        # A first start loads the offline speech models from a cold disk cache, possibly
+        # on a busy machine: tests start in seconds, a person's first start may not.
+        ready_timeout_s=UP_READY_TIMEOUT_S,
     ) as cluster:
         secret_file = write_dev_secret(cluster.auth_secret)
         print(

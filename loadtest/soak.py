@@ -7,12 +7,15 @@ of calls completed so far. The growth per completed call is the least-squares sl
 each series over the completed calls, fitted after a warm-up (``--warmup``, by default the
 first fifth of the run: allocators, caches and pools fill once, and that is not a leak).
 
-Target: no process grows more than 100 bytes per completed call (``pass``). Redis is
-reported, not judged: an ended call keeps what replay needs for the retention period;
-at the end its keys are counted by kind, with their sizes and times to live
-(``redis_keys_by_kind``). ``--effects-worker`` adds an effects worker (effects logged, no
-CRM) whose RSS is sampled too; ``--heap-probe DIR`` traces the processes' allocations and
-names what grew between 1,000-call marks (``heap_growth``, :mod:`loadtest.soak_probes`).
+Target: no process grows more than 100 bytes per completed call (``pass``). An ended
+call keeps what replay needs in Redis for the retention period, so Redis grows for that
+long: it is judged only with ``--ended-call-retention-s``, which shortens the retention
+for the run and fits Redis's growth over what comes after it (``redis_steady``): once
+the first ended calls expire, Redis must be flat too. At the end its keys are counted by
+kind, with their sizes and times to live (``redis_keys_by_kind``). ``--effects-worker``
+adds an effects worker (effects logged, no CRM) whose RSS is sampled too; ``--heap-probe
+DIR`` traces the processes' allocations and names what grew between 1,000-call marks
+(``heap_growth``, :mod:`loadtest.soak_probes`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--latency-scale", type=float, default=1.0, help="simulated providers")
     p.add_argument("--sample-every", type=float, default=5.0, help="s between samples")
     p.add_argument("--warmup", type=float, help="s left out of the fit (default: a fifth)")
+    p.add_argument(
+        "--ended-call-retention-s",
+        type=int,
+        metavar="S",
+        help="keep an ended call's checkpoint S s (CALLMESH_ENDED_CALL_RETENTION_S) and judge "
+        "Redis's growth after the warm-up and S more seconds: ended calls must expire as fast "
+        "as they come (not with --callers 0: each new caller's history is kept)",
+    )
     p.add_argument("--json", dest="json_path", help="write the report here")
     p.add_argument("--html", dest="html_path", help="write a self-contained HTML report here")
     p.add_argument(
@@ -237,6 +248,22 @@ def fit(samples: list[dict[str, float]], warmup_s: float) -> dict[str, Any]:
     }
 
 
+def redis_steady(samples: list[dict[str, float]], from_s: float) -> dict[str, Any]:
+    """Redis's growth per completed call once ended calls expire as fast as calls end:
+    fitted over the samples from ``from_s`` (the warm-up and one retention period) on."""
+    kept = [s for s in samples if s["t_s"] >= from_s]
+    x = [float(s["completed_calls"]) for s in kept]
+    if len(kept) < 3 or x[-1] <= x[0]:
+        return {"from_s": round(from_s, 1), "fitted_samples": len(kept), "bytes_per_call": None}
+    return {
+        "from_s": round(from_s, 1),
+        "fitted_samples": len(kept),
+        "fitted_calls": int(x[-1] - x[0]),
+        "bytes_per_call": round(slope(x, [float(s["redis_used_memory_b"]) for s in kept]), 2),
+        "keys_per_call": round(slope(x, [float(s["redis_keys"]) for s in kept]), 4),
+    }
+
+
 def _growth_kib(samples: list[dict[str, float]], key: str) -> list[float]:
     return [round((s[key] - samples[0][key]) / 1024, 1) for s in samples]
 
@@ -287,6 +314,12 @@ def build_report(soak: Soak, args: argparse.Namespace, elapsed_s: float) -> dict
             },
         },
     }
+    if args.ended_call_retention_s is not None:
+        steady = redis_steady(soak.samples, warmup + args.ended_call_retention_s)
+        rep["redis_steady"] = steady
+        if args.callers != 0:  # a new caller every call: each one's history stays, by design
+            grew = steady["bytes_per_call"]
+            rep["pass"]["redis_flat"] = grew is not None and grew <= TARGET_BYTES_PER_CALL
     if soak.probes is not None:
         rep["heap_growth"] = soak.probes.report(warmup)
     rep.update(soak.timeline.report())
@@ -305,6 +338,15 @@ def check(args: argparse.Namespace) -> str | None:
         return "--callers must be at least 0"
     if args.heap_probe_every < 1:
         return "--heap-probe-every must be at least 1"
+    if (retention := args.ended_call_retention_s) is not None:
+        warmup = args.warmup if args.warmup is not None else args.minutes * 60 / 5
+        if retention < 1:
+            return "--ended-call-retention-s must be at least 1"
+        if warmup + retention + 3 * args.sample_every > args.minutes * 60:
+            return (
+                "--ended-call-retention-s leaves too little of the run to judge Redis: the "
+                "warm-up, the retention and three samples must fit in --minutes"
+            )
     return None
 
 
@@ -338,6 +380,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"loadtest soak: {problem}", file=sys.stderr)
         return 2
     env = {"CALLMESH_SIM_LATENCY_SCALE": str(args.latency_scale), "CALLMESH_LOG_LEVEL": "WARNING"}
+    if args.ended_call_retention_s is not None:
+        env["CALLMESH_ENDED_CALL_RETENTION_S"] = str(args.ended_call_retention_s)
     probes = (
         HeapProbes(
             Path(args.heap_probe).resolve(), args.heap_probe_every, traced=args.heap_probe_trace

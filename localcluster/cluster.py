@@ -7,9 +7,9 @@ only the supervisor, which stops them in order) and die with the supervisor (PDE
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +128,7 @@ class LocalCluster:
         speech: str = "simulated",
         link_proxy: bool = False,
         llm_control: bool = False,
+        ready_timeout_s: float = 30.0,
     ) -> None:
         self.n_nodes = nodes
         self.n_routers = routers
@@ -141,7 +142,12 @@ class LocalCluster:
         # caller's shell says, since the tests' and load tests' callers speak in tones;
         # ``callmesh up`` asks for offline (a person talks to it). ``env`` overrides it.
         self.speech = speech
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        # How long ``start`` waits for every process to be ready: a first start on a fresh
+        # machine (cold caches, offline speech models loading) takes longer than tests do.
+        self._ready_timeout_s = ready_timeout_s
+        # The log directory this cluster made for itself (no ``log_dir`` given), removed
+        # when it stops, unless it failed to start: its errors name the logs.
+        self._own_log_dir: Path | None = None
         self.log_dir = log_dir
         self.backends: EmbeddedBackends | None = None
         self.router: Proc | None = None
@@ -199,6 +205,7 @@ class LocalCluster:
         try:
             self.start()
         except BaseException:
+            self._own_log_dir = None  # kept: the error says where the logs are
             self.stop()
             raise
         return self
@@ -208,8 +215,7 @@ class LocalCluster:
 
     def start(self) -> None:
         if self.log_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="callmesh-logs-")
-            self.log_dir = Path(self._tmp.name)
+            self.log_dir = self._own_log_dir = Path(tempfile.mkdtemp(prefix="callmesh-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.backends = EmbeddedBackends(
             force_embedded=self._force_embedded,
@@ -250,7 +256,7 @@ class LocalCluster:
             self.add_router(wait=False)
         for _ in range(self.n_nodes):
             self.add_node(wait=False)
-        self.wait_ready()
+        self.wait_ready(self._ready_timeout_s)
         dead = [p.name for p in self.all_routers if not p.alive()]
         if dead:
             raise ServerError(f"{', '.join(dead)} exited at start; logs in {self.log_dir}")
@@ -367,7 +373,6 @@ class LocalCluster:
         if self.backends is not None:
             self.backends.__exit__(None, None, None)
             self.backends = None
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                self._tmp.cleanup()
-            self._tmp = None
+        if self._own_log_dir is not None:
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+            self._own_log_dir = None

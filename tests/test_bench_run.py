@@ -119,3 +119,24 @@ def test_soak_probes_the_heaps_and_samples_the_effects_worker(tmp_path: Path) ->
     for figures in probed.values():
         assert {"objects_per_call", "objects_grown", "allocators_bytes_per_call"} <= set(figures)
         assert "sites" not in figures  # light probes: no tracing
+
+
+def test_soak_judges_redis_once_ended_calls_expire(tmp_path: Path) -> None:
+    """With a short retention, ended calls' checkpoints expire during the run: past the
+    warm-up and one retention period Redis is fitted again, and judged."""
+    argv = ["soak", "--minutes", "0.25", "--concurrency", "2", "--sample-every", "1"]
+    argv += ["--warmup", "3", "--ended-call-retention-s", "4"]
+    argv += ["--no-progress", "--json", str(tmp_path / "soak.json")]
+    main(argv)  # a 15 s soak's slopes are noise: what is tested is that Redis is judged
+    report = json.loads((tmp_path / "soak.json").read_text())
+    steady = report["redis_steady"]
+    assert steady["from_s"] == 7 and steady["fitted_samples"] >= 3
+    assert isinstance(steady["bytes_per_call"], float) and "redis_flat" in report["pass"]
+    # The checkpoints kept are only the calls of the last retention period, not all of them.
+    kept = report["redis_keys_by_kind"]["ckpt"]["count"]
+    assert 0 < kept < report["completed_calls"]
+
+
+def test_soak_refuses_a_retention_the_run_cannot_outlast() -> None:
+    argv = ["soak", "--minutes", "0.1", "--ended-call-retention-s", "60", "--no-progress"]
+    assert main(argv) == 2
