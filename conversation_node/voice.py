@@ -24,7 +24,6 @@ import binascii
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -110,8 +109,10 @@ class VoiceLane:
         self._reader: asyncio.Task[None] | None = None
         self.fed_seq = 0
         self.in_utterance = False
-        # (fed at, seq) of the latest frame of each _RECENT_BUCKET_S, oldest first.
-        self._recent: deque[tuple[float, int]] = deque()
+        # (fed at, seq) of the latest frame of each _RECENT_BUCKET_S, oldest first. A list:
+        # at most ~35 entries, dropped from the front in slices, and an empty deque is
+        # 760 bytes of every call.
+        self._recent: list[tuple[float, int]] = []
         self._bucket_since = 0.0
         self._last_quiet_ack = 0.0
         self._lag_base: float | None = None
@@ -275,9 +276,11 @@ class VoiceLane:
     def _quiet_ack_seq(self, now: float) -> int:
         """Forget audio old enough to be sure of; the last of it to acknowledge, unless an
         utterance is being heard (its audio is acknowledged with its turn), else 0."""
-        seq = 0
-        while self._recent and now - self._recent[0][0] >= QUIET_ACK_AFTER_S:
-            seq = self._recent.popleft()[1]
+        recent, n = self._recent, 0
+        while n < len(recent) and now - recent[n][0] >= QUIET_ACK_AFTER_S:
+            n += 1
+        seq = recent[n - 1][1] if n else 0
+        del recent[:n]
         if seq and not self.in_utterance:
             self._last_quiet_ack = now
             return seq

@@ -18,47 +18,25 @@ keeps two things across a relink:
   then says it instead of asking the model again: the caller hears the same reply go on.
 
 The first two are on the path of every frame (~50 a second per call): a frame costs what keeping
-it costs (a deque slot; a reply's ``(turn, n)`` entry), never a copy or a wait.
+it costs (its audio's bytes, :mod:`router.unacked_audio`; a reply's ``(turn, n)`` entry),
+never a wait.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from enum import Enum
 from operator import attrgetter
 from typing import Any
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_ms
 from callmesh.protocol import Inbound, Out, decided_reply, encode
+from router.unacked_audio import ReplayedAudio, UnackedAudio
 
 _SEQ = attrgetter("seq")
 
 # A reply frame as it is sent: (kind, raw, parsed).
 ReplyFrame = tuple[str, str, dict[str, Any]]
-
-
-def audio_bytes(frame: Inbound) -> int:
-    """Bytes of audio in an ``audio`` frame, from its base64 length (never decoded)."""
-    data: str = frame.body["data"]
-    n = len(data) * 3 >> 2
-    if data.endswith("="):
-        n -= 2 if data.endswith("==") else 1
-    return n
-
-
-class KeptAudio:
-    """An unacknowledged audio frame as kept for replay: its number and its text. The
-    parsed frame (its body and a copy of its payload) is not kept: a caller's frames wait
-    here for as long as an utterance and its reply take, some 70 of them per audio call on
-    average, and the parsed part would more than double their memory."""
-
-    __slots__ = ("raw", "seq", "size")
-
-    def __init__(self, seq: int, raw: str, size: int) -> None:
-        self.seq = seq
-        self.raw = raw
-        self.size = size  # bytes of audio (a 20 ms frame's 160 is a cached small int)
 
 
 class UnackedFrames:
@@ -67,7 +45,6 @@ class UnackedFrames:
     __slots__ = (
         "_audio",
         "_frames",
-        "audio_bytes",
         "frame_bytes",
         "max_audio_bytes",
         "max_frame_bytes",
@@ -84,17 +61,17 @@ class UnackedFrames:
         # Beyond this much unacknowledged audio the oldest goes (set once the call's
         # audio format is known: its ``start``).
         self.max_audio_bytes = max_audio_bytes
-        # Two deques a call, no more: an empty deque is 760 bytes (a block of 64 slots), and
-        # a frame's size is its raw text's length (audio: kept with it).
-        self._frames: deque[Inbound] = deque()
+        # A list, not a deque: an empty deque is 760 bytes (a block of 64 slots), and
+        # frames other than audio are few (a mark per reply sentence, a DTMF key...).
+        self._frames: list[Inbound] = []
         self.frame_bytes = 0
-        self._audio: deque[KeptAudio] = deque()
-        self.audio_bytes = 0
+        # The audio, compactly (the decoded bytes; its text is rebuilt on replay).
+        self._audio = UnackedAudio()
 
     def __repr__(self) -> str:
         return (
             f"<UnackedFrames [{len(self._frames)} frames, {len(self._audio)} audio "
-            f"({self.audio_bytes}/{self.max_audio_bytes} bytes)]>"
+            f"({self._audio.bytes}/{self.max_audio_bytes} bytes)]>"
         )
 
     def __len__(self) -> int:
@@ -122,17 +99,11 @@ class UnackedFrames:
         """Keep caller audio for replay. Live audio is never refused, so past the bound
         the oldest unacknowledged audio goes (a new owner hears the most recent of it);
         returns how many frames went (the newest frame always stays)."""
-        size = audio_bytes(frame)
-        self._audio.append(KeptAudio(frame.seq, frame.raw, size))
-        self.audio_bytes += size
-        if self.audio_bytes <= self.max_audio_bytes:
-            return 0
         audio = self._audio
-        dropped = 0
-        while self.audio_bytes > self.max_audio_bytes and len(audio) > 1:
-            self.audio_bytes -= audio.popleft().size
-            dropped += 1
-        return dropped
+        audio.append(frame)
+        if audio.bytes <= self.max_audio_bytes:
+            return 0
+        return audio.bound(self.max_audio_bytes)
 
     def keep(self, frame: Inbound) -> bool:
         """Keep a frame other than audio; False (not kept) when ``max_frames`` of them, or
@@ -148,17 +119,24 @@ class UnackedFrames:
     def ack(self, seq: int) -> None:
         """The owner acknowledged every frame up to ``seq``: they are no longer needed."""
         frames = self._frames
-        while frames and frames[0].seq <= seq:
-            self.frame_bytes -= len(frames.popleft().raw)
-        audio = self._audio
-        while audio and audio[0].seq <= seq:
-            self.audio_bytes -= audio.popleft().size
+        if frames and frames[0].seq <= seq:
+            n = 0
+            while n < len(frames) and frames[n].seq <= seq:
+                self.frame_bytes -= len(frames[n].raw)
+                n += 1
+            del frames[:n]
+        self._audio.ack(seq)
 
-    def replay(self) -> list[Inbound | KeptAudio]:
-        """Every unacknowledged frame in ``seq`` order, each with its ``raw`` text (a copy:
-        more may be kept while the replay is sent)."""
-        frames: list[Inbound | KeptAudio] = list(self._frames)
-        return list(heapq.merge(frames, list(self._audio), key=_SEQ))
+    @property
+    def audio_bytes(self) -> int:
+        """Unacknowledged caller audio (bytes)."""
+        return self._audio.bytes
+
+    def replay(self) -> list[Inbound | ReplayedAudio]:
+        """Every unacknowledged frame in ``seq`` order, each with its ``raw`` text, audio
+        byte for byte as it came in (a copy: more may be kept while the replay is sent)."""
+        frames: list[Inbound | ReplayedAudio] = list(self._frames)
+        return list(heapq.merge(frames, self._audio.replay(), key=_SEQ))
 
 
 class Verdict(Enum):

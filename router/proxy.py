@@ -86,9 +86,11 @@ class ProxySession:
         # the call's resume record: a client told "ended" finds it gone).
         self.on_ended: Callable[[], Awaitable[None]] | None = None
         self._ended = False
-        self._client_gone = asyncio.Event()
+        # Flags, not asyncio.Events: an Event holds a deque of 760 bytes from the start,
+        # and only an idle relink ever waits (for ``_client_sent``, made while it waits).
+        self._client_gone = False
         # Set when the caller sends a frame other than audio (wakes an idle relink).
-        self._client_sent = asyncio.Event()
+        self._client_sent: asyncio.Event | None = None
         # Set when membership declares the owner node dead; the pump (reading the node's
         # frames) is then cancelled at once (no second task waits for the death).
         self._node_dead = False
@@ -117,7 +119,7 @@ class ProxySession:
             try:
                 await self.link.send(kind, raw, frame)
             except (ConnectionError, RuntimeError):
-                self._client_gone.set()
+                self._client_gone = True
 
     async def wait_start(self) -> bool:
         """Read client frames until a valid ``start``; errors for anything before it."""
@@ -166,7 +168,7 @@ class ProxySession:
                         ErrorCode.UNAVAILABLE, "too many unacknowledged frames; slow down", seq
                     )
                     continue
-                else:
+                elif self._client_sent is not None:
                     self._client_sent.set()
                 self.last_client_seq = seq
                 up = self.upstream
@@ -176,7 +178,7 @@ class ProxySession:
                     except (ConnectionError, RuntimeError):
                         pass  # the link is failing; the frame is replayed to the next owner
         finally:
-            self._client_gone.set()
+            self._client_gone = True
             up = self.upstream
             if up is not None and not self._ended:
                 await up.close()
@@ -239,6 +241,9 @@ class ProxySession:
             body["decided"] = self.decided.kept
         return encode(body)
 
+    def _is_client_gone(self) -> bool:
+        return self._client_gone
+
     async def pump_upstream(self) -> Outcome:
         """Node → client until the link ends; returns why it ended."""
         channel = self.upstream
@@ -249,7 +254,7 @@ class ProxySession:
             node_id=self.node_id,
             resume_secret=self.resume_secret,
             relink_reason=self.relink_reason,
-            client_gone=self._client_gone,
+            client_gone=self._is_client_gone,
         )
 
     async def _call_ended(self) -> None:
@@ -330,7 +335,7 @@ class ProxySession:
                     outcome = await self._pump_or_death()
                 finally:  # also when the handler is cancelled: placement must not keep it
                     self._placement.untrack(self, node)
-                if outcome in (Outcome.ENDED, Outcome.CLIENT_GONE) or self._client_gone.is_set():
+                if outcome in (Outcome.ENDED, Outcome.CLIENT_GONE) or self._client_gone:
                     return
                 gap_started = time.monotonic()
                 self.failovers += 1
@@ -399,9 +404,12 @@ class ProxySession:
 
     async def _idle_pause(self, seconds: float) -> None:
         """Wait ``seconds``, or until the caller sends a frame."""
-        self._client_sent.clear()
         if self._in_flight():
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._client_sent.wait()
+        sent = self._client_sent = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await sent.wait()
+        finally:
+            self._client_sent = None

@@ -6,7 +6,6 @@ de-duplicated (:mod:`router.failover_buffer`), the first ``ready`` reaches the c
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -89,7 +88,7 @@ class NodeFrames:
         node_id: str | None,
         resume_secret: str | None,
         relink_reason: str,
-        client_gone: asyncio.Event,
+        client_gone: Callable[[], bool],
     ) -> Outcome:
         """Node → client until the link ends; returns why it ended."""
         send_client = self._send_client
@@ -145,7 +144,7 @@ class NodeFrames:
                         await send_client(kind, raw, frame)
                         return Outcome.ENDED
                 await send_client(kind, raw, frame)
-        if client_gone.is_set():
+        if client_gone():
             return Outcome.CLIENT_GONE
         return Outcome.LOST
 

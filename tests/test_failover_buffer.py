@@ -28,9 +28,9 @@ from router.failover_buffer import (
     DecidedText,
     ReplyDedup,
     UnackedFrames,
-    audio_bytes,
     clear_frame,
 )
+from router.unacked_audio import audio_bytes
 
 # The autouse task-leak fixture is function scoped; these tests run no event loop at all.
 PROPERTY = settings(
