@@ -182,6 +182,18 @@ _AUDIO_FRAME = re.compile(
 )
 
 
+_AUDIO_FRAME_PREFIX = '{"type":"audio","seq":'
+
+
+def audio_frame(seq: int, data: str, ts: int | None = None) -> str:
+    """An ``audio`` frame's text in the spelling ``_AUDIO_FRAME`` matches: the router's
+    Twilio frames and callmesh's clients write it so, by hand (the per-frame path), and
+    the router rebuilds unacknowledged audio from it byte for byte on a relink."""
+    if ts is None:
+        return f'{_AUDIO_FRAME_PREFIX}{seq},"data":"{data}"}}'
+    return f'{_AUDIO_FRAME_PREFIX}{seq},"data":"{data}","ts":{ts}}}'
+
+
 def parse_inbound(raw: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Inbound:
     """Validate one inbound frame; raise :class:`ProtocolError` with a client-facing reason."""
     if len(raw) > max_bytes:

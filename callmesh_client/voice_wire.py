@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding
-from callmesh.protocol import In, Out, encode
+from callmesh.protocol import In, Out, audio_frame, encode
 from callmesh_client.credentials import call_token, stream_token
 
 TWILIO_MEDIA_PATH = "/v1/twilio/media"
@@ -26,9 +26,8 @@ TWILIO_MEDIA_PATH = "/v1/twilio/media"
 HEARD_AUDIO = "audio"
 HEARD_MARK = Out.MARK.value
 HEARD_CLEAR = Out.CLEAR.value
-# The per-frame path formats audio frames by hand (see the module's docstring) and
-# compares plain strings.
-_AUDIO_FRAME_START = f'{{"type":"{In.AUDIO.value}","seq":'
+# The per-frame path formats audio frames by hand (protocol.audio_frame; see the module's
+# docstring) and compares plain strings.
 _AGENT_AUDIO, _READY = Out.AGENT_AUDIO.value, Out.READY.value
 
 
@@ -184,7 +183,7 @@ class NativeWire:
 
     def media(self, payload: str, ts_ms: int) -> str:
         self.seq += 1
-        return f'{_AUDIO_FRAME_START}{self.seq},"data":"{payload}","ts":{ts_ms}}}'
+        return audio_frame(self.seq, payload, ts_ms)
 
     def mark(self, name: str) -> str:
         return self._frame(In.MARK, name=name)

@@ -45,6 +45,7 @@ from callmesh.protocol import (
     In,
     Inbound,
     Out,
+    audio_frame,
     encode,
     valid_id,
 )
@@ -52,10 +53,9 @@ from callmesh.telemetry import Metrics
 
 log = logging.getLogger("callmesh.router.twilio")
 
-# A media frame's native ``audio`` frame is formatted by hand: this is the router's hottest
-# path, and json.dumps of the dict costs several times more.
+# A media frame's native ``audio`` frame is formatted by hand (protocol.audio_frame): this
+# is the router's hottest path, and json.dumps of the dict costs several times more.
 _AUDIO = In.AUDIO.value
-_AUDIO_PREFIX = f'{{"type":"{_AUDIO}","seq":'
 
 TWILIO_ENCODING = "audio/x-mulaw"
 TWILIO_SAMPLE_RATE = TELEPHONY_RATE  # Twilio Media Streams are 8 kHz mu-law
@@ -208,11 +208,9 @@ class TwilioLink:
         self._seq = seq = self._seq + 1
         if ts is None:
             body = {"type": _AUDIO, "seq": seq, "data": payload}
-            raw = f'{_AUDIO_PREFIX}{seq},"data":"{payload}"}}'
         else:
             body = {"type": _AUDIO, "seq": seq, "data": payload, "ts": ts}
-            raw = f'{_AUDIO_PREFIX}{seq},"data":"{payload}","ts":{ts}}}'
-        return Inbound(In.AUDIO, seq, body, raw)
+        return Inbound(In.AUDIO, seq, body, audio_frame(seq, payload, ts))
 
     def _start(self, msg: dict[str, Any]) -> Inbound | None:
         if self._started:

@@ -16,19 +16,15 @@ import binascii
 from array import array
 from bisect import bisect_right
 
-from callmesh.protocol import In, Inbound
+from callmesh.protocol import Inbound, audio_frame
 
-_PREFIX = f'{{"type":"{In.AUDIO.value}","seq":'
 _NO_TS = -1  # a frame without ``ts`` (a frame with a negative one is kept as text)
 _MAX_TS = 2**63 - 1
 
 
 def audio_frame_text(seq: int, data: bytes, ts: int | None) -> str:
     """An ``audio`` frame's text as the router (Twilio) and callmesh's clients write it."""
-    b64 = binascii.b2a_base64(data, newline=False).decode("ascii")
-    if ts is None:
-        return f'{_PREFIX}{seq},"data":"{b64}"}}'
-    return f'{_PREFIX}{seq},"data":"{b64}","ts":{ts}}}'
+    return audio_frame(seq, binascii.b2a_base64(data, newline=False).decode("ascii"), ts)
 
 
 def audio_bytes(frame: Inbound) -> int:
