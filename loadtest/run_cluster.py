@@ -59,6 +59,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def syscalls(pid: int) -> int:
+    """Read and write system calls a process has made, all its threads (0 once it is
+    gone): on a VM, where each costs microseconds, they explain much of a turn's CPU."""
+    try:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return 0
+    return int(fields.get("syscr", 0)) + int(fields.get("syscw", 0))
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent busy (every process, ours or not)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -107,11 +117,13 @@ class ClusterProbe:
             "rss_kb": {},
             "fds": {},
             "cpu_s": {},
+            "syscalls": {},
         }
         for role, pids in self.pids.items():
             out["rss_kb"][role] = [_status_kb(pid, "VmRSS") for pid in pids]
             out["fds"][role] = [open_fds(pid) for pid in pids]
             out["cpu_s"][role] = [cpu_s(pid) for pid in pids]
+            out["syscalls"][role] = [syscalls(pid) for pid in pids]
         client = redis.Redis.from_url(self.redis_url)
         try:
             out["redis_used_memory_b"] = int(client.info("memory")["used_memory"])
@@ -177,8 +189,14 @@ def per_turn(idle: dict[str, Any], talked: dict[str, Any], turns: int) -> dict[s
         for name, n in sorted(after.items())
         if n > before.get(name, 0)
     }
+    calls_made = {
+        role: round((sum(talked["syscalls"][role]) - sum(idle["syscalls"][role])) / turns, 1)
+        for role in talked.get("syscalls", {})
+    }
     return {
         "talk_cpu_ms_per_turn": cpu,
+        # Reads and writes to sockets and pipes (epoll waits are not counted).
+        "talk_syscalls_per_turn": calls_made,
         # The probe's own INFO/DBSIZE are counted too: 3 a sample, nothing per turn.
         "redis_commands_per_turn": commands,
         "redis_commands_per_turn_total": round(sum(commands.values()), 2),
