@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from callmesh.protocol import ErrorCode, In, ProtocolError, parse_inbound, valid_id
+from callmesh.protocol import (
+    ErrorCode,
+    In,
+    ProtocolError,
+    agent_audio_frame,
+    parse_inbound,
+    read_agent_audio,
+    valid_id,
+)
 
 
 def _err(raw: str | bytes, max_bytes: int = 1024) -> ErrorCode:
@@ -80,3 +91,45 @@ def test_ids_are_safe_for_keys_and_subjects() -> None:
     assert valid_id("call-123_X")
     for bad in ("", "a.b", "a*", "a>", "{x}", "a b", "x" * 65, None, 5):
         assert not valid_id(bad)
+
+
+@given(
+    turn=st.integers(0, 10**12),
+    n=st.integers(0, 10**6),
+    encoding=st.sampled_from(["mulaw", "pcm16", "alaw"]),
+    rate=st.sampled_from([8000, 16000, 24000]),
+    audio=st.binary(max_size=600),
+)
+def test_agent_audio_frames_read_back_as_json_would(
+    turn: int, n: int, encoding: str, rate: int, audio: bytes
+) -> None:
+    data = base64.b64encode(audio).decode()
+    raw = agent_audio_frame(turn, n, encoding, rate, data)
+    assert json.loads(raw) == {
+        "type": "agent_audio",
+        "turn": turn,
+        "n": n,
+        "encoding": encoding,
+        "sample_rate": rate,
+        "data": data,
+    }
+    assert read_agent_audio(raw) == (turn, n, data)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Another spelling, more fields, or data a JSON string would not hold as is: the
+        # reader declines and the frame is parsed.
+        '{"type":"agent_audio","n":1,"turn":2,"encoding":"mulaw","sample_rate":8000,"data":"AA=="}',
+        '{"type":"agent_audio","turn":2,"n":1,"encoding":"mulaw","sample_rate":8000,"data":"AA==","resumed":true}',
+        '{"type":"agent_audio","turn":2,"n":1,"encoding":"mulaw","sample_rate":8000,"data":"A\\"A"}',
+        '{"type":"agent_audio","turn":2,"n":1,"encoding":"mulaw","sample_rate":8000,"data":"A\\nA"}',
+        '{"type":"agent_audio","turn":2,"n":1,"encoding":"mulaw","sample_rate":8000,"data":"A\nA"}',
+        '{"type":"agent_audio","turn":02,"n":1,"encoding":"mulaw","sample_rate":8000,"data":"AA"}',
+        '{"type":"agent_text","turn":2,"n":1,"text":"hi"}',
+        "",
+    ],
+)
+def test_agent_audio_reader_declines_any_other_text(raw: str) -> None:
+    assert read_agent_audio(raw) is None
