@@ -35,8 +35,10 @@ from router.unacked_audio import ReplayedAudio, UnackedAudio
 
 _SEQ = attrgetter("seq")
 
-# A reply frame as it is sent: (kind, raw, parsed).
-ReplyFrame = tuple[str, str, dict[str, Any]]
+# A reply frame as it is sent: (kind, raw, parsed; None for audio routed unparsed).
+ReplyFrame = tuple[str, str, dict[str, Any] | None]
+
+AGENT_AUDIO = Out.AGENT_AUDIO.value
 
 
 class UnackedFrames:
@@ -172,7 +174,7 @@ class ReplyDedup:
         self._delivered: dict[tuple[int, int], int] = {}  # (turn, n) → digest of its content
         # Frames the caller has already, re-said by the current owner:
         # ((turn, n), digest, kind, raw, parsed).
-        self._held: list[tuple[tuple[int, int], int, str, str, dict[str, Any]]] = []
+        self._held: list[tuple[tuple[int, int], int, str, str, dict[str, Any] | None]] = []
 
     def __repr__(self) -> str:
         return (
@@ -190,7 +192,25 @@ class ReplyDedup:
             # new owner saying it again.
             return SEND if frame.get("resumed") is True else DROP
         digest = hash(frame.get("text") or frame.get("data") or frame.get("name") or "")
-        key = (turn, int(frame.get("n", 0)))
+        return self._judge((turn, int(frame.get("n", 0))), digest, kind, raw, frame)
+
+    def offer_audio(self, raw: str, turn: int, n: int, data: str) -> Verdict:
+        """:meth:`offer` of an ``agent_audio`` frame read without parsing it
+        (``protocol.read_agent_audio``): the same verdict. That spelling carries no
+        ``resumed``, so of a complete turn it is a new owner saying it again."""
+        if turn <= self.completed_turn:
+            return DROP
+        return self._judge((turn, n), hash(data), AGENT_AUDIO, raw, None)
+
+    def _judge(
+        self,
+        key: tuple[int, int],
+        digest: int,
+        kind: str,
+        raw: str,
+        frame: dict[str, Any] | None,
+    ) -> Verdict:
+        turn = key[0]
         seen = self._delivered.get(key)
         if seen is None:
             self._delivered[key] = digest

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from callmesh.metric_names import CLIENT_ERRORS
 from callmesh.protocol import ErrorCode, Inbound, Out, ProtocolError, error_frame, parse_inbound
 from callmesh.telemetry import Metrics
+from router.client_writes import coalesced
 
 
 class ClientLink(Protocol):
@@ -63,9 +64,10 @@ class NativeLink:
         self.call_id = call_id
         self._metrics = metrics
         self._max_frame_bytes = max_frame_bytes
+        self.writes = coalesced(ws)
 
     def __repr__(self) -> str:
-        return f"<NativeLink {self.call_id} closed={self.ws.closed}>"
+        return f"<NativeLink {self.call_id} closed={self.ws.closed} {self.writes!r}>"
 
     @property
     def closed(self) -> bool:

@@ -2,7 +2,10 @@
 
 Nodes encode ``type`` first (``callmesh.protocol.encode`` of a dict built type first), so
 most frames are routed by a prefix check; only the frames whose fields the router needs
-(acks, replies, turn metrics, errors) are parsed, and only once.
+(acks, replies, turn metrics, errors) are parsed, and only once. ``agent_audio``, the bulk
+of what a node says, is not: its template spelling is read by
+``callmesh.protocol.read_agent_audio`` (router.upstream), and parsed only when a node
+spells it otherwise.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 from callmesh import metric_names as names
 from callmesh.mux import Channel
-from callmesh.protocol import REPLY_TYPES, Ctl, ErrorCode, Out, encode
+from callmesh.protocol import REPLY_TYPES, Ctl, ErrorCode, Out, encode, read_agent_audio
 from callmesh.telemetry import Metrics
 from router.failover_buffer import (
     CLEAR,
@@ -22,11 +22,14 @@ from router.failover_buffer import (
     DecidedText,
     ReplyDedup,
     UnackedFrames,
+    Verdict,
     clear_frame,
 )
 from router.node_frames import kind_of, parse
 
 log = logging.getLogger("callmesh.router.proxy")
+
+_AGENT_AUDIO = Out.AGENT_AUDIO.value
 
 # Sends one frame to the caller: its type, its text, and its parsed form when known.
 SendClient = Callable[[str, str, "dict[str, Any] | None"], Awaitable[None]]
@@ -101,7 +104,12 @@ class NodeFrames:
                     log.error("node sent invalid JSON", extra={"fields": {"node": node_id}})
                     continue
                 kind = str(frame.get("type"))
-            if kind in REPLY_TYPES:
+            if kind == _AGENT_AUDIO and (audio := read_agent_audio(raw)) is not None:
+                # Most of what a node says: routed by its numbers, never parsed (protocol).
+                turn, n, data = audio
+                verdict = self._replies.offer_audio(raw, turn, n, data)
+                await self._deliver_reply(verdict, turn, kind, raw, None)
+            elif kind in REPLY_TYPES:
                 frame = frame or parse(raw)
                 if frame is not None:
                     await self._forward_reply(kind, frame, raw)
@@ -150,6 +158,12 @@ class NodeFrames:
 
     async def _forward_reply(self, kind: str, frame: dict[str, Any], raw: str) -> None:
         verdict = self._replies.offer(kind, raw, frame)
+        turn = int(frame.get("turn", 0)) if verdict is CLEAR else 0
+        await self._deliver_reply(verdict, turn, kind, raw, frame)
+
+    async def _deliver_reply(
+        self, verdict: Verdict, turn: int, kind: str, raw: str, frame: dict[str, Any] | None
+    ) -> None:
         if verdict is SEND:
             await self._send_client(kind, raw, frame)
         elif verdict is HOLD:
@@ -157,7 +171,7 @@ class NodeFrames:
         elif verdict is CLEAR:
             # The new owner says something else: the caller drops the partial reply first,
             # then hears the new one from its start.
-            clear_raw, clear = clear_frame(int(frame.get("turn", 0)))
+            clear_raw, clear = clear_frame(turn)
             await self._send_client(Out.CLEAR.value, clear_raw, clear)
             self._metrics.inc(names.REPLIES_CLEARED)
             for held in self._replies.take_held():
