@@ -360,6 +360,24 @@ def agent_audio_frame(turn: int, n: int, encoding: str, sample_rate: int, data: 
     )
 
 
+# The fields of an ``agent_audio`` frame :func:`reply_frame_text` writes from the template.
+_AGENT_AUDIO = Out.AGENT_AUDIO.value
+_AGENT_AUDIO_FIELDS = frozenset({"type", "turn", "n", "encoding", "sample_rate", "data"})
+
+
+def reply_frame_text(frame: dict[str, Any]) -> str:
+    """A reply frame's text as a node sends it: an ``agent_audio`` frame with exactly the
+    template's fields (``data`` base64, as the pipeline writes it) in
+    :func:`agent_audio_frame`'s spelling, any other frame (text, a mark, a resumed chunk
+    with its ``resumed`` flag) JSON-encoded. Same frame, same text: a reply said again is
+    byte for byte what it was."""
+    if frame["type"] == _AGENT_AUDIO and frame.keys() == _AGENT_AUDIO_FIELDS:
+        return agent_audio_frame(
+            frame["turn"], frame["n"], frame["encoding"], frame["sample_rate"], frame["data"]
+        )
+    return _ENCODER.encode(frame)
+
+
 def read_agent_audio(raw: str) -> tuple[int, int, str] | None:
     """``(turn, n, data)`` of an ``agent_audio`` frame in :func:`agent_audio_frame`'s
     spelling, or None for any other text (parse it as JSON then). The data is checked for

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from callmesh.protocol import In, Out
+from callmesh.protocol import In, Out, read_agent_audio
 from callmesh_client.credentials import call_token
 from callmesh_client.reconnect import ReconnectPolicy, RouterList, should_reconnect
 
@@ -290,7 +290,11 @@ class CallClient:
                     if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str):
                         self.close_reason = msg.extra
                     break
-                self._on_frame(json.loads(msg.data))
+                audio = read_agent_audio(msg.data)
+                if audio is not None:  # most of a reply: taken apart without parsing
+                    self._on_audio(audio[0], audio[2])
+                else:
+                    self._on_frame(json.loads(msg.data))
                 if self._resume_ready:
                     await self._resend()
         except (aiohttp.ClientError, ConnectionError):
@@ -340,6 +344,13 @@ class CallClient:
         for frame in pending:
             await self.send({k: v for k, v in frame.items() if k != "seq"})
 
+    def _on_audio(self, turn: int, data: str, now: float | None = None) -> None:
+        t = self._turns.setdefault(turn, _Turn())
+        now = time.monotonic() if now is None else now
+        t.first_audio_at = t.first_audio_at or now
+        t.frame_times.append(now)
+        t.audio_bytes += len(data) * 3 // 4
+
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         now = time.monotonic()
@@ -375,10 +386,7 @@ class CallClient:
             t.first_text_at = t.first_text_at or now
             t.frame_times.append(now)
         elif kind == Out.AGENT_AUDIO.value:
-            t = self._turns.setdefault(int(frame["turn"]), _Turn())
-            t.first_audio_at = t.first_audio_at or now
-            t.frame_times.append(now)
-            t.audio_bytes += len(frame.get("data", "")) * 3 // 4
+            self._on_audio(int(frame["turn"]), str(frame.get("data", "")), now)
         elif kind == Out.CLEAR.value:
             turn = int(frame["turn"])
             self._turns[turn] = _Turn(cleared=True)

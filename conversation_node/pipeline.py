@@ -10,7 +10,7 @@ budget is replaced by a short recovery line, and a failing voice by the backup v
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -89,6 +89,8 @@ class TurnPipeline:
         self._tts = tts
         self._backup_tts = backup_tts
         self._budgets = budgets
+        # The voices a sentence tries in turn (built once, not per sentence).
+        self._voices = (tts,) if backup_tts is None else (tts, backup_tts)
 
     def prepare(self, request: LLMRequest, *, voice: bool = False) -> PreparedReply:
         """Start the model on ``request`` ahead of its turn (preemptive generation): its
@@ -201,7 +203,7 @@ class TurnPipeline:
         main voice, prepared before the turn was confirmed."""
         await emit({"type": _AGENT_TEXT, "n": n, "text": sentence})
         n += 1
-        voices = [self._tts] + ([self._backup_tts] if self._backup_tts else [])
+        voices = self._voices
         for i, tts in enumerate(voices):
             t0 = time.monotonic()
             got_audio = False
@@ -224,7 +226,8 @@ class TurnPipeline:
                             "n": n,
                             "encoding": encoding,
                             "sample_rate": rate,
-                            "data": base64.b64encode(data).decode(),
+                            # base64.b64encode's own call, without its wrapper.
+                            "data": binascii.b2a_base64(data, newline=False).decode("ascii"),
                         }
                     )
                     n += 1

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from callmesh.protocol import Out, encode, parse_mark_name
+from callmesh.protocol import Out, encode, parse_mark_name, reply_frame_text
 from conversation_node.playback import Playback, PlayState
 
 __all__ = ["Replies"]
@@ -60,10 +60,16 @@ class Replies:
         if pb is None:
             raise RuntimeError("a reply frame outside a reply")
         frame["turn"] = pb.turn
-        async with self._sending:
+        # The lock's own calls rather than ``async with``: the same hold, without the two
+        # coroutines the context manager adds to each of a reply's frames.
+        sending = self._sending
+        await sending.acquire()
+        try:
             out = pb.outgoing(frame, bytes_per_ms, time.monotonic())
             if out is not None:
-                await self._send(encode(out))
+                await self._send(reply_frame_text(out))
+        finally:
+            sending.release()
 
     async def heard(self, pb: Playback, said: str, interrupted: bool) -> tuple[str, bool]:
         """What the caller heard of a reply that has finished sending: all of it, unless
@@ -114,7 +120,7 @@ class Replies:
                     return None
                 frames = pb.resume(time.monotonic())
                 for frame in frames:
-                    await self._send(encode(frame))
+                    await self._send(reply_frame_text(frame))
                 return len(frames)
             finally:
                 self._settle()

@@ -10,6 +10,7 @@ same replies' outlet and the same end of a turn (:class:`TurnCloser`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from callmesh.metric_names import GREETINGS, GREETINGS_RETURNING, TURNS_RESPOKEN
@@ -64,9 +65,10 @@ class SaidReplies:
         self._counters = counters
         self.voice = TEXT_MODE
 
-    async def emit(self, frame: dict[str, Any]) -> None:
-        """Send a frame of the reply being spoken, following it in its playback."""
-        await self._replies.emit(frame, self._core.bytes_per_ms)
+    def emit(self, frame: dict[str, Any]) -> Awaitable[None]:
+        """Send a frame of the reply being spoken, following it in its playback. Returns
+        the outlet's own coroutine: no coroutine of its own for each of a reply's frames."""
+        return self._replies.emit(frame, self._core.bytes_per_ms)
 
     async def repeat_turn(
         self,

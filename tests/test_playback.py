@@ -8,6 +8,7 @@ import base64
 import json
 from typing import Any
 
+from callmesh.protocol import agent_audio_frame, read_agent_audio
 from conversation_node.playback import UNMARKED_GRACE_S, Playback, PlayState
 from conversation_node.replies import Replies
 
@@ -16,7 +17,7 @@ BYTES_PER_MS = 8.0  # mu-law 8 kHz
 
 def _audio(tag: str, ms: int = 100) -> dict[str, Any]:
     data = base64.b64encode(tag.encode().ljust(int(ms * BYTES_PER_MS), b"."))
-    return {"type": "agent_audio", "data": data.decode()}
+    return {"type": "agent_audio", "encoding": "mulaw", "sample_rate": 8000, "data": data.decode()}
 
 
 def _sentence(text: str, chunks: int = 2) -> list[dict[str, Any]]:
@@ -124,9 +125,11 @@ def test_only_a_playing_reply_pauses() -> None:
 class _Wire:
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.raw: list[str] = []
 
     async def send(self, raw: str) -> None:
         await asyncio.sleep(0)  # a send yields, as the link's does
+        self.raw.append(raw)
         self.frames.append(json.loads(raw))
 
 
@@ -184,3 +187,21 @@ async def test_frames_emitted_during_a_resume_follow_the_resumed_ones() -> None:
     numbers = [f["n"] for f in wire.frames if f["type"] != "clear"]
     assert numbers == sorted(numbers) == list(range(9))
     assert wire.frames[-1]["text"] == "Two." and "resumed" not in wire.frames[-1]
+
+
+async def test_audio_goes_out_in_the_template_and_a_resumed_chunk_as_json() -> None:
+    wire, replies, _, _ = await _replying("One.")
+    sent = zip(wire.raw, wire.frames, strict=True)
+    audio = [(raw, f) for raw, f in sent if f["type"] == "agent_audio"]
+    # What the router reads without parsing, byte for byte what the template writes.
+    assert [read_agent_audio(raw) for raw, _ in audio] == [(1, f["n"], f["data"]) for _, f in audio]
+    assert [raw for raw, _ in audio] == [
+        agent_audio_frame(1, f["n"], "mulaw", 8000, f["data"]) for _, f in audio
+    ]
+    await replies.pause()
+    assert await replies.resume() == 4
+    resumed = [raw for raw in wire.raw[-4:] if '"agent_audio"' in raw]
+    # A resumed chunk carries its flag: another spelling, parsed by the router.
+    assert len(resumed) == 2 and all(read_agent_audio(raw) is None for raw in resumed)
+    assert [json.loads(raw)["data"] for raw in resumed] == [f["data"] for _, f in audio]
+    assert all(json.loads(raw)["resumed"] is True for raw in resumed)

@@ -16,6 +16,7 @@ from callmesh.protocol import (
     agent_audio_frame,
     parse_inbound,
     read_agent_audio,
+    reply_frame_text,
     valid_id,
 )
 
@@ -133,3 +134,24 @@ def test_agent_audio_frames_read_back_as_json_would(
 )
 def test_agent_audio_reader_declines_any_other_text(raw: str) -> None:
     assert read_agent_audio(raw) is None
+
+
+def test_a_reply_frame_takes_the_template_only_with_exactly_its_fields() -> None:
+    audio = {
+        "type": "agent_audio",
+        "n": 4,
+        "encoding": "mulaw",
+        "sample_rate": 8000,
+        "data": "AAE=",
+        "turn": 2,
+    }
+    assert reply_frame_text(audio) == agent_audio_frame(2, 4, "mulaw", 8000, "AAE=")
+    # A field the template has no room for (a resumed chunk's flag) is never dropped.
+    resumed = {**audio, "resumed": True}
+    assert json.loads(reply_frame_text(resumed)) == resumed
+    assert read_agent_audio(reply_frame_text(resumed)) is None
+    for frame in (
+        {"type": "agent_text", "turn": 2, "n": 0, "text": 'say "hi"'},
+        {"type": "mark", "turn": 2, "n": 5, "name": "2.5"},
+    ):
+        assert json.loads(reply_frame_text(frame)) == frame

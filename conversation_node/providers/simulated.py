@@ -10,6 +10,7 @@ re-answered by a new owner is identical to what the dead node had started to say
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -233,6 +234,18 @@ def _tone_table() -> bytes:
 _TONE = _tone_table()
 
 
+# Sentences whose first-chunk delay is remembered. The delay follows from the text alone,
+# and seeding a generator for it (~5 µs) cost more than the rest of a sentence's synthesis;
+# a load test says the same few sentences over and over.
+_DELAY_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=_DELAY_CACHE_SIZE)
+def _first_chunk_s(text: str, mean_ms: float, jitter: float) -> float:
+    """How long the voice takes to its first chunk of ``text``: the same every time."""
+    return _jittered(_rng(text), mean_ms, jitter)
+
+
 class SimulatedTTS:
     """Streams mu-law 8 kHz tone audio as long as the sentence would take to say."""
 
@@ -244,18 +257,23 @@ class SimulatedTTS:
         self._latency = latency
         self._chunk_bytes = bytes_in(chunk_ms, AudioEncoding.MULAW, TELEPHONY_RATE)
         self._fail = fail
+        # A full chunk of the tone, built once: every chunk of every sentence but the last
+        # of each is this one, and the last is a slice of it.
+        reps = self._chunk_bytes // _TONE_PERIOD + 1
+        self._block = (_TONE * reps)[: self._chunk_bytes]
+        self._bytes_per_char = bytes_per_ms(AudioEncoding.MULAW, TELEPHONY_RATE) * _MS_PER_CHAR
 
     async def synthesize(self, text: str) -> AsyncIterator[AudioChunk]:
         if self._fail:
             raise ProviderError(self.name, "simulated outage", retryable=True)
-        rng = _rng(text)
-        await asyncio.sleep(_jittered(rng, self._latency.tts_first_chunk_ms, self._latency.jitter))
-        total = int(bytes_per_ms(AudioEncoding.MULAW, TELEPHONY_RATE) * _MS_PER_CHAR * len(text))
-        reps = self._chunk_bytes // _TONE_PERIOD + 1
-        block = (_TONE * reps)[: self._chunk_bytes]
+        latency = self._latency
+        mean_ms = latency.tts_first_chunk_ms
+        await asyncio.sleep(_first_chunk_s(text, mean_ms, latency.jitter) if mean_ms > 0 else 0.0)
+        total = int(self._bytes_per_char * len(text))
+        block, chunk_bytes = self._block, self._chunk_bytes
         sent = 0
         while sent < total:
-            size = min(self._chunk_bytes, total - sent)
+            size = min(chunk_bytes, total - sent)
             yield AudioChunk(block[:size], AudioEncoding.MULAW, TELEPHONY_RATE)
             sent += size
             await asyncio.sleep(0)
