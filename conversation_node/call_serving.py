@@ -10,6 +10,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from callmesh.coalesced_writes import coalesce_writes
 from callmesh.config import NodeConfig
 from callmesh.mux import LINK_PATH, MAX_MESSAGE_BYTES, Channel, Mux
 from callmesh.protocol import (
@@ -91,6 +92,7 @@ class CallServer:
             raise web.HTTPUnauthorized(text="link authentication required\n")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
+        coalesce_writes(ws)  # a batch's header and payload in one write
         mux = Mux(
             ws,
             f"router@{request.remote}",

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
+from callmesh.coalesced_writes import coalesced
 from callmesh.metric_names import CLIENT_ERRORS
 from callmesh.protocol import ErrorCode, Inbound, Out, ProtocolError, error_frame, parse_inbound
 from callmesh.telemetry import Metrics
-from router.client_writes import coalesced
 
 
 class ClientLink(Protocol):

@@ -36,6 +36,7 @@ from callmesh import metric_names as names
 from callmesh.audio.format import TELEPHONY_RATE
 from callmesh.auth import AuthError
 from callmesh.auth.twilio import STREAM_TOKEN_PARAMETER, caller_id, verify_stream_token
+from callmesh.coalesced_writes import coalesced
 from callmesh.protocol import (
     DTMF_DIGITS,
     MAX_MARK_NAME,
@@ -51,7 +52,6 @@ from callmesh.protocol import (
     valid_id,
 )
 from callmesh.telemetry import Metrics
-from router.client_writes import coalesced
 
 log = logging.getLogger("callmesh.router.twilio")
 

@@ -1,5 +1,5 @@
 """What the router writes to a client socket, gathered per event-loop iteration
-(router.client_writes): the bytes a raw client reads are exactly aiohttp's own, in the
+(callmesh.coalesced_writes): the bytes a raw client reads are exactly aiohttp's own, in the
 same order, in fewer writes; a slow client still stops the sender; a close follows what
 was sent before it; a socket that is going away still refuses sends."""
 
@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 from aiohttp._websocket.writer import WebSocketWriter
 
+from callmesh.coalesced_writes import CoalescingTransport, coalesce_writes
 from callmesh.protocol import agent_audio_frame
 from callmesh.telemetry import Metrics
-from router.client_writes import CoalescingTransport, coalesce_writes
 from router.links import NativeLink
 
 Script = Callable[[web.WebSocketResponse], Awaitable[None]]
@@ -152,7 +152,7 @@ async def send_all(ws: web.WebSocketResponse, frames: list[str]) -> None:
 
 
 def test_aiohttp_still_writes_every_frame_through_its_writers_transport() -> None:
-    # The one private hook (router.client_writes.coalesce_writes): if aiohttp renames the
+    # The one private hook (callmesh.coalesced_writes.coalesce_writes): if aiohttp renames the
     # writer or stops writing through ``WebSocketWriter.transport``, this fails first.
     assert "_writer" in web.WebSocketResponse.__annotations__
     writer = WebSocketWriter.__new__(WebSocketWriter)

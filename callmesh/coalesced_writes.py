@@ -1,9 +1,11 @@
-"""One socket write per client connection per event-loop iteration.
+"""One socket write per server WebSocket per event-loop iteration.
 
 A turn's reply reaches the router as a burst (text, several audio frames, metrics of one
 call in one read from the node) and aiohttp writes each WebSocket frame with its own
 ``transport.write``: one ``send`` system call each, the router's largest CPU cost per
-turn. :func:`coalesce_writes` puts a :class:`CoalescingTransport` between the
+turn. A node's side of a router link sends batches past 16 KiB, which aiohttp writes as
+two (header, then payload): two system calls, two segments, two reads at the router.
+:func:`coalesce_writes` puts a :class:`CoalescingTransport` between the
 connection's aiohttp WebSocket writer and its socket: the writer still builds every frame
 (so the bytes are exactly aiohttp's, compressed or not, in order), and what it writes in
 one iteration of the event loop leaves in one ``write``.
@@ -139,7 +141,7 @@ def coalesce_writes(ws: web.WebSocketResponse, limit: int = DEFAULT_LIMIT) -> Co
     The one place that touches aiohttp's internals: ``WebSocketResponse._writer`` (the
     connection's ``WebSocketWriter``) and that writer's ``transport`` attribute, which
     every frame goes through (``_write_websocket_frame``). aiohttp has no public hook for
-    where a WebSocket writes; tests/test_client_writes.py fails if this stops holding.
+    where a WebSocket writes; tests/test_coalesced_writes.py fails if this stops holding.
     """
     writer = ws._writer
     if not isinstance(writer, WebSocketWriter):
