@@ -381,13 +381,15 @@ def reply_frame_text(frame: dict[str, Any]) -> str:
 def read_agent_audio(raw: str) -> tuple[int, int, str] | None:
     """``(turn, n, data)`` of an ``agent_audio`` frame in :func:`agent_audio_frame`'s
     spelling, or None for any other text (parse it as JSON then). The data is checked for
-    what would end, escape or break a JSON string, so what is returned is what parsing
-    would give."""
+    what would end or escape its JSON string (a quote, a backslash), so for any frame that
+    parses, what is returned is what parsing gives. Not checked: raw control characters,
+    which make the frame invalid JSON (a ~9 µs scan of the data, twice a json.loads);
+    nodes write base64, and routers forward node frames unparsed by type anyway."""
     head = _AGENT_AUDIO_HEAD.match(raw)
     if head is None or not raw.endswith('"}'):
         return None
     data = raw[head.end() : -2]
-    if '"' in data or "\\" in data or not data.isprintable():
+    if '"' in data or "\\" in data:
         return None
     return int(head[1]), int(head[2]), data
 
