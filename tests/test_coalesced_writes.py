@@ -151,21 +151,28 @@ async def send_all(ws: web.WebSocketResponse, frames: list[str]) -> None:
         await ws.send_str(raw)
 
 
+class _RecordingTransport:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
 def test_aiohttp_still_writes_every_frame_through_its_writers_transport() -> None:
     # The one private hook (callmesh.coalesced_writes.coalesce_writes): if aiohttp renames the
     # writer or stops writing through ``WebSocketWriter.transport``, this fails first.
     assert "_writer" in web.WebSocketResponse.__annotations__
     writer = WebSocketWriter.__new__(WebSocketWriter)
-    writes: list[bytes] = []
+    transport = _RecordingTransport()
+    writes = transport.writes
 
-    class Transport:
-        def is_closing(self) -> bool:
-            return False
-
-        def write(self, data: bytes) -> None:
-            writes.append(data)
-
-    writer.transport = Transport()  # type: ignore[assignment]
+    writer.transport = transport  # type: ignore[assignment]
     writer.use_mask, writer._output_size = False, 0
     writer._write_websocket_frame(b"hi", 0x1, 0)
     assert writes == [b"\x81\x02hi"]
@@ -293,16 +300,10 @@ async def test_a_send_on_a_socket_going_away_raises_as_before() -> None:
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 16385, 65535, 65536])
 async def test_header_lengths_as_aiohttp_writes_them(size: int) -> None:
-    writes: list[bytes] = []
+    transport = _RecordingTransport()
+    writes = transport.writes
 
-    class Transport:
-        def is_closing(self) -> bool:
-            return False
-
-        def write(self, data: bytes) -> None:
-            writes.append(data)
-
-    layer = CoalescingTransport(Transport(), limit=1 << 20)  # type: ignore[arg-type]
+    layer = CoalescingTransport(transport, limit=1 << 20)  # type: ignore[arg-type]
     writer = WebSocketWriter.__new__(WebSocketWriter)
     writer.transport, writer.use_mask, writer._output_size = layer, False, 0  # type: ignore[assignment]
     writer._write_websocket_frame(b"{" * size, 0x1, 0)
