@@ -95,7 +95,7 @@ class TwilioLink:
         stream_key: str | None = None,
     ) -> None:
         self.ws = ws
-        # 50 media frames a second per call: each iteration's leave in one socket write.
+        # 50 media frames a second per call: what one loop iteration sends leaves in one write.
         self.writes = coalesced(ws)
         # Checks the stream token (None: authentication explicitly disabled).
         self._stream_key = stream_key
