@@ -61,7 +61,7 @@ def cpu_s(pid: int) -> float:
 
 def syscalls(pid: int) -> int:
     """Read and write system calls a process has made, all its threads (0 once it is
-    gone): on a VM, where each costs microseconds, they explain much of a turn's CPU."""
+    gone): what a turn costs in trips to the kernel, beside its CPU time."""
     try:
         fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     except (OSError, ValueError):
