@@ -36,6 +36,16 @@ MAX_CONNECTIONS = 128
 # the CPU turned thousands of checkpoints into "No connection available" and retries.
 POOL_WAIT_S = 5.0
 
+# The connection handshake is HELLO (and AUTH) only. redis-py would also send, on every new
+# connection, CLIENT MAINT_NOTIFICATIONS (no Valkey has it) and CLIENT SETINFO (Redis 7.2+
+# and Valkey only): a wasted round trip or two, and on a server without them a
+# ResponseError per command whose traceback cycle keeps the task that opened the
+# connection (a router's call handler, with its WebSocket) alive until the cyclic
+# collector runs. During a cluster slot-map refresh, MAINT_NOTIFICATIONS also races the
+# connection being reset and fails with an AttributeError instead of a ConnectionError.
+_NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
+_NO_CLIENT_SETINFO = None  # redis-py's driver_info: None sends no CLIENT SETINFO
+
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 RedisClient = Redis | RedisCluster
@@ -81,6 +91,8 @@ def connect(url: str, *, timeout_s: float = 1.0) -> RedisClient:
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        maint_notifications_config=_NO_MAINT_NOTIFICATIONS,
+        driver_info=_NO_CLIENT_SETINFO,
     )
     return Redis.from_pool(pool)  # the client owns the pool and closes it with itself
 
@@ -107,11 +119,8 @@ def _connect_cluster(url: str, timeout_s: float) -> RedisCluster:
         # Other shards keep serving while one master is being failed over.
         require_full_coverage=False,
         health_check_interval=0,
-        # Valkey has no CLIENT MAINT_NOTIFICATIONS: redis-py would try it on every new
-        # connection (a wasted round trip, and during a slot-map refresh it races the
-        # connection being reset and fails with an AttributeError instead of a
-        # ConnectionError).
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        maint_notifications_config=_NO_MAINT_NOTIFICATIONS,
+        driver_info=_NO_CLIENT_SETINFO,
     )
 
 
@@ -130,7 +139,8 @@ def connect_sync(url: str, *, timeout_s: float = 1.0) -> SyncRedisClient:
             retry=redis.retry.Retry(NoBackoff(), 1),
             require_full_coverage=False,
             health_check_interval=0,
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            maint_notifications_config=_NO_MAINT_NOTIFICATIONS,
+            driver_info=_NO_CLIENT_SETINFO,
         )
     return redis.Redis.from_url(
         url,
@@ -139,6 +149,8 @@ def connect_sync(url: str, *, timeout_s: float = 1.0) -> SyncRedisClient:
         socket_connect_timeout=timeout_s,
         retry=redis.retry.Retry(NoBackoff(), 0),
         health_check_interval=0,
+        maint_notifications_config=_NO_MAINT_NOTIFICATIONS,
+        driver_info=_NO_CLIENT_SETINFO,
     )
 
 

@@ -127,13 +127,10 @@ async def test_nothing_of_an_ended_call_stays_in_the_router(
             await eventually(lambda: not any(per_call_state(router).values()))
             await asyncio.sleep(0.1)  # the handlers' last steps after the sockets closed
     assert per_call_state(router) == dict.fromkeys(per_call_state(router), 0)
-    left = ours(garbage)
-    # Each of the 2 * CALLS native calls used to leave its connection here. One connection
-    # now and then is not per call: a handler's return value caught in a short-lived
-    # exception cycle of the event loop's and redis' internals (about one run in three).
-    assert left.pop("aiohttp.web_ws.WebSocketResponse", 0) <= 1, ours(garbage)
-    assert not {t for t in left if not t.startswith("aiohttp.web_")}, ours(garbage)
-    assert all(n <= 1 for n in left.values()), ours(garbage)
+    # Each of the 2 * CALLS native calls used to leave its connection here; later, one run
+    # in six left one connection: the handler that opened a Redis connection was kept by
+    # the traceback cycle of a handshake command the server refused (state_store.client).
+    assert not ours(garbage), ours(garbage)
 
 
 async def test_a_cancelled_call_handler_leaves_nothing_behind(

@@ -10,7 +10,7 @@ import pytest
 
 from state_store import keys
 from state_store.checkpoint import Checkpoint, OutboxEntry
-from state_store.client import RedisClient
+from state_store.client import RedisClient, connect, connect_sync
 from state_store.errors import CorruptState, FencedOut
 from state_store.pins import PinStore
 from state_store.store import StateStore
@@ -111,3 +111,28 @@ def test_a_checkpoint_packs_to_the_same_bytes_as_its_fields() -> None:
     assert msgpack.unpackb(blob, raw=False, strict_map_key=False) == expected
     assert list(msgpack.unpackb(blob, raw=False)) == list(expected)
     assert Checkpoint.from_bytes(blob) == ckpt
+
+
+async def test_a_new_connection_sends_nothing_the_server_may_refuse(redis_url: str) -> None:
+    """redis-py's default handshake adds CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS:
+    refused by Redis before 7.2 and by every Valkey respectively, and each refusal's
+    traceback cycle kept the router's call handler alive until the cyclic collector ran."""
+    admin = connect(redis_url)
+
+    async def server_counts() -> tuple[int, dict[str, int]]:
+        stats = await admin.info("stats")
+        commands = await admin.info("commandstats")
+        client = {k: v["calls"] for k, v in commands.items() if k.startswith("cmdstat_client")}
+        return stats["total_error_replies"], client
+
+    try:
+        before = await server_counts()
+        fresh = connect(redis_url)
+        await fresh.ping()
+        await fresh.aclose()
+        blocking = connect_sync(redis_url)
+        blocking.ping()
+        blocking.close()
+        assert await server_counts() == before
+    finally:
+        await admin.aclose()
