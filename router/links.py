@@ -38,10 +38,13 @@ class ClientLink(Protocol):
         cannot be accepted are answered (or counted) by the link itself."""
         ...
 
-    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+    async def send(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         """Deliver one node frame (``raw`` native text of type ``kind``; ``frame`` is its
-        parsed form when the session has it). Raises ConnectionError/RuntimeError when
-        the connection is failing."""
+        parsed form when the session has it, ``data`` an ``agent_audio`` frame's data when
+        the session read it unparsed, :func:`callmesh.protocol.read_agent_audio`). Raises
+        ConnectionError/RuntimeError when the connection is failing."""
         ...
 
     async def refuse(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
@@ -88,7 +91,9 @@ class NativeLink:
             else:
                 return None
 
-    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+    async def send(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         if not self.ws.closed:
             await self.ws.send_str(raw)
 

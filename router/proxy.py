@@ -114,10 +114,12 @@ class ProxySession:
 
     # ------------------------------------------------------------------ client side
 
-    async def send_client(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+    async def send_client(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         if not self.link.closed:
             try:
-                await self.link.send(kind, raw, frame)
+                await self.link.send(kind, raw, frame, data)
             except (ConnectionError, RuntimeError):
                 self._client_gone = True
 

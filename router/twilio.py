@@ -299,20 +299,15 @@ class TwilioLink:
 
     # ------------------------------------------------------------------ node → Twilio
 
-    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+    async def send(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         if kind == Out.AGENT_AUDIO:
-            # The router routes the template spelling unparsed (router.upstream); its data
-            # is checked there for anything that would need escaping.
-            fast = read_agent_audio(raw) if frame is None else None
-            data: Any
-            if fast is not None:
-                data = fast[2]
-            else:
-                data = (frame if frame is not None else json.loads(raw)).get("data")
-                # Spliced into JSON unescaped: node base64 never holds a quote or backslash.
-                if type(data) is not str or '"' in data or "\\" in data:
-                    self._metrics.inc(names.TWILIO_BAD_AGENT_AUDIO)
-                    return
+            # ``data`` comes read from the template spelling, which the router routes
+            # unparsed (router.upstream): checked there for anything that would need escaping.
+            if data is None and (data := _agent_audio_data(raw, frame)) is None:
+                self._metrics.inc(names.TWILIO_BAD_AGENT_AUDIO)
+                return
             await self.ws.send_str(self._media_prefix + data + '"}}')
             self._last_agent_audio = time.monotonic()
         elif kind == Out.MARK:
@@ -344,6 +339,22 @@ class TwilioLink:
         """Nothing of the agent's is playing or on its way (every mark echoed, no audio for
         ``settle_s``): ending the stream now, for a drain, cuts no reply short."""
         return self._marks_out == 0 and time.monotonic() - self._last_agent_audio > settle_s
+
+
+def _agent_audio_data(raw: str, frame: dict[str, Any] | None) -> str | None:
+    """The data of an ``agent_audio`` frame the router did not read for this send (parsed,
+    or held in the template spelling by router.failover_buffer and sent again after a
+    ``clear``); None when it cannot be spliced into a ``media`` message."""
+    if frame is None:
+        fast = read_agent_audio(raw)
+        if fast is not None:
+            return fast[2]
+        frame = json.loads(raw)
+    data = frame.get("data")
+    # Spliced into JSON unescaped: node base64 never holds a quote or backslash.
+    if type(data) is not str or '"' in data or "\\" in data:
+        return None
+    return data
 
 
 def _timestamp(value: object) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from callmesh import metric_names as names
 from callmesh.mux import Channel
@@ -31,8 +31,15 @@ log = logging.getLogger("callmesh.router.proxy")
 
 _AGENT_AUDIO = Out.AGENT_AUDIO.value
 
-# Sends one frame to the caller: its type, its text, and its parsed form when known.
-SendClient = Callable[[str, str, "dict[str, Any] | None"], Awaitable[None]]
+
+class SendClient(Protocol):
+    """Sends one frame to the caller: its type, its text, its parsed form when known, and
+    the data of an ``agent_audio`` frame routed unparsed, as read (so that the client link
+    does not read the frame again)."""
+
+    def __call__(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None, /
+    ) -> Awaitable[None]: ...
 
 
 class Outcome(StrEnum):
@@ -108,7 +115,7 @@ class NodeFrames:
                 # Most of what a node says: routed by its numbers, never parsed (protocol).
                 turn, n, data = audio
                 verdict = self._replies.offer_audio(raw, turn, n, data)
-                await self._deliver_reply(verdict, turn, kind, raw, None)
+                await self._deliver_reply(verdict, turn, kind, raw, None, data)
             elif kind in REPLY_TYPES:
                 frame = frame or parse(raw)
                 if frame is not None:
@@ -162,10 +169,16 @@ class NodeFrames:
         await self._deliver_reply(verdict, turn, kind, raw, frame)
 
     async def _deliver_reply(
-        self, verdict: Verdict, turn: int, kind: str, raw: str, frame: dict[str, Any] | None
+        self,
+        verdict: Verdict,
+        turn: int,
+        kind: str,
+        raw: str,
+        frame: dict[str, Any] | None,
+        data: str | None = None,
     ) -> None:
         if verdict is SEND:
-            await self._send_client(kind, raw, frame)
+            await self._send_client(kind, raw, frame, data)
         elif verdict is HOLD:
             self._metrics.inc(names.REPLIES_DEDUPLICATED)
         elif verdict is CLEAR:
@@ -176,7 +189,7 @@ class NodeFrames:
             self._metrics.inc(names.REPLIES_CLEARED)
             for held in self._replies.take_held():
                 await self._send_client(*held)
-            await self._send_client(kind, raw, frame)
+            await self._send_client(kind, raw, frame, data)
 
 
 async def _closed_client(*_: object) -> None:

@@ -34,7 +34,9 @@ class Link:
     async def receive(self) -> Inbound | None:
         return await self.inbound.get()
 
-    async def send(self, kind: str, raw: str, frame: dict[str, Any] | None = None) -> None:
+    async def send(
+        self, kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         self.sent.append(kind)
 
     async def refuse(self, code: Any, message: str, seq: int | None = None) -> None:

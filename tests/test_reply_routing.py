@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from callmesh.protocol import agent_audio_frame, encode
+from callmesh.protocol import agent_audio_frame, encode, read_agent_audio
 from callmesh.telemetry import Metrics
-from router import upstream
+from router import twilio, upstream
 from router.failover_buffer import CLEAR, DROP, HOLD, SEND, DecidedText, ReplyDedup, UnackedFrames
 from router.twilio import TwilioLink
 from router.upstream import NodeFrames, Outcome
@@ -49,10 +49,14 @@ async def route(links: list[list[str]]) -> list[tuple[str, Any]]:
     type and its content (audio data, or its text)."""
     sent: list[tuple[str, Any]] = []
 
-    async def send_client(kind: str, raw: str, frame: dict[str, Any] | None) -> None:
+    async def send_client(
+        kind: str, raw: str, frame: dict[str, Any] | None = None, data: str | None = None
+    ) -> None:
         body = json.loads(raw)  # the test's own reading of what the caller gets
         if frame is not None:
             assert frame == body
+        if data is not None:
+            assert data == body["data"]
         sent.append((kind, body.get("data", body.get("text", body.get("turn")))))
 
     async def ended() -> None:
@@ -170,3 +174,39 @@ async def test_twilio_plays_audio_routed_unparsed() -> None:
         await link.send("agent_audio", raw, None)
     ws: Ws = link.ws  # type: ignore[assignment]
     assert [json.loads(s)["media"]["payload"] for s in ws.sent] == [payload, payload]
+
+
+async def test_twilio_plays_audio_routed_unparsed_without_reading_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The router reads a template-spelled ``agent_audio`` frame once: the Twilio link
+    plays the data the router read."""
+    reads: list[str] = []
+
+    def counting_read(raw: str) -> tuple[int, int, str] | None:
+        reads.append(raw)
+        return read_agent_audio(raw)
+
+    monkeypatch.setattr(upstream, "read_agent_audio", counting_read)
+    monkeypatch.setattr(twilio, "read_agent_audio", counting_read)
+    link = TwilioLink(Ws(), Metrics("t"), 65536)  # type: ignore[arg-type]
+    link._media_prefix = '{"event":"media","streamSid":"MZ1","media":{"payload":"'
+
+    async def ended() -> None:
+        return None
+
+    frames = NodeFrames(
+        UnackedFrames(max_frames=8), ReplyDedup(), DecidedText(), Metrics("t"), link.send, ended
+    )
+    said = [audio(1, n, data, fast=True) for n, data in enumerate(("AAAA", "BBBB", "CCCC"))]
+    outcome = await frames.pump(
+        Channel(said),  # type: ignore[arg-type]
+        node_id="n1",
+        resume_secret=None,
+        relink_reason="node_lost",
+        client_gone=lambda: False,
+    )
+    assert outcome is Outcome.LOST
+    assert reads == said
+    ws: Ws = link.ws  # type: ignore[assignment]
+    assert [json.loads(s)["media"]["payload"] for s in ws.sent] == ["AAAA", "BBBB", "CCCC"]
