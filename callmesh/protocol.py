@@ -86,6 +86,10 @@ class Ctl(StrEnum):
 
 # Reply frames take part in the router's de-duplication of a re-answered turn.
 REPLY_TYPES = frozenset({Out.AGENT_TEXT.value, Out.AGENT_AUDIO.value, Out.MARK.value})
+# ``Out.AGENT_AUDIO`` as a plain string, for the paths taken once per audio frame (the
+# template below, the router's routing and de-duplication): on Python 3.11 reading an
+# enum member off its class costs ~150 ns, a module global ~15 ns.
+AGENT_AUDIO_TYPE = Out.AGENT_AUDIO.value
 INBOUND_TYPES = frozenset(t.value for t in In)
 # Value → member by a dict lookup: In(value) costs an enum call on every audio frame.
 _IN_BY_VALUE = {t.value: t for t in In}
@@ -361,7 +365,6 @@ def agent_audio_frame(turn: int, n: int, encoding: str, sample_rate: int, data: 
 
 
 # The fields of an ``agent_audio`` frame :func:`reply_frame_text` writes from the template.
-_AGENT_AUDIO = Out.AGENT_AUDIO.value
 _AGENT_AUDIO_FIELDS = frozenset({"type", "turn", "n", "encoding", "sample_rate", "data"})
 
 
@@ -371,7 +374,7 @@ def reply_frame_text(frame: dict[str, Any]) -> str:
     :func:`agent_audio_frame`'s spelling, any other frame (text, a mark, a resumed chunk
     with its ``resumed`` flag) JSON-encoded. Same frame, same text: a reply said again is
     byte for byte what it was."""
-    if frame["type"] == _AGENT_AUDIO and frame.keys() == _AGENT_AUDIO_FIELDS:
+    if frame["type"] == AGENT_AUDIO_TYPE and frame.keys() == _AGENT_AUDIO_FIELDS:
         return agent_audio_frame(
             frame["turn"], frame["n"], frame["encoding"], frame["sample_rate"], frame["data"]
         )

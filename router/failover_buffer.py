@@ -30,15 +30,13 @@ from operator import attrgetter
 from typing import Any
 
 from callmesh.audio.format import TELEPHONY_RATE, AudioEncoding, bytes_per_ms
-from callmesh.protocol import Inbound, Out, decided_reply, encode
+from callmesh.protocol import AGENT_AUDIO_TYPE, Inbound, Out, decided_reply, encode
 from router.unacked_audio import ReplayedAudio, UnackedAudio
 
 _SEQ = attrgetter("seq")
 
 # A reply frame as it is sent: (kind, raw, parsed; None for audio routed unparsed).
 ReplyFrame = tuple[str, str, dict[str, Any] | None]
-
-AGENT_AUDIO = Out.AGENT_AUDIO.value
 
 
 class UnackedFrames:
@@ -200,7 +198,7 @@ class ReplyDedup:
         ``resumed``, so of a complete turn it is a new owner saying it again."""
         if turn <= self.completed_turn:
             return DROP
-        return self._judge((turn, n), hash(data), AGENT_AUDIO, raw, None)
+        return self._judge((turn, n), hash(data), AGENT_AUDIO_TYPE, raw, None)
 
     def _judge(
         self,

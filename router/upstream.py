@@ -13,7 +13,15 @@ from typing import Any, Protocol
 
 from callmesh import metric_names as names
 from callmesh.mux import Channel
-from callmesh.protocol import REPLY_TYPES, Ctl, ErrorCode, Out, encode, read_agent_audio
+from callmesh.protocol import (
+    AGENT_AUDIO_TYPE,
+    REPLY_TYPES,
+    Ctl,
+    ErrorCode,
+    Out,
+    encode,
+    read_agent_audio,
+)
 from callmesh.telemetry import Metrics
 from router.failover_buffer import (
     CLEAR,
@@ -28,8 +36,6 @@ from router.failover_buffer import (
 from router.node_frames import kind_of, parse
 
 log = logging.getLogger("callmesh.router.proxy")
-
-_AGENT_AUDIO = Out.AGENT_AUDIO.value
 
 
 class SendClient(Protocol):
@@ -111,7 +117,7 @@ class NodeFrames:
                     log.error("node sent invalid JSON", extra={"fields": {"node": node_id}})
                     continue
                 kind = str(frame.get("type"))
-            if kind == _AGENT_AUDIO and (audio := read_agent_audio(raw)) is not None:
+            if kind == AGENT_AUDIO_TYPE and (audio := read_agent_audio(raw)) is not None:
                 # Most of what a node says: routed by its numbers, never parsed (protocol).
                 turn, n, data = audio
                 verdict = self._replies.offer_audio(raw, turn, n, data)

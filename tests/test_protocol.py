@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from callmesh.protocol import (
+    AGENT_AUDIO_TYPE,
     ErrorCode,
     In,
+    Out,
     ProtocolError,
     agent_audio_frame,
     parse_inbound,
@@ -133,6 +135,12 @@ def test_agent_audio_frames_read_back_as_json_would(
 )
 def test_agent_audio_reader_declines_any_other_text(raw: str) -> None:
     assert read_agent_audio(raw) is None
+
+
+def test_the_agent_audio_type_is_the_enum_value_as_a_plain_string() -> None:
+    # A plain str: the per-frame paths compare with it without an enum member lookup.
+    assert type(AGENT_AUDIO_TYPE) is str and AGENT_AUDIO_TYPE == Out.AGENT_AUDIO
+    assert json.loads(agent_audio_frame(1, 0, "mulaw", 8000, "AA=="))["type"] == AGENT_AUDIO_TYPE
 
 
 def test_a_reply_frame_takes_the_template_only_with_exactly_its_fields() -> None:
