@@ -49,6 +49,7 @@ from loadtest.capacity_report import (
     summary_table,
     write_svg,
 )
+from loadtest.progress import add_progress_flag, progress_wanted
 from loadtest.stats import percentiles
 from localcluster.cluster import LocalCluster
 
@@ -123,6 +124,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--log-dir", type=Path, help="keep every process's log here")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write the report here")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", help="an SVG of lag and CPU")
+    add_progress_flag(p)
     p.set_defaults(func=main)
 
 
@@ -146,7 +148,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loadtest capacity: {exc}", file=sys.stderr)
         return 2
-    report = run_capacity(config, log_dir=args.log_dir)
+    show = progress_wanted(args.no_progress)
+    report = run_capacity(config, log_dir=args.log_dir, show=show)
     report["command"] = " ".join(["python -m loadtest", *sys.argv[1:]])
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -258,13 +261,18 @@ def _probe(url: str) -> float:
     return (time.monotonic() - t0) * 1000
 
 
-def _hold(seconds: float, desc: str, probe: dict[str, str] | None = None) -> dict[str, Any]:
-    """Wait ``seconds`` (a progress bar on stderr); with ``probe`` ({role: url}), meanwhile
-    time a ``/healthz`` round trip to each every 100 ms: how responsive each process's
-    event loop is, which tells the router's share of frame lag from the node's."""
+def _hold(
+    seconds: float, desc: str, probe: dict[str, str] | None = None, *, show: bool = True
+) -> dict[str, Any]:
+    """Wait ``seconds`` (a progress bar on stderr if ``show``); with ``probe`` ({role:
+    url}), meanwhile time a ``/healthz`` round trip to each every 100 ms: how responsive
+    each process's event loop is, which tells the router's share of frame lag from the
+    node's."""
     fmt = "{desc}: {n:.0f}/{total:.0f} s |{bar}|"
     samples: dict[str, list[float]] = {role: [] for role in probe or {}}
-    with tqdm(total=seconds, desc=desc, bar_format=fmt, leave=False, file=sys.stderr) as bar:
+    with tqdm(
+        total=seconds, desc=desc, bar_format=fmt, leave=False, file=sys.stderr, disable=not show
+    ) as bar:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             for role, url in (probe or {}).items():
@@ -275,11 +283,11 @@ def _hold(seconds: float, desc: str, probe: dict[str, str] | None = None) -> dic
     return {role: percentiles(v, (50, 99)) for role, v in samples.items()}
 
 
-def _idle(watched: Watched) -> dict[str, Any]:
+def _idle(watched: Watched, show: bool) -> dict[str, Any]:
     """CPU and RSS of the router and the node with no call: the baseline of RSS growth."""
-    _hold(1.0, "idle")
+    _hold(1.0, "idle", show=show)
     s0 = watched.snapshot()
-    _hold(2.0, "idle")
+    _hold(2.0, "idle", show=show)
     s1 = watched.snapshot()
     wall = s1.at - s0.at
     return {
@@ -290,18 +298,26 @@ def _idle(watched: Watched) -> dict[str, Any]:
 
 
 def _step(
-    n: int, config: CapacityConfig, callers: CallerProcess, watched: Watched, idle_rss: Any
+    n: int,
+    config: CapacityConfig,
+    callers: CallerProcess,
+    watched: Watched,
+    idle_rss: Any,
+    show: bool,
 ) -> dict[str, Any]:
     """Grow to ``n`` calls, settle, and measure one window."""
     print(f"capacity: {n} calls ({config.transport})", file=sys.stderr)
     grow = {"cmd": "grow", "calls": n, "ramp_s": config.ramp_s}
     grown = callers.command(grow, "grown", timeout_s=60.0 + 10 * config.ramp_s)
-    _hold(config.settle_s, f"{n} calls: settle")
+    _hold(config.settle_s, f"{n} calls: settle", show=show)
     s0 = watched.snapshot()
     callers.command({"cmd": "window"}, "window")
     node_url, router_url = watched.urls
     probes = _hold(
-        config.step_seconds, f"{n} calls: measure", {"router": router_url, "node": node_url}
+        config.step_seconds,
+        f"{n} calls: measure",
+        {"router": router_url, "node": node_url},
+        show=show,
     )
     s1 = watched.snapshot()
     seen = callers.command({"cmd": "report"}, "report")
@@ -311,9 +327,12 @@ def _step(
     return step
 
 
-def run_capacity(config: CapacityConfig, *, log_dir: Path | None = None) -> dict[str, Any]:
+def run_capacity(
+    config: CapacityConfig, *, log_dir: Path | None = None, show: bool = True
+) -> dict[str, Any]:
     """The whole benchmark as one function (the test runs it small); every process is
-    stopped on return, also on failure."""
+    stopped on return, also on failure. ``show``: the progress bars of the waits on
+    stderr (the per-step lines and tables are printed either way)."""
     steps: list[dict[str, Any]] = []
     env = {
         "CALLMESH_SIM_LATENCY_SCALE": str(config.latency_scale),
@@ -334,9 +353,9 @@ def run_capacity(config: CapacityConfig, *, log_dir: Path | None = None) -> dict
                 server = getattr(cluster.backends, role, None)
                 if server is not None and server.proc is not None:
                     watched.pids[role] = server.proc.pid
-            idle = _idle(watched)
+            idle = _idle(watched, show)
             for n in config.steps:
-                step = _step(n, config, callers, watched, idle["rss_kb"])
+                step = _step(n, config, callers, watched, idle["rss_kb"], show)
                 steps.append(step)
                 print(summary_table({"steps": [step]}, header=False), file=sys.stderr)
                 if not config.keep_going and (not step["pass"] or step["generator_behind"]):

@@ -4,8 +4,13 @@ assertions: only that the report is complete and the measurements are real."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from loadtest import capacity
 from loadtest.capacity import CapacityConfig, run_capacity
 from loadtest.capacity_report import build_report, summary_table
 
@@ -114,3 +119,30 @@ def test_the_counted_step_carries_its_own_overhead_against_the_target() -> None:
     assert not report["targets_met"]
     assert report["limited_by"] == "callmesh"
     assert report["passed_with_generator_behind"] == []
+
+
+def test_no_progress_turns_the_live_display_off(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown: list[bool] = []
+
+    def fake_run(
+        config: CapacityConfig, *, log_dir: Path | None = None, show: bool = True
+    ) -> dict[str, Any]:
+        shown.append(show)
+        report = build_report("twilio", {}, [_step(100, 0.5, 3.0, ok=True, behind=False)], {}, None)
+        return {**report, "steps": []}
+
+    monkeypatch.setattr(capacity, "run_capacity", fake_run)
+    # As on a terminal: only the flag turns the display off.
+    monkeypatch.setattr(capacity, "progress_wanted", lambda no_progress: not no_progress)
+    parser = argparse.ArgumentParser()
+    capacity.add_parser(parser.add_subparsers())
+    for argv, show in ((["capacity"], True), (["capacity", "--no-progress"], False)):
+        args = parser.parse_args([*argv, "--steps", "100"])
+        assert args.no_progress is not show
+        args.func(args)
+        assert shown.pop() is show
+    capsys.readouterr()
+    capacity._hold(0.2, "idle", show=False)
+    assert capsys.readouterr().err == ""
