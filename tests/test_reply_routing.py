@@ -44,6 +44,18 @@ class Channel:
         return self._frames.pop(0) if self._frames else None
 
 
+async def pump_until_lost(frames: NodeFrames, said: list[str]) -> None:
+    """Route one owner link's frames; the link then ends as a lost node's does."""
+    outcome = await frames.pump(
+        Channel(said),  # type: ignore[arg-type]
+        node_id="n1",
+        resume_secret=None,
+        relink_reason="node_lost",
+        client_gone=lambda: False,
+    )
+    assert outcome is Outcome.LOST
+
+
 async def route(links: list[list[str]]) -> list[tuple[str, Any]]:
     """What the caller is sent of these owner links, one after another: each frame's
     type and its content (audio data, or its text)."""
@@ -67,14 +79,7 @@ async def route(links: list[list[str]]) -> list[tuple[str, Any]]:
         UnackedFrames(max_frames=8), replies, DecidedText(), Metrics("t"), send_client, ended
     )
     for link in links:
-        outcome = await frames.pump(
-            Channel(link),  # type: ignore[arg-type]
-            node_id="n1",
-            resume_secret=None,
-            relink_reason="node_lost",
-            client_gone=lambda: False,
-        )
-        assert outcome is Outcome.LOST
+        await pump_until_lost(frames, link)
         replies.relink()
     return sent
 
@@ -199,14 +204,7 @@ async def test_twilio_plays_audio_routed_unparsed_without_reading_it_again(
         UnackedFrames(max_frames=8), ReplyDedup(), DecidedText(), Metrics("t"), link.send, ended
     )
     said = [audio(1, n, data, fast=True) for n, data in enumerate(("AAAA", "BBBB", "CCCC"))]
-    outcome = await frames.pump(
-        Channel(said),  # type: ignore[arg-type]
-        node_id="n1",
-        resume_secret=None,
-        relink_reason="node_lost",
-        client_gone=lambda: False,
-    )
-    assert outcome is Outcome.LOST
+    await pump_until_lost(frames, said)
     assert reads == said
     ws: Ws = link.ws  # type: ignore[assignment]
     assert [json.loads(s)["media"]["payload"] for s in ws.sent] == ["AAAA", "BBBB", "CCCC"]
