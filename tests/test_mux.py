@@ -254,24 +254,38 @@ async def test_large_output_is_split_across_messages(
     assert router_link._metrics.snapshot()["link_messages_sent"] >= 3
 
 
-async def test_a_flush_delay_gathers_frames_sent_in_different_loop_turns(
+async def test_a_quiet_link_writes_at_once_and_a_busy_one_gathers_what_follows(
     node: tuple[EchoNode, str],
 ) -> None:
     _, url = node
+    delay = 1.0
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(url)
-        link = Mux(ws, "router", Metrics("router"), flush_delay_s=0.05)
+        link = Mux(ws, "router", Metrics("router"), flush_delay_s=delay)
         link.start()
         reader = asyncio.create_task(link.run())
+
+        def sent() -> float:
+            return link._metrics.snapshot()["link_messages_sent"]
+
         try:
-            chans = [await link.open(f"c{i}", "start") for i in range(5)]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            first = await link.open("c0", "start")
+            assert await first.receive() == "start"
+            # The link had been quiet: its record left at once, not after the delay.
+            assert loop.time() - started < delay
+            assert sent() == 1
+            # Now it is busy: records sent within the delay of that write, each in its
+            # own turn of the loop, wait for the delay and leave in one message.
+            chans = []
+            for i in range(1, 5):
+                await asyncio.sleep(0)
+                chans.append(await link.open(f"c{i}", "start"))
+            assert sent() == 1
             for ch in chans:
-                await asyncio.sleep(0)  # each frame in its own turn of the loop
-                await ch.send_str("hello")
-            for ch in chans:
-                assert [await ch.receive(), await ch.receive()] == ["start", "hello"]
-            # Ten records, sent within the flush delay: one WebSocket message.
-            assert link._metrics.snapshot()["link_messages_sent"] == 1
+                assert await ch.receive() == "start"
+            assert sent() == 2
         finally:
             await link.aclose()
             reader.cancel()

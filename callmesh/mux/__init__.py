@@ -15,10 +15,12 @@ Wire: every WebSocket message is binary, a msgpack array of records:
 - ``[2, chan, code, reason]`` CLOSE: the channel ends (either side may say so), with a
   WebSocket close code.
 
-At low load the loop rarely has two frames in hand at once, so the writer waits
-``flush_delay_s`` (``link_flush_ms``, 2 ms by default) after the first record before it
-writes: a 20 ms frame arrives at most that much later, and at 100 calls a write carries
-about ten frames instead of one.
+At low load the loop rarely has two frames in hand at once, so a link that wrote within
+the last ``flush_delay_s`` (``link_flush_ms``, 2 ms by default) holds a record until that
+long after the write: a 20 ms frame arrives at most that much later, and at 100 calls a
+write carries about ten frames instead of one. A link quiet for that long writes at once
+(Nagle's rule): the first frame of a reply, or the caller's words at the end of a silence,
+waits for no frames that are not coming.
 
 A :class:`Channel` behaves like the per-call WebSocket it replaces: frames in order,
 ``receive()`` returns None once the channel ended (closed by the peer, or the link was

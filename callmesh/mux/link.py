@@ -52,6 +52,9 @@ class Mux:
         self.loop = asyncio.get_running_loop()
         self._flush_delay = flush_delay_s
         self._flush_timer: asyncio.TimerHandle | None = None
+        # Loop time of the writer's last message: a link quiet for the flush delay writes
+        # its next record at once (see enqueue).
+        self._last_write = float("-inf")
         self.name = name
         self.channels: dict[int, Channel] = {}
         self._metrics = metrics
@@ -114,11 +117,16 @@ class Mux:
             raise LinkClosed(f"link {self.name} is closed: {self.lost}")
         self._out.append(record)
         self._out_bytes += size
-        # The first record wakes the writer, after the flush delay; the writer runs after
-        # the callbacks already scheduled, so what they send shares its message.
+        # The first record wakes the writer; the writer runs after the callbacks already
+        # scheduled, so what they send shares its message. As Nagle's rule has it, the
+        # wait is only for a busy link: one that wrote within the flush delay holds the
+        # record until the delay has passed since that write (later records share the
+        # message), and a quiet one writes at once, so the first frame of a reply or of
+        # an utterance is not held for frames that are not coming.
         if self._flush_timer is None or self._out_bytes > MAX_BATCH_BYTES:
-            if self._flush_delay and self._out_bytes <= MAX_BATCH_BYTES:
-                self._flush_timer = self.loop.call_later(self._flush_delay, self._flush)
+            hold = self._last_write + self._flush_delay - self.loop.time()
+            if hold > 0 and self._out_bytes <= MAX_BATCH_BYTES:
+                self._flush_timer = self.loop.call_later(hold, self._flush)
             else:
                 self._flush()
 
@@ -144,6 +152,7 @@ class Mux:
                     self._flush_timer = None
                 out, self._out = self._out, []
                 self._out_bytes = 0
+                self._last_write = loop.time()
                 for message in batches(out):
                     await self.ws.send_bytes(msgpack.packb(message))
                     self._messages_sent.inc()

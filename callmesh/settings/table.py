@@ -187,8 +187,9 @@ SETTINGS: tuple[Setting, ...] = (
         "link_flush_ms",
         Number(float, ge=0, le=20),
         2.0,
-        "how long a router-node link holds a frame so frames of other calls share its write "
-        "(ms; 0 writes on the next turn of the event loop)",
+        "how long after its last write a router-node link holds a frame, so frames of other "
+        "calls share the next write; a link quiet that long writes at once (ms; 0 writes "
+        "on the next turn of the event loop)",
         SERVICES,
         _CLUSTER,
         env="CALLMESH_LINK_FLUSH_MS",
