@@ -12,7 +12,14 @@ alive (moved to a permanent generation that collections never walk: it lives as 
 the process anyway) and raises the generation-0 threshold, so young collections run a
 tenth as often over more objects each (their cost follows the objects, not the count of
 collections) and older ones are rarer still. Reference counting still frees almost
-everything at once; only cycles wait. :class:`GcPauses` times every collection into the
+everything at once; only cycles wait.
+
+Under steady load a young collection walks far more than the threshold: CPython 3.11
+counts every deallocation against the allocations, old objects' included, so a node whose
+turns free about as many old objects as they make collects rarely, over tens of thousands
+of young objects (10-25 ms at 2,500 text calls; docs/benchmarks.md, Scale). A lower
+threshold shortens those but promotes more to the old generation, whose full collections
+then take longer still. :class:`GcPauses` times every collection into the
 ``gc_pause_ms`` histogram and counts them per generation, so the effect is visible in
 ``/metrics`` rather than assumed.
 """
